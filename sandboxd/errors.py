@@ -1,0 +1,219 @@
+"""One exception tree for sandboxd, each leaf carrying its stable wire code.
+
+    SandboxError (code INTERNAL_ERROR)             base: everything sandboxd raises on purpose
+    ├── ProtocolError                              JSON-RPC envelope errors (negative rpc codes)
+    │   ├── ParseError          -32700
+    │   ├── InvalidRequest      -32600
+    │   ├── MethodNotFound      -32601
+    │   └── InvalidParams       -32602
+    ├── ValidationError         VALIDATION_FAILED  well-formed request, unacceptable value
+    ├── InvalidSandboxId        INVALID_SANDBOX_ID
+    ├── SandboxNotFound         SANDBOX_NOT_FOUND
+    ├── SandboxUnavailable      SANDBOX_UNAVAILABLE the room died or is being destroyed
+    ├── LimitUnavailable        LIMIT_UNAVAILABLE  a requested limit cannot be enforced here
+    ├── QuotaExceeded           QUOTA_EXCEEDED
+    ├── RequestTooLarge         REQUEST_TOO_LARGE
+    ├── ShuttingDown            SHUTTING_DOWN
+    ├── FileError               (file API; subclasses carry FILE_NOT_FOUND, IS_DIRECTORY, ...)
+    ├── GitError                (gitCheckout; GIT_* codes)
+    ├── UnsupportedLanguage     UNSUPPORTED_LANGUAGE
+    ├── DaemonUnreachable       DAEMON_UNREACHABLE (client side only: no socket / refused)
+    └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
+
+On the wire every application error is JSON-RPC code -32000 with ``data.code`` set to the class's
+``code`` and the context fields in ``data``. The server converts exceptions to wire errors in one
+place (``server.py``); the client converts them back with :func:`from_wire`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+APPLICATION_ERROR = -32000
+
+
+class SandboxError(Exception):
+    """Base of every error sandboxd raises on purpose."""
+
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    rpc_code: ClassVar[int] = APPLICATION_ERROR
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+
+    def to_wire(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"code": self.code, **self.context}
+        return {"code": self.rpc_code, "message": self.message, "data": data}
+
+
+# --- JSON-RPC envelope -----------------------------------------------------------------------
+
+
+class ProtocolError(SandboxError):
+    code = "PROTOCOL_ERROR"
+
+
+class ParseError(ProtocolError):
+    code = "PARSE_ERROR"
+    rpc_code = -32700
+
+
+class InvalidRequest(ProtocolError):
+    code = "INVALID_REQUEST"
+    rpc_code = -32600
+
+
+class MethodNotFound(ProtocolError):
+    code = "METHOD_NOT_FOUND"
+    rpc_code = -32601
+
+
+class InvalidParams(ProtocolError):
+    code = "INVALID_PARAMS"
+    rpc_code = -32602
+
+
+# --- application -------------------------------------------------------------------------------
+
+
+class ValidationError(SandboxError):
+    code = "VALIDATION_FAILED"
+
+
+class InvalidSandboxId(SandboxError):
+    code = "INVALID_SANDBOX_ID"
+
+
+class SandboxNotFound(SandboxError):
+    code = "SANDBOX_NOT_FOUND"
+
+
+class SandboxUnavailable(SandboxError):
+    code = "SANDBOX_UNAVAILABLE"
+
+
+class LimitUnavailable(SandboxError):
+    code = "LIMIT_UNAVAILABLE"
+
+
+class QuotaExceeded(SandboxError):
+    code = "QUOTA_EXCEEDED"
+
+
+class RequestTooLarge(SandboxError):
+    code = "REQUEST_TOO_LARGE"
+
+
+class ShuttingDown(SandboxError):
+    code = "SHUTTING_DOWN"
+
+
+class UnsupportedLanguage(SandboxError):
+    code = "UNSUPPORTED_LANGUAGE"
+
+
+class DaemonUnreachable(SandboxError):
+    code = "DAEMON_UNREACHABLE"
+
+
+class InternalError(SandboxError):
+    code = "INTERNAL_ERROR"
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+class FileError(SandboxError):
+    code = "FILE_ERROR"
+
+
+class FileNotFound(FileError):
+    code = "FILE_NOT_FOUND"
+
+
+class IsDirectory(FileError):
+    code = "IS_DIRECTORY"
+
+
+class NotDirectory(FileError):
+    code = "NOT_DIRECTORY"
+
+
+class FileExists(FileError):
+    code = "FILE_EXISTS"
+
+
+class PermissionDenied(FileError):
+    code = "PERMISSION_DENIED"
+
+
+class NoSpace(FileError):
+    code = "NO_SPACE"
+
+
+class FileTooLarge(FileError):
+    code = "FILE_TOO_LARGE"
+
+
+class ReadOnly(FileError):
+    code = "READ_ONLY"
+
+
+# --- git ---------------------------------------------------------------------------------------
+
+
+class GitError(SandboxError):
+    code = "GIT_CLONE_FAILED"
+
+
+class GitRepositoryNotFound(GitError):
+    code = "GIT_REPOSITORY_NOT_FOUND"
+
+
+class GitBranchNotFound(GitError):
+    code = "GIT_BRANCH_NOT_FOUND"
+
+
+class InvalidGitUrl(GitError):
+    code = "INVALID_GIT_URL"
+
+
+class GitCloneFailed(GitError):
+    code = "GIT_CLONE_FAILED"
+
+
+# --- wire mapping ------------------------------------------------------------------------------
+
+
+def _leaves(cls: type[SandboxError]) -> list[type[SandboxError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_leaves(sub))
+    return out
+
+
+#: Every stable ``data.code`` string, mapped to its class (the most derived class wins).
+BY_CODE: dict[str, type[SandboxError]] = {c.code: c for c in _leaves(SandboxError)}
+BY_RPC_CODE: dict[int, type[SandboxError]] = {
+    c.rpc_code: c for c in _leaves(ProtocolError) if c.rpc_code != APPLICATION_ERROR
+}
+
+
+def from_wire(error: dict[str, Any]) -> SandboxError:
+    """Rebuild the exception a server sent (client side)."""
+    data = error.get("data") or {}
+    message = str(error.get("message", "error"))
+    cls: type[SandboxError] | None = None
+    if isinstance(data, dict) and isinstance(data.get("code"), str):
+        cls = BY_CODE.get(data["code"])
+    if cls is None:
+        cls = BY_RPC_CODE.get(int(error.get("code", APPLICATION_ERROR)), SandboxError)
+    context = {k: v for k, v in data.items() if k != "code"} if isinstance(data, dict) else {}
+    exc = cls(message, **context)
+    return exc
+
+
+__all__ = [name for name, obj in list(globals().items())
+           if isinstance(obj, type) and issubclass(obj, SandboxError)] + ["BY_CODE", "from_wire"]

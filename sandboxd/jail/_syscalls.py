@@ -1,0 +1,117 @@
+"""The only ctypes code in sandboxd: thin wrappers over the syscalls Python's os module lacks.
+
+Each wrapper raises OSError naming the syscall and its arguments, so a failure deep in room set-up
+says exactly what the kernel refused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+# --- constants (linux/sched.h, linux/mount.h) ----------------------------------------------------
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+
+MNT_DETACH = 2
+
+# x86_64 syscall numbers for what libc may not wrap on Debian 12 (glibc 2.36).
+_SYSCALLS = {
+    "x86_64": {"pivot_root": 155, "seccomp": 317, "pidfd_send_signal": 424},
+    "aarch64": {"pivot_root": 41, "seccomp": 277, "pidfd_send_signal": 424},
+}
+_NR = _SYSCALLS.get(platform.machine(), _SYSCALLS["x86_64"])
+
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc.sethostname.argtypes = (ctypes.c_char_p, ctypes.c_size_t)
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def _b(s: str | None) -> bytes | None:
+    return None if s is None else os.fsencode(s)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(fd, nstype), f"setns({fd}, {nstype:#x})")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    d = _b(data)
+    _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, d),
+           f"mount({source!r}, {target!r}, {fstype!r}, {flags:#x}, {data!r})")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), flags), f"umount2({target!r}, {flags})")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    _check(_libc.syscall(_NR["pivot_root"], _b(new_root), _b(put_old)),
+           f"pivot_root({new_root!r}, {put_old!r})")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)), f"sethostname({name!r})")
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    _check(_libc.syscall(_NR["pidfd_send_signal"], pidfd, sig, None, 0),
+           f"pidfd_send_signal({pidfd}, {sig})")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+SECCOMP_SET_MODE_FILTER = 1
+
+
+def seccomp_set_filter(bpf: bytes, flags: int = 0) -> None:
+    """Install a classic-BPF seccomp program (8 bytes per instruction). Needs no_new_privs."""
+    if len(bpf) % 8:
+        raise ValueError("a BPF program is a whole number of 8-byte instructions")
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    _check(_libc.syscall(_NR["seccomp"], SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog)),
+           f"seccomp(SET_MODE_FILTER, {flags:#x}, <{len(bpf) // 8} insns>)")
