@@ -39,4 +39,1249 @@ INTERFACE CONTRACT (the rest of sandboxd codes against exactly this; keep it sta
 
 The disabled backend implements the same interface and returns no fds / empty stats; callers
 never write ``if cgroups_enabled``.
+
+ADDITIONS (compatible with the contract):
+
+    detect(..., *, user=None, fs=None)       user names the v1 parent; fs is the test seam
+    backend.enforceable() -> set[str]        subset of {"memory", "cpus", "pids"}
+    backend.check_limits(limits, requested=None)
+                            only the limit names in ``requested`` are checked (None: all three);
+                            the caller passes the limits the client asked for explicitly
+    RoomCgroup.enforced     frozenset of limit names actually written for this room
+    RunCgroup.join_fds() -> list[int]
+                            what the payload child should use instead of dir_fds(): pass them
+                            with SCM_RIGHTS and call enter(fds) in the child before exec (see
+                            "Joining a run" below for why v2 and v1 differ)
+    enter(fds)                                child side: join the cgroup(s) behind join_fds()
+    bootstrap(...) -> list[str]               v2: move the daemon into <own>/supervisor
+    delegate(user, uid, gid, ...) -> list[str]   `sandboxctl setup --user USER` (root, once)
+    doctor_report(...) -> list[tuple[str, bool, str]]   `sandboxctl doctor`
+
+THEORY OF OPERATION
+
+Where the cgroups live.
+
+    v2  (pure v2 at /sys/fs/cgroup, or the cgroup2 mount at /sys/fs/cgroup/unified on hybrid
+        hosts). The delegated subtree is the daemon's own cgroup (``0::<own>`` in
+        /proc/self/cgroup). Because of the "no internal processes" rule the daemon must sit in a
+        leaf: systemd >= 254 puts it in ``<own>/supervisor`` (``DelegateSubgroup=supervisor``);
+        otherwise bootstrap() moves it there and enables memory/pids/cpu in
+        ``<own>/cgroup.subtree_control``. Rooms are siblings of the supervisor::
+
+            <own>/supervisor                daemon, zygote
+            <own>/room-<id>                 room limits (memory.max, memory.swap.max=0, cpu.max,
+                                            pids.max); subtree_control +memory +pids (+cpu)
+            <own>/room-<id>/init            the room init and its helpers (procs_paths())
+            <own>/room-<id>/run-<run>       one payload run (its own memory.max / pids.max)
+
+        ``init`` exists because a v2 cgroup with controllers enabled for its children may not hold
+        processes itself; run cgroups need memory/pids enabled to carry their own limits.
+    v1  (hybrid hosts): one directory per controller hierarchy (memory, pids, cpu, cpuacct,
+        freezer; co-mounted hierarchies such as cpu,cpuacct are written once), under a parent that
+        ``sandboxctl setup`` created and chowned to the daemon's user (default
+        ``sandboxd/<user>``)::
+
+            <v1_root>/<ctrl>/<parent>/room-<id>[/init | /run-<run>]
+
+    disabled: nothing on disk; rlimits and wall-clock kills of the room's pid-namespace init are
+        the only fences (doctor and ping say so).
+
+Killing. v2 writes "1" to ``cgroup.kill`` (kernel >= 5.14; older kernels: cgroup.freeze, SIGKILL
+each pid, unfreeze). v1 has no kill file, and a plain "read cgroup.procs, kill each pid" loop races
+with fork and misses nothing only if nothing can fork meanwhile, so: freezer.state=FROZEN, wait
+until it reads FROZEN, SIGKILL every pid of the subtree in every hierarchy, THAWED (the kill is
+delivered on thaw). That covers stopped processes (``kill -STOP 0`` froze Piston's executor,
+piston #196), setsid'd and double-forked ones (sandbox-sdk #338). destroy() then waits (bounded)
+until the subtree is empty and removes directories children-first.
+
+Joining a run (why join_fds() exists next to dir_fds()). The kernel checks a cgroup.procs write
+with the credentials, and on >= 5.16 the cgroup namespace, *of whoever opened the file*
+(CVE-2021-4197 fix):
+
+    v2  the writer must be allowed to write cgroup.procs of the common ancestor (room-<id>), and
+        with ``nsdelegate`` (systemd mounts it so) source and destination must lie inside the
+        opener's cgroup namespace. A payload child that opens the file itself has a subordinate
+        uid and a cgroup namespace rooted at room-<id>/init, so both checks fail. join_fds() are
+        therefore cgroup.procs files opened O_WRONLY *by the daemon*; the child only writes "0".
+    v1  the opener's euid must be root or equal to the moved task's uid, so a daemon-opened file
+        cannot move a payload running as a subordinate uid. The child must open the file itself:
+        join_fds() are the directory fds, run-<run>/cgroup.procs is mode 0666 and room-<id> is mode
+        0700, so only holders of the directory fd (the room init) can reach the file.
+
+Names come only from room and run ids that match ``[A-Za-z0-9_-]{1,63}`` (checked again here).
+Every OSError is translated at this edge into errors.InternalError (or LimitUnavailable when a
+limit file cannot be written) naming the path. All roots are parameters and all filesystem
+mutations go through ``Fs`` so tests run on a fake cgroupfs tree.
 """
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import errno
+import os
+import pwd
+import re
+import signal
+import stat
+import time
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import RoomLimits
+from ..errors import InternalError, LimitUnavailable, ValidationError
+
+__all__ = [
+    "LIMIT_NAMES",
+    "CgroupBackend",
+    "CgroupStats",
+    "DisabledBackend",
+    "Fs",
+    "RoomCgroup",
+    "RunCgroup",
+    "RunCgroupLimits",
+    "V1Backend",
+    "V2Backend",
+    "bootstrap",
+    "delegate",
+    "detect",
+    "doctor_report",
+    "enter",
+]
+
+#: Limit names (as in LimitUnavailable(limit=...)) and the controller each one needs.
+LIMIT_NAMES: dict[str, str] = {"memory": "memory", "cpus": "cpu", "pids": "pids"}
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+CPU_PERIOD_US = 100_000
+SUPERVISOR = "supervisor"
+ROOM_PREFIX = "room-"
+RUN_PREFIX = "run-"
+INIT_LEAF = "init"
+KILL_WAIT_S = 2.0
+FREEZE_WAIT_S = 1.0
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+
+_COST = {
+    "memory": "no memory limit, no peak-memory figure and no OOM verdict",
+    "cpus": "no cpus (bandwidth) limit",
+    "cpu": "no cpus (bandwidth) limit",
+    "pids": "no process-count limit: fork bombs are stopped only by RLIMIT_NPROC (per host uid)",
+    "cpuacct": "no CPU-time figure: CPU-time limits fall back to RLIMIT_CPU per process",
+    "freezer": "v1 cannot kill a room reliably (stopped/forking processes): v1 backend unusable",
+}
+
+
+@dataclass(frozen=True)
+class RunCgroupLimits:
+    """Limits of one run (a child cgroup of the room); None leaves the room's limit in charge."""
+
+    memory_bytes: int | None = None
+    pids: int | None = None
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    cpu_usage_ns: int = 0
+    memory_peak_bytes: int | None = None
+    pids_current: int = 0
+    pids_peak: int | None = None
+    oom_kills: int = 0
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise ValidationError(f"invalid {kind} id for a cgroup name", **{kind: repr(value)[:80]})
+    return value
+
+
+# === filesystem seam =============================================================================
+
+
+class Fs:
+    """Every cgroupfs access. Tests subclass it to emulate the kernel on a tmp tree."""
+
+    def read(self, path: str) -> str:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                return f.read()
+        except OSError as err:
+            raise InternalError(f"cannot read {path}: {err.strerror}", path=path,
+                                errno=err.errno) from err
+
+    def read_opt(self, path: str) -> str | None:
+        """Read a file the kernel may not provide (memory.peak, pids.peak...)."""
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise InternalError(f"cannot read {path}: {err.strerror}", path=path,
+                                errno=err.errno) from err
+
+    def write(self, path: str, value: str) -> None:
+        # O_TRUNC: a no-op on cgroupfs, needed on the fake tree. No O_CREAT: a missing
+        # interface file is an error, never a new regular file.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise InternalError(f"cannot write {value!r} to {path}: {err.strerror}", path=path,
+                                errno=err.errno) from err
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def access(self, path: str, mode: int) -> bool:
+        return os.access(path, mode)
+
+    def listdirs(self, path: str) -> list[str]:
+        try:
+            with os.scandir(path) as it:
+                return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise InternalError(f"cannot list {path}: {err.strerror}", path=path) from err
+
+    def mkdir(self, path: str, mode: int = 0o755) -> bool:
+        """Create a cgroup; False if it already existed."""
+        try:
+            os.mkdir(path, mode)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as err:
+            raise InternalError(f"mkdir {path}: {err.strerror}", path=path,
+                                errno=err.errno) from err
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)  # callers translate: EBUSY means "still populated"
+
+    def chmod(self, path: str, mode: int) -> None:
+        try:
+            os.chmod(path, mode)
+        except OSError as err:
+            raise InternalError(f"chmod {mode:o} {path}: {err.strerror}", path=path) from err
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        try:
+            os.chown(path, uid, gid)
+        except OSError as err:
+            raise InternalError(f"chown {uid}:{gid} {path}: {err.strerror}", path=path) from err
+
+    def open_dir(self, path: str) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as err:
+            raise InternalError(f"open {path}: {err.strerror}", path=path) from err
+
+    def open_procs(self, path: str) -> int:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise InternalError(f"open {path}: {err.strerror}", path=path) from err
+
+    def kill(self, pid: int, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def enter(fds: Sequence[int]) -> None:
+    """Child side of joining a run: write "0" through each fd of RunCgroup.join_fds().
+
+    A directory fd (v1) is opened here, with the child's own credentials; a cgroup.procs fd (v2)
+    was opened by the daemon and is written as is. Uses os only: safe right after fork().
+    """
+    for fd in fds:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            procs = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                os.write(procs, b"0")
+            finally:
+                os.close(procs)
+        else:
+            os.write(fd, b"0")
+
+
+def _ints(text: str | None) -> int | None:
+    if text is None:
+        return None
+    text = text.strip()
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _keyed(text: str | None, key: str) -> int | None:
+    """A value from a flat keyed file (cpu.stat, memory.events, memory.oom_control)."""
+    if text is None:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == key:
+            return _ints(parts[1])
+    return None
+
+
+def _own_cgroup_v2(proc_root: str) -> str | None:
+    try:
+        with open(os.path.join(proc_root, "self", "cgroup")) as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip() or "/"
+    except OSError:
+        return None
+    return None
+
+
+def _find_v2_root(v1_root: str, v2_root: str | None, fs: Fs) -> str | None:
+    if v2_root is not None:
+        return v2_root if fs.exists(os.path.join(v2_root, "cgroup.controllers")) else None
+    for cand in (v1_root, os.path.join(v1_root, "unified")):
+        if fs.exists(os.path.join(cand, "cgroup.controllers")):
+            return cand
+    return None
+
+
+def _default_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _join(root: str, rel: str) -> str:
+    rel = rel.strip("/")
+    return os.path.join(root, rel) if rel else root
+
+
+# === the interface ===============================================================================
+
+
+class RunCgroup(abc.ABC):
+    path: str
+
+    @abc.abstractmethod
+    def dir_fds(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    def join_fds(self) -> list[int]: ...
+
+    @abc.abstractmethod
+    def stats(self) -> CgroupStats: ...
+
+    @abc.abstractmethod
+    def cpu_usage_ns(self) -> int: ...
+
+    @abc.abstractmethod
+    def oom_killed(self) -> bool: ...
+
+    @abc.abstractmethod
+    def kill(self) -> None: ...
+
+    @abc.abstractmethod
+    def destroy(self) -> None: ...
+
+
+class RoomCgroup(abc.ABC):
+    room_id: str
+    path: str
+    enforced: frozenset[str]
+
+    @abc.abstractmethod
+    def procs_paths(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def create_run(self, run_id: str, limits: RunCgroupLimits | None = None) -> RunCgroup: ...
+
+    @abc.abstractmethod
+    def stats(self) -> CgroupStats: ...
+
+    @abc.abstractmethod
+    def kill(self) -> None: ...
+
+    @abc.abstractmethod
+    def destroy(self) -> None: ...
+
+
+class CgroupBackend(abc.ABC):
+    name: str = ""
+    controllers: frozenset[str] = frozenset()
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]: ...
+
+    def enforceable(self) -> set[str]:
+        return {lim for lim, ctrl in LIMIT_NAMES.items() if ctrl in self.controllers}
+
+    def check_limits(self, limits: RoomLimits, requested: Collection[str] | None = None) -> None:
+        """Fail closed: raise LimitUnavailable for the first requested limit we cannot enforce."""
+        del limits  # every value RoomLimits accepts is writable; only the controller matters
+        names = LIMIT_NAMES if requested is None else [n for n in LIMIT_NAMES if n in requested]
+        can = self.enforceable()
+        for name in names:
+            if name not in can:
+                raise LimitUnavailable(
+                    f"the {name} limit cannot be enforced: cgroup backend {self.name!r} lacks the "
+                    f"{LIMIT_NAMES[name]} controller", limit=name, backend=self.name)
+
+    @abc.abstractmethod
+    def create_room(self, room_id: str, limits: RoomLimits) -> RoomCgroup: ...
+
+    @abc.abstractmethod
+    def reconcile(self, live_room_ids: set[str]) -> list[str]: ...
+
+
+# === disabled ====================================================================================
+
+
+class _DisabledRun(RunCgroup):
+    path = ""
+
+    def dir_fds(self) -> list[int]:
+        return []
+
+    def join_fds(self) -> list[int]:
+        return []
+
+    def stats(self) -> CgroupStats:
+        return CgroupStats()
+
+    def cpu_usage_ns(self) -> int:
+        return 0
+
+    def oom_killed(self) -> bool:
+        return False
+
+    def kill(self) -> None:
+        # Nothing to kill by: the caller's kill of the room's pid-namespace init (PID 1) takes
+        # every process of the room with it.
+        pass
+
+    def destroy(self) -> None:
+        pass
+
+
+class _DisabledRoom(RoomCgroup):
+    path = ""
+    enforced: frozenset[str] = frozenset()
+
+    def __init__(self, room_id: str) -> None:
+        self.room_id = room_id
+
+    def procs_paths(self) -> list[str]:
+        return []
+
+    def create_run(self, run_id: str, limits: RunCgroupLimits | None = None) -> RunCgroup:
+        _check_name("run", run_id)
+        return _DisabledRun()
+
+    def stats(self) -> CgroupStats:
+        return CgroupStats()
+
+    def kill(self) -> None:
+        pass
+
+    def destroy(self) -> None:
+        pass
+
+
+class DisabledBackend(CgroupBackend):
+    name = "disabled"
+    controllers: frozenset[str] = frozenset()
+
+    def __init__(self, reason: str, tried: dict[str, str] | None = None) -> None:
+        self.reason = reason
+        self.tried = tried or {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "disabled", "controllers": [], "reason": self.reason,
+                "tried": dict(self.tried), "missing": sorted(LIMIT_NAMES),
+                "fences": "rlimits and wall-clock kills only"}
+
+    def create_room(self, room_id: str, limits: RoomLimits) -> RoomCgroup:
+        return _DisabledRoom(_check_name("room", room_id))
+
+    def reconcile(self, live_room_ids: set[str]) -> list[str]:
+        return []
+
+
+# === shared machinery of v1 and v2 ===============================================================
+
+
+class _Node:
+    """One logical cgroup: a directory in each hierarchy (v2: exactly one)."""
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self.paths = paths  # controller (or "unified") -> directory
+
+    def dirs(self) -> list[str]:
+        return list(dict.fromkeys(self.paths.values()))
+
+    def child(self, name: str) -> _Node:
+        return _Node({k: os.path.join(v, name) for k, v in self.paths.items()})
+
+
+class _Ops(abc.ABC):
+    """What differs between v1 and v2, on one _Node."""
+
+    fs: Fs
+
+    @abc.abstractmethod
+    def write_room_limits(self, node: _Node, limits: RoomLimits, enforce: set[str]) -> None: ...
+
+    @abc.abstractmethod
+    def write_run_limits(self, node: _Node, limits: RunCgroupLimits) -> None: ...
+
+    @abc.abstractmethod
+    def prepare_room(self, node: _Node) -> None: ...
+
+    @abc.abstractmethod
+    def prepare_run(self, node: _Node) -> None: ...
+
+    @abc.abstractmethod
+    def cpu_usage_ns(self, node: _Node) -> int: ...
+
+    @abc.abstractmethod
+    def stats(self, node: _Node) -> CgroupStats: ...
+
+    @abc.abstractmethod
+    def oom_kills(self, node: _Node) -> int: ...
+
+    @abc.abstractmethod
+    def kill(self, node: _Node) -> None: ...
+
+    @abc.abstractmethod
+    def populated(self, node: _Node) -> bool: ...
+
+    @abc.abstractmethod
+    def join_fds(self, node: _Node) -> list[int]: ...
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def pids(self, node: _Node) -> set[int]:
+        """Every pid in the subtree, in every hierarchy."""
+        out: set[int] = set()
+        for top in node.dirs():
+            for d in self._walk(top):
+                text = self.fs.read_opt(os.path.join(d, "cgroup.procs")) or ""
+                out.update(int(x) for x in text.split() if x.isdigit())
+        return out
+
+    def _walk(self, top: str) -> list[str]:
+        """top and its descendant cgroups, parents first."""
+        out = [top]
+        for name in self.fs.listdirs(top):
+            out.extend(self._walk(os.path.join(top, name)))
+        return out
+
+    def mkdir(self, node: _Node, mode: int = 0o755) -> None:
+        for d in node.dirs():
+            if not self.fs.mkdir(d, mode):
+                raise InternalError(f"cgroup {d} already exists", path=d)
+
+    def wait_empty(self, node: _Node, timeout: float = KILL_WAIT_S) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.0005
+        while self.populated(node):
+            if time.monotonic() >= deadline:
+                return False
+            self.fs.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return True
+
+    def rmtree(self, node: _Node) -> None:
+        """rmdir every directory of the subtree, children first; raise naming the first failure."""
+        failed: list[tuple[str, OSError]] = []
+        for top in node.dirs():
+            for d in reversed(self._walk(top)):
+                try:
+                    self.fs.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError as err:
+                    failed.append((d, err))
+        if failed:
+            first, first_err = failed[0]
+            raise InternalError(f"rmdir {first}: {first_err.strerror}", path=first,
+                                errno=first_err.errno, failed=[p for p, _ in failed])
+
+    def destroy(self, node: _Node) -> None:
+        if not any(self.fs.isdir(d) for d in node.dirs()):
+            return
+        self.kill(node)
+        if not self.wait_empty(node):
+            self.kill(node)  # one more round: something raced the first one
+            if not self.wait_empty(node):
+                left = sorted(self.pids(node))
+                raise InternalError(f"cgroup {node.dirs()[0]} still populated after kill",
+                                    path=node.dirs()[0], pids=left[:20])
+        self.rmtree(node)
+
+
+class _Run(RunCgroup):
+    def __init__(self, ops: _Ops, node: _Node, run_id: str) -> None:
+        self.ops = ops
+        self.node = node
+        self.run_id = run_id
+        self.path = node.dirs()[0]
+        self._dir_fds: list[int] = []
+        self._join_fds: list[int] = []
+
+    def dir_fds(self) -> list[int]:
+        if not self._dir_fds:
+            self._dir_fds = [self.ops.fs.open_dir(d) for d in self.node.dirs()]
+        return list(self._dir_fds)
+
+    def join_fds(self) -> list[int]:
+        if not self._join_fds:
+            self._join_fds = self.ops.join_fds(self.node) or []
+            if not self._join_fds:
+                self._join_fds = self.dir_fds()
+        return list(self._join_fds)
+
+    def stats(self) -> CgroupStats:
+        return self.ops.stats(self.node)
+
+    def cpu_usage_ns(self) -> int:
+        return self.ops.cpu_usage_ns(self.node)
+
+    def oom_killed(self) -> bool:
+        return self.ops.oom_kills(self.node) > 0
+
+    def kill(self) -> None:
+        self.ops.kill(self.node)
+
+    def close(self) -> None:
+        for fd in {*self._dir_fds, *self._join_fds}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dir_fds, self._join_fds = [], []
+
+    def destroy(self) -> None:
+        self.close()
+        self.ops.destroy(self.node)
+
+
+class _Room(RoomCgroup):
+    def __init__(self, ops: _Ops, node: _Node, room_id: str, enforced: frozenset[str]) -> None:
+        self.ops = ops
+        self.node = node
+        self.room_id = room_id
+        self.enforced = enforced
+        self.path = node.dirs()[0]
+        self._runs: dict[str, _Run] = {}
+
+    def procs_paths(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in self.node.child(INIT_LEAF).dirs()]
+
+    def create_run(self, run_id: str, limits: RunCgroupLimits | None = None) -> RunCgroup:
+        node = self.node.child(RUN_PREFIX + _check_name("run", run_id))
+        self.ops.mkdir(node)
+        run = _Run(self.ops, node, run_id)
+        try:
+            self.ops.prepare_run(node)
+            if limits is not None:
+                self.ops.write_run_limits(node, limits)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                run.destroy()
+            raise
+        self._runs[run_id] = run
+        return run
+
+    def stats(self) -> CgroupStats:
+        return self.ops.stats(self.node)
+
+    def kill(self) -> None:
+        self.ops.kill(self.node)
+
+    def destroy(self) -> None:
+        for run in self._runs.values():
+            run.close()
+        self._runs.clear()
+        self.ops.destroy(self.node)
+
+
+class _TreeBackend(CgroupBackend):
+    """v1 and v2: rooms are directories room-<id> under one parent per hierarchy."""
+
+    ops: _Ops
+    base: _Node
+
+    def create_room(self, room_id: str, limits: RoomLimits) -> RoomCgroup:
+        node = self.base.child(ROOM_PREFIX + _check_name("room", room_id))
+        enforce = self.enforceable()
+        # 0700: on v1 the run cgroups' cgroup.procs are world-writable (see "Joining a run"), so
+        # nobody but the daemon may reach them by path.
+        self.ops.mkdir(node, 0o700)
+        try:
+            self.ops.write_room_limits(node, limits, enforce)
+            self.ops.prepare_room(node)
+            self.ops.mkdir(node.child(INIT_LEAF))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.ops.destroy(node)
+            raise
+        return _Room(self.ops, node, room_id, frozenset(enforce))
+
+    def reconcile(self, live_room_ids: set[str]) -> list[str]:
+        found: set[str] = set()
+        for top in self.base.dirs():
+            for name in self.ops.fs.listdirs(top):
+                if name.startswith(ROOM_PREFIX) and _NAME_RE.fullmatch(name[len(ROOM_PREFIX):]):
+                    found.add(name[len(ROOM_PREFIX):])
+        removed = []
+        for room_id in sorted(found - set(live_room_ids)):
+            self.ops.destroy(self.base.child(ROOM_PREFIX + room_id))
+            removed.append(room_id)
+        return removed
+
+
+def _write_limit(fs: Fs, path: str, value: str, limit: str) -> None:
+    try:
+        fs.write(path, value)
+    except InternalError as err:
+        raise LimitUnavailable(f"cannot apply the {limit} limit: {err.message}", limit=limit,
+                               path=path) from err
+
+
+def _cpu_quota(cpus: float) -> int:
+    return max(1000, round(cpus * CPU_PERIOD_US))  # the kernel refuses quotas below 1 ms
+
+
+# === v2 ==========================================================================================
+
+
+class _V2Ops(_Ops):
+    def __init__(self, fs: Fs, controllers: frozenset[str]) -> None:
+        self.fs = fs
+        self.controllers = controllers
+
+    def _f(self, node: _Node, name: str) -> str:
+        return os.path.join(node.paths["unified"], name)
+
+    def write_room_limits(self, node: _Node, limits: RoomLimits, enforce: set[str]) -> None:
+        if "memory" in enforce:
+            _write_limit(self.fs, self._f(node, "memory.max"), str(limits.memory_bytes), "memory")
+            # Swap counts against nothing in memory.max: without this a hog swaps instead of
+            # being OOM-killed (when swap exists).
+            if self.fs.exists(self._f(node, "memory.swap.max")):
+                _write_limit(self.fs, self._f(node, "memory.swap.max"), "0", "memory")
+        if "cpus" in enforce:
+            _write_limit(self.fs, self._f(node, "cpu.max"),
+                         f"{_cpu_quota(limits.cpus)} {CPU_PERIOD_US}", "cpus")
+        if "pids" in enforce:
+            _write_limit(self.fs, self._f(node, "pids.max"), str(limits.pids), "pids")
+
+    def prepare_room(self, node: _Node) -> None:
+        # Runs carry their own memory/pids limits, so the room hands those controllers down.
+        # Must happen while the room is empty (no internal processes), hence the init leaf.
+        want = [c for c in ("memory", "pids", "cpu") if c in self.controllers]
+        if want:
+            self.fs.write(self._f(node, "cgroup.subtree_control"),
+                          " ".join("+" + c for c in want))
+
+    def prepare_run(self, node: _Node) -> None:
+        pass
+
+    def write_run_limits(self, node: _Node, limits: RunCgroupLimits) -> None:
+        if limits.memory_bytes is not None:
+            if "memory" not in self.controllers:
+                raise LimitUnavailable("run memory limit needs the memory controller",
+                                       limit="memory", backend="v2")
+            _write_limit(self.fs, self._f(node, "memory.max"), str(limits.memory_bytes), "memory")
+            if self.fs.exists(self._f(node, "memory.swap.max")):
+                _write_limit(self.fs, self._f(node, "memory.swap.max"), "0", "memory")
+        if limits.pids is not None:
+            if "pids" not in self.controllers:
+                raise LimitUnavailable("run pids limit needs the pids controller",
+                                       limit="pids", backend="v2")
+            _write_limit(self.fs, self._f(node, "pids.max"), str(limits.pids), "pids")
+
+    def cpu_usage_ns(self, node: _Node) -> int:
+        # cpu.stat usage_usec is core cgroup2 accounting: present even without the cpu controller.
+        usec = _keyed(self.fs.read_opt(self._f(node, "cpu.stat")), "usage_usec")
+        return (usec or 0) * 1000
+
+    def oom_kills(self, node: _Node) -> int:
+        return _keyed(self.fs.read_opt(self._f(node, "memory.events")), "oom_kill") or 0
+
+    def stats(self, node: _Node) -> CgroupStats:
+        cur = _ints(self.fs.read_opt(self._f(node, "pids.current")))
+        if cur is None:
+            cur = len(self.pids(node))
+        return CgroupStats(
+            cpu_usage_ns=self.cpu_usage_ns(node),
+            memory_peak_bytes=_ints(self.fs.read_opt(self._f(node, "memory.peak"))),
+            pids_current=cur,
+            pids_peak=_ints(self.fs.read_opt(self._f(node, "pids.peak"))),
+            oom_kills=self.oom_kills(node),
+        )
+
+    def populated(self, node: _Node) -> bool:
+        events = self.fs.read_opt(self._f(node, "cgroup.events"))
+        if events is None:  # the cgroup is gone
+            return False
+        return _keyed(events, "populated") != 0
+
+    def kill(self, node: _Node) -> None:
+        if not self.fs.isdir(node.paths["unified"]):
+            return
+        if self.fs.exists(self._f(node, "cgroup.kill")):
+            self.fs.write(self._f(node, "cgroup.kill"), "1")
+            return
+        # Kernels < 5.14: freeze so nothing forks, SIGKILL everything, thaw to deliver.
+        self.fs.write(self._f(node, "cgroup.freeze"), "1")
+        deadline = time.monotonic() + FREEZE_WAIT_S
+        while (_keyed(self.fs.read_opt(self._f(node, "cgroup.events")), "frozen") != 1
+               and time.monotonic() < deadline):
+            self.fs.sleep(0.001)
+        for pid in self.pids(node):
+            self.fs.kill(pid, signal.SIGKILL)
+        self.fs.write(self._f(node, "cgroup.freeze"), "0")
+
+    def join_fds(self, node: _Node) -> list[int]:
+        # Opened by the daemon so the kernel checks the migration with the daemon's credentials
+        # and cgroup namespace (>= 5.16), not the payload's (see "Joining a run").
+        return [self.fs.open_procs(self._f(node, "cgroup.procs"))]
+
+
+class V2Backend(_TreeBackend):
+    name = "v2"
+
+    def __init__(self, root: str, subtree: str, controllers: Iterable[str],
+                 fs: Fs | None = None, missing: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.subtree = subtree  # path relative to root, "/..." form
+        self.controllers = frozenset(controllers)
+        self.fs = fs or Fs()
+        self.missing = missing or {}
+        self.ops = _V2Ops(self.fs, self.controllers)
+        self.base = _Node({"unified": _join(root, subtree)})
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "v2", "root": self.root, "parent": self.base.paths["unified"],
+                "controllers": sorted(self.controllers),
+                "limits": sorted(self.enforceable()),
+                "missing": dict(self.missing),
+                "kill": "cgroup.kill" if self.fs.exists(
+                    os.path.join(self.base.paths["unified"], "cgroup.kill")) else "freeze"}
+
+
+# === v1 ==========================================================================================
+
+
+class _V1Ops(_Ops):
+    def __init__(self, fs: Fs, controllers: frozenset[str]) -> None:
+        self.fs = fs
+        self.controllers = controllers
+
+    def _f(self, node: _Node, ctrl: str, name: str) -> str:
+        return os.path.join(node.paths[ctrl], name)
+
+    def _memory(self, node: _Node, value: int) -> None:
+        # limit first, then memsw: memsw may never be below the limit. memsw == limit means no
+        # swap at all (memsw exists only with swapaccount=1; without it there is no swap cap).
+        _write_limit(self.fs, self._f(node, "memory", "memory.limit_in_bytes"), str(value),
+                     "memory")
+        memsw = self._f(node, "memory", "memory.memsw.limit_in_bytes")
+        if self.fs.exists(memsw):
+            _write_limit(self.fs, memsw, str(value), "memory")
+
+    def write_room_limits(self, node: _Node, limits: RoomLimits, enforce: set[str]) -> None:
+        if "memory" in enforce:
+            self._memory(node, limits.memory_bytes)
+        if "cpus" in enforce:
+            _write_limit(self.fs, self._f(node, "cpu", "cpu.cfs_period_us"), str(CPU_PERIOD_US),
+                         "cpus")
+            _write_limit(self.fs, self._f(node, "cpu", "cpu.cfs_quota_us"),
+                         str(_cpu_quota(limits.cpus)), "cpus")
+        if "pids" in enforce:
+            _write_limit(self.fs, self._f(node, "pids", "pids.max"), str(limits.pids), "pids")
+
+    def prepare_room(self, node: _Node) -> None:
+        pass
+
+    def prepare_run(self, node: _Node) -> None:
+        # The payload child opens this itself, as a subordinate uid (see "Joining a run"); the
+        # room directory above is 0700, so only the holder of the directory fd gets here.
+        for d in node.dirs():
+            self.fs.chmod(os.path.join(d, "cgroup.procs"), 0o666)
+
+    def write_run_limits(self, node: _Node, limits: RunCgroupLimits) -> None:
+        if limits.memory_bytes is not None:
+            if "memory" not in self.controllers:
+                raise LimitUnavailable("run memory limit needs the memory controller",
+                                       limit="memory", backend="v1")
+            self._memory(node, limits.memory_bytes)
+        if limits.pids is not None:
+            if "pids" not in self.controllers:
+                raise LimitUnavailable("run pids limit needs the pids controller",
+                                       limit="pids", backend="v1")
+            _write_limit(self.fs, self._f(node, "pids", "pids.max"), str(limits.pids), "pids")
+
+    def cpu_usage_ns(self, node: _Node) -> int:
+        if "cpuacct" not in node.paths:
+            return 0
+        return _ints(self.fs.read_opt(self._f(node, "cpuacct", "cpuacct.usage"))) or 0
+
+    def oom_kills(self, node: _Node) -> int:
+        if "memory" not in node.paths:
+            return 0
+        return _keyed(self.fs.read_opt(self._f(node, "memory", "memory.oom_control")),
+                      "oom_kill") or 0
+
+    def stats(self, node: _Node) -> CgroupStats:
+        peak = cur = ppeak = None
+        if "memory" in node.paths:
+            peak = _ints(self.fs.read_opt(self._f(node, "memory", "memory.max_usage_in_bytes")))
+        if "pids" in node.paths:
+            cur = _ints(self.fs.read_opt(self._f(node, "pids", "pids.current")))
+            ppeak = _ints(self.fs.read_opt(self._f(node, "pids", "pids.peak")))
+        if cur is None:
+            cur = len(self.pids(node))
+        return CgroupStats(cpu_usage_ns=self.cpu_usage_ns(node), memory_peak_bytes=peak,
+                           pids_current=cur, pids_peak=ppeak, oom_kills=self.oom_kills(node))
+
+    def populated(self, node: _Node) -> bool:
+        return bool(self.pids(node))
+
+    def _freezer_state(self, node: _Node) -> str:
+        return (self.fs.read_opt(self._f(node, "freezer", "freezer.state")) or "").strip()
+
+    def kill(self, node: _Node) -> None:
+        if not self.fs.isdir(node.paths["freezer"]):
+            return
+        state = self._f(node, "freezer", "freezer.state")
+        killed: set[int] = set()
+        for _ in range(3):
+            self.fs.write(state, "FROZEN")
+            deadline = time.monotonic() + FREEZE_WAIT_S
+            # FREEZING can stick (a task in uninterruptible sleep); kill anyway after the bound:
+            # SIGKILL still lands on everything that did freeze, and the loop comes back.
+            while self._freezer_state(node) != "FROZEN" and time.monotonic() < deadline:
+                self.fs.sleep(0.0005)
+            pids = self.pids(node)
+            for pid in pids:
+                self.fs.kill(pid, signal.SIGKILL)
+            killed |= pids
+            # Frozen tasks take the SIGKILL when thawed.
+            self.fs.write(state, "THAWED")
+            if not (self.pids(node) - killed):
+                return
+
+    def join_fds(self, node: _Node) -> list[int]:
+        return []  # the directory fds: the child must open cgroup.procs itself
+
+
+class V1Backend(_TreeBackend):
+    name = "v1"
+
+    def __init__(self, root: str, parent: str, hierarchies: dict[str, str],
+                 controllers: Iterable[str], fs: Fs | None = None,
+                 missing: dict[str, str] | None = None) -> None:
+        """hierarchies: controller -> its hierarchy root (co-mounted ones share a realpath)."""
+        self.root = root
+        self.parent = parent
+        self.controllers = frozenset(controllers)
+        self.fs = fs or Fs()
+        self.missing = missing or {}
+        self.ops = _V1Ops(self.fs, self.controllers)
+        self.base = _Node({c: _join(h, parent) for c, h in hierarchies.items()
+                           if c in self.controllers})
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "v1", "root": self.root, "parent": self.parent,
+                "paths": dict(self.base.paths), "controllers": sorted(self.controllers),
+                "limits": sorted(self.enforceable()), "missing": dict(self.missing),
+                "kill": "freezer"}
+
+
+# === detection ===================================================================================
+
+
+def _probe_v2(v1_root: str, v2_root: str | None, parent: str | None, proc_root: str,
+              fs: Fs) -> V2Backend | str:
+    root = _find_v2_root(v1_root, v2_root, fs)
+    if root is None:
+        return "no cgroup2 hierarchy mounted"
+    if parent is not None:
+        subtree = "/" + parent.strip("/")
+    else:
+        own = _own_cgroup_v2(proc_root)
+        if own is None:
+            return f"cannot read the daemon's cgroup from {proc_root}/self/cgroup"
+        if own == "/":
+            return ("the daemon is in the root cgroup2, not in a delegated subtree (run it under "
+                    "systemd with Delegate=yes, or set cgroup_parent)")
+        if os.path.basename(own) != SUPERVISOR:
+            return (f"the daemon's cgroup {own} is not a 'supervisor' leaf: call bootstrap() "
+                    "first or use DelegateSubgroup=supervisor")
+        subtree = os.path.dirname(own)
+        if subtree == "/":
+            return "the daemon is in /supervisor: the root cgroup2 is not delegated"
+    path = _join(root, subtree)
+    if not fs.isdir(path):
+        return f"{path} does not exist"
+    for name in ("", "cgroup.procs", "cgroup.subtree_control"):
+        p = os.path.join(path, name) if name else path
+        if not fs.access(p, os.W_OK | (os.X_OK if not name else 0)):
+            return f"{p} is not writable by uid {os.geteuid()}"
+    enabled = set((fs.read_opt(os.path.join(path, "cgroup.subtree_control")) or "").split())
+    have = {c for c in V2_CONTROLLERS if c in enabled}
+    missing = {c: f"not enabled in {path}/cgroup.subtree_control" for c in V2_CONTROLLERS
+               if c not in have}
+    return V2Backend(root, subtree, have, fs=fs, missing=missing)
+
+
+def _v1_hierarchies(v1_root: str, fs: Fs) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for ctrl in V1_CONTROLLERS:
+        h = os.path.join(v1_root, ctrl)
+        # a v1 hierarchy has cgroup.procs but no cgroup.controllers
+        if fs.exists(os.path.join(h, "cgroup.procs")) and not fs.exists(
+                os.path.join(h, "cgroup.controllers")):
+            out[ctrl] = os.path.realpath(h)
+    return out
+
+
+_V1_PROBE_FILE = {"memory": "memory.limit_in_bytes", "pids": "pids.max",
+                  "cpu": "cpu.cfs_quota_us", "cpuacct": "cpuacct.usage",
+                  "freezer": "freezer.state"}
+
+
+def _probe_v1(v1_root: str, parent: str | None, user: str | None, fs: Fs) -> V1Backend | str:
+    hier = _v1_hierarchies(v1_root, fs)
+    if not hier:
+        return f"no cgroup v1 hierarchies under {v1_root}"
+    rel = (parent if parent is not None else f"sandboxd/{user or _default_user()}").strip("/")
+    have: set[str] = set()
+    missing: dict[str, str] = {}
+    for ctrl in V1_CONTROLLERS:
+        if ctrl not in hier:
+            missing[ctrl] = "hierarchy not mounted"
+            continue
+        d = _join(hier[ctrl], rel)
+        if not fs.isdir(d):
+            missing[ctrl] = f"{d} missing (run sandboxctl setup)"
+        elif not (fs.access(d, os.W_OK | os.X_OK)
+                  and fs.access(os.path.join(d, "cgroup.procs"), os.W_OK)):
+            missing[ctrl] = f"{d} not writable by uid {os.geteuid()}"
+        else:
+            have.add(ctrl)
+    if "freezer" not in have:
+        return f"v1 freezer unusable: {missing.get('freezer')}"
+    return V1Backend(v1_root, rel, hier, have, fs=fs, missing=missing)
+
+
+def detect(config_backend: str = "auto", parent: str | None = None,
+           v1_root: str = "/sys/fs/cgroup", v2_root: str | None = None,
+           proc_root: str = "/proc", *, user: str | None = None,
+           fs: Fs | None = None) -> CgroupBackend:
+    """Pick the backend. Explicit v1/v2 that cannot work raise LimitUnavailable (fail loudly).
+
+    auto: complete v2 (memory+pids+cpu) > complete v1 (memory+pids+cpu+cpuacct+freezer) >
+    partial v2 (kill and CPU figures, some limits) > partial v1 (freezer needed) > disabled.
+    ``parent`` is a path relative to the hierarchy root(s): for v2 the delegated subtree that
+    holds the rooms, for v1 the delegated directory (default ``sandboxd/<user>``).
+    """
+    fs = fs or Fs()
+    if config_backend == "disabled":
+        return DisabledBackend("disabled by configuration")
+    if config_backend not in ("auto", "v1", "v2"):
+        raise ValidationError(f"unknown cgroup backend {config_backend!r}",
+                              backend=config_backend)
+    v2: V2Backend | str = "not tried"
+    v1: V1Backend | str = "not tried"
+    if config_backend in ("auto", "v2"):
+        v2 = _probe_v2(v1_root, v2_root, parent, proc_root, fs)
+        if config_backend == "v2":
+            if isinstance(v2, str):
+                raise LimitUnavailable(f"cgroup backend v2 unusable: {v2}", limit="cgroup",
+                                       backend="v2")
+            return v2
+    if config_backend in ("auto", "v1"):
+        v1 = _probe_v1(v1_root, parent, user, fs)
+        if config_backend == "v1":
+            if isinstance(v1, str):
+                raise LimitUnavailable(f"cgroup backend v1 unusable: {v1}", limit="cgroup",
+                                       backend="v1")
+            return v1
+    if isinstance(v2, V2Backend) and not v2.missing:
+        return v2
+    if isinstance(v1, V1Backend) and not v1.missing:
+        return v1
+    if isinstance(v2, V2Backend):
+        return v2
+    if isinstance(v1, V1Backend):
+        return v1
+    return DisabledBackend("no usable cgroup hierarchy", tried={"v2": v2, "v1": v1})
+
+
+# === daemon start-up and host setup ==============================================================
+
+
+def bootstrap(v2_root: str | None = None, v1_root: str = "/sys/fs/cgroup",
+              proc_root: str = "/proc", *, fs: Fs | None = None) -> list[str]:
+    """v2 only: put the daemon in ``<own>/supervisor`` and enable our controllers for rooms.
+
+    Call from daemon.main() before the zygote starts and before detect(). Idempotent; returns
+    human lines; never raises for "nothing to do" (detect() then explains what is missing).
+    With systemd >= 254 and DelegateSubgroup=supervisor only the controller step runs.
+    """
+    fs = fs or Fs()
+    root = _find_v2_root(v1_root, v2_root, fs)
+    if root is None:
+        return ["no cgroup2 hierarchy: nothing to bootstrap"]
+    own = _own_cgroup_v2(proc_root)
+    if own is None or own == "/":
+        return [f"daemon is in cgroup2 {own or '?'}: not a delegated subtree, nothing moved"]
+    lines: list[str] = []
+    if os.path.basename(own) == SUPERVISOR:
+        subtree = _join(root, os.path.dirname(own))
+    else:
+        subtree = _join(root, own)
+        if not fs.access(os.path.join(subtree, "cgroup.procs"), os.W_OK):
+            return [f"{subtree} is not delegated to uid {os.geteuid()}: nothing moved"]
+        sup = os.path.join(subtree, SUPERVISOR)
+        if fs.mkdir(sup):
+            lines.append(f"created {sup}")
+        # Everything in our cgroup moves (the daemon, and anything the unit started with it):
+        # a cgroup that hands controllers to children may hold no processes itself.
+        for pid_s in (fs.read(os.path.join(subtree, "cgroup.procs"))).split():
+            try:
+                fs.write(os.path.join(sup, "cgroup.procs"), pid_s)
+            except InternalError as err:
+                if err.context.get("errno") != errno.ESRCH:  # exited meanwhile
+                    raise
+        lines.append(f"moved the daemon's processes into {sup}")
+    avail = set((fs.read_opt(os.path.join(subtree, "cgroup.controllers")) or "").split())
+    enabled = set((fs.read_opt(os.path.join(subtree, "cgroup.subtree_control")) or "").split())
+    want = [c for c in V2_CONTROLLERS if c in avail and c not in enabled]
+    if want:
+        fs.write(os.path.join(subtree, "cgroup.subtree_control"),
+                 " ".join("+" + c for c in want))
+        lines.append(f"enabled {' '.join(want)} in {subtree}/cgroup.subtree_control")
+    absent = [c for c in V2_CONTROLLERS if c not in avail]
+    if absent:
+        lines.append(f"not delegated to {subtree}: {' '.join(absent)}")
+    return lines
+
+
+def delegate(user: str, uid: int, gid: int, v1_root: str = "/sys/fs/cgroup",
+             v2_root: str | None = None, *, parent: str | None = None,
+             fs: Fs | None = None) -> list[str]:
+    """``sandboxctl setup --user USER`` (as root, idempotent): give USER a cgroup parent.
+
+    v1 hierarchies (hybrid hosts): ``<ctrl>/<parent>`` in memory, pids, cpu, cpuacct, freezer,
+    owned by USER (the directory, cgroup.procs and tasks; limit files of the parent stay root's,
+    so an administrator can cap USER's total). Pure v2: ``<root>/<parent>`` with memory/pids/cpu
+    enabled on the way down, chowned like systemd's Delegate=yes (directory, cgroup.procs,
+    cgroup.subtree_control, cgroup.threads); the daemon must then be *started* inside it (by
+    root or systemd): an unprivileged process cannot move itself across the root.
+    ``parent`` defaults to ``sandboxd/<user>``.
+    """
+    fs = fs or Fs()
+    rel = (parent or f"sandboxd/{user}").strip("/")
+    lines: list[str] = []
+
+    def mkdirs(top: str) -> list[str]:
+        made = []
+        cur = top
+        for part in rel.split("/"):
+            cur = os.path.join(cur, part)
+            if fs.mkdir(cur):
+                made.append(cur)
+        return made
+
+    hier = _v1_hierarchies(v1_root, fs)
+    if hier:
+        for top in dict.fromkeys(hier.values()):
+            made = mkdirs(top)
+            d = _join(top, rel)
+            for name in ("", "cgroup.procs", "tasks"):
+                p = os.path.join(d, name) if name else d
+                if fs.exists(p):
+                    fs.chown(p, uid, gid)
+            lines.append(f"{'created' if made else 'kept'} {d} owned by {user} ({uid}:{gid})")
+        return lines
+    root = _find_v2_root(v1_root, v2_root, fs)
+    if root is None:
+        return [f"no cgroup hierarchy under {v1_root}: nothing delegated"]
+    avail = set((fs.read_opt(os.path.join(root, "cgroup.controllers")) or "").split())
+    want = [c for c in V2_CONTROLLERS if c in avail]
+    cur = root
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        enabled = set((fs.read_opt(os.path.join(cur, "cgroup.subtree_control")) or "").split())
+        add = [c for c in want if c not in enabled]
+        if add:
+            fs.write(os.path.join(cur, "cgroup.subtree_control"), " ".join("+" + c for c in add))
+            lines.append(f"enabled {' '.join(add)} in {cur}/cgroup.subtree_control")
+        cur = os.path.join(cur, part)
+        if fs.mkdir(cur):
+            lines.append(f"created {cur}")
+        if i == len(parts) - 1:
+            for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+                p = os.path.join(cur, name) if name else cur
+                if fs.exists(p):
+                    fs.chown(p, uid, gid)
+            lines.append(f"delegated {cur} to {user} ({uid}:{gid}); start sandboxd inside it "
+                         "(or use the systemd unit with Delegate=yes)")
+    missing = [c for c in V2_CONTROLLERS if c not in avail]
+    if missing:
+        lines.append(f"controllers not available at {root}: {' '.join(missing)}")
+    return lines
+
+
+def doctor_report(config_backend: str = "auto", parent: str | None = None,
+                  v1_root: str = "/sys/fs/cgroup", v2_root: str | None = None,
+                  proc_root: str = "/proc", *, user: str | None = None,
+                  fs: Fs | None = None) -> list[tuple[str, bool, str]]:
+    """(check, ok, what it costs when missing) lines for ``sandboxctl doctor``."""
+    fs = fs or Fs()
+    out: list[tuple[str, bool, str]] = []
+    root = _find_v2_root(v1_root, v2_root, fs)
+    out.append(("cgroup2 mounted", root is not None, "no cgroup.kill; v1 or nothing"))
+    v2 = _probe_v2(v1_root, v2_root, parent, proc_root, fs) if root else "no cgroup2"
+    out.append(("cgroup2 delegated subtree writable" + ("" if isinstance(v2, V2Backend)
+                                                         else f" ({v2})"),
+                isinstance(v2, V2Backend), "v2 backend unusable"))
+    if isinstance(v2, V2Backend):
+        for c in V2_CONTROLLERS:
+            out.append((f"cgroup2 controller {c}", c in v2.controllers,
+                        _COST["cpus" if c == "cpu" else c]))
+    v1 = _probe_v1(v1_root, parent, user, fs)
+    if isinstance(v1, V1Backend) or _v1_hierarchies(v1_root, fs):
+        missing = v1.missing if isinstance(v1, V1Backend) else {}
+        for c in V1_CONTROLLERS:
+            ok = isinstance(v1, V1Backend) and c in v1.controllers
+            why = missing.get(c, "") if isinstance(v1, V1Backend) else v1
+            out.append((f"cgroup v1 {c} parent" + (f" ({why})" if why and not ok else ""),
+                        ok, _COST[c]))
+    try:
+        chosen = detect(config_backend, parent, v1_root, v2_root, proc_root, user=user, fs=fs)
+        out.append((f"cgroup backend: {chosen.name}", chosen.name != "disabled",
+                    "rlimits and wall-clock kills only: no memory/cpus/pids limits, no OOM "
+                    "verdict" if chosen.name == "disabled" else ""))
+        for lim in sorted(LIMIT_NAMES):
+            out.append((f"limit {lim} enforceable", lim in chosen.enforceable(), _COST[lim]))
+    except LimitUnavailable as err:
+        out.append((f"cgroup backend {config_backend}", False, err.message))
+    return out

@@ -1,0 +1,608 @@
+"""cgroup backends on a fake cgroupfs: tmp directories whose files a small fake kernel fills in.
+
+FakeKernel (an ``Fs``) populates interface files on mkdir, refuses rmdir of populated or non-empty
+cgroups, records every write and signal, and makes killed pids disappear the way the kernel does
+(v2: on cgroup.kill; v1: when the freezer thaws).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from sandboxd.config import MiB, RoomLimits
+from sandboxd.errors import InternalError, LimitUnavailable, ValidationError
+from sandboxd.jail import cgroup
+from sandboxd.jail.cgroup import (
+    CgroupStats,
+    DisabledBackend,
+    Fs,
+    RunCgroupLimits,
+    V1Backend,
+    V2Backend,
+)
+
+V2_FILES = {
+    "cgroup.procs": "", "cgroup.threads": "", "cgroup.events": "populated 0\nfrozen 0\n",
+    "cgroup.kill": "", "cgroup.freeze": "0\n", "cgroup.subtree_control": "",
+    "cgroup.controllers": "", "cgroup.type": "domain\n",
+    "cpu.stat": "usage_usec 0\nuser_usec 0\nsystem_usec 0\n", "cpu.max": "max 100000\n",
+    "memory.max": "max\n", "memory.swap.max": "max\n", "memory.peak": "0\n",
+    "memory.events": "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n",
+    "pids.max": "max\n", "pids.current": "0\n", "pids.peak": "0\n",
+}
+V1_FILES = {
+    "memory": {"memory.limit_in_bytes": "9223372036854771712\n",
+               "memory.memsw.limit_in_bytes": "9223372036854771712\n",
+               "memory.max_usage_in_bytes": "0\n",
+               "memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n"},
+    "pids": {"pids.max": "max\n", "pids.current": "0\n", "pids.peak": "0\n"},
+    "cpu": {"cpu.cfs_period_us": "100000\n", "cpu.cfs_quota_us": "-1\n"},
+    "cpuacct": {"cpuacct.usage": "0\n"},
+    "freezer": {"freezer.state": "THAWED\n"},
+}
+
+
+class FakeKernel(Fs):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.writes: list[tuple[str, str]] = []
+        self.kills: list[int] = []
+        self.chowns: list[tuple[str, int, int]] = []
+        self.immortal: set[int] = set()
+        self.omit: set[str] = set()  # interface files the "kernel" does not provide
+
+    # -- what kind of cgroup is this path? --------------------------------------------------
+    def _kind(self, path: str) -> str:
+        rel = Path(path).relative_to(self.root).parts
+        if rel and rel[0] in V1_FILES:
+            return rel[0]
+        if rel and rel[0] == "cpu,cpuacct":
+            return "cpu,cpuacct"
+        return "v2"
+
+    def populate(self, path: str) -> None:
+        kind = self._kind(path)
+        files: dict[str, str] = {"cgroup.procs": "", "tasks": ""}
+        if kind == "v2":
+            files = dict(V2_FILES)
+            parent_sc = Path(path).parent / "cgroup.subtree_control"
+            if parent_sc.exists():
+                files["cgroup.controllers"] = parent_sc.read_text()
+        else:
+            for k in kind.split(","):
+                files.update(V1_FILES[k])
+        for name, text in files.items():
+            if name not in self.omit:
+                (Path(path) / name).write_text(text)
+
+    def mkdir(self, path: str, mode: int = 0o755) -> bool:
+        made = super().mkdir(path, mode)
+        if made:
+            self.populate(path)
+        return made
+
+    def rmdir(self, path: str) -> None:
+        p = Path(path)
+        if any(c.is_dir() for c in p.iterdir()):
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        procs = p / "cgroup.procs"
+        if procs.exists() and procs.read_text().split():
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        for f in p.iterdir():
+            f.unlink()
+        p.rmdir()
+
+    def read_opt(self, path: str) -> str | None:
+        if os.path.basename(path) == "cgroup.events" and os.path.exists(path):
+            # populated is hierarchical, as in the kernel
+            live = any(p.read_text().split() for p in Path(path).parent.rglob("cgroup.procs"))
+            return f"populated {int(live)}\nfrozen 0\n"
+        return super().read_opt(path)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.chowns.append((path, uid, gid))
+
+    def kill(self, pid: int, sig: int) -> None:
+        assert sig == signal.SIGKILL
+        self.kills.append(pid)
+
+    def sleep(self, seconds: float) -> None:
+        pass
+
+    def _reap(self, dead: set[int] | None) -> None:
+        """Dead pids (None: all) leave every cgroup.procs of the tree; immortal ones stay."""
+        for procs in self.root.rglob("cgroup.procs"):
+            left = [x for x in procs.read_text().split()
+                    if int(x) in self.immortal or (dead is not None and int(x) not in dead)]
+            procs.write_text("\n".join(left))
+
+    def write(self, path: str, value: str) -> None:
+        super().write(path, value)
+        self.writes.append((os.path.relpath(path, self.root), value))
+        name = os.path.basename(path)
+        if name == "cgroup.kill" and value == "1":
+            self._reap(None)  # the fake kills the whole tree: tests use one cgroup at a time
+        elif name == "freezer.state" and value == "THAWED":
+            self._reap(set(self.kills))  # frozen tasks die when thawed
+
+
+def put(path: Path, *pids: int) -> None:
+    (path / "cgroup.procs").write_text("\n".join(str(p) for p in pids))
+
+
+# === fixtures =====================================================================================
+
+
+@pytest.fixture
+def v2tree(tmp_path: Path) -> tuple[FakeKernel, Path, Path]:
+    """Pure v2 at tmp/cg; the daemon in /svc/supervisor with memory pids cpu delegated."""
+    k = FakeKernel(tmp_path / "cg")
+    root = tmp_path / "cg"
+    root.mkdir()
+    k.populate(str(root))
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    k.mkdir(str(root / "svc"))
+    (root / "svc" / "cgroup.subtree_control").write_text("memory pids cpu\n")
+    k.mkdir(str(root / "svc" / "supervisor"))
+    proc = tmp_path / "proc" / "self"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text("0::/svc/supervisor\n")
+    return k, root, tmp_path / "proc"
+
+
+@pytest.fixture
+def v1tree(tmp_path: Path) -> tuple[FakeKernel, Path]:
+    """Hybrid host: v1 hierarchies under tmp/cg, parent sandboxd/alice in each."""
+    root = tmp_path / "cg"
+    k = FakeKernel(root)
+    for ctrl in V1_FILES:
+        (root / ctrl).mkdir(parents=True)
+        k.populate(str(root / ctrl))
+        (root / ctrl / "sandboxd").mkdir()
+        k.populate(str(root / ctrl / "sandboxd"))
+        k.mkdir(str(root / ctrl / "sandboxd" / "alice"))
+    return k, root
+
+
+def v1(k: FakeKernel, root: Path) -> V1Backend:
+    b = cgroup.detect("auto", None, str(root), None, "/nonexistent", user="alice", fs=k)
+    assert isinstance(b, V1Backend)
+    return b
+
+
+def v2(k: FakeKernel, root: Path, proc: Path) -> V2Backend:
+    b = cgroup.detect("auto", None, str(root), None, str(proc), fs=k)
+    assert isinstance(b, V2Backend)
+    return b
+
+
+LIMITS = RoomLimits(memory_bytes=64 * MiB, cpus=1.5, pids=100)
+
+
+# === v2 ===========================================================================================
+
+
+def test_v2_detect_supervisor_leaf(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    b = v2(k, root, proc)
+    assert b.controllers == {"memory", "pids", "cpu"}
+    assert b.enforceable() == {"memory", "cpus", "pids"}
+    d = b.describe()
+    assert d["backend"] == "v2" and d["parent"] == str(root / "svc") and d["kill"] == "cgroup.kill"
+
+
+def test_v2_create_room_writes_limits_and_init_leaf(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    d = root / "svc" / "room-abc"
+    assert (d / "memory.max").read_text() == str(64 * MiB)
+    assert (d / "memory.swap.max").read_text() == "0"
+    assert (d / "cpu.max").read_text() == "150000 100000"
+    assert (d / "pids.max").read_text() == "100"
+    assert (d / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert room.procs_paths() == [str(d / "init" / "cgroup.procs")]
+    assert room.enforced == {"memory", "cpus", "pids"}
+
+
+def test_v2_run_limits_fds_and_enter(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    run = room.create_run("r1", RunCgroupLimits(memory_bytes=32 * MiB, pids=10))
+    d = root / "svc" / "room-abc" / "run-r1"
+    assert (d / "memory.max").read_text() == str(32 * MiB)
+    assert (d / "memory.swap.max").read_text() == "0"
+    assert (d / "pids.max").read_text() == "10"
+    dfds = run.dir_fds()
+    assert len(dfds) == 1 and stat.S_ISDIR(os.fstat(dfds[0]).st_mode)
+    jfds = run.join_fds()
+    assert len(jfds) == 1 and stat.S_ISREG(os.fstat(jfds[0]).st_mode)  # opened by the daemon
+    cgroup.enter(jfds)
+    assert (d / "cgroup.procs").read_text() == "0"
+    run.destroy()
+    assert not d.exists()
+    for fd in (*dfds, *jfds):
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_v2_stats_parsed(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    run = room.create_run("r1", None)
+    d = root / "svc" / "room-abc" / "run-r1"
+    (d / "cpu.stat").write_text("usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n")
+    (d / "memory.peak").write_text("4096\n")
+    (d / "pids.current").write_text("3\n")
+    (d / "pids.peak").write_text("7\n")
+    (d / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n")
+    assert run.cpu_usage_ns() == 1_234_000
+    assert run.oom_killed()
+    assert run.stats() == CgroupStats(cpu_usage_ns=1_234_000, memory_peak_bytes=4096,
+                                      pids_current=3, pids_peak=7, oom_kills=1)
+
+
+def test_v2_stats_without_peak_files(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    k.omit |= {"memory.peak", "pids.peak", "pids.current"}
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    put(root / "svc" / "room-abc" / "init", 11, 12)
+    s = room.stats()
+    assert s.memory_peak_bytes is None and s.pids_peak is None and s.pids_current == 2
+
+
+def test_v2_kill_writes_cgroup_kill(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    run = room.create_run("r1", None)
+    put(root / "svc" / "room-abc" / "run-r1", 41, 42)
+    run.kill()
+    assert ("svc/room-abc/run-r1/cgroup.kill", "1") in k.writes
+    assert k.kills == []  # the kernel does it
+    room.destroy()
+    assert not (root / "svc" / "room-abc").exists()
+
+
+def test_v2_kill_without_cgroup_kill_freezes(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    k.omit.add("cgroup.kill")
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    put(root / "svc" / "room-abc" / "init", 7, 8)
+    room.kill()
+    seq = [w for w in k.writes if w[0].endswith("cgroup.freeze")]
+    assert seq == [("svc/room-abc/cgroup.freeze", "1"), ("svc/room-abc/cgroup.freeze", "0")]
+    assert sorted(k.kills) == [7, 8]
+
+
+def test_v2_destroy_bounded_when_stuck(v2tree: tuple[FakeKernel, Path, Path],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    k, root, proc = v2tree
+    monkeypatch.setattr(cgroup, "KILL_WAIT_S", 0.05)
+    monkeypatch.setattr(cgroup._Ops.wait_empty, "__defaults__", (0.05,))
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    k.immortal.add(99)
+    put(root / "svc" / "room-abc" / "init", 99)
+    with pytest.raises(InternalError) as exc:
+        room.destroy()
+    assert exc.value.context["pids"] == [99]
+
+
+def test_v2_not_in_supervisor_then_bootstrap(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    (proc / "self" / "cgroup").write_text("0::/svc2\n")
+    k.mkdir(str(root / "svc2"))
+    put(root / "svc2", 500, 501)
+    (root / "svc2" / "cgroup.controllers").write_text("cpu memory pids io\n")
+    b = cgroup.detect("auto", None, str(root), None, str(proc), fs=k)
+    assert isinstance(b, DisabledBackend) and "supervisor" in b.describe()["tried"]["v2"]
+    with pytest.raises(LimitUnavailable):
+        cgroup.detect("v2", None, str(root), None, str(proc), fs=k)
+    lines = cgroup.bootstrap(None, str(root), str(proc), fs=k)
+    assert ("svc2/supervisor/cgroup.procs", "500") in k.writes
+    assert ("svc2/supervisor/cgroup.procs", "501") in k.writes
+    assert ("svc2/cgroup.subtree_control", "+memory +pids +cpu") in k.writes
+    assert any("enabled memory pids cpu" in line for line in lines)
+    (proc / "self" / "cgroup").write_text("0::/svc2/supervisor\n")
+    (root / "svc2" / "cgroup.subtree_control").write_text("memory pids cpu\n")
+    assert cgroup.bootstrap(None, str(root), str(proc), fs=k) == []  # idempotent
+    assert v2(k, root, proc).base.paths["unified"] == str(root / "svc2")
+
+
+def test_v2_root_cgroup_is_not_delegated(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    (proc / "self" / "cgroup").write_text("0::/\n")
+    b = cgroup.detect("auto", None, str(root), None, str(proc), fs=k)
+    assert isinstance(b, DisabledBackend)
+    assert "root cgroup" in b.describe()["tried"]["v2"]
+    assert cgroup.bootstrap(None, str(root), str(proc), fs=k)[0].startswith("daemon is in")
+
+
+def test_v2_partial_controllers(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    (root / "svc" / "cgroup.subtree_control").write_text("memory pids\n")
+    b = v2(k, root, proc)
+    assert b.enforceable() == {"memory", "pids"}
+    assert "cpu" in b.describe()["missing"]
+    with pytest.raises(LimitUnavailable) as exc:
+        b.check_limits(LIMITS)
+    assert exc.value.context["limit"] == "cpus"
+    b.check_limits(LIMITS, requested={"memory", "pids"})
+    room = b.create_room("abc", LIMITS)
+    assert room.enforced == {"memory", "pids"}
+    assert (root / "svc" / "room-abc" / "cpu.max").read_text() == "max 100000\n"
+
+
+def test_v2_explicit_parent(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, _ = v2tree
+    k.mkdir(str(root / "other"))
+    b = cgroup.detect("v2", "/other", str(root), None, "/nonexistent", fs=k)
+    assert isinstance(b, V2Backend) and b.base.paths["unified"] == str(root / "other")
+
+
+def test_v2_limit_write_failure_fails_closed(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    k.omit.add("pids.max")
+    b = v2(k, root, proc)
+    with pytest.raises(LimitUnavailable) as exc:
+        b.create_room("abc", LIMITS)
+    assert exc.value.context["limit"] == "pids"
+    assert "room-abc/pids.max" in exc.value.context["path"]
+    assert not (root / "svc" / "room-abc").exists()
+
+
+def test_hybrid_unified_found_under_v1_root(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    k = FakeKernel(root)
+    (root / "unified" / "svc").mkdir(parents=True)
+    k.populate(str(root / "unified"))
+    k.populate(str(root / "unified" / "svc"))
+    b = cgroup.detect("v2", "/svc", str(root), None, "/nonexistent", fs=k)
+    assert isinstance(b, V2Backend) and b.root == str(root / "unified")
+    assert b.controllers == frozenset()  # hybrid: no controllers, but kill and cpu.stat work
+
+
+# === v1 ===========================================================================================
+
+
+def test_v1_detect_and_describe(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    b = v1(k, root)
+    assert b.controllers == {"memory", "pids", "cpu", "cpuacct", "freezer"}
+    assert b.describe()["parent"] == "sandboxd/alice" and b.describe()["missing"] == {}
+    b.check_limits(LIMITS)
+
+
+def test_v1_create_room_and_run_limits(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    room = v1(k, root).create_room("abc", LIMITS)
+    p = "sandboxd/alice/room-abc"
+    assert (root / "memory" / p / "memory.limit_in_bytes").read_text() == str(64 * MiB)
+    assert (root / "memory" / p / "memory.memsw.limit_in_bytes").read_text() == str(64 * MiB)
+    mem_writes = [os.path.basename(w[0]) for w in k.writes if w[0].startswith("memory/")]
+    assert mem_writes[:2] == ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+    assert (root / "cpu" / p / "cpu.cfs_period_us").read_text() == "100000"
+    assert (root / "cpu" / p / "cpu.cfs_quota_us").read_text() == "150000"
+    assert (root / "pids" / p / "pids.max").read_text() == "100"
+    assert sorted(room.procs_paths()) == sorted(
+        str(root / c / p / "init" / "cgroup.procs") for c in V1_FILES)
+    run = room.create_run("r1", RunCgroupLimits(memory_bytes=20 * MiB, pids=9))
+    assert (root / "memory" / p / "run-r1" / "memory.limit_in_bytes").read_text() == str(20 * MiB)
+    assert (root / "pids" / p / "run-r1" / "pids.max").read_text() == "9"
+    for c in V1_FILES:
+        mode = stat.S_IMODE((root / c / p / "run-r1" / "cgroup.procs").stat().st_mode)
+        assert mode == 0o666
+        assert stat.S_IMODE((root / c / p).stat().st_mode) == 0o700
+    fds = run.join_fds()
+    assert len(fds) == 5 and all(stat.S_ISDIR(os.fstat(fd).st_mode) for fd in fds)
+    cgroup.enter(fds)  # the child opens cgroup.procs itself
+    assert (root / "freezer" / p / "run-r1" / "cgroup.procs").read_text() == "0"
+
+
+def test_v1_stats_parsed(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    run = v1(k, root).create_room("abc", LIMITS).create_run("r1", None)
+    p = root / "{}" / "sandboxd/alice/room-abc/run-r1"
+    Path(str(p).format("cpuacct"), "cpuacct.usage").write_text("987654321\n")
+    Path(str(p).format("memory"), "memory.max_usage_in_bytes").write_text("1048576\n")
+    Path(str(p).format("memory"), "memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    Path(str(p).format("pids"), "pids.current").write_text("4\n")
+    Path(str(p).format("pids"), "pids.peak").write_text("6\n")
+    assert run.cpu_usage_ns() == 987654321
+    assert run.oom_killed()
+    assert run.stats() == CgroupStats(987654321, 1048576, 4, 6, 2)
+
+
+def test_v1_kill_freezer_sequence(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    room = v1(k, root).create_room("abc", LIMITS)
+    room.create_run("r1", None)
+    p = "sandboxd/alice/room-abc"
+    put(root / "freezer" / p / "init", 10)
+    put(root / "freezer" / p / "run-r1", 20, 21)
+    put(root / "memory" / p / "run-r1", 20, 21, 22)  # 22 only made it into memory: still killed
+    room.kill()
+    fz = [v for path, v in k.writes if path.endswith("freezer.state")]
+    assert fz == ["FROZEN", "THAWED"]
+    assert sorted(k.kills) == [10, 20, 21, 22]
+    first_thaw = k.writes.index((f"freezer/{p}/freezer.state", "THAWED"))
+    assert first_thaw > k.writes.index((f"freezer/{p}/freezer.state", "FROZEN"))
+    room.destroy()
+    for c in V1_FILES:
+        assert not (root / c / p).exists()
+
+
+def test_v1_missing_freezer(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    (root / "freezer" / "sandboxd" / "alice" / "cgroup.procs").unlink()
+    (root / "freezer" / "sandboxd" / "alice" / "freezer.state").unlink()
+    (root / "freezer" / "sandboxd" / "alice" / "tasks").unlink()
+    (root / "freezer" / "sandboxd" / "alice").rmdir()
+    b = cgroup.detect("auto", None, str(root), None, "/nonexistent", user="alice", fs=k)
+    assert isinstance(b, DisabledBackend)
+    assert "freezer" in b.describe()["tried"]["v1"]
+    with pytest.raises(LimitUnavailable):
+        cgroup.detect("v1", None, str(root), None, "/nonexistent", user="alice", fs=k)
+
+
+def test_v1_partial_cpu(v1tree: tuple[FakeKernel, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    k, root = v1tree
+    real = k.access
+    cpu_dir = str(root / "cpu" / "sandboxd" / "alice")
+    monkeypatch.setattr(k, "access", lambda p, m: False if p == cpu_dir else real(p, m))
+    b = v1(k, root)
+    assert "cpu" not in b.controllers and "cpu" in b.describe()["missing"]
+    with pytest.raises(LimitUnavailable) as exc:
+        b.check_limits(LIMITS)
+    assert exc.value.context["limit"] == "cpus"
+    room = b.create_room("abc", LIMITS)
+    assert not (root / "cpu" / "sandboxd" / "alice" / "room-abc").exists()
+    room.destroy()
+
+
+def test_v1_comounted_cpu_cpuacct(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    k = FakeKernel(root)
+    for h in ("memory", "pids", "freezer", "cpu,cpuacct"):
+        (root / h / "sandboxd").mkdir(parents=True)
+        k.populate(str(root / h))
+        k.populate(str(root / h / "sandboxd"))
+        k.mkdir(str(root / h / "sandboxd" / "alice"))
+    (root / "cpu").symlink_to("cpu,cpuacct")
+    (root / "cpuacct").symlink_to("cpu,cpuacct")
+    b = v1(k, root)
+    assert b.controllers == {"memory", "pids", "cpu", "cpuacct", "freezer"}
+    room = b.create_room("abc", LIMITS)
+    assert len(room.procs_paths()) == 4  # cpu and cpuacct written once
+    assert (root / "cpu,cpuacct" / "sandboxd/alice/room-abc/cpu.cfs_quota_us").read_text() \
+        == "150000"
+    room.destroy()
+    lines = cgroup.delegate("bob", 1001, 1001, str(root), fs=k)
+    assert len(lines) == 4
+
+
+# === disabled, names, reconcile, setup, doctor ===================================================
+
+
+def test_disabled_backend(tmp_path: Path) -> None:
+    b = cgroup.detect("auto", None, str(tmp_path), None, str(tmp_path), user="x", fs=FakeKernel(
+        tmp_path))
+    assert isinstance(b, DisabledBackend)
+    assert b.name == "disabled" and b.controllers == frozenset() and b.enforceable() == set()
+    with pytest.raises(LimitUnavailable) as exc:
+        b.check_limits(RoomLimits())
+    assert exc.value.context["limit"] == "memory"
+    b.check_limits(RoomLimits(), requested=())
+    room = b.create_room("abc", RoomLimits())
+    run = room.create_run("r1", RunCgroupLimits(memory_bytes=1))
+    assert room.procs_paths() == [] and run.dir_fds() == [] and run.join_fds() == []
+    assert run.stats() == CgroupStats() and run.cpu_usage_ns() == 0 and not run.oom_killed()
+    run.kill()
+    run.destroy()
+    room.kill()
+    room.destroy()
+    assert b.reconcile(set()) == []
+    assert cgroup.detect("disabled").describe()["reason"] == "disabled by configuration"
+    with pytest.raises(ValidationError):
+        cgroup.detect("v3")
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", "x" * 64, "a b", "a.b"])
+def test_names_validated(v1tree: tuple[FakeKernel, Path], bad: str) -> None:
+    k, root = v1tree
+    b = v1(k, root)
+    with pytest.raises(ValidationError):
+        b.create_room(bad, LIMITS)
+    room = b.create_room("ok", LIMITS)
+    with pytest.raises(ValidationError):
+        room.create_run(bad, None)
+    with pytest.raises(ValidationError):
+        DisabledBackend("x").create_room(bad, LIMITS)
+
+
+def test_reconcile_removes_leftovers(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    b = v1(k, root)
+    b.create_room("live", LIMITS)
+    dead = b.create_room("dead", LIMITS)
+    dead.create_run("r9", None)
+    put(root / "freezer" / "sandboxd/alice/room-dead/run-r9", 77)
+    k.mkdir(str(root / "memory" / "sandboxd" / "alice" / "not-a-room"))
+    assert b.reconcile({"live"}) == ["dead"]
+    assert 77 in k.kills
+    for c in V1_FILES:
+        assert not (root / c / "sandboxd/alice/room-dead").exists()
+        assert (root / c / "sandboxd/alice/room-live").exists()
+    assert (root / "memory" / "sandboxd" / "alice" / "not-a-room").exists()
+
+
+def test_reconcile_v2_skips_supervisor(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    b = v2(k, root, proc)
+    b.create_room("old", LIMITS)
+    assert b.reconcile(set()) == ["old"]
+    assert (root / "svc" / "supervisor").exists()
+
+
+def test_delegate_v1_idempotent(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    k = FakeKernel(root)
+    for ctrl in (*V1_FILES, "devices"):
+        (root / ctrl).mkdir(parents=True)
+        (root / ctrl / "cgroup.procs").write_text("")
+    lines = cgroup.delegate("bob", 1001, 1002, str(root), fs=k)
+    assert len(lines) == 5 and all("created" in line for line in lines)
+    for ctrl in V1_FILES:
+        d = root / ctrl / "sandboxd" / "bob"
+        assert d.is_dir()
+        assert (str(d), 1001, 1002) in k.chowns
+        assert (str(d / "cgroup.procs"), 1001, 1002) in k.chowns
+    assert not (root / "devices" / "sandboxd").exists()
+    assert (str(root / "memory" / "sandboxd"), 1001, 1002) not in k.chowns
+    again = cgroup.delegate("bob", 1001, 1002, str(root), fs=k)
+    assert all(line.startswith("kept") for line in again)
+    assert isinstance(cgroup.detect("auto", None, str(root), None, "/x", user="bob", fs=k),
+                      V1Backend)
+
+
+def test_delegate_pure_v2(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    root.mkdir()
+    k = FakeKernel(root)
+    k.populate(str(root))
+    (root / "cgroup.controllers").write_text("cpu io memory pids\n")
+    lines = cgroup.delegate("bob", 1001, 1002, str(root), fs=k)
+    assert ("cgroup.subtree_control", "+memory +pids +cpu") in k.writes
+    assert ("sandboxd/cgroup.subtree_control", "+memory +pids +cpu") in k.writes
+    d = root / "sandboxd" / "bob"
+    for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+        assert (str(d / name) if name else str(d), 1001, 1002) in k.chowns
+    assert any("delegated" in line for line in lines)
+
+
+def test_doctor_report(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    rep = cgroup.doctor_report(v1_root=str(root), proc_root="/nonexistent", user="alice", fs=k)
+    assert all(isinstance(n, str) and isinstance(ok, bool) and isinstance(c, str)
+               for n, ok, c in rep)
+    by = {n.split(" (")[0]: ok for n, ok, _ in rep}
+    assert by["cgroup backend: v1"] and by["limit memory enforceable"]
+    assert by["cgroup v1 freezer parent"]
+    rep2 = cgroup.doctor_report(v1_root=str(root), proc_root="/x", user="nobody-here", fs=k)
+    assert ("cgroup backend: disabled", False) in [(n, ok) for n, ok, _ in rep2]
+    assert any("pids" in cost for n, ok, cost in rep2 if not ok)
+
+
+def test_fs_errors_name_the_path(tmp_path: Path) -> None:
+    fs = Fs()
+    with pytest.raises(InternalError) as exc:
+        fs.write(str(tmp_path / "nope" / "memory.max"), "1")
+    assert exc.value.context["path"].endswith("nope/memory.max")
+    assert "memory.max" in exc.value.message
