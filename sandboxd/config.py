@@ -35,7 +35,8 @@ def check_sandbox_id(value: object) -> str:
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class RoomLimits(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
+class RoomLimits(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
+                 forbid_unknown_fields=True):
     """Limits of a whole room (its cgroup and its writable layer)."""
 
     memory_bytes: Annotated[int, msgspec.Meta(ge=16 * MiB)] = 512 * MiB
@@ -44,7 +45,8 @@ class RoomLimits(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forb
     disk_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB)] = 1 * GiB
 
 
-class RoomOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
+class RoomOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
+                  forbid_unknown_fields=True):
     limits: RoomLimits = RoomLimits()
     env: dict[str, str] = {}
 

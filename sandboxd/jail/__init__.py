@@ -1,0 +1,208 @@
+"""The jail: everything that turns a room spec into live namespaces, seen from the daemon.
+
+    Zygote        the daemon's handle on the fork server (``zygote.py``): start, spawn, stop
+    RoomHandle    the daemon's handle on one room init (``init.py``): spawn payloads, kill,
+                  file operations, and the init's death (through a pidfd)
+
+The room set-up order itself (one step per line, each constraint commented) lives where it runs:
+``zygote._setup_process`` (cgroup, unshare, maps) and ``init.main``/``Init.setup`` (mounts,
+network, hostname, serve). ``jail`` knows nothing of JSON-RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import channel
+from ._syscalls import pidfd_send_signal
+
+log = logging.getLogger("sandboxd.jail")
+
+
+class JailError(OSError):
+    """The sandbox machinery failed (never the payload)."""
+
+
+class Zygote:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.chan: channel.AsyncChannel | None = None
+        self._lock = asyncio.Lock()
+        self.on_death: Callable[[], None] | None = None
+
+    async def start(self) -> None:
+        mine, theirs = channel.pair()
+        # The zygote is exec'd fresh (never a fork of this multi-threaded-capable event loop
+        # process) and inherits exactly one fd: its end of the channel.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd.jail.zygote", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+        theirs.close()
+        self.chan = channel.AsyncChannel(mine, self._event, self._closed)
+        reply, _ = await self.chan.request({"op": "ping"}, timeout=30)
+        if reply.get("op") != "pong":
+            raise JailError("zygote did not answer its first ping")
+
+    def _event(self, msg: dict[str, Any], fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+
+    def _closed(self) -> None:
+        log.error("zygote channel closed")
+        if self.on_death:
+            self.on_death()
+
+    async def spawn(self, spec: dict[str, Any], timeout: float) -> tuple[int, socket.socket, int]:
+        if self.chan is None or self.chan.closed:
+            raise JailError("zygote is not running")
+        async with self._lock:
+            reply, fds = await self.chan.request({"op": "spawn", "spec": spec}, timeout=timeout)
+        if "error" in reply or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise JailError(f"room set-up failed: {reply.get('error', 'no channel returned')}")
+        return int(reply["pid"]), socket.socket(fileno=fds[0]), fds[1]
+
+    async def stop(self) -> None:
+        if self.chan:
+            self.chan.on_close = None  # type: ignore[attr-defined]
+            self.chan._on_close = lambda: None
+            self.chan.close()
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
+
+
+class RoomHandle:
+    """The daemon's side of one room init."""
+
+    def __init__(self, room_id: str, pid: int, sock: socket.socket, pidfd: int) -> None:
+        self.room_id = room_id
+        self.pid = pid
+        self.pidfd = pidfd
+        self._loop = asyncio.get_running_loop()
+        self._ready: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._dead: asyncio.Future[None] = self._loop.create_future()
+        self.exits: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.chan = channel.AsyncChannel(sock, self._event, self._closed)
+        self._loop.add_reader(pidfd, self._pidfd_ready)
+
+    # --- events -------------------------------------------------------------------------------
+
+    def _event(self, msg: dict[str, Any], fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        op = msg.get("op")
+        if op == "exit":
+            fut = self.exits.get(str(msg.get("run")))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif op == "ready" and not self._ready.done():
+            self._ready.set_result(msg)
+        elif op == "failed" and not self._ready.done():
+            self._ready.set_exception(JailError(f"room init failed: {msg.get('error')}"))
+
+    def _closed(self) -> None:
+        if not self._ready.done():
+            self._ready.set_exception(JailError("room init closed its channel during set-up"))
+        for fut in self.exits.values():
+            if not fut.done():
+                fut.set_exception(JailError("room init died"))
+
+    def _pidfd_ready(self) -> None:
+        try:
+            self._loop.remove_reader(self.pidfd)
+        except (ValueError, OSError):
+            pass
+        if not self._dead.done():
+            self._dead.set_result(None)
+        self.chan.close()
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead.done() and not self.chan.closed
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        return await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def request(self, msg: dict[str, Any], fds: list[int] | tuple[int, ...] = (),
+                      timeout: float | None = 30.0) -> tuple[dict[str, Any], list[int]]:
+        try:
+            return await self.chan.request(msg, fds, timeout=timeout)
+        except channel.ChannelClosed as err:
+            raise JailError(f"room {self.room_id} is gone") from err
+
+    async def spawn(self, run: str, argv: list[str], env: dict[str, str], cwd: str, user: str,
+                    rlimits: dict[str, int], stdio: tuple[int, int, int],
+                    cgroup_fds: list[int]) -> asyncio.Future[dict[str, Any]]:
+        """Start a payload; return a future for its exit event."""
+        fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self.exits[run] = fut
+        try:
+            reply, _ = await self.request(
+                {"op": "spawn", "run": run, "argv": argv, "env": env, "cwd": cwd, "user": user,
+                 "rlimits": rlimits, "ncg": len(cgroup_fds)}, [*stdio, *cgroup_fds])
+        except BaseException:
+            self.exits.pop(run, None)
+            raise
+        if "error" in reply:
+            self.exits.pop(run, None)
+            raise JailError(f"spawn failed in room {self.room_id}: {reply['error']}")
+        return fut
+
+    def forget(self, run: str) -> None:
+        self.exits.pop(run, None)
+
+    async def kill_run(self, run: str, sig: int = signal.SIGKILL) -> None:
+        try:
+            await self.request({"op": "kill", "run": run, "sig": sig}, timeout=5)
+        except (JailError, TimeoutError):
+            pass
+
+    async def killall(self) -> None:
+        await self.request({"op": "killall"}, timeout=5)
+
+    async def ping(self) -> dict[str, Any]:
+        reply, _ = await self.request({"op": "ping"}, timeout=5)
+        return reply
+
+    # --- teardown -----------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        """SIGKILL the init; the kernel then kills everything in the room's pid namespace."""
+        if not self._dead.done():
+            try:
+                pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except OSError as err:
+                log.warning("pidfd_send_signal on room %s init: %s", self.room_id, err)
+
+    async def wait_dead(self, timeout: float | None) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._dead), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def close(self) -> None:
+        self.chan.close()
+        try:
+            self._loop.remove_reader(self.pidfd)
+        except (ValueError, OSError):
+            pass
+        try:
+            os.close(self.pidfd)
+        except OSError:
+            pass
+        self.pidfd = -1

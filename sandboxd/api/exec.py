@@ -1,0 +1,85 @@
+"""exec: run a command (argv or shell form) in a room, with optional streaming and limits."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import errors, protocol, runs
+from ..jail import JailError
+from . import Context, method
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def base_env(user: str) -> dict[str, str]:
+    home = "/root" if user == "root" else "/home/sandbox"
+    return {"PATH": DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", "USER": user,
+            "TMPDIR": "/tmp"}
+
+
+def cwd_of(path: str | None) -> str:
+    if not path:
+        return "/workspace"
+    protocol.validate_text(path, "cwd")
+    return path if path.startswith("/") else f"/workspace/{path}"
+
+
+async def run_in_room(ctx: Context, room_id: str, argv: list[str], *, env: dict[str, str] | None,
+                      cwd: str | None, stdin: bytes, user: str, limits: protocol.RunLimits | None,
+                      timeout_ms: int | None, stream: bool) -> runs.RunResult:
+    """The shared path of exec (and later runCode): room, spec, quota, run."""
+    daemon = ctx.daemon
+    room = await daemon.rooms.get_or_create(ctx.uid, room_id)
+    full_env = {**base_env(user), **room.options.env, **(env or {})}
+    runs.check_argv(argv, full_env)
+    lim = limits or protocol.RunLimits()
+    wall = lim.wall_time_ms if lim.wall_time_ms is not None else timeout_ms
+    if lim.memory_bytes is not None and lim.memory_bytes > room.options.limits.memory_bytes:
+        raise errors.ValidationError("limits.memoryBytes exceeds the sandbox's memory limit",
+                                     limit="memoryBytes",
+                                     roomMemoryBytes=room.options.limits.memory_bytes)
+    daemon.check_run_limits(lim)
+
+    async def on_output(stream_name: str, data: str) -> None:
+        await ctx.notify("exec.output", {"requestId": ctx.request_id, "stream": stream_name,
+                                         "data": data})
+
+    spec = runs.RunSpec(
+        argv=argv, env=full_env, cwd=cwd_of(cwd), user=user, stdin=stdin, wall_time_ms=wall,
+        cpu_time_ms=lim.cpu_time_ms, memory_bytes=lim.memory_bytes, pids=lim.pids,
+        output_bytes=runs.DEFAULT_OUTPUT_BYTES if lim.output_bytes is None else lim.output_bytes,
+        file_size_bytes=lim.file_size_bytes, on_output=on_output if stream else None)
+    if room.active_runs >= daemon.config.max_runs_per_room:
+        raise errors.QuotaExceeded("too many concurrent runs in this sandbox",
+                                   limit=daemon.config.max_runs_per_room, sandboxId=room.id)
+    room.active_runs += 1
+    try:
+        return await runs.run(room, spec)
+    except JailError as err:
+        raise errors.SandboxUnavailable(f"sandbox {room.id} failed during the run: {err}",
+                                        sandboxId=room.id) from err
+    finally:
+        room.active_runs -= 1
+        room.touch()
+
+
+@method("exec", protocol.ExecParams)
+async def exec_(ctx: Context, p: protocol.ExecParams) -> dict[str, Any]:
+    started = time.time()
+    argv = [p.command, *p.args] if p.args is not None else ["/bin/sh", "-c", p.command]
+    res = await run_in_room(ctx, p.sandbox_id, argv, env=p.env, cwd=p.cwd,
+                            stdin=(p.stdin or "").encode(), user=p.user, limits=p.limits,
+                            timeout_ms=p.timeout, stream=p.stream)
+    return {
+        "success": res.status == "OK",
+        "exitCode": res.exit_code,
+        "stdout": res.stdout,
+        "stderr": res.stderr,
+        "command": p.command if p.args is None else " ".join([p.command, *p.args]),
+        "duration": res.wall_time_ms,
+        "timestamp": datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z"),
+        **res.report(),
+    }

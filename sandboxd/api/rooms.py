@@ -1,0 +1,46 @@
+"""ping, getSandbox, listSandboxes, destroy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__, protocol
+from ..errors import InternalError
+from ..jail import JailError
+from ..rooms import iso
+from . import Context, method
+
+
+@method("ping", protocol.PingParams)
+async def ping(ctx: Context, p: protocol.PingParams) -> dict[str, Any]:
+    out: dict[str, Any] = {"message": "pong", "version": __version__,
+                           "capabilities": ctx.daemon.capabilities()}
+    if p.sandbox_id is not None:
+        room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id)
+        try:
+            reply = await room.handle.ping()
+        except (JailError, TimeoutError) as err:
+            raise InternalError(f"sandbox {room.id} init did not answer: {err}",
+                                sandboxId=room.id) from err
+        out["sandbox"] = {"sandboxId": room.id, "init": reply.get("op") == "pong",
+                          "runs": reply.get("runs", 0)}
+    return out
+
+
+@method("getSandbox", protocol.GetSandboxParams)
+async def get_sandbox(ctx: Context, p: protocol.GetSandboxParams) -> dict[str, Any]:
+    room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id, p.options)
+    return {"sandboxId": room.id, "status": room.status, "createdAt": iso(room.created_at),
+            "options": room.options_wire()}
+
+
+@method("listSandboxes", protocol.ListSandboxesParams)
+async def list_sandboxes(ctx: Context, p: protocol.ListSandboxesParams) -> dict[str, Any]:
+    return {"sandboxes": [r.describe() for r in ctx.daemon.rooms.visible_rooms(ctx.uid)
+                          if r.status == "ready"]}
+
+
+@method("destroy", protocol.DestroyParams)
+async def destroy(ctx: Context, p: protocol.DestroyParams) -> dict[str, Any]:
+    destroyed = await ctx.daemon.rooms.destroy(ctx.uid, p.sandbox_id)
+    return {"sandboxId": p.sandbox_id, "destroyed": destroyed}

@@ -1,0 +1,232 @@
+"""sandboxd main(): config, logging, signals, cgroup bootstrap, readiness, orderly shutdown.
+
+Start-up order: config -> logging -> the state-dir lock (one daemon per state dir) -> cgroup
+backend (v2 bootstrap moves us into a leaf *before* anything forks) -> the zygote -> reconcile
+what a crashed instance left -> the seccomp filter -> listen (or take the socket systemd passed)
+-> READY=1.
+
+Shutdown on SIGTERM/SIGINT, in a fixed order: STOPPING=1 -> stop accepting -> destroy every room
+-> close connections -> remove the socket -> stop the zygote -> exit 0 (within 5 s). A second
+signal forces: every room init is SIGKILLed (their pid namespaces die with them) and we exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from . import __version__, api, errors
+from . import config as configmod
+from .config import DaemonConfig
+from .jail import Zygote
+from .jail import cgroup as cgroups
+from .protocol import RunLimits
+from .rooms import RoomManager
+from .server import Server
+
+log = logging.getLogger("sandboxd")
+
+NAMESPACES = ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.zygote = Zygote()
+        self.server = Server(self)
+        self.backend: Any = None
+        self.rooms: RoomManager = None  # type: ignore[assignment]
+        self.seccomp: dict[str, Any] = {"enabled": False}
+        self.ids: dict[str, int] = {"uid": os.getuid(), "gid": os.getgid(), "count": 1}
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._lock_fd = -1
+        self.started = time.time()
+
+    # --- facts for ping and doctor ----------------------------------------------------------
+
+    def capabilities(self) -> dict[str, Any]:
+        return {
+            "namespaces": NAMESPACES,
+            "cgroup": self.backend.describe() if self.backend is not None else None,
+            "rootfs": self.config.rootfs,
+            "idMapping": "single" if self.ids["count"] == 1 else "subordinate",
+            "seccomp": self.seccomp,
+            "limits": sorted(self._enforceable_limits()),
+        }
+
+    def _enforceable_limits(self) -> set[str]:
+        """Wire names of the limits this host enforces (rooms and runs)."""
+        have = self.backend.enforceable() if self.backend is not None else set()
+        out = {"wallTimeMs", "outputBytes", "fileSizeBytes", "diskBytes"}
+        out |= {wire for wire, name in (("memoryBytes", "memory"), ("cpus", "cpus"),
+                                        ("pids", "pids")) if name in have}
+        if self.backend is not None and self.backend.name != "disabled":
+            out.add("cpuTimeMs")  # v2 cpu.stat and v1 cpuacct.usage count CPU per cgroup
+        return out
+
+    def check_run_limits(self, lim: RunLimits) -> None:
+        """Fail closed: a run limit this host cannot enforce is refused, by name."""
+        have = self._enforceable_limits()
+        for name, value in (("cpuTimeMs", lim.cpu_time_ms), ("memoryBytes", lim.memory_bytes),
+                            ("pids", lim.pids)):
+            if value is not None and name not in have:
+                raise errors.LimitUnavailable(
+                    f"limit {name} cannot be enforced here (cgroup backend "
+                    f"{self.backend.name})", limit=name)
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    def _lock_state_dir(self) -> None:
+        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(os.path.join(self.config.state_dir, "sandboxd.lock"),
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise errors.ValidationError(
+                f"another sandboxd uses the state dir {self.config.state_dir}") from err
+
+    def _build_seccomp(self) -> bytes | None:
+        try:
+            from .jail import seccomp
+        except ImportError:
+            self.seccomp = {"enabled": False, "reason": "seccomp module unavailable"}
+            return None
+        t = time.perf_counter()
+        bpf = seccomp.build_filter()
+        self.seccomp = {"enabled": True, "rules": len(seccomp.RULES),
+                        "buildMs": round((time.perf_counter() - t) * 1000, 1)}
+        return bpf
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        self._lock_state_dir()
+        self.backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent)
+        bootstrap = getattr(self.backend, "bootstrap", None)
+        if bootstrap is not None:
+            bootstrap()
+        log.info("cgroup backend: %s", self.backend.describe())
+        await self.zygote.start()
+        self.zygote.on_death = self._zygote_died
+        self.rooms = RoomManager(self.config, self.backend, self.zygote, self.ids,
+                                 self._build_seccomp())
+        cleaned = self.rooms.reconcile()
+        if cleaned:
+            log.warning("reconciled leftovers of a previous instance: %s", ", ".join(cleaned))
+        api.load_all()
+        inherited = _inherited_socket()
+        await self.server.start(self.config.socket, inherited, self.config.socket_group)
+        reaper = asyncio.ensure_future(self.rooms.reap_idle())
+        watchdog = asyncio.ensure_future(_watchdog())
+        _notify("READY=1\nSTATUS=serving")
+        log.info("sandboxd %s listening on %s (rootfs %s)", __version__, self.config.socket,
+                 self.config.rootfs)
+        await self._stop.wait()
+        _notify("STOPPING=1")
+        log.info("shutting down")
+        t = time.monotonic()
+        self.server.stop_accepting()
+        reaper.cancel()
+        watchdog.cancel()
+        await self.rooms.shutdown()
+        await self.server.close()
+        await self.zygote.stop()
+        log.info("shutdown complete in %.0f ms", (time.monotonic() - t) * 1000)
+        return 0
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self._stop.set()
+            return
+        log.error("second signal: forcing exit")
+        if self.rooms is not None:
+            for room in list(self.rooms.rooms.values()):
+                if room.handle is not None:
+                    room.handle.kill()
+        os._exit(1)
+
+    def _zygote_died(self) -> None:
+        if not self._stop.is_set():
+            log.critical("the zygote died: no new rooms can be made; stopping")
+            self._stop.set()
+
+
+def _notify(state: str) -> None:
+    try:
+        from . import _systemd
+    except ImportError:
+        return
+    _systemd.notify(state)
+
+
+def _inherited_socket() -> Any:
+    try:
+        from . import _systemd
+    except ImportError:
+        return None
+    socks = _systemd.listen_fds()
+    return socks[0] if socks else None
+
+
+async def _watchdog() -> None:
+    try:
+        from . import _systemd
+    except ImportError:
+        return
+    interval = _systemd.watchdog_interval()
+    if not interval:
+        return
+    while True:
+        _systemd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval / 2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sandboxd", description="rootless local sandbox daemon")
+    p.add_argument("--socket", help="Unix socket path (default: $SANDBOXD_SOCKET, "
+                   "/run/sandboxd/sandboxd.sock as root, else $XDG_RUNTIME_DIR/sandboxd/...)")
+    p.add_argument("--state-dir", help="state directory (default /var/lib/sandboxd as root, "
+                   "else $XDG_STATE_HOME/sandboxd)")
+    p.add_argument("--rootfs", help="runtime tree directory, or 'host' (default: the built "
+                   "tree if present, else host)")
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--log-level", default=None,
+                   choices=["debug", "info", "warning", "error", "critical"])
+    p.add_argument("--version", action="version", version=f"sandboxd {__version__}")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        cfg = configmod.load(args.config, {"socket": args.socket, "state_dir": args.state_dir,
+                                           "rootfs": args.rootfs, "log_level": args.log_level})
+    except errors.SandboxError as err:
+        print(f"sandboxd: {err.message}", file=sys.stderr)
+        sys.exit(2)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = asyncio.run(Daemon(cfg).run())
+    except errors.SandboxError as err:
+        log.critical("%s", err.message)
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

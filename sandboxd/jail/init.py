@@ -1,0 +1,280 @@
+"""The room init: PID 1 of a room, serving the daemon over one SEQPACKET channel.
+
+Theory of operation. The init is forked by the room's set-up process (see ``zygote.py``) right
+after that process unshared the user, mount, pid, net, ipc, uts and cgroup namespaces, so the init
+is PID 1 of the room's pid namespace, root (with capabilities) of the room's user namespace, and
+already inside the room's cgroup. It
+
+1. waits until its parent (the set-up process) has exited, then asks for SIGKILL when its new
+   parent (the zygote, a child subreaper) dies, and makes itself non-dumpable;
+2. builds the room's filesystem (``mnt.setup``), brings up loopback, sets the hostname;
+3. says ``ready`` and serves requests until the channel closes, when it exits — and the kernel
+   kills every process left in the pid namespace with it.
+
+Requests (msgpack maps with ``op`` and ``id``; replies carry ``re``):
+  spawn  {run, argv, env, cwd, user, rlimits, ncg} + fds [stdin, stdout, stderr, *cgroup dir fds]
+         forks a payload: setsid, join the run cgroup, stdio, clean signals, rlimits, identity,
+         cwd, drop privileges, seccomp, close fds, exec. Replies {pid}; later an event
+         {op: exit, run, status, rusage, failure} when the payload is reaped.
+  kill   {run, sig}          signal the run's process group
+  killall {}                 SIGKILL every process of the room but the init
+  ping   {}                  -> {op: pong}
+  other ops are looked up in HANDLERS (file operations register there).
+
+Payload pipes and files are fds passed through the channel; the init never copies payload data.
+As PID 1 it reaps every orphan of the room.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import _syscalls as sc
+from . import caps, cgroup, channel, mnt, net
+
+Handler = Callable[[dict[str, Any], list[int]], tuple[dict[str, Any], list[int]]]
+#: init-side operations by name; other modules (files) register theirs here.
+HANDLERS: dict[str, Handler] = {}
+
+SANDBOX_UID = 1000
+RLIMIT_NAMES = {"fsize": "RLIMIT_FSIZE", "nofile": "RLIMIT_NOFILE", "core": "RLIMIT_CORE",
+                "stack": "RLIMIT_STACK", "cpu": "RLIMIT_CPU", "nproc": "RLIMIT_NPROC"}
+
+
+class Init:
+    def __init__(self, spec: dict[str, Any], ctl: socket.socket) -> None:
+        self.spec = spec
+        self.ctl = ctl
+        self.runs: dict[int, tuple[str, int]] = {}  # pid -> (run id, error pipe read end)
+        self.seccomp_bpf: bytes | None = spec.get("seccomp_bpf")
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        spec = self.spec
+        mnt.setup(spec["scratch"], spec["rootfs"], spec["disk_bytes"], spec["hostname"])
+        net.setup_loopback()
+        sc.sethostname(spec["hostname"])
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        while True:
+            for key, _ in self.sel.select():
+                if key.data == "wake":
+                    try:
+                        while os.read(self.wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                else:
+                    try:
+                        msg, fds = channel.recv(self.ctl)
+                    except (channel.ChannelClosed, ConnectionError):
+                        return  # the daemon is gone: so is the room
+                    except InterruptedError:
+                        continue
+                    self.dispatch(msg, fds)
+
+    def reply(self, msg: dict[str, Any], result: dict[str, Any], fds: list[int] = []) -> None:  # noqa: B006
+        if "id" in msg:
+            channel.send(self.ctl, {**result, "re": msg["id"]}, fds)
+
+    def dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
+        op = msg.get("op")
+        try:
+            if op == "spawn":
+                self.reply(msg, {"pid": self.spawn(msg, fds)})
+            elif op == "kill":
+                self.reply(msg, {"ok": self.kill(msg.get("run", ""), int(msg.get("sig", 9)))})
+            elif op == "killall":
+                self.killall()
+                self.reply(msg, {"ok": True})
+            elif op == "ping":
+                self.reply(msg, {"op": "pong", "runs": len(self.runs)})
+            elif isinstance(op, str) and op in HANDLERS:
+                result, out_fds = HANDLERS[op](msg, fds)
+                try:
+                    self.reply(msg, result, out_fds)
+                finally:
+                    for fd in out_fds:
+                        os.close(fd)
+            else:
+                self.reply(msg, {"error": {"errno": errno.EINVAL,
+                                           "message": f"unknown op {op!r}"}})
+        except OSError as err:
+            self.reply(msg, {"error": {"errno": err.errno or errno.EIO, "message": str(err),
+                                       "filename": err.filename}})
+        except Exception as err:  # noqa: BLE001 - a bad request must never take the room down
+            self.reply(msg, {"error": {"errno": errno.EIO,
+                                       "message": f"{type(err).__name__}: {err}"}})
+        finally:
+            if op in ("spawn", "kill", "killall", "ping"):
+                for fd in fds:
+                    os.close(fd)
+
+    def spawn(self, msg: dict[str, Any], fds: list[int]) -> int:
+        if len(fds) < 3:
+            raise OSError(errno.EINVAL, "spawn needs stdin, stdout and stderr fds")
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            os.close(err_r)
+            _payload(msg, fds, err_w, self.seccomp_bpf)  # never returns
+        os.close(err_w)
+        self.runs[pid] = (str(msg.get("run", "")), err_r)
+        return pid
+
+    def kill(self, run: str, sig: int) -> bool:
+        for pid, (rid, _) in self.runs.items():
+            if rid == run:
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        return False
+                return True
+        return False
+
+    def killall(self) -> None:
+        # From PID 1, kill(-1) reaches every process of the namespace except ourselves.
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            entry = self.runs.pop(pid, None)
+            if entry is None:
+                continue  # an orphan the room left behind: reaping it is all PID 1 owes it
+            run, err_r = entry
+            failure = None
+            try:
+                data = os.read(err_r, 256)
+                if data:
+                    stage, _, num = data.decode().partition(":")
+                    failure = {"stage": stage, "errno": int(num or 0)}
+            finally:
+                os.close(err_r)
+            channel.send(self.ctl, {
+                "op": "exit", "run": run, "status": status,
+                "rusage": {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss},
+                "failure": failure,
+            })
+
+
+def _payload(msg: dict[str, Any], fds: list[int], err_w: int, bpf: bytes | None) -> None:
+    """The payload child, between fork and exec. Reports a failed step on ``err_w``."""
+    stage = "setsid"
+    argv: list[str] = list(msg["argv"])
+    try:
+        # A session of its own: no controlling terminal to inject into (TIOCSTI), and a process
+        # group the init can signal as a whole.
+        os.setsid()
+        stage = "cgroup"
+        ncg = int(msg.get("ncg", 0))
+        # The room cannot see /sys/fs/cgroup: the daemon passed the run cgroup's fds.
+        cgroup.enter(fds[3:3 + ncg])
+        stage = "stdio"
+        for i in range(3):
+            os.dup2(fds[i], i)
+        stage = "signals"
+        signal.set_wakeup_fd(-1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for sig in range(1, signal.NSIG):
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                continue
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        stage = "rlimits"
+        import resource
+
+        for name, value in (msg.get("rlimits") or {}).items():
+            which = getattr(resource, RLIMIT_NAMES[name])
+            resource.setrlimit(which, (int(value), int(value)))
+        stage = "user"
+        if msg.get("user") == "sandbox":
+            os.setgroups([])
+            os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
+            os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
+        stage = "chdir"
+        os.chdir(msg.get("cwd") or "/workspace")
+        stage = "privileges"
+        caps.drop_privileges()
+        stage = "seccomp"
+        if bpf:
+            from . import seccomp
+
+            seccomp.install(bpf)
+        stage = "fds"
+        os.closerange(3, err_w)
+        os.closerange(err_w + 1, 1 << 20)
+        stage = "exec"
+        env = {str(k): str(v) for k, v in (msg.get("env") or {}).items()}
+        os.execvpe(argv[0], argv, env)
+    except BaseException as err:  # noqa: BLE001 - nothing may unwind past fork
+        num = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+        try:
+            if stage in ("exec", "chdir"):
+                what = argv[0] if stage == "exec" else f"cwd {msg.get('cwd')}"
+                os.write(2, f"sandboxd: {what}: {os.strerror(num)}\n".encode())
+            os.write(err_w, f"{stage}:{num}".encode())
+        finally:
+            code = 127 if stage == "exec" and num == errno.ENOENT else 126 if stage == "exec" else 1
+            os._exit(code)
+    os._exit(127)
+
+
+def main(spec: dict[str, Any], ctl: socket.socket, parent_gone: int) -> None:
+    """Entry from the set-up process's fork; never returns."""
+    try:
+        caps.set_name(f"sandboxd: room {spec['room_id']} init")
+        # EOF on this pipe means the set-up process exited and we were re-parented to the
+        # zygote: only now does PDEATHSIG point at the right parent.
+        while os.read(parent_gone, 1):
+            pass
+        os.close(parent_gone)
+        caps.die_with_parent()
+        caps.non_dumpable()
+        init = Init(spec, ctl)
+        init.setup()
+        channel.send(ctl, {"op": "ready", "pid": os.getpid()})
+    except BaseException as err:  # noqa: BLE001
+        try:
+            channel.send(ctl, {"op": "failed", "error": f"{type(err).__name__}: {err}"})
+        finally:
+            os._exit(1)
+    try:
+        init.serve()
+    except BaseException as err:  # noqa: BLE001
+        print(f"sandboxd room init: {type(err).__name__}: {err}", file=sys.stderr)
+        os._exit(1)
+    os._exit(0)

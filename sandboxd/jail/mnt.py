@@ -1,0 +1,199 @@
+"""The room's filesystem: built by the room init inside its fresh mount namespace.
+
+Theory of operation. The init (PID 1 of the room, root of the room's user namespace, still seeing
+the host's mount tree through a private copy) builds the new root on a size- and inode-limited
+tmpfs mounted on the room's scratch directory (``<state>/rooms/<id>/mnt``; the host only ever sees
+that directory empty, because the mount lives in the room's namespace):
+
+  rootfs = a built tree:  overlay(lower = tree, upper/work on the tmpfs) is the new root
+  rootfs = "host":        the tmpfs itself is the new root, with read-only binds of the host's
+                          /usr and /lib* (and their /bin-style symlinks) and a minimal /etc
+
+In both cases /usr is read-only (bind-remounted), the writable places (/, /workspace, /tmp, /root,
+/home, /var/tmp, /run) share the one tmpfs budget (``diskBytes``), /proc is fresh for the room's pid
+namespace with the sensitive files masked, /dev is a tmpfs with binds of the harmless host nodes
+(a user namespace cannot mknod), a devpts newinstance and a private /dev/shm. Then pivot_root and
+the old root is detached, so nothing of the host tree stays reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from . import _syscalls as sc
+
+# Host /etc entries a toolchain needs to start, bound read-only into "host" rooms.
+HOST_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl",
+            "ca-certificates", "ca-certificates.conf", "localtime", "mime.types", "protocols",
+            "services", "gitconfig", "python3", "python3.11", "java-17-openjdk", "perl")
+ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+# /proc files that leak host state or offer host-wide knobs (PEERS.md escape class 2).
+PROC_MASKED_FILES = ("kcore", "keys", "key-users", "timer_list", "sched_debug", "sysrq-trigger",
+                     "kallsyms", "kmsg", "latency_stats", "config.gz", "vmallocinfo", "slabinfo",
+                     "pagetypeinfo", "zoneinfo", "buddyinfo", "iomem", "ioports", "modules",
+                     "softirqs", "interrupts", "mtrr", "partitions", "diskstats")
+PROC_MASKED_DIRS = ("acpi", "scsi", "bus", "irq", "driver", "fs", "tty", "sysvipc")
+PROC_READONLY = ("sys",)
+
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "sandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+)
+GROUP = "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n"
+
+_ST_TO_MS = ((os.ST_NOSUID, sc.MS_NOSUID), (os.ST_NODEV, sc.MS_NODEV),
+             (os.ST_NOEXEC, sc.MS_NOEXEC), (os.ST_NOATIME, sc.MS_NOATIME),
+             (os.ST_NODIRATIME, sc.MS_NODIRATIME), (os.ST_RELATIME, sc.MS_RELATIME))
+
+
+def _locked_flags(path: str) -> int:
+    # A user namespace may not clear flags the host mount carries (the kernel locks nosuid,
+    # nodev, noexec and the atime mode on mounts it copies), so a read-only remount must repeat
+    # them or it fails with EPERM — the same trick bubblewrap uses.
+    f = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _ST_TO_MS if f & st)
+
+
+def bind(src: str, dst: str, *, readonly: bool = True, extra: int = 0) -> None:
+    sc.mount(src, dst, None, sc.MS_BIND | sc.MS_REC)
+    if readonly or extra:
+        flags = sc.MS_BIND | sc.MS_REMOUNT | _locked_flags(dst) | extra
+        sc.mount(None, dst, None, flags | (sc.MS_RDONLY if readonly else 0))
+
+
+def _touch(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+
+
+def _write(path: str, text: str, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _mirror(src: str, dst: str) -> None:
+    """Reproduce one top-level host entry (a symlink as a symlink, a directory as a ro bind)."""
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    elif os.path.isdir(src):
+        os.mkdir(dst)
+        bind(src, dst)
+    elif os.path.isfile(src):
+        _touch(dst)
+        bind(src, dst)
+
+
+def make_private() -> None:
+    # Nothing we mount may propagate back to the host (or from it into the room).
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+
+
+def mount_scratch(scratch: str, disk_bytes: int) -> None:
+    inodes = max(1024, disk_bytes // 16384)  # an inode limit too: a million empty files is a DoS
+    sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+             f"size={disk_bytes},nr_inodes={inodes},mode=0755")
+
+
+def build_root(scratch: str, rootfs: str, hostname: str) -> str:
+    """Assemble the new root on the mounted scratch tmpfs; return its path."""
+    if rootfs == "host":
+        root = scratch
+        os.mkdir(f"{root}/usr")
+        bind("/usr", f"{root}/usr")
+        for name in ROOT_DIRS:
+            if os.path.lexists(f"/{name}"):
+                _mirror(f"/{name}", f"{root}/{name}")
+        _host_etc(root, hostname)
+    else:
+        for d in ("upper", "work", "root"):
+            os.mkdir(f"{scratch}/{d}", 0o755)
+        root = f"{scratch}/root"
+        sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                 f"lowerdir={rootfs},upperdir={scratch}/upper,workdir={scratch}/work")
+        # The runtime tree stays read-only even for the room's root: writes go to /workspace,
+        # /tmp and home directories, never into the toolchains every run depends on.
+        bind(f"{root}/usr", f"{root}/usr")
+        os.makedirs(f"{root}/etc", exist_ok=True)
+        if not os.path.exists(f"{root}/etc/hosts"):
+            _write(f"{root}/etc/hosts", f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n")
+    for d, mode in (("workspace", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
+                    ("run", 0o755), ("var", 0o755), ("var/tmp", 0o1777), ("proc", 0o555),
+                    ("dev", 0o755), ("home/sandbox", 0o755)):
+        path = f"{root}/{d}"
+        if not os.path.isdir(path):
+            os.makedirs(path, exist_ok=True)
+        os.chmod(path, mode)
+    return root
+
+
+def _host_etc(root: str, hostname: str) -> None:
+    etc = f"{root}/etc"
+    os.mkdir(etc)
+    _write(f"{etc}/passwd", PASSWD)
+    _write(f"{etc}/group", GROUP)
+    _write(f"{etc}/hostname", hostname + "\n")
+    _write(f"{etc}/hosts", f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n")
+    _write(f"{etc}/resolv.conf", "")
+    _write(f"{etc}/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n")
+    for name in HOST_ETC:
+        if os.path.lexists(f"/etc/{name}"):
+            _mirror(f"/etc/{name}", f"{etc}/{name}")
+
+
+def mount_proc(root: str) -> None:
+    proc = f"{root}/proc"
+    sc.mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    for name in PROC_MASKED_FILES:
+        if os.path.exists(f"{proc}/{name}"):
+            sc.mount("/dev/null", f"{proc}/{name}", None, sc.MS_BIND)
+    for name in PROC_MASKED_DIRS:
+        if os.path.isdir(f"{proc}/{name}"):
+            sc.mount("tmpfs", f"{proc}/{name}", "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
+                     "size=0,mode=0555")
+    for name in PROC_READONLY:
+        bind(f"{proc}/{name}", f"{proc}/{name}")
+
+
+def mount_dev(root: str, shm_bytes: int) -> None:
+    dev = f"{root}/dev"
+    sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    for name in DEV_NODES:
+        src = f"/dev/{name}"
+        if os.path.exists(src) and stat.S_ISCHR(os.stat(src).st_mode):
+            _touch(f"{dev}/{name}")
+            sc.mount(src, f"{dev}/{name}", None, sc.MS_BIND)
+    os.mkdir(f"{dev}/pts")
+    # A devpts of our own: PTYs made in the room are not the host's (CVE-2017-5226 class).
+    sc.mount("devpts", f"{dev}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+             "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    os.mkdir(f"{dev}/shm")
+    sc.mount("tmpfs", f"{dev}/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+             f"size={shm_bytes},nr_inodes=4096,mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+
+
+def pivot(root: str) -> None:
+    # pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no path
+    # back to the host tree (no put_old directory needed, so none is left behind in the room).
+    os.chdir(root)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+def setup(scratch: str, rootfs: str, disk_bytes: int, hostname: str) -> None:
+    """The whole filesystem set-up, in order (runs in the room init, before pivot)."""
+    make_private()
+    mount_scratch(scratch, disk_bytes)
+    root = build_root(scratch, rootfs, hostname)
+    mount_proc(root)
+    mount_dev(root, shm_bytes=min(disk_bytes, 64 * 1024 * 1024))
+    pivot(root)

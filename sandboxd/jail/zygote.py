@@ -1,0 +1,206 @@
+"""The zygote: a single-threaded, pre-imported fork server that creates room inits.
+
+Theory of operation. The daemon starts the zygote once (``python -m sandboxd.jail.zygote FD``)
+with one end of a SEQPACKET socketpair as FD. The zygote imports everything a room needs
+(pyroute2 alone costs ~0.1 s) and, if asked, compiles the seccomp filter once; every room is then a
+cheap fork whose pages are shared copy-on-write. It is a child subreaper, so room inits are
+re-parented to it (and reaped by it) once their set-up process exits, and it dies with the daemon.
+
+Spawning one room (``spawn`` request with the room spec):
+
+  zygote ──fork──> set-up process (host namespaces, daemon's uid)
+                     1. writes "0" to the room cgroup's cgroup.procs files (before unshare:
+                        afterwards the cgroup namespace would root it where it is)
+                     2. unshare(USER|NS|PID|NET|IPC|UTS|CGROUP), says "u" on the sync socket
+  zygote: writes the uid/gid maps (it is still in the parent user namespace), says "m"
+                     3. forks the init (PID 1 of the new pid namespace), sends its host pid,
+                        and exits
+  zygote: reaps the set-up process, opens a pidfd for the init, and replies to the daemon with
+          {pid} + fds [daemon's end of the init channel, pidfd]
+
+The set-up process exiting is what re-parents the init to the zygote; the init waits for that
+(EOF on a pipe only the set-up process held) before setting its PDEATHSIG.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+from . import _syscalls as sc
+from . import caps, channel, user
+from . import init as room_init
+
+NS_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET
+            | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
+HANDSHAKE_TIMEOUT = 5.0
+
+
+def _expect(sock: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> bytes:
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if not ready:
+        raise TimeoutError("room set-up process did not answer")
+    data = sock.recv(4096)
+    if not data:
+        raise ConnectionError("room set-up process died")
+    if data.startswith(b"E"):
+        raise OSError(f"room set-up failed: {data[1:].decode(errors='replace')}")
+    return data
+
+
+def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
+                   sync: socket.socket) -> None:
+    """Runs in the forked set-up process; never returns."""
+    try:
+        # The zygote's wake-up pipe is about to be closed: detach from it before a signal
+        # could write into whatever file reuses its number.
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.closerange(3, min(keep))
+        for lo, hi in zip(sorted(keep), [*sorted(keep)[1:], 1 << 20], strict=True):
+            os.closerange(lo + 1, hi)
+        caps.set_name(f"sandboxd: room {spec['room_id']} setup")
+        for path in spec.get("cgroup_procs", []):
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
+        # /proc/<pid>/{uid_map,setgroups} of a non-dumpable process belong to global root, so
+        # the zygote could not write our maps; we are dumpable only until the init (which
+        # inherits this) turns it off again right after the maps are in place.
+        caps.set_dumpable(True)
+        sc.unshare(NS_FLAGS)
+        sync.send(b"u")
+        if _expect(sync) != b"m":
+            raise OSError("bad handshake from the zygote")
+        gone_r, gone_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(gone_w)
+            sync.close()
+            room_init.main(spec, ctl, gone_r)
+        sync.send(str(pid).encode())
+        os._exit(0)
+    except BaseException as err:  # noqa: BLE001 - nothing may unwind past fork
+        try:
+            sync.send(b"E" + f"{type(err).__name__}: {err}".encode()[:3000])
+        finally:
+            os._exit(1)
+
+
+def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket.socket, int]:
+    """Create one room; return (init host pid, daemon's channel end, pidfd of the init)."""
+    ctl_daemon, ctl_room = channel.pair()
+    sync_z, sync_s = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    keep = [ctl_room.fileno(), sync_s.fileno()]
+    pid = os.fork()
+    if pid == 0:
+        _setup_process(spec, keep, ctl_room, sync_s)
+    ctl_room.close()
+    sync_s.close()
+    try:
+        if _expect(sync_z) != b"u":
+            raise OSError("bad handshake from the set-up process")
+        ids = spec["ids"]
+        user.write_maps(pid, user.IdMap(ids["uid"], ids["gid"], ids["count"]))
+        sync_z.send(b"m")
+        init_pid = int(_expect(sync_z))
+        pidfd = os.pidfd_open(init_pid)
+    except BaseException:
+        ctl_daemon.close()
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise
+    finally:
+        sync_z.close()
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    return init_pid, ctl_daemon, pidfd
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def serve(sock: socket.socket) -> None:
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    while True:
+        try:
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            _reap()
+        if sock.fileno() in ready:
+            try:
+                msg, fds = channel.recv(sock)
+            except (channel.ChannelClosed, ConnectionError):
+                return
+            for fd in fds:
+                os.close(fd)
+            handle(msg, sock)
+
+
+def handle(msg: dict[str, Any], sock: socket.socket) -> None:
+    rid = msg.get("id")
+    if msg.get("op") == "spawn":
+        try:
+            pid, ctl, pidfd = spawn(msg["spec"], sock)
+        except BaseException as err:  # noqa: BLE001 - one failed room must not end the zygote
+            channel.send(sock, {"re": rid, "error": f"{type(err).__name__}: {err}"})
+            return
+        try:
+            channel.send(sock, {"re": rid, "pid": pid}, [ctl.fileno(), pidfd])
+        finally:
+            ctl.close()
+            os.close(pidfd)
+    elif msg.get("op") == "ping":
+        channel.send(sock, {"re": rid, "op": "pong"})
+    else:
+        channel.send(sock, {"re": rid, "error": f"unknown op {msg.get('op')!r}"})
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    sock = socket.socket(fileno=fd)
+    caps.set_name("sandboxd: zygote")
+    caps.die_with_parent()
+    if os.getppid() == 1:
+        sys.exit(0)  # the daemon died before we could ask to die with it
+    import prctl
+
+    prctl.set_child_subreaper(True)
+    caps.non_dumpable()
+    # Pre-import what every room needs, so forks pay nothing for it.
+    from . import mnt, net  # noqa: F401
+    try:
+        from . import seccomp  # noqa: F401
+    except ImportError:
+        pass
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main()

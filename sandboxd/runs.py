@@ -1,0 +1,307 @@
+"""One run of a program in a room: pipes, deadlines, output caps, statistics and the verdict.
+
+Theory of operation. For each run the daemon makes three pipes and a child cgroup of the room,
+passes the child's pipe ends and the cgroup's directory fds to the room init (which forks, joins
+the cgroup, and execs), and keeps the other ends in its event loop:
+
+  stdin   written from the request (then closed; a program that does not read it is fine)
+  stdout  \\ read through asyncio StreamReaders (which pause the pipe when a slow client lets
+  stderr  /  notifications pile up); kept up to the cap, beyond which the run is killed (OL)
+
+A watchdog waits for the first of: the init's ``exit`` event, the wall deadline, a CPU-time
+overrun (cgroup usage polled every CPU_POLL_S), an output overrun. A deadline or overrun kills
+the run's cgroup (cgroup.kill on v2, freezer + SIGKILL on v1) and its process group, so stopped,
+setsid'd and double-forked processes die too. When the main process exits, whatever it left
+behind in its cgroup is killed as well: a run is over when its program is.
+
+Verdicts (``status``): OK exit 0 · RE non-zero exit · SG killed by a signal we did not send · TO
+CPU or wall limit · ML out of memory (from the cgroup's OOM counter, never guessed from 137) ·
+OL output limit · XX the sandbox failed, not the program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import errors
+
+if TYPE_CHECKING:
+    from .rooms import Room
+
+log = logging.getLogger("sandboxd.runs")
+
+CPU_POLL_S = 0.02
+DEFAULT_OUTPUT_BYTES = 16 * 1024 * 1024
+DRAIN_AFTER_EXIT_S = 0.5
+READ_CHUNK = 64 * 1024
+_ids = itertools.count(1)
+
+OutputCallback = Callable[[str, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str = "/workspace"
+    user: str = "root"
+    stdin: bytes = b""
+    wall_time_ms: int | None = None
+    cpu_time_ms: int | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    output_bytes: int = DEFAULT_OUTPUT_BYTES
+    file_size_bytes: int | None = None
+    on_output: OutputCallback | None = None
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    status: str
+    stdout: str
+    stderr: str
+    wall_time_ms: int
+    cpu_time_ms: int | None
+    memory_peak_bytes: int | None
+    pids_peak: int | None
+    signal: str | None = None
+    timed_out: bool = False
+    limit_exceeded: str | None = None
+    oom_killed: bool = False
+    output_truncated: bool = False
+    error: str | None = None
+    stdout_bytes: bytes = field(default=b"", repr=False)
+    stderr_bytes: bytes = field(default=b"", repr=False)
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status, "exitCode": self.exit_code, "signal": self.signal,
+            "timedOut": self.timed_out, "limitExceeded": self.limit_exceeded,
+            "oomKilled": self.oom_killed, "outputTruncated": self.output_truncated,
+            "cpuTimeMs": self.cpu_time_ms, "wallTimeMs": self.wall_time_ms,
+            "memoryPeakBytes": self.memory_peak_bytes, "pidsPeak": self.pids_peak,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class _Stream:
+    """Reads one pipe to EOF, keeping at most ``cap`` bytes and streaming decoded text."""
+
+    def __init__(self, name: str, fd: int, cap: int, on_output: OutputCallback | None,
+                 on_overflow: Callable[[], None]) -> None:
+        self.name = name
+        self.fd = fd
+        self.cap = cap
+        self.buf = bytearray()
+        self.truncated = False
+        self._on_output = on_output
+        self._on_overflow = on_overflow
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    async def pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_CHUNK * 4)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.fd, "rb", buffering=0))
+        try:
+            while True:
+                data = await reader.read(READ_CHUNK)
+                if not data:
+                    break
+                room = self.cap - len(self.buf)
+                if len(data) > room:
+                    data = data[:max(room, 0)]
+                    if not self.truncated:
+                        self.truncated = True
+                        self._on_overflow()
+                if data:
+                    self.buf += data
+                    if self._on_output is not None:
+                        text = self._decoder.decode(data)
+                        if text:
+                            await self._on_output(self.name, text)
+            if self._on_output is not None:
+                tail = self._decoder.decode(b"", final=True)
+                if tail:
+                    await self._on_output(self.name, tail)
+        finally:
+            transport.close()
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _protocol = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(fd, "wb", buffering=0))
+    except OSError:
+        return
+    try:
+        if data:
+            transport.write(data)
+            # Wait until the kernel took it all (or the reader went away).
+            while transport.get_write_buffer_size() and not transport.is_closing():
+                await asyncio.sleep(0.005)
+    finally:
+        transport.close()
+
+
+def _signame(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"SIG{num}"
+
+
+async def run(room: Room, spec: RunSpec) -> RunResult:
+    """Run one program in ``room`` under ``spec``'s limits and report what happened."""
+    loop = asyncio.get_running_loop()
+    run_id = f"r{next(_ids)}"
+    cg = room.cgroup.create_run(run_id, room.run_cgroup_limits(spec.memory_bytes, spec.pids))
+    fds: list[int] = []
+    killed_by_us: str | None = None
+    kill_event = asyncio.Event()
+
+    def kill(reason: str) -> None:
+        nonlocal killed_by_us
+        if killed_by_us is None:
+            killed_by_us = reason
+        kill_event.set()
+
+    try:
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        fds = [in_r, in_w, out_r, out_w, err_r, err_w]
+        rlimits: dict[str, int] = {"core": 0}
+        if spec.file_size_bytes is not None:
+            rlimits["fsize"] = spec.file_size_bytes
+        started = time.monotonic()
+        cpu_start = cg.cpu_usage_ns()
+        exit_fut = await room.handle.spawn(
+            run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (in_r, out_w, err_w),
+            cg.join_fds())
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        fds = []
+        out = _Stream("stdout", out_r, spec.output_bytes, spec.on_output, lambda: kill("output"))
+        err = _Stream("stderr", err_r, spec.output_bytes, spec.on_output, lambda: kill("output"))
+        pumps = [asyncio.ensure_future(out.pump()), asyncio.ensure_future(err.pump())]
+        feeder = asyncio.ensure_future(_feed(in_w, spec.stdin))
+
+        deadline = started + spec.wall_time_ms / 1000 if spec.wall_time_ms else None
+        killer = asyncio.ensure_future(kill_event.wait())
+        exit_msg: dict[str, Any] | None = None
+        while exit_msg is None:
+            timeout = CPU_POLL_S if spec.cpu_time_ms else None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                timeout = left if timeout is None else min(timeout, left)
+            waiters: set[asyncio.Future[Any]] = {exit_fut, killer}
+            done, _ = await asyncio.wait(
+                waiters, timeout=max(timeout, 0) if timeout is not None else None,
+                return_when=asyncio.FIRST_COMPLETED)
+            if exit_fut in done:
+                exit_msg = exit_fut.result()
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                kill("wall")
+            elif spec.cpu_time_ms and (cg.cpu_usage_ns() - cpu_start) >= spec.cpu_time_ms * 1e6:
+                kill("cpu")
+            if kill_event.is_set():
+                await _kill_run(room, cg, run_id)
+                exit_msg = await exit_fut
+        wall_ms = int((time.monotonic() - started) * 1000)
+        killer.cancel()
+        # The program is over: so is everything it left in its cgroup (skipped, cheaply, when
+        # the cgroup already counts no process).
+        if cg.stats().pids_current != 0:
+            await _kill_run(room, cg, run_id)
+        _, pending = await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_S)
+        for p in pending:
+            p.cancel()
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pumps, feeder, return_exceptions=True)
+        stats = cg.stats()
+        oom = cg.oom_killed()
+        return _verdict(exit_msg, killed_by_us, oom, out, err, wall_ms, stats)
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        room.handle.forget(run_id)
+        # Removing the cgroup may wait for the kernel to empty it: not the caller's time.
+        room.track(loop.run_in_executor(None, _destroy_quietly, cg))
+
+
+async def _kill_run(room: Room, cg: Any, run_id: str) -> None:
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, cg.kill)
+    await room.handle.kill_run(run_id, signal.SIGKILL)
+
+
+def _destroy_quietly(cg: Any) -> None:
+    try:
+        cg.destroy()
+    except Exception:
+        log.exception("destroying a run cgroup failed")
+
+
+def _verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: _Stream,
+             err: _Stream, wall_ms: int, stats: Any) -> RunResult:
+    status_word = int(exit_msg.get("status", 0))
+    failure = exit_msg.get("failure")
+    rusage = exit_msg.get("rusage") or {}
+    cpu_ns = getattr(stats, "cpu_usage_ns", None)
+    cpu_ms = int(cpu_ns / 1e6) if cpu_ns else int(
+        (rusage.get("utime", 0) + rusage.get("stime", 0)) * 1000)
+    res = RunResult(
+        exit_code=0, status="OK", stdout=bytes(out.buf).decode("utf-8", "replace"),
+        stderr=bytes(err.buf).decode("utf-8", "replace"), wall_time_ms=wall_ms,
+        cpu_time_ms=cpu_ms, memory_peak_bytes=getattr(stats, "memory_peak_bytes", None),
+        pids_peak=getattr(stats, "pids_peak", None), stdout_bytes=bytes(out.buf),
+        stderr_bytes=bytes(err.buf))
+    sig = os.WTERMSIG(status_word) if os.WIFSIGNALED(status_word) else None
+    res.exit_code = os.WEXITSTATUS(status_word) if sig is None else 128 + sig
+    res.signal = _signame(sig) if sig is not None else None
+    res.output_truncated = out.truncated or err.truncated
+    res.oom_killed = oom
+    if failure and failure.get("stage") not in ("exec", "chdir"):
+        res.status = "XX"
+        res.error = f"payload set-up failed at {failure.get('stage')}: " \
+                    f"{os.strerror(int(failure.get('errno', 0)))}"
+        log.error("run set-up failed: %s", res.error)
+    elif killed_by_us == "output":
+        res.status = "OL"
+    elif killed_by_us in ("wall", "cpu"):
+        res.status, res.timed_out, res.limit_exceeded = "TO", True, killed_by_us
+        res.exit_code = 124
+    elif oom:
+        res.status = "ML"
+    elif sig is not None:
+        res.status = "SG"
+    elif res.exit_code != 0:
+        res.status = "RE"
+    return res
+
+
+def check_argv(argv: list[str], env: dict[str, str]) -> None:
+    for i, a in enumerate(argv):
+        if "\x00" in a:
+            raise errors.ValidationError("an argument contains a NUL byte", index=i)
+    for k, v in env.items():
+        if not k or "=" in k or "\x00" in k or "\x00" in v:
+            raise errors.ValidationError(f"invalid environment variable {k!r}", name=k)

@@ -1,0 +1,241 @@
+"""The socket: peer credentials, framing, decode -> dispatch -> encode, errors -> wire.
+
+One asyncio task reads each connection line by line; every request becomes its own task, so a
+slow ``exec`` never blocks the requests behind it and responses go out in completion order,
+matched by id. Writes go through one lock per connection; notifications (``exec.output``) wait
+for the client to drain once its buffer passes HIGH_WATER, which pauses the run's pipe readers
+and so the run itself: a client that stops reading slows only its own runs, and the daemon's
+memory stays bounded.
+
+This module is the only place exceptions become wire errors: SandboxError subclasses carry their
+code; anything else is an INTERNAL_ERROR, logged with its traceback, and the connection goes on.
+A line longer than ``max_request_bytes`` is skipped up to its newline and answered with
+REQUEST_TOO_LARGE; a line that is not JSON gets a -32700 with id null; neither closes the
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from typing import TYPE_CHECKING, Any
+
+from . import errors, protocol
+from .api import METHODS, Context
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("sandboxd.server")
+
+HIGH_WATER = 4 * 1024 * 1024
+READ_CHUNK = 256 * 1024
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, as the kernel recorded at connect."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class Connection:
+    def __init__(self, server: Server, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.lock = asyncio.Lock()
+        self.tasks: set[asyncio.Task[None]] = set()
+        sock = writer.get_extra_info("socket")
+        self.pid, self.uid, self.gid = peer_credentials(sock)
+
+    async def send(self, message: Any) -> None:
+        data = protocol.encode(message)
+        async with self.lock:
+            if self.writer.is_closing():
+                return
+            self.writer.write(data)
+            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
+                with contextlib.suppress(ConnectionError):
+                    await self.writer.drain()
+
+    async def notify(self, method: str, params: dict[str, Any]) -> None:
+        await self.send(protocol.notification(method, params))
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                line = await self._read_line()
+                if line is None:
+                    break
+                if not line.strip():
+                    continue
+                task = asyncio.ensure_future(self._handle_line(line))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        finally:
+            for task in list(self.tasks):
+                task.cancel()  # the client is gone: its runs are killed (runs.run cleans up)
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    async def _read_line(self) -> bytes | None:
+        limit = self.server.daemon.config.max_request_bytes
+        try:
+            return await self.reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as err:
+            return err.partial or None  # a last line without its newline still counts
+        except asyncio.LimitOverrunError:
+            pass
+        except ConnectionError:
+            return None
+        # Too long: drop everything up to the next newline, then say so.
+        while True:
+            try:
+                await self.reader.readuntil(b"\n")
+                break
+            except asyncio.LimitOverrunError as err:
+                await self.reader.readexactly(err.consumed)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return None
+        await self.send(protocol.error_response(None, errors.RequestTooLarge(
+            f"request larger than {limit} bytes", limit=limit)))
+        return b""
+
+    async def _handle_line(self, line: bytes) -> None:
+        try:
+            obj = protocol.decode(line)
+        except errors.ParseError as err:
+            await self.send(protocol.error_response(None, err))
+            return
+        if isinstance(obj, list):
+            if not obj:
+                await self.send(protocol.error_response(
+                    None, errors.InvalidRequest("empty batch")))
+                return
+            replies = await asyncio.gather(*(self._dispatch(o) for o in obj))
+            out = [r for r in replies if r is not None]
+            if out:
+                await self.send(out)
+            return
+        reply = await self._dispatch(obj)
+        if reply is not None:
+            await self.send(reply)
+
+    async def _dispatch(self, obj: Any) -> dict[str, Any] | None:
+        req_id = obj.get("id") if isinstance(obj, dict) else None
+        if isinstance(req_id, (bool, float, list, dict)):
+            req_id = None
+        is_notification = isinstance(obj, dict) and "id" not in obj
+        try:
+            req = protocol.parse_envelope(obj)
+            handler = METHODS.get(req.method)
+            if handler is None:
+                raise errors.MethodNotFound(f"method not found: {req.method}", method=req.method)
+            params = protocol.convert_params(req.method, req.params)
+            ctx = Context(daemon=self.server.daemon, uid=self.uid, pid=self.pid,
+                          request_id=req.id, notify=self.notify)
+            result = await handler(ctx, params)
+            return None if req.is_notification else protocol.response(req.id, result)
+        except errors.SandboxError as err:
+            if is_notification and not isinstance(err, errors.InvalidRequest):
+                return None
+            return protocol.error_response(req_id, err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            log.exception("internal error handling %r", obj if len(repr(obj)) < 500 else "...")
+            if is_notification:
+                return None
+            return protocol.error_response(req_id, errors.InternalError(
+                f"internal error: {type(err).__name__}"))
+
+
+class Server:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.server: asyncio.AbstractServer | None = None
+        self.connections: set[Connection] = set()
+        self.path: str | None = None
+        self._owns_path = False
+
+    async def start(self, path: str, inherited: socket.socket | None = None,
+                    group: str | None = None) -> None:
+        limit = self.daemon.config.max_request_bytes
+        if inherited is not None:
+            self.server = await asyncio.start_unix_server(self._accept, sock=inherited,
+                                                          limit=limit)
+            self.path = path
+            return
+        parent = os.path.dirname(path)
+        os.makedirs(parent, mode=0o755 if group else 0o700, exist_ok=True)
+        if os.path.exists(path):
+            if _is_live(path):
+                raise errors.ValidationError(f"another daemon is listening on {path}", path=path)
+            os.unlink(path)
+        old = os.umask(0o177 if not group else 0o117)
+        try:
+            self.server = await asyncio.start_unix_server(self._accept, path=path, limit=limit,
+                                                          backlog=128)
+        finally:
+            os.umask(old)
+        if group:
+            import grp
+
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            os.chmod(path, 0o660)
+        else:
+            os.chmod(path, 0o600)
+        self.path = path
+        self._owns_path = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            conn = Connection(self, reader, writer)
+        except OSError:
+            writer.close()
+            return
+        if len(self.connections) >= self.daemon.config.max_connections:
+            await conn.send(protocol.error_response(None, errors.QuotaExceeded(
+                "too many connections", limit=self.daemon.config.max_connections)))
+            writer.close()
+            return
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.writer.close()
+        if self.connections:
+            await asyncio.sleep(0)
+        if self._owns_path and self.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+def _is_live(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
