@@ -1,0 +1,364 @@
+"""sandboxctl: a thin skin over :mod:`sandboxd.client` (and, for ``setup``/``doctor``, over
+:mod:`sandboxd.hostsetup`, imported only by those commands so ``sandboxctl exec`` starts fast)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import click
+
+from . import errors
+from .client import Client, ExecResult
+
+# Exit codes of sandboxctl itself. `exec`/`sh` exit with the command's own code instead, so these
+# can collide with it; use `--json` when you must tell them apart.
+EXIT_OK = 0
+EXIT_ERROR = 1  # the daemon answered with an error (one line on stderr names it)
+EXIT_USAGE = 2  # bad command line (click's own convention)
+EXIT_UNREACHABLE = 69  # no daemon at the socket (sysexits EX_UNAVAILABLE)
+EXIT_TIMEOUT = 124  # the command hit --timeout (the convention of timeout(1))
+EXIT_INTERRUPTED = 130  # ^C
+
+EXIT_CODES_HELP = f"""\b
+Exit codes:
+  {EXIT_OK}    success
+  {EXIT_ERROR}    the daemon reported an error (printed on stderr)
+  {EXIT_USAGE}    usage error
+  {EXIT_UNREACHABLE}   the daemon is unreachable (no socket, refused, connection lost)
+  {EXIT_TIMEOUT}  exec/sh: the command timed out
+  {EXIT_INTERRUPTED}  interrupted
+  exec/sh otherwise exit with the command's own exit code (128+N if killed by signal N).
+"""
+
+
+def _fail(err: errors.SandboxError) -> NoReturn:
+    code = err.code
+    click.echo(f"sandboxctl: error: {err.message}" + (f" [{code}]" if code else ""), err=True)
+    sys.exit(EXIT_UNREACHABLE if isinstance(err, errors.DaemonUnreachable) else EXIT_ERROR)
+
+
+def _run(fn: Callable[[], int | None]) -> NoReturn:
+    """Run a command body: SandboxError -> one line and its exit code; ^C -> 130."""
+    try:
+        rc = fn()
+    except errors.SandboxError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        click.echo("sandboxctl: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(rc or 0)
+
+
+def _client(ctx: click.Context) -> Client:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    return Client(obj.get("socket"), obj.get("timeout"))
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", metavar="PATH", envvar="SANDBOXD_SOCKET",
+              help="Daemon socket (default: $SANDBOXD_SOCKET, else "
+                   "$XDG_RUNTIME_DIR/sandboxd/sandboxd.sock, or /run/sandboxd/sandboxd.sock "
+                   "for root).")
+@click.option("--rpc-timeout", "timeout", type=click.FloatRange(min=0, min_open=True),
+              metavar="SEC", help="Give up when the daemon stays silent this long, on top of "
+                                  "an exec's own --timeout (default: wait).")
+@click.version_option(package_name="sandboxd", message="%(prog)s %(version)s")
+@click.pass_context
+def main(ctx: click.Context, socket_path: str | None, timeout: float | None) -> None:
+    """Control sandboxd: run commands in rooms, list and destroy them, set up the host."""
+    ctx.ensure_object(dict)
+    ctx.obj["socket"] = socket_path
+    ctx.obj["timeout"] = timeout
+
+
+# --- ping / rooms / destroy --------------------------------------------------------------------
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's answer as JSON.")
+@click.pass_context
+def ping(ctx: click.Context, room: str | None, as_json: bool) -> None:
+    """Check that the daemon answers (and that ROOM, if given, is alive)."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            started = time.monotonic()
+            result = client.ping(room)
+            took = (time.monotonic() - started) * 1000
+        if as_json:
+            _print_json(result)
+            return
+        version = result.get("version", "?")
+        click.echo(f"{result.get('message', 'pong')} from sandboxd {version} "
+                   f"at {client.socket_path} ({took:.1f} ms)")
+        caps = result.get("capabilities")
+        if isinstance(caps, dict):
+            for key in sorted(caps):
+                click.echo(f"  {key}: {json.dumps(caps[key], sort_keys=True, default=str)}")
+        elif caps:
+            click.echo(f"  capabilities: {json.dumps(caps, default=str)}")
+
+    _run(body)
+
+
+def _when(value: Any) -> str:
+    """Timestamps as sent (ISO strings), or epoch seconds/milliseconds made readable."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = value / 1000 if value > 1e11 else value
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+    return "-" if value in (None, "") else str(value)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@click.pass_context
+def rooms(ctx: click.Context, as_json: bool) -> None:
+    """List your rooms."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            infos = client.list_sandboxes()
+        if as_json:
+            _print_json([i.raw for i in infos])
+            return
+        rows = [("ROOM", "STATUS", "CREATED", "LAST ACTIVITY")]
+        rows += [(i.sandbox_id, i.status, _when(i.created_at), _when(i.last_activity_at))
+                 for i in infos]
+        widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+        for r in rows:
+            click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True))
+                       .rstrip())
+
+    _run(body)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.pass_context
+def destroy(ctx: click.Context, room: str) -> None:
+    """Destroy ROOM: kill its processes and discard its files."""
+
+    def body() -> int:
+        with _client(ctx) as client:
+            result = client.sandbox(room).destroy()
+        if result.get("destroyed", True):
+            click.echo(f"destroyed {room}")
+        else:
+            click.echo(f"{room}: nothing to destroy")
+        return EXIT_OK
+
+    _run(body)
+
+
+# --- exec / sh ---------------------------------------------------------------------------------
+
+
+def _parse_env(values: Sequence[str]) -> dict[str, str] | None:
+    env: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--env")
+        env[key] = value
+    return env or None
+
+
+def _exit_status(result: ExecResult) -> int:
+    if result.timed_out or result.status == "TO":
+        return EXIT_TIMEOUT
+    sig = result.signal
+    if isinstance(sig, str):  # "SIGKILL" or "9"
+        sig = int(sig) if sig.isdigit() else getattr(signal.Signals, sig, None)
+    if isinstance(sig, int) and sig > 0 and result.exit_code < 0:
+        return 128 + int(sig)
+    if not isinstance(result.exit_code, int) or result.exit_code < 0:
+        return EXIT_ERROR
+    return result.exit_code & 0xFF
+
+
+def _stream(name: str, data: str) -> None:
+    out = sys.stderr if name == "stderr" else sys.stdout
+    out.write(data)
+    out.flush()
+
+
+def _exec(ctx: click.Context, room: str, command: str, args: list[str] | None, cwd: str | None,
+          env: Sequence[str], timeout: float | None, stdin: bool, user: str | None,
+          as_json: bool) -> None:
+    env_map = _parse_env(env)
+    data: bytes | None = sys.stdin.buffer.read() if stdin else None
+
+    def body() -> int:
+        streamed = False
+
+        def on_output(name: str, chunk: str) -> None:
+            nonlocal streamed
+            streamed = True
+            _stream(name, chunk)
+
+        with _client(ctx) as client:
+            result = client.sandbox(room).exec(
+                command, args, cwd=cwd, env=env_map, stdin=data, timeout=timeout,
+                on_output=None if as_json else on_output, user=user)
+        if as_json:
+            _print_json(result.raw)
+        elif not streamed:
+            # A daemon that does not stream still returns the whole output at the end.
+            _stream("stdout", result.stdout)
+            _stream("stderr", result.stderr)
+        if result.timed_out and not as_json:
+            click.echo(f"sandboxctl: timed out after {timeout} s", err=True)
+        return _exit_status(result)
+
+    _run(body)
+
+
+def _exec_options(fn: Callable[..., None]) -> Callable[..., None]:
+    options: list[Callable[[Callable[..., None]], Callable[..., None]]] = [
+        click.option("--cwd", metavar="DIR", help="Working directory (default: /workspace)."),
+        click.option("--env", "-e", multiple=True, metavar="KEY=VALUE",
+                     help="Set an environment variable (repeatable)."),
+        click.option("--timeout", "-t", type=click.FloatRange(min=0, min_open=True),
+                     metavar="SEC", help=f"Kill the command after SEC seconds "
+                                         f"(exit {EXIT_TIMEOUT})."),
+        click.option("--stdin", "-i", "stdin", is_flag=True,
+                     help="Send this process's standard input to the command."),
+        click.option("--user", "-u", type=click.Choice(["root", "sandbox"]),
+                     help="Run as the room's root (default) or its unprivileged user."),
+        click.option("--json", "as_json", is_flag=True,
+                     help="Do not stream; print the whole result as JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+class _ArgvCommand(click.Command):
+    """``exec ROOM [OPTIONS] [--] CMD [ARG]...``: everything from CMD on belongs to the command.
+
+    Click would otherwise take a command's own options (``grep -i``) for ours. When the user
+    wrote no ``--``, one is inserted before the second positional argument (CMD)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args:
+            args = _separate(args, self.params)
+        return super().parse_args(ctx, args)
+
+
+def _separate(args: list[str], params: Sequence[click.Parameter]) -> list[str]:
+    takes_value: set[str] = set()
+    for p in params:
+        if isinstance(p, click.Option) and not p.is_flag:
+            takes_value.update(p.opts + p.secondary_opts)
+    positionals = 0
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token.startswith("-") and token != "-":
+            if token in takes_value:
+                i += 1  # its value follows
+        else:
+            positionals += 1
+            if positionals == 2:
+                return [*args[:i], "--", *args[i:]]
+        i += 1
+    return args
+
+
+@main.command("exec", cls=_ArgvCommand, epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
+@_exec_options
+@click.pass_context
+def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
+          env: tuple[str, ...], timeout: float | None, stdin: bool, user: str | None,
+          as_json: bool) -> None:
+    """Run CMD with ARGs in ROOM (argv form, no shell), streaming its output; exit with its code.
+
+    The room is created on first use. Options go before CMD: from CMD on, every argument is the
+    command's own (the `--` is optional).
+
+    \b
+    Example: sandboxctl exec r1 -- python3 -c 'print(1)'
+    """
+    _exec(ctx, room, argv[0], list(argv[1:]), cwd, env, timeout, stdin, user, as_json)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("line")
+@_exec_options
+@click.pass_context
+def sh(ctx: click.Context, room: str, line: str, cwd: str | None, env: tuple[str, ...],
+       timeout: float | None, stdin: bool, user: str | None, as_json: bool) -> None:
+    """Run the shell command LINE in ROOM, streaming its output; exit with its code.
+
+    \b
+    Example: sandboxctl sh r1 'ls -l | wc -l'
+    """
+    _exec(ctx, room, line, None, cwd, env, timeout, stdin, user, as_json)
+
+
+# --- host set-up -------------------------------------------------------------------------------
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--user", "user", required=True, metavar="USER",
+              help="The user that will run sandboxd.")
+@click.option("--state-dir", metavar="DIR",
+              help="State directory to create for USER (default: ~USER/.local/state/sandboxd).")
+def setup(user: str, state_dir: str | None) -> None:
+    """Prepare this host so USER can run sandboxd rootless (run once, as root; idempotent).
+
+    Gives USER subordinate uid/gid ranges, delegates cgroups (v2 or v1) to USER, creates the
+    state directory and the socket's runtime directory.
+    """
+    from . import hostsetup
+
+    def body() -> None:
+        for line in hostsetup.setup(user, state_dir):
+            click.echo(line)
+
+    _run(body)
+
+
+@main.command(epilog="Exits 0 when the essential checks pass, 1 otherwise.")
+@click.option("--user", "user", metavar="USER",
+              help="As root: run the namespace probes as USER, and check USER's ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.pass_context
+def doctor(ctx: click.Context, user: str | None, as_json: bool) -> None:
+    """Check what this host offers sandboxd, and what each missing piece costs."""
+    from . import hostsetup
+
+    def body() -> int:
+        checks = hostsetup.doctor(user=user, socket=ctx.ensure_object(dict).get("socket"))
+        if as_json:
+            _print_json([c.as_dict() for c in checks])
+        else:
+            for c in checks:
+                mark = "✓" if c.ok else ("✗" if c.essential else "!")
+                click.echo(f"{mark} {c.name}: {c.detail}")
+                if not c.ok and c.cost:
+                    click.echo(f"    cost: {c.cost}")
+        essential_ok = all(c.ok for c in checks if c.essential)
+        if not as_json:
+            click.echo("essential checks pass" if essential_ok
+                       else "essential checks FAIL: sandboxd cannot run rooms here")
+        return EXIT_OK if essential_ok else EXIT_ERROR
+
+    _run(body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,695 @@
+"""Clients for sandboxd: a blocking :class:`Client` and its asyncio twin :class:`AsyncClient`.
+
+Theory of operation
+-------------------
+Both speak newline-delimited JSON-RPC 2.0 over the daemon's Unix socket (one message per line,
+batches included) and connect lazily on the first call.
+
+* :class:`Client` owns one blocking socket and a lock. A call holds the lock from sending its
+  request until its response arrives, so one thread's call never reads another's response; the
+  notifications that arrive meanwhile (``exec.output`` ...) belong to that call and go to its
+  callback. Threads share a Client safely but their calls are serialised; use AsyncClient (or one
+  Client per thread) for concurrency.
+* :class:`AsyncClient` owns one connection and a reader task. Any number of calls may be in flight:
+  each registers a future (and optionally a notification callback) under its request id; the reader
+  resolves futures by response ``id`` and routes notifications by ``params.requestId``.
+
+Failures are :mod:`sandboxd.errors` classes: wire errors are rebuilt with ``errors.from_wire``; a
+missing socket, a refused connection, a dropped connection or a client-side timeout raise
+``errors.DaemonUnreachable`` naming the socket path.
+
+Adding an RPC is one line on :class:`Sandbox` / :class:`AsyncSandbox` (``self._call("name", ...)``):
+keyword arguments are snake_case in Python and camelCase on the wire, ``None`` means "not sent".
+This module imports nothing of the daemon (no server, rooms or jail), so ``sandboxctl`` starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import socket as _socket
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+
+from . import errors, protocol
+from .config import default_socket
+
+if TYPE_CHECKING:
+    import asyncio  # imported where used: it would double `sandboxctl`'s start-up time
+
+__all__ = [
+    "AsyncClient",
+    "AsyncSandbox",
+    "Client",
+    "ExecResult",
+    "OutputCallback",
+    "Sandbox",
+    "SandboxInfo",
+]
+
+#: ``on_output(stream, data)``: stream is "stdout" or "stderr", data a decoded chunk of text.
+OutputCallback = Callable[[str, str], Any]
+#: ``on_notification(method, params)`` for raw calls.
+NotificationCallback = Callable[[str, dict[str, Any]], Any]
+
+#: A response line may carry a whole file (readFile caps at 32 MiB, base64 adds a third).
+MAX_LINE = 256 * 1024 * 1024
+_RECV = 256 * 1024
+
+# --- results -----------------------------------------------------------------------------------
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+_T = TypeVar("_T")
+
+
+def _build(cls: type[_T], raw: Any) -> _T:
+    """Fill a result dataclass from a wire dict: known camelCase fields, the whole dict in ``raw``.
+
+    Unknown fields are kept (in ``raw``) and never refused, so a newer daemon does not break an
+    older client; missing fields take the dataclass default.
+    """
+    if not isinstance(raw, dict):
+        raise errors.ProtocolError(f"expected an object in the result, got {type(raw).__name__}")
+    kwargs: dict[str, Any] = {"raw": raw}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name != "raw" and (key := _camel(f.name)) in raw:
+            kwargs[f.name] = raw[key]
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """The result of ``exec``. A non-zero exit is a result, not an error.
+
+    ``duration`` is in milliseconds, as on the wire. The limits report fields (``status`` OK, RE,
+    SG, TO, ML, OL, XX; ``cpu_time_ms``; ``memory_peak_bytes``; ``signal``) are None from daemons
+    that do not send them; anything newer is in ``raw``.
+    """
+
+    success: bool = False
+    exit_code: int = -1
+    stdout: str = ""
+    stderr: str = ""
+    command: str = ""
+    duration: float = 0
+    timestamp: str = ""
+    timed_out: bool = False
+    status: str | None = None
+    signal: int | str | None = None
+    cpu_time_ms: float | None = None
+    wall_time_ms: float | None = None
+    memory_peak_bytes: int | None = None
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> ExecResult:
+        return _build(cls, raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxInfo:
+    """A room as ``getSandbox`` / ``listSandboxes`` describe it."""
+
+    sandbox_id: str = ""
+    status: str = ""
+    created_at: Any = None
+    last_activity_at: Any = None
+    options: dict[str, Any] | None = None
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> SandboxInfo:
+        return _build(cls, raw)
+
+
+# --- params ------------------------------------------------------------------------------------
+
+
+def _wire(value: Any) -> Any:
+    """msgspec structs (RoomOptions, RunLimits) to their camelCase wire form; dicts as given."""
+    if isinstance(value, msgspec.Struct):
+        return msgspec.to_builtins(value)
+    return value
+
+
+def _params(**kwargs: Any) -> dict[str, Any]:
+    return {_camel(k): _wire(v) for k, v in kwargs.items() if v is not None}
+
+
+def _timeout_ms(timeout: float | None) -> int | None:
+    if timeout is None:
+        return None
+    if not timeout > 0 or math.isinf(timeout):
+        raise errors.ValidationError("timeout must be a positive number of seconds",
+                                     field="timeout")
+    return max(1, math.ceil(timeout * 1000))
+
+
+def _stdin_text(stdin: str | bytes | None) -> str | None:
+    if isinstance(stdin, bytes):
+        try:
+            return stdin.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise errors.ValidationError(f"stdin must be UTF-8 text: {err}",
+                                         field="stdin") from err
+    return stdin
+
+
+def _exec_params(sandbox_id: str, command: str, args: Sequence[str] | None, cwd: str | None,
+                 env: Mapping[str, str] | None, stdin: str | bytes | None,
+                 timeout: float | None, stream: bool, limits: Any, user: str | None
+                 ) -> dict[str, Any]:
+    return _params(sandbox_id=sandbox_id, command=command,
+                   args=list(args) if args is not None else None, cwd=cwd,
+                   env=dict(env) if env is not None else None, stdin=_stdin_text(stdin),
+                   timeout=_timeout_ms(timeout), stream=True if stream else None,
+                   limits=limits, user=user)
+
+
+def _output_router(on_output: OutputCallback) -> NotificationCallback:
+    def route(method: str, params: dict[str, Any]) -> Any:
+        if method == "exec.output":
+            return on_output(str(params.get("stream", "stdout")), str(params.get("data", "")))
+        return None
+    return route
+
+
+def _call_deadline(client_timeout: float | None, exec_timeout: float | None) -> float | None:
+    """A call that runs a command may legitimately stay silent for the command's own timeout."""
+    if client_timeout is None:
+        return None
+    return client_timeout + (exec_timeout or 0)
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def _id_key(value: Any) -> Any:
+    """Our ids are ints; a server that echoes them as strings still matches."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value
+
+
+def _outcome(msg: dict[str, Any]) -> Any:
+    """The result of a response, or the SandboxError it carries (returned, not raised)."""
+    if "error" in msg:
+        err = msg["error"]
+        if not isinstance(err, dict):
+            return errors.ProtocolError(f"malformed error object: {err!r}")
+        return errors.from_wire(err)
+    if "result" in msg:
+        return msg["result"]
+    return errors.ProtocolError("response has neither result nor error")
+
+
+def _is_response(msg: Any) -> bool:
+    return isinstance(msg, dict) and "method" not in msg and ("result" in msg or "error" in msg)
+
+
+def _is_notification(msg: Any) -> bool:
+    return isinstance(msg, dict) and isinstance(msg.get("method"), str) and "id" not in msg
+
+
+def _unreachable(path: str, what: str,
+                 err: BaseException | None = None) -> errors.DaemonUnreachable:
+    detail = f": {err}" if err is not None and str(err) else ""
+    return errors.DaemonUnreachable(f"sandboxd at {path}: {what}{detail}", socket=path)
+
+
+def _connect_error(path: str, err: OSError) -> errors.DaemonUnreachable:
+    if isinstance(err, FileNotFoundError):
+        what = "no such socket (is sandboxd running? see `sandboxctl doctor`)"
+    elif isinstance(err, ConnectionRefusedError):
+        what = "connection refused (stale socket: sandboxd is not running)"
+    elif isinstance(err, PermissionError):
+        what = "permission denied (the socket belongs to another user)"
+    else:
+        what = "cannot connect"
+    return _unreachable(path, what, err)
+
+
+# --- the blocking client -----------------------------------------------------------------------
+
+
+class Client:
+    """Blocking client. ``timeout`` (seconds) bounds connecting and each call's wait for an answer
+    (an exec's own timeout is added to it); None waits forever."""
+
+    def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
+        self.socket_path = socket or default_socket()
+        self.timeout = timeout
+        self._sock: _socket.socket | None = None
+        self._buf = bytearray()
+        self._ids = itertools.count(1)
+        self._lock = threading.RLock()
+
+    # -- context manager / lifecycle
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+        self._sock = None
+        self._buf.clear()
+
+    def _connection(self) -> _socket.socket:
+        if self._sock is None:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as err:
+                sock.close()
+                raise _connect_error(self.socket_path, err) from err
+            self._sock = sock
+        return self._sock
+
+    # -- framing
+
+    def _send(self, message: Any) -> None:
+        sock = self._connection()
+        try:
+            sock.sendall(protocol.encode(message))
+        except OSError as err:
+            self._drop()
+            raise _unreachable(self.socket_path, "send failed", err) from err
+
+    def _read_message(self, deadline: float | None) -> Any:
+        """One decoded message (skipping blank lines). Any transport failure drops the
+        connection: after a timeout a late answer would otherwise be taken for the next call's."""
+        sock = self._connection()
+        sock.settimeout(deadline)
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[:nl])
+                del self._buf[:nl + 1]
+                if not line.strip():
+                    continue
+                try:
+                    return protocol.decode(line)
+                except errors.ParseError:
+                    self._drop()
+                    raise
+            if len(self._buf) > MAX_LINE:
+                self._drop()
+                raise errors.RequestTooLarge(f"a message from sandboxd exceeds {MAX_LINE} bytes")
+            try:
+                chunk = sock.recv(_RECV)
+            except TimeoutError as err:
+                self._drop()
+                raise _unreachable(self.socket_path, f"no answer within {deadline} s") from err
+            except OSError as err:
+                self._drop()
+                raise _unreachable(self.socket_path, "receive failed", err) from err
+            if not chunk:
+                self._drop()
+                raise _unreachable(self.socket_path, "connection closed by the daemon")
+            self._buf += chunk
+
+    def _exchange(self, message: Any, ids: set[Any], on_notification: NotificationCallback | None,
+                  deadline: float | None) -> dict[Any, Any]:
+        """Send one message, collect an outcome per id (responses may come in any order, alone
+        or in arrays), hand notifications to the callback meanwhile."""
+        outcomes: dict[Any, Any] = {}
+        with self._lock:
+            self._send(message)
+            try:
+                self._collect(outcomes, ids, on_notification, deadline)
+            except BaseException:
+                # Answers still unread (a callback raised, ^C, a timeout...) would be taken
+                # for the next call's: start that one on a fresh connection.
+                self._drop()
+                raise
+        return outcomes
+
+    def _collect(self, outcomes: dict[Any, Any], ids: set[Any],
+                 on_notification: NotificationCallback | None, deadline: float | None) -> None:
+        while len(outcomes) < len(ids):
+            msg = self._read_message(deadline)
+            for item in msg if isinstance(msg, list) else [msg]:
+                if _is_notification(item):
+                    if on_notification is not None:
+                        on_notification(item["method"], item.get("params") or {})
+                elif _is_response(item):
+                    rid = _id_key(item.get("id"))
+                    if rid in ids:
+                        outcomes[rid] = _outcome(item)
+                    elif rid is None and "error" in item:
+                        # The server could not read an id: it is about what we just sent.
+                        raise _outcome(item)
+
+    # -- raw RPC
+
+    def call(self, method: str, params: dict[str, Any] | None = None,
+             on_notification: NotificationCallback | None = None, *,
+             timeout: float | None = None) -> Any:
+        """One request; returns its ``result`` or raises the rebuilt error.
+        ``timeout`` overrides the client's for this call."""
+        rid = next(self._ids)
+        out = self._exchange(protocol.request(rid, method, params if params is not None else {}),
+                             {rid}, on_notification, timeout if timeout is not None
+                             else self.timeout)[rid]
+        if isinstance(out, errors.SandboxError):
+            raise out
+        return out
+
+    def call_batch(self, calls: Iterable[tuple[str, dict[str, Any] | None]],
+                   on_notification: NotificationCallback | None = None) -> list[Any]:
+        """One JSON-RPC batch. Returns one entry per call, in order: its result, or the
+        SandboxError it failed with (returned, not raised — the others may have succeeded)."""
+        reqs = [protocol.request(next(self._ids), m, p if p is not None else {}) for m, p in calls]
+        if not reqs:
+            return []
+        ids = [r["id"] for r in reqs]
+        out = self._exchange(reqs, set(ids), on_notification, self.timeout)
+        return [out[i] for i in ids]
+
+    # -- methods
+
+    def ping(self, sandbox_id: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.call("ping", _params(sandbox_id=sandbox_id))
+        return result
+
+    def list_sandboxes(self) -> list[SandboxInfo]:
+        result = self.call("listSandboxes", {})
+        return [SandboxInfo.from_wire(s) for s in result.get("sandboxes", [])]
+
+    def sandbox(self, sandbox_id: str) -> Sandbox:
+        """A handle; nothing is sent until you use it (``exec`` creates the room on demand)."""
+        return Sandbox(self, sandbox_id)
+
+
+class Sandbox:
+    """One room, through a :class:`Client`."""
+
+    def __init__(self, client: Client, sandbox_id: str) -> None:
+        self.client = client
+        self.id = sandbox_id
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.id!r})"
+
+    def _call(self, method: str, **params: Any) -> Any:
+        return self.client.call(method, _params(sandbox_id=self.id, **params))
+
+    def get(self, options: Any = None) -> SandboxInfo:
+        """Get or create the room; ``options`` is a ``config.RoomOptions`` or its wire dict."""
+        return SandboxInfo.from_wire(self._call("getSandbox", options=options))
+
+    def ping(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("ping")
+        return result
+
+    def destroy(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("destroy")
+        return result
+
+    def exec(self, command: str, args: Sequence[str] | None = None, *, cwd: str | None = None,
+             env: Mapping[str, str] | None = None, stdin: str | bytes | None = None,
+             timeout: float | None = None, on_output: OutputCallback | None = None,
+             limits: Any = None, user: str | None = None) -> ExecResult:
+        """Run ``command`` with ``args`` (argv form) or, with ``args`` None, as a shell line.
+
+        ``timeout`` is in seconds (sent as ms). With ``on_output``, output is streamed to it as
+        it is produced (``on_output("stdout", "text")``) before this returns.
+        """
+        params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
+                              on_output is not None, limits, user)
+        result = self.client.call(
+            "exec", params, _output_router(on_output) if on_output is not None else None,
+            timeout=_call_deadline(self.client.timeout, timeout))
+        return ExecResult.from_wire(result)
+
+
+# --- the asyncio client ------------------------------------------------------------------------
+
+
+class _Pending:
+    __slots__ = ("future", "on_notification")
+
+    def __init__(self, future: asyncio.Future[Any],
+                 on_notification: NotificationCallback | None) -> None:
+        self.future = future
+        self.on_notification = on_notification
+
+
+class AsyncClient:
+    """asyncio client: many concurrent calls on one connection (see the module docstring).
+
+    ``on_notification`` receives notifications that name no request of ours (server events).
+    Callbacks may be plain functions or coroutine functions; they run on the reader task, in
+    arrival order, so a slow callback delays the other calls' messages (back-pressure)."""
+
+    def __init__(self, socket: str | None = None, timeout: float | None = None, *,
+                 on_notification: NotificationCallback | None = None) -> None:
+        self.socket_path = socket or default_socket()
+        self.timeout = timeout
+        self.on_notification = on_notification
+        self._ids = itertools.count(1)
+        self._pending: dict[Any, _Pending] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connect_lock: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect now (calls connect lazily anyway)."""
+        import asyncio
+
+        if self._connect_lock is None:
+            self._connect_lock = asyncio.Lock()
+        async with self._connect_lock:
+            if self._writer is not None:
+                return
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(self.socket_path, limit=MAX_LINE), self.timeout)
+            except TimeoutError as err:
+                raise _unreachable(self.socket_path, "connect timed out") from err
+            except OSError as err:
+                raise _connect_error(self.socket_path, err) from err
+            self._writer = writer
+            self._reader_task = asyncio.create_task(self._read_loop(reader, writer),
+                                                    name=f"sandboxd-client {self.socket_path}")
+
+    async def close(self) -> None:
+        import asyncio
+
+        writer, task = self._writer, self._reader_task
+        self._writer = self._reader_task = None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all(_unreachable(self.socket_path, "client closed"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(exc)
+
+    async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        exc: BaseException = _unreachable(self.socket_path, "connection closed by the daemon")
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError as err:  # line longer than the stream limit
+                    exc = errors.RequestTooLarge(f"a message from sandboxd exceeds {MAX_LINE} "
+                                                 f"bytes: {err}")
+                    break
+                except OSError as err:
+                    exc = _unreachable(self.socket_path, "receive failed", err)
+                    break
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    msg = protocol.decode(line)
+                except errors.ParseError as err:
+                    # The stream can no longer be trusted to be framed: fail everything.
+                    exc = err
+                    break
+                for item in msg if isinstance(msg, list) else [msg]:
+                    await self._dispatch(item)
+        finally:
+            if self._writer is writer:
+                self._writer = self._reader_task = None
+            writer.close()
+            self._fail_all(exc)
+
+    async def _dispatch(self, item: Any) -> None:
+        if _is_notification(item):
+            params = item.get("params") or {}
+            pending = self._pending.get(_id_key(params.get("requestId"))) \
+                if isinstance(params, dict) else None
+            callback = pending.on_notification if pending is not None else self.on_notification
+            if callback is None:
+                return
+            try:
+                await _invoke(callback, item["method"], params)
+            except Exception as err:  # noqa: BLE001 - the call that owns the callback gets it
+                if pending is not None and not pending.future.done():
+                    pending.future.set_exception(err)
+            return
+        if not _is_response(item):
+            return
+        rid = _id_key(item.get("id"))
+        if rid is None and "error" in item:
+            # Unattributable (the server could not read an id). With one call in flight it is
+            # that call's; with several we cannot tell, so all of them learn of it.
+            exc = _outcome(item)
+            self._fail_all(exc)
+            return
+        p = self._pending.pop(rid, None)
+        if p is None or p.future.done():
+            return  # a call that was cancelled or timed out
+        out = _outcome(item)
+        if isinstance(out, errors.SandboxError):
+            p.future.set_exception(out)
+        else:
+            p.future.set_result(out)
+
+    async def _roundtrip(self, message: Any, ids: list[Any],
+                         on_notification: NotificationCallback | None,
+                         timeout: float | None) -> list[Any]:
+        import asyncio
+
+        await self.connect()
+        loop = asyncio.get_running_loop()
+        futures = []
+        for rid in ids:
+            fut: asyncio.Future[Any] = loop.create_future()
+            self._pending[rid] = _Pending(fut, on_notification)
+            futures.append(fut)
+        try:
+            writer = self._writer
+            if writer is None:
+                raise _unreachable(self.socket_path, "connection closed by the daemon")
+            try:
+                writer.write(protocol.encode(message))
+                await writer.drain()
+            except OSError as err:
+                raise _unreachable(self.socket_path, "send failed", err) from err
+            gathered = asyncio.gather(*futures, return_exceptions=True)
+            try:
+                return await asyncio.wait_for(gathered, timeout)
+            except TimeoutError as err:
+                raise _unreachable(self.socket_path, f"no answer within {timeout} s") from err
+        finally:
+            for rid in ids:
+                self._pending.pop(rid, None)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   on_notification: NotificationCallback | None = None, *,
+                   timeout: float | None = None) -> Any:
+        rid = next(self._ids)
+        [out] = await self._roundtrip(
+            protocol.request(rid, method, params if params is not None else {}), [rid],
+            on_notification, timeout if timeout is not None else self.timeout)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    async def call_batch(self, calls: Iterable[tuple[str, dict[str, Any] | None]],
+                         on_notification: NotificationCallback | None = None) -> list[Any]:
+        """As :meth:`Client.call_batch`: results or SandboxError instances, in order."""
+        reqs = [protocol.request(next(self._ids), m, p if p is not None else {}) for m, p in calls]
+        if not reqs:
+            return []
+        out = await self._roundtrip(reqs, [r["id"] for r in reqs], on_notification,
+                                    self.timeout)
+        for item in out:
+            if isinstance(item, errors.DaemonUnreachable):
+                raise item  # the transport failed: no call of the batch has an answer
+        return out
+
+    async def ping(self, sandbox_id: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self.call("ping", _params(sandbox_id=sandbox_id))
+        return result
+
+    async def list_sandboxes(self) -> list[SandboxInfo]:
+        result = await self.call("listSandboxes", {})
+        return [SandboxInfo.from_wire(s) for s in result.get("sandboxes", [])]
+
+    def sandbox(self, sandbox_id: str) -> AsyncSandbox:
+        return AsyncSandbox(self, sandbox_id)
+
+
+async def _invoke(callback: Callable[..., Any], *args: Any) -> None:
+    result = callback(*args)
+    if isinstance(result, Awaitable):
+        await result
+
+
+class AsyncSandbox:
+    """One room, through an :class:`AsyncClient`; the same methods as :class:`Sandbox`."""
+
+    def __init__(self, client: AsyncClient, sandbox_id: str) -> None:
+        self.client = client
+        self.id = sandbox_id
+
+    def __repr__(self) -> str:
+        return f"AsyncSandbox({self.id!r})"
+
+    async def _call(self, method: str, **params: Any) -> Any:
+        return await self.client.call(method, _params(sandbox_id=self.id, **params))
+
+    async def get(self, options: Any = None) -> SandboxInfo:
+        return SandboxInfo.from_wire(await self._call("getSandbox", options=options))
+
+    async def ping(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("ping")
+        return result
+
+    async def destroy(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("destroy")
+        return result
+
+    async def exec(self, command: str, args: Sequence[str] | None = None, *,
+                   cwd: str | None = None, env: Mapping[str, str] | None = None,
+                   stdin: str | bytes | None = None, timeout: float | None = None,
+                   on_output: OutputCallback | None = None, limits: Any = None,
+                   user: str | None = None) -> ExecResult:
+        params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
+                              on_output is not None, limits, user)
+        result = await self.client.call(
+            "exec", params, _output_router(on_output) if on_output is not None else None,
+            timeout=_call_deadline(self.client.timeout, timeout))
+        return ExecResult.from_wire(result)

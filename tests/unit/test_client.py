@@ -1,0 +1,520 @@
+"""sandboxd.client against a small in-test JSON-RPC peer on a temporary Unix socket.
+
+``FakeDaemon`` validates every request with the real ``protocol`` shapes (so the client cannot
+drift from the wire), answers each request from its own task (so responses come back in
+completion order, not request order), and fakes ``exec`` with knobs carried in ``env``:
+DELAY (seconds before answering), EXIT (exit code), TIMEOUT (report a timeout), CHUNKS (stream
+that many chunks, one every 20 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sandboxd import errors, protocol
+from sandboxd.client import AsyncClient, Client, ExecResult, SandboxInfo
+
+# --- the peer ----------------------------------------------------------------------------------
+
+
+class FakeDaemon:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.requests: list[dict[str, Any]] = []
+        self.answered: list[Any] = []  # ids, in the order responses were written
+        self.rooms: dict[str, dict[str, Any]] = {
+            "alpha": {"sandboxId": "alpha", "status": "ready", "createdAt": "2026-11-26T20:00:00Z",
+                      "lastActivityAt": "2026-11-26T20:05:00Z"},
+        }
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    # lifecycle (the peer runs on its own loop in a thread, so sync clients can use it too)
+
+    def start(self) -> FakeDaemon:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(5)
+        return self
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, self.path, limit=1 << 26)
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            for w in self._writers:
+                w.close()
+            if self._server is not None:
+                self._server.close()
+        asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def drop_connections(self) -> None:
+        async def _drop() -> None:
+            for w in self._writers:
+                w.close()
+        asyncio.run_coroutine_threadsafe(_drop(), self._loop).result(5)
+
+    # serving
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        lock = asyncio.Lock()
+
+        async def send(msg: Any) -> None:
+            async with lock:  # raw bytes go out as they are (to test garbage lines)
+                writer.write(msg if isinstance(msg, bytes) else protocol.encode(msg))
+                await writer.drain()
+
+        tasks = set()
+        try:
+            while line := await reader.readline():
+                task = asyncio.create_task(self._line(line, send))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for t in tasks:
+                t.cancel()
+            writer.close()
+
+    async def _line(self, line: bytes, send: Any) -> None:
+        try:
+            msg = protocol.decode(line)
+        except errors.ParseError as err:
+            await send(protocol.error_response(None, err))
+            return
+        if isinstance(msg, list):
+            results = await asyncio.gather(*(self._one(m, send) for m in msg))
+            await send([r for r in results if r is not None])
+            return
+        response = await self._one(msg, send)
+        if response is not None:
+            if "raw" in response:
+                await send(response["raw"])
+                return
+            self.answered.append(response["id"])
+            await send(response)
+
+    async def _one(self, obj: Any, send: Any) -> dict[str, Any] | None:
+        self.requests.append(obj)
+        req_id = obj.get("id") if isinstance(obj, dict) else None
+        try:
+            req = protocol.parse_envelope(obj)
+            if req.method == "garbage":
+                return {"raw": b"this is not json\n", "id": req_id}
+            if req.method == "hang":
+                await asyncio.sleep(3600)
+            if req.method == "nullid":
+                raise errors.InvalidRequest("could not read the id")
+            params = protocol.convert_params(req.method, req.params)
+            result = await getattr(self, "m_" + req.method)(params, req.id, send)
+        except errors.SandboxError as err:
+            if isinstance(obj, dict) and obj.get("method") == "nullid":
+                req_id = None
+            return protocol.error_response(req_id, err)
+        return protocol.response(req.id, result)
+
+    # methods
+
+    async def m_ping(self, p: protocol.PingParams, rid: Any, send: Any) -> dict[str, Any]:
+        if p.sandbox_id is not None and p.sandbox_id not in self.rooms:
+            raise errors.SandboxNotFound(f"no room {p.sandbox_id}", sandboxId=p.sandbox_id)
+        return {"message": "pong", "version": "0.0-test", "capabilities": {"cgroup": "v1"}}
+
+    async def m_listSandboxes(self, p: Any, rid: Any, send: Any) -> dict[str, Any]:
+        return {"sandboxes": list(self.rooms.values())}
+
+    async def m_getSandbox(self, p: protocol.GetSandboxParams, rid: Any,
+                           send: Any) -> dict[str, Any]:
+        room = self.rooms.setdefault(p.sandbox_id, {
+            "sandboxId": p.sandbox_id, "status": "ready", "createdAt": 1764187200000,
+            "lastActivityAt": None})
+        return {**room, "options": {"limits": {"memoryBytes": 1 << 29}}}
+
+    async def m_destroy(self, p: protocol.DestroyParams, rid: Any, send: Any) -> dict[str, Any]:
+        if p.sandbox_id == "ghost":
+            raise errors.SandboxNotFound("no room ghost", sandboxId="ghost")
+        return {"sandboxId": p.sandbox_id, "destroyed": self.rooms.pop(p.sandbox_id, None)
+                is not None}
+
+    async def m_exec(self, p: protocol.ExecParams, rid: Any, send: Any) -> dict[str, Any]:
+        env = p.env or {}
+        self.rooms.setdefault(p.sandbox_id, {"sandboxId": p.sandbox_id, "status": "ready"})
+        await asyncio.sleep(float(env.get("DELAY", 0)))
+        argv = [p.command, *(p.args or [])] if p.args is not None else ["sh", "-c", p.command]
+        chunks = int(env.get("CHUNKS", 0))
+        out = []
+        for i in range(chunks):
+            data = f"{p.sandbox_id}:{i}\n"
+            out.append(data)
+            if p.stream:
+                stream = "stderr" if i % 2 else "stdout"
+                await send(protocol.notification(
+                    "exec.output", {"requestId": rid, "stream": stream, "data": data}))
+            await asyncio.sleep(0.02)
+        stdout = " ".join(argv) + "\n" + (p.stdin or "") if not chunks else "".join(out)
+        if chunks and p.stream:
+            stdout = ""
+        timed_out = env.get("TIMEOUT") == "1"
+        code = 124 if timed_out else int(env.get("EXIT", 0))
+        return {"success": code == 0, "exitCode": code, "stdout": stdout,
+                "stderr": "" if chunks else "err\n", "command": " ".join(argv),
+                "duration": 1.5, "timestamp": "2026-11-26T20:00:00Z", "timedOut": timed_out,
+                "futureField": {"x": 1}}
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    # Unix socket paths are limited to 108 bytes: pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="sbxc-") as d:
+        yield d
+
+
+@pytest.fixture
+def daemon(sockdir: str) -> Iterator[FakeDaemon]:
+    fake = FakeDaemon(os.path.join(sockdir, "d.sock")).start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def client(daemon: FakeDaemon) -> Iterator[Client]:
+    with Client(daemon.path, timeout=10) as c:
+        yield c
+
+
+def exec_params(daemon: FakeDaemon) -> list[dict[str, Any]]:
+    return [r["params"] for r in daemon.requests if isinstance(r, dict) and r["method"] == "exec"]
+
+
+# --- sync client -------------------------------------------------------------------------------
+
+
+def test_ping(client: Client) -> None:
+    result = client.ping()
+    assert result["message"] == "pong"
+    assert result["version"] == "0.0-test"
+
+
+def test_exec_argv_form_sends_args_ms_timeout_and_stdin(client: Client,
+                                                        daemon: FakeDaemon) -> None:
+    res = client.sandbox("r1").exec("echo", ["a", "b"], cwd="/tmp", env={"K": "V"},
+                                   stdin=b"in\n", timeout=1.5)
+    assert isinstance(res, ExecResult)
+    assert res.stdout == "echo a b\nin\n"
+    assert (res.exit_code, res.success, res.timed_out) == (0, True, False)
+    sent = exec_params(daemon)[-1]
+    assert sent["args"] == ["a", "b"]
+    assert sent["timeout"] == 1500
+    assert sent["stdin"] == "in\n"
+    assert sent["cwd"] == "/tmp"
+    assert "stream" not in sent
+
+
+def test_exec_shell_form_sends_no_args(client: Client, daemon: FakeDaemon) -> None:
+    res = client.sandbox("r1").exec("echo hi | wc -c")
+    assert res.command == "sh -c echo hi | wc -c"
+    assert "args" not in exec_params(daemon)[-1]
+
+
+def test_exec_result_keeps_unknown_fields(client: Client) -> None:
+    res = client.sandbox("r1").exec("true", [])
+    assert res.raw["futureField"] == {"x": 1}
+    assert res.status is None  # not sent by this daemon
+
+
+def test_exec_result_tolerates_missing_and_extra_fields() -> None:
+    res = ExecResult.from_wire({"exitCode": 3, "status": "RE", "cpuTimeMs": 12, "brandNew": 1})
+    assert (res.exit_code, res.status, res.cpu_time_ms, res.stdout) == (3, "RE", 12, "")
+    assert res.raw["brandNew"] == 1
+    with pytest.raises(AttributeError):
+        res.exit_code = 4  # type: ignore[misc]  # frozen
+
+
+def test_exec_streams_to_on_output(client: Client) -> None:
+    seen: list[tuple[str, str]] = []
+    res = client.sandbox("r1").exec("x", [], env={"CHUNKS": "4"},
+                                   on_output=lambda s, d: seen.append((s, d)))
+    assert seen == [("stdout", "r1:0\n"), ("stderr", "r1:1\n"), ("stdout", "r1:2\n"),
+                    ("stderr", "r1:3\n")]
+    assert res.exit_code == 0
+
+
+def test_nonzero_exit_is_a_result(client: Client) -> None:
+    res = client.sandbox("r1").exec("false", [], env={"EXIT": "3"})
+    assert (res.exit_code, res.success) == (3, False)
+
+
+def test_get_list_destroy(client: Client) -> None:
+    info = client.sandbox("beta").get({"limits": {"memoryBytes": 1 << 29}})
+    assert isinstance(info, SandboxInfo)
+    assert (info.sandbox_id, info.status) == ("beta", "ready")
+    assert info.options == {"limits": {"memoryBytes": 1 << 29}}
+    assert {s.sandbox_id for s in client.list_sandboxes()} == {"alpha", "beta"}
+    assert client.sandbox("beta").destroy() == {"sandboxId": "beta", "destroyed": True}
+    assert {s.sandbox_id for s in client.list_sandboxes()} == {"alpha"}
+
+
+def test_get_accepts_room_options_struct(client: Client, daemon: FakeDaemon) -> None:
+    from sandboxd.config import RoomLimits, RoomOptions
+
+    client.sandbox("gamma").get(RoomOptions(limits=RoomLimits(pids=64)))
+    sent = daemon.requests[-1]["params"]
+    assert sent["options"]["limits"]["pids"] == 64
+
+
+def test_application_error_maps_to_class_with_context(client: Client) -> None:
+    with pytest.raises(errors.SandboxNotFound) as info:
+        client.sandbox("ghost").destroy()
+    assert info.value.code == "SANDBOX_NOT_FOUND"
+    assert info.value.context == {"sandboxId": "ghost"}
+    with pytest.raises(errors.SandboxNotFound):
+        client.sandbox("nope").ping()
+
+
+def test_protocol_errors_map_to_classes(client: Client) -> None:
+    with pytest.raises(errors.MethodNotFound):
+        client.call("noSuchMethod", {})
+    with pytest.raises(errors.InvalidParams):
+        client.call("exec", {"sandboxId": "r1"})  # no command
+    with pytest.raises(errors.InvalidParams):
+        client.call("exec", {"sandboxId": "r1", "command": "x", "bogus": 1})
+
+
+def test_error_without_id_is_raised(client: Client) -> None:
+    with pytest.raises(errors.InvalidRequest):
+        client.call("nullid", {})
+    assert client.ping()["message"] == "pong"
+
+
+def test_unparseable_line_from_daemon_raises_parse_error_then_recovers(client: Client) -> None:
+    with pytest.raises(errors.ParseError):
+        client.call("garbage", {})
+    assert client.ping()["message"] == "pong"  # a fresh connection
+
+
+def test_batch_returns_results_and_errors_in_order(client: Client) -> None:
+    out = client.call_batch([("ping", {}), ("noSuchMethod", {}), ("listSandboxes", None)])
+    assert out[0]["message"] == "pong"
+    assert isinstance(out[1], errors.MethodNotFound)
+    assert [s["sandboxId"] for s in out[2]["sandboxes"]] == ["alpha"]
+    assert client.call_batch([]) == []
+
+
+def test_client_timeout_raises_unreachable_and_recovers(daemon: FakeDaemon) -> None:
+    with Client(daemon.path, timeout=0.3) as c:
+        started = time.monotonic()
+        with pytest.raises(errors.DaemonUnreachable, match="no answer"):
+            c.call("hang", {})
+        assert time.monotonic() - started < 3
+        assert c.ping()["message"] == "pong"
+
+
+def test_exec_timeout_extends_the_client_deadline(daemon: FakeDaemon) -> None:
+    with Client(daemon.path, timeout=0.2) as c:
+        res = c.sandbox("r1").exec("x", [], env={"DELAY": "0.4"}, timeout=1)
+        assert res.exit_code == 0
+
+
+def test_connection_dropped_by_daemon(client: Client, daemon: FakeDaemon) -> None:
+    assert client.ping()
+    daemon.drop_connections()
+    time.sleep(0.05)
+    with pytest.raises(errors.DaemonUnreachable):
+        client.ping()
+    assert client.ping()["message"] == "pong"  # lazily reconnected
+
+
+def test_missing_socket_is_unreachable_and_names_the_path(sockdir: str) -> None:
+    path = os.path.join(sockdir, "nothing.sock")
+    with pytest.raises(errors.DaemonUnreachable) as info:
+        Client(path).ping()
+    assert path in str(info.value)
+    assert info.value.context["socket"] == path
+
+
+def test_refused_socket_is_unreachable(sockdir: str) -> None:
+    path = os.path.join(sockdir, "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()  # the file stays, nobody listens: ECONNREFUSED
+    with pytest.raises(errors.DaemonUnreachable, match="refused"):
+        Client(path).ping()
+
+
+def test_bad_timeout_and_stdin_are_refused_locally(client: Client) -> None:
+    with pytest.raises(errors.ValidationError):
+        client.sandbox("r1").exec("x", [], timeout=0)
+    with pytest.raises(errors.ValidationError):
+        client.sandbox("r1").exec("x", [], stdin=b"\xff")
+
+
+def test_one_client_shared_by_threads(client: Client) -> None:
+    results: dict[int, str] = {}
+
+    def work(i: int) -> None:
+        results[i] = client.sandbox(f"t{i}").exec("echo", [str(i)]).stdout
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == {i: f"echo {i}\n" for i in range(8)}
+
+
+def test_callback_failure_does_not_poison_the_next_call(client: Client) -> None:
+    def boom(stream: str, data: str) -> None:
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError):
+        client.sandbox("r1").exec("x", [], env={"CHUNKS": "3"}, on_output=boom)
+    assert client.ping()["message"] == "pong"
+
+
+# --- async client ------------------------------------------------------------------------------
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_async_out_of_order_responses_match_by_id(daemon: FakeDaemon) -> None:
+    async def main() -> list[ExecResult]:
+        async with AsyncClient(daemon.path, timeout=10) as c:
+            slow = c.sandbox("slow").exec("echo", ["slow"], env={"DELAY": "0.3"})
+            fast = c.sandbox("fast").exec("echo", ["fast"])
+            return list(await asyncio.gather(slow, fast))
+
+    slow, fast = run(main())
+    assert slow.stdout == "echo slow\n"
+    assert fast.stdout == "echo fast\n"
+    # The peer really answered the second request first.
+    exec_ids = [r["id"] for r in daemon.requests if r["method"] == "exec"]
+    assert [i for i in daemon.answered if i in exec_ids] == exec_ids[::-1]
+
+
+def test_async_interleaved_notifications_reach_the_right_callbacks(daemon: FakeDaemon) -> None:
+    seen: dict[str, list[tuple[str, str]]] = {"a": [], "b": [], "c": []}
+
+    async def main() -> None:
+        async with AsyncClient(daemon.path) as c:
+            async def one(room: str) -> None:
+                async def on_output(stream: str, data: str) -> None:  # coroutine callbacks too
+                    seen[room].append((stream, data))
+                await c.sandbox(room).exec("x", [], env={"CHUNKS": "5"}, on_output=on_output)
+            await asyncio.gather(*(one(r) for r in seen))
+
+    run(main())
+    for room, chunks in seen.items():
+        assert [d for _, d in chunks] == [f"{room}:{i}\n" for i in range(5)]
+        assert [s for s, _ in chunks] == ["stdout", "stderr"] * 2 + ["stdout"]
+
+
+def test_async_errors_and_batch(daemon: FakeDaemon) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.path) as c:
+            with pytest.raises(errors.SandboxNotFound):
+                await c.sandbox("ghost").destroy()
+            with pytest.raises(errors.MethodNotFound):
+                await c.call("noSuchMethod")
+            out = await c.call_batch([("ping", {}), ("destroy", {"sandboxId": "ghost"})])
+            assert out[0]["message"] == "pong"
+            assert isinstance(out[1], errors.SandboxNotFound)
+            assert [s.sandbox_id for s in await c.list_sandboxes()] == ["alpha"]
+            assert (await c.sandbox("alpha").get()).status == "ready"
+
+    run(main())
+
+
+def test_async_parse_error_fails_pending_calls_then_reconnects(daemon: FakeDaemon) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.path) as c:
+            pending = asyncio.ensure_future(c.sandbox("r").exec("x", [], env={"DELAY": "1"}))
+            await asyncio.sleep(0.05)
+            with pytest.raises(errors.ParseError):
+                await c.call("garbage")
+            with pytest.raises(errors.ParseError):
+                await pending
+            assert (await c.ping())["message"] == "pong"
+
+    run(main())
+
+
+def test_async_timeout_leaves_the_connection_usable(daemon: FakeDaemon) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.path, timeout=0.2) as c:
+            with pytest.raises(errors.DaemonUnreachable, match="no answer"):
+                await c.call("hang")
+            assert (await c.ping())["message"] == "pong"
+
+    run(main())
+
+
+def test_async_callback_failure_fails_only_its_call(daemon: FakeDaemon) -> None:
+    def boom(stream: str, data: str) -> None:
+        raise RuntimeError("callback failed")
+
+    async def main() -> None:
+        async with AsyncClient(daemon.path) as c:
+            other = asyncio.ensure_future(c.sandbox("ok").exec("x", [], env={"DELAY": "0.2"}))
+            with pytest.raises(RuntimeError, match="callback failed"):
+                await c.sandbox("r").exec("x", [], env={"CHUNKS": "3"}, on_output=boom)
+            assert (await other).exit_code == 0
+            assert (await c.ping())["message"] == "pong"
+
+    run(main())
+
+
+def test_async_unreachable(sockdir: str) -> None:
+    path = os.path.join(sockdir, "none.sock")
+
+    async def main() -> None:
+        async with AsyncClient(path) as c:
+            with pytest.raises(errors.DaemonUnreachable, match=path):
+                await c.ping()
+
+    run(main())
+
+
+def test_async_dropped_connection_fails_pending_calls(daemon: FakeDaemon) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.path) as c:
+            pending = asyncio.ensure_future(c.call("hang"))
+            await asyncio.sleep(0.1)
+            await asyncio.get_running_loop().run_in_executor(None, daemon.drop_connections)
+            with pytest.raises(errors.DaemonUnreachable):
+                await asyncio.wait_for(pending, 5)
+            assert (await c.ping())["message"] == "pong"
+
+    run(main())
+
+
+def test_importing_the_client_pulls_in_no_daemon_modules() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, sandboxd.client, sandboxd.cli; "
+            "bad = [m for m in sys.modules if m.startswith(('sandboxd.jail', 'sandboxd.server', "
+            "'sandboxd.rooms', 'sandboxd.hostsetup', 'sandboxd.daemon'))]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))))
+    assert out.stdout.strip() == "[]"
+
