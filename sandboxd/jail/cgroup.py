@@ -130,7 +130,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import RoomLimits
-from ..errors import InternalError, LimitUnavailable, ValidationError
+from ..errors import InternalError, LimitUnavailable, SandboxError, ValidationError
 
 __all__ = [
     "LIMIT_NAMES",
@@ -792,7 +792,9 @@ class _V2Ops(_Ops):
     def prepare_room(self, node: _Node) -> None:
         # Runs carry their own memory/pids limits, so the room hands those controllers down.
         # Must happen while the room is empty (no internal processes), hence the init leaf.
-        want = [c for c in ("memory", "pids", "cpu") if c in self.controllers]
+        # (cpu is not handed down: runs have no bandwidth limit of their own, and cpu.stat
+        # usage_usec is there without it.)
+        want = [c for c in ("memory", "pids") if c in self.controllers]
         if want:
             self.fs.write(self._f(node, "cgroup.subtree_control"),
                           " ".join("+" + c for c in want))
@@ -1066,10 +1068,10 @@ _V1_PROBE_FILE = {"memory": "memory.limit_in_bytes", "pids": "pids.max",
                   "freezer": "freezer.state"}
 
 
-def _probe_v1(v1_root: str, parent: str | None, user: str | None, fs: Fs) -> V1Backend | str:
+def _v1_status(v1_root: str, parent: str | None, user: str | None,
+               fs: Fs) -> tuple[str, dict[str, str], set[str], dict[str, str]]:
+    """(parent, hierarchies, controllers we can write, controller -> why not)."""
     hier = _v1_hierarchies(v1_root, fs)
-    if not hier:
-        return f"no cgroup v1 hierarchies under {v1_root}"
     rel = (parent if parent is not None else f"sandboxd/{user or _default_user()}").strip("/")
     have: set[str] = set()
     missing: dict[str, str] = {}
@@ -1085,6 +1087,13 @@ def _probe_v1(v1_root: str, parent: str | None, user: str | None, fs: Fs) -> V1B
             missing[ctrl] = f"{d} not writable by uid {os.geteuid()}"
         else:
             have.add(ctrl)
+    return rel, hier, have, missing
+
+
+def _probe_v1(v1_root: str, parent: str | None, user: str | None, fs: Fs) -> V1Backend | str:
+    rel, hier, have, missing = _v1_status(v1_root, parent, user, fs)
+    if not hier:
+        return f"no cgroup v1 hierarchies under {v1_root}"
     if "freezer" not in have:
         return f"v1 freezer unusable: {missing.get('freezer')}"
     return V1Backend(v1_root, rel, hier, have, fs=fs, missing=missing)
@@ -1254,11 +1263,18 @@ def doctor_report(config_backend: str = "auto", parent: str | None = None,
                   v1_root: str = "/sys/fs/cgroup", v2_root: str | None = None,
                   proc_root: str = "/proc", *, user: str | None = None,
                   fs: Fs | None = None) -> list[tuple[str, bool, str]]:
-    """(check, ok, what it costs when missing) lines for ``sandboxctl doctor``."""
-    fs = fs or Fs()
+    """(check, ok, what it costs when missing) lines for ``sandboxctl doctor``. Never raises."""
+    try:
+        return _doctor(config_backend, parent, v1_root, v2_root, proc_root, user, fs or Fs())
+    except SandboxError as err:
+        return [("cgroup report", False, f"cannot inspect cgroups: {err.message}")]
+
+
+def _doctor(config_backend: str, parent: str | None, v1_root: str, v2_root: str | None,
+            proc_root: str, user: str | None, fs: Fs) -> list[tuple[str, bool, str]]:
     out: list[tuple[str, bool, str]] = []
     root = _find_v2_root(v1_root, v2_root, fs)
-    out.append(("cgroup2 mounted", root is not None, "no cgroup.kill; v1 or nothing"))
+    out.append(("cgroup2 mounted", root is not None, "no cgroup2: v1 backend or nothing"))
     v2 = _probe_v2(v1_root, v2_root, parent, proc_root, fs) if root else "no cgroup2"
     out.append(("cgroup2 delegated subtree writable" + ("" if isinstance(v2, V2Backend)
                                                          else f" ({v2})"),
@@ -1267,14 +1283,11 @@ def doctor_report(config_backend: str = "auto", parent: str | None = None,
         for c in V2_CONTROLLERS:
             out.append((f"cgroup2 controller {c}", c in v2.controllers,
                         _COST["cpus" if c == "cpu" else c]))
-    v1 = _probe_v1(v1_root, parent, user, fs)
-    if isinstance(v1, V1Backend) or _v1_hierarchies(v1_root, fs):
-        missing = v1.missing if isinstance(v1, V1Backend) else {}
+    rel, hier, have, missing = _v1_status(v1_root, parent, user, fs)
+    if hier:
         for c in V1_CONTROLLERS:
-            ok = isinstance(v1, V1Backend) and c in v1.controllers
-            why = missing.get(c, "") if isinstance(v1, V1Backend) else v1
-            out.append((f"cgroup v1 {c} parent" + (f" ({why})" if why and not ok else ""),
-                        ok, _COST[c]))
+            why = f" ({missing[c]})" if c in missing else ""
+            out.append((f"cgroup v1 {c} parent {rel}{why}", c in have, _COST[c]))
     try:
         chosen = detect(config_backend, parent, v1_root, v2_root, proc_root, user=user, fs=fs)
         out.append((f"cgroup backend: {chosen.name}", chosen.name != "disabled",
@@ -1282,6 +1295,6 @@ def doctor_report(config_backend: str = "auto", parent: str | None = None,
                     "verdict" if chosen.name == "disabled" else ""))
         for lim in sorted(LIMIT_NAMES):
             out.append((f"limit {lim} enforceable", lim in chosen.enforceable(), _COST[lim]))
-    except LimitUnavailable as err:
+    except (LimitUnavailable, ValidationError) as err:
         out.append((f"cgroup backend {config_backend}", False, err.message))
     return out

@@ -206,7 +206,7 @@ def test_v2_create_room_writes_limits_and_init_leaf(v2tree: tuple[FakeKernel, Pa
     assert (d / "memory.swap.max").read_text() == "0"
     assert (d / "cpu.max").read_text() == "150000 100000"
     assert (d / "pids.max").read_text() == "100"
-    assert (d / "cgroup.subtree_control").read_text() == "+memory +pids +cpu"
+    assert (d / "cgroup.subtree_control").read_text() == "+memory +pids"
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert room.procs_paths() == [str(d / "init" / "cgroup.procs")]
     assert room.enforced == {"memory", "cpus", "pids"}
@@ -594,10 +594,22 @@ def test_doctor_report(v1tree: tuple[FakeKernel, Path]) -> None:
                for n, ok, c in rep)
     by = {n.split(" (")[0]: ok for n, ok, _ in rep}
     assert by["cgroup backend: v1"] and by["limit memory enforceable"]
-    assert by["cgroup v1 freezer parent"]
+    assert by["cgroup v1 freezer parent sandboxd/alice"]
     rep2 = cgroup.doctor_report(v1_root=str(root), proc_root="/x", user="nobody-here", fs=k)
     assert ("cgroup backend: disabled", False) in [(n, ok) for n, ok, _ in rep2]
     assert any("pids" in cost for n, ok, cost in rep2 if not ok)
+
+
+def test_doctor_report_never_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    k = FakeKernel(tmp_path)
+
+    def boom(path: str) -> list[str]:
+        raise InternalError(f"cannot list {path}: Permission denied", path=path)
+
+    monkeypatch.setattr(cgroup, "_v1_hierarchies", lambda root, fs: boom(root))
+    rep = cgroup.doctor_report(v1_root=str(tmp_path), proc_root="/x", fs=k)
+    assert rep == [("cgroup report", False,
+                    f"cannot inspect cgroups: cannot list {tmp_path}: Permission denied")]
 
 
 def test_fs_errors_name_the_path(tmp_path: Path) -> None:
