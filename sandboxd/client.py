@@ -9,7 +9,8 @@ batches included) and connect lazily on the first call.
   request until its response arrives, so one thread's call never reads another's response; the
   notifications that arrive meanwhile (``exec.output`` ...) belong to that call and go to its
   callback. Threads share a Client safely but their calls are serialised; use AsyncClient (or one
-  Client per thread) for concurrency.
+  Client per thread) for concurrency. A callback must not call its own Client (refused: it would
+  read the answers the outer call waits for).
 * :class:`AsyncClient` owns one connection and a reader task. Any number of calls may be in flight:
   each registers a future (and optionally a notification callback) under its request id; the reader
   resolves futures by response ``id`` and routes notifications by ``params.requestId``.
@@ -253,7 +254,8 @@ class Client:
         self._sock: _socket.socket | None = None
         self._buf = bytearray()
         self._ids = itertools.count(1)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside _exchange
 
     # -- context manager / lifecycle
 
@@ -335,15 +337,22 @@ class Client:
         """Send one message, collect an outcome per id (responses may come in any order, alone
         or in arrays), hand notifications to the callback meanwhile."""
         outcomes: dict[Any, Any] = {}
+        if self._owner == threading.get_ident():
+            # It would read (and lose) the answers the outer call is waiting for.
+            raise RuntimeError("a Client cannot be called from one of its own callbacks; "
+                               "use another Client")
         with self._lock:
-            self._send(message)
+            self._owner = threading.get_ident()
             try:
+                self._send(message)
                 self._collect(outcomes, ids, on_notification, deadline)
             except BaseException:
                 # Answers still unread (a callback raised, ^C, a timeout...) would be taken
                 # for the next call's: start that one on a fresh connection.
                 self._drop()
                 raise
+            finally:
+                self._owner = None
         return outcomes
 
     def _collect(self, outcomes: dict[Any, Any], ids: set[Any],

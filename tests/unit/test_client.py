@@ -388,6 +388,15 @@ def test_callback_failure_does_not_poison_the_next_call(client: Client) -> None:
     assert client.ping()["message"] == "pong"
 
 
+def test_reentrant_call_from_a_callback_is_refused(client: Client) -> None:
+    def reenter(stream: str, data: str) -> None:
+        client.ping()
+
+    with pytest.raises(RuntimeError, match="own callbacks"):
+        client.sandbox("r1").exec("x", [], env={"CHUNKS": "2"}, on_output=reenter)
+    assert client.ping()["message"] == "pong"
+
+
 # --- async client ------------------------------------------------------------------------------
 
 
