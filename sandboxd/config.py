@@ -61,10 +61,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     idle_timeout_s: float = 600.0  # rooms with no activity this long are destroyed; 0 = never
     room_start_timeout_s: float = 10.0
     max_rooms_per_uid: int = 64
-    max_runs_per_room: int = 32
+    max_runs_per_room: int = 64
     max_connections: int = 256
     max_request_bytes: int = 48 * MiB
     cgroup_backend: str = "auto"  # auto | v2 | v1 | disabled
+    seccomp: bool = True  # False only by explicit choice: rooms then run without a filter
     cgroup_parent: str | None = None  # override the delegated cgroup path (per backend)
 
 

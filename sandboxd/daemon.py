@@ -96,13 +96,19 @@ class Daemon:
                 f"another sandboxd uses the state dir {self.config.state_dir}") from err
 
     def _build_seccomp(self) -> bytes | None:
-        try:
-            from .jail import seccomp
-        except ImportError:
-            self.seccomp = {"enabled": False, "reason": "seccomp module unavailable"}
+        # Fail closed (nsjail once dropped its filter silently, PR #285): without a filter the
+        # daemon does not start unless the config says seccomp = false.
+        if not self.config.seccomp:
+            self.seccomp = {"enabled": False, "reason": "disabled by configuration"}
+            log.warning("seccomp disabled by configuration: rooms run without a syscall filter")
             return None
+        from .jail import seccomp
+
         t = time.perf_counter()
-        bpf = seccomp.build_filter()
+        try:
+            bpf = seccomp.build_filter()
+        except Exception as err:
+            raise errors.InternalError(f"cannot build the seccomp filter: {err}") from err
         self.seccomp = {"enabled": True, "rules": len(seccomp.RULES),
                         "buildMs": round((time.perf_counter() - t) * 1000, 1)}
         return bpf

@@ -167,10 +167,10 @@ def _signame(num: int) -> str:
 
 async def run(room: Room, spec: RunSpec) -> RunResult:
     """Run one program in ``room`` under ``spec``'s limits and report what happened."""
-    loop = asyncio.get_running_loop()
     run_id = f"r{next(_ids)}"
     cg = room.cgroup.create_run(run_id, room.run_cgroup_limits(spec.memory_bytes, spec.pids))
     fds: list[int] = []
+    exit_fut: asyncio.Future[dict[str, Any]] | None = None
     killed_by_us: str | None = None
     kill_event = asyncio.Event()
 
@@ -190,7 +190,8 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
             rlimits["fsize"] = spec.file_size_bytes
         started = time.monotonic()
         cpu_start = cg.cpu_usage_ns()
-        exit_fut = await room.handle.spawn(
+        exit_fut = room.handle.expect_exit(run_id)
+        await room.handle.spawn(
             run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (in_r, out_w, err_w),
             cg.join_fds())
         for fd in (in_r, out_w, err_w):
@@ -242,9 +243,24 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        # Removing the cgroup may wait for the kernel to empty it: not the caller's time. If we
+        # got here without the exit event (the client went away, the room failed), the payload
+        # may still be starting: kill it through the init as well and wait for its exit first,
+        # or it could join the cgroup after the kill and keep it busy.
+        room.track(_finish(room, cg, run_id, exit_fut))
+
+
+async def _finish(room: Room, cg: Any, run_id: str,
+                  exit_fut: asyncio.Future[dict[str, Any]] | None) -> None:
+    loop = asyncio.get_running_loop()
+    try:
+        if exit_fut is not None and not exit_fut.done():
+            await _kill_run(room, cg, run_id)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(exit_fut), 5.0)
+    finally:
         room.handle.forget(run_id)
-        # Removing the cgroup may wait for the kernel to empty it: not the caller's time.
-        room.track(loop.run_in_executor(None, _destroy_quietly, cg))
+        await loop.run_in_executor(None, _destroy_quietly, cg)
 
 
 async def _kill_run(room: Room, cg: Any, run_id: str) -> None:

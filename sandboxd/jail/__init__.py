@@ -142,23 +142,24 @@ class RoomHandle:
         except channel.ChannelClosed as err:
             raise JailError(f"room {self.room_id} is gone") from err
 
-    async def spawn(self, run: str, argv: list[str], env: dict[str, str], cwd: str, user: str,
-                    rlimits: dict[str, int], stdio: tuple[int, int, int],
-                    cgroup_fds: list[int]) -> asyncio.Future[dict[str, Any]]:
-        """Start a payload; return a future for its exit event."""
+    def expect_exit(self, run: str) -> asyncio.Future[dict[str, Any]]:
+        """The future of ``run``'s exit event; make it before spawning so none is missed."""
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self.exits[run] = fut
-        try:
-            reply, _ = await self.request(
-                {"op": "spawn", "run": run, "argv": argv, "env": env, "cwd": cwd, "user": user,
-                 "rlimits": rlimits, "ncg": len(cgroup_fds)}, [*stdio, *cgroup_fds])
-        except BaseException:
-            self.exits.pop(run, None)
-            raise
-        if "error" in reply:
-            self.exits.pop(run, None)
-            raise JailError(f"spawn failed in room {self.room_id}: {reply['error']}")
+        if not self.alive:
+            fut.set_exception(JailError("room init died"))
         return fut
+
+    async def spawn(self, run: str, argv: list[str], env: dict[str, str], cwd: str, user: str,
+                    rlimits: dict[str, int], stdio: tuple[int, int, int],
+                    cgroup_fds: list[int]) -> int:
+        """Start a payload (after :meth:`expect_exit`); return its pid in the room."""
+        reply, _ = await self.request(
+            {"op": "spawn", "run": run, "argv": argv, "env": env, "cwd": cwd, "user": user,
+             "rlimits": rlimits, "ncg": len(cgroup_fds)}, [*stdio, *cgroup_fds])
+        if "error" in reply:
+            raise JailError(f"spawn failed in room {self.room_id}: {reply['error']}")
+        return int(reply["pid"])
 
     def forget(self, run: str) -> None:
         self.exits.pop(run, None)

@@ -12,10 +12,11 @@ already inside the room's cgroup. It
    kills every process left in the pid namespace with it.
 
 Requests (msgpack maps with ``op`` and ``id``; replies carry ``re``):
-  spawn  {run, argv, env, cwd, user, rlimits, ncg} + fds [stdin, stdout, stderr, *cgroup dir fds]
+  spawn  {run, argv, env, cwd, user, rlimits, ncg} + fds [stdin, stdout, stderr, *cgroup fds]
          forks a payload: setsid, join the run cgroup, stdio, clean signals, rlimits, identity,
-         cwd, drop privileges, seccomp, close fds, exec. Replies {pid}; later an event
-         {op: exit, run, status, rusage, failure} when the payload is reaped.
+         cwd, drop privileges, close fds, exec (the seccomp filter is inherited from the init).
+         Replies {pid}; later an event {op: exit, run, status, rusage, failure} when the
+         payload is reaped.
   kill   {run, sig}          signal the run's process group
   killall {}                 SIGKILL every process of the room but the init
   ping   {}                  -> {op: pong}
@@ -69,6 +70,12 @@ class Init:
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        if self.seccomp_bpf:
+            # Last step of set-up: from here on the init (and every payload it forks, which
+            # inherits the filter across fork and exec) cannot mount, unshare, load keys, ...
+            from . import seccomp
+
+            seccomp.install(self.seccomp_bpf)
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -137,7 +144,7 @@ class Init:
         pid = os.fork()
         if pid == 0:
             os.close(err_r)
-            _payload(msg, fds, err_w, self.seccomp_bpf)  # never returns
+            _payload(msg, fds, err_w)  # never returns
         os.close(err_w)
         self.runs[pid] = (str(msg.get("run", "")), err_r)
         return pid
@@ -189,7 +196,7 @@ class Init:
             })
 
 
-def _payload(msg: dict[str, Any], fds: list[int], err_w: int, bpf: bytes | None) -> None:
+def _payload(msg: dict[str, Any], fds: list[int], err_w: int) -> None:
     """The payload child, between fork and exec. Reports a failed step on ``err_w``."""
     stage = "setsid"
     argv: list[str] = list(msg["argv"])
@@ -229,11 +236,6 @@ def _payload(msg: dict[str, Any], fds: list[int], err_w: int, bpf: bytes | None)
         os.chdir(msg.get("cwd") or "/workspace")
         stage = "privileges"
         caps.drop_privileges()
-        stage = "seccomp"
-        if bpf:
-            from . import seccomp
-
-            seccomp.install(bpf)
         stage = "fds"
         os.closerange(3, err_w)
         os.closerange(err_w + 1, 1 << 20)
@@ -257,10 +259,10 @@ def main(spec: dict[str, Any], ctl: socket.socket, parent_gone: int) -> None:
     """Entry from the set-up process's fork; never returns."""
     try:
         caps.set_name(f"sandboxd: room {spec['room_id']} init")
-        # EOF on this pipe means the set-up process exited and we were re-parented to the
-        # zygote: only now does PDEATHSIG point at the right parent.
-        while os.read(parent_gone, 1):
-            pass
+        # The zygote writes here once it has reaped our set-up process, i.e. once we are its
+        # child: only now does PDEATHSIG point at the right parent. EOF: the zygote died.
+        if os.read(parent_gone, 1) != b"g":
+            os._exit(1)
         os.close(parent_gone)
         caps.die_with_parent()
         caps.non_dumpable()

@@ -53,7 +53,7 @@ def _expect(sock: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> bytes:
 
 
 def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
-                   sync: socket.socket) -> None:
+                   sync: socket.socket, reparented: int) -> None:
     """Runs in the forked set-up process; never returns."""
     try:
         # The zygote's wake-up pipe is about to be closed: detach from it before a signal
@@ -78,12 +78,10 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         sync.send(b"u")
         if _expect(sync) != b"m":
             raise OSError("bad handshake from the zygote")
-        gone_r, gone_w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            os.close(gone_w)
             sync.close()
-            room_init.main(spec, ctl, gone_r)
+            room_init.main(spec, ctl, reparented)
         sync.send(str(pid).encode())
         os._exit(0)
     except BaseException as err:  # noqa: BLE001 - nothing may unwind past fork
@@ -97,12 +95,18 @@ def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket
     """Create one room; return (init host pid, daemon's channel end, pidfd of the init)."""
     ctl_daemon, ctl_room = channel.pair()
     sync_z, sync_s = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    keep = [ctl_room.fileno(), sync_s.fileno()]
+    # The init may set PDEATHSIG only once it is our child: that is after the set-up process has
+    # been reaped (its fds close before the kernel re-parents its children, so EOF on a pipe it
+    # held would be too early and the re-parenting itself would deliver the death signal).
+    reparented_r, reparented_w = os.pipe2(os.O_CLOEXEC)
+    keep = [ctl_room.fileno(), sync_s.fileno(), reparented_r]
     pid = os.fork()
     if pid == 0:
-        _setup_process(spec, keep, ctl_room, sync_s)
+        os.set_inheritable(reparented_r, True)
+        _setup_process(spec, keep, ctl_room, sync_s, reparented_r)
     ctl_room.close()
     sync_s.close()
+    os.close(reparented_r)
     try:
         if _expect(sync_z) != b"u":
             raise OSError("bad handshake from the set-up process")
@@ -113,6 +117,7 @@ def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket
         pidfd = os.pidfd_open(init_pid)
     except BaseException:
         ctl_daemon.close()
+        os.close(reparented_w)
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -124,6 +129,8 @@ def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
+    os.write(reparented_w, b"g")
+    os.close(reparented_w)
     return init_pid, ctl_daemon, pidfd
 
 
