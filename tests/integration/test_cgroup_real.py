@@ -258,6 +258,32 @@ def test_v1_pids_max_stops_fork_bomb(v1: V1Backend, made: Made) -> None:
     room.destroy()
 
 
+def test_v1_room_init_joins_by_paths_and_dies_with_room(v1: V1Backend, made: Made) -> None:
+    """The zygote child's path: write "0" to every procs_paths() file, then room.destroy()."""
+    room = v1.create_room("i1", RoomLimits(memory_bytes=128 * MiB, cpus=1, pids=64))
+    paths = room.procs_paths()
+    assert len(paths) == 5 and all(p.endswith("/room-i1/init/cgroup.procs") for p in paths)
+    join = "".join(f"open({p!r}, 'w').write('0')\n" for p in paths)
+    init = made.proc(subprocess.Popen(
+        [sys.executable, "-c", join + "import time; time.sleep(1000)"]))
+    run = room.create_run("r1", None)
+    p = spawn(made, run.join_fds(), "import time; time.sleep(1000)")
+    wait_joined(run)
+    for _ in range(500):
+        if room.stats().pids_current == 2:
+            break
+        time.sleep(0.01)
+    assert room.stats().pids_current == 2
+    run.destroy()  # leaves a dying child css behind: the room's freeze must not wait on it
+    assert p.wait(5) == -signal.SIGKILL
+    t0 = time.perf_counter()
+    room.destroy()
+    took = time.perf_counter() - t0
+    assert init.wait(5) == -signal.SIGKILL
+    assert not os.path.exists(room.path)
+    assert took < 0.5, took
+
+
 def test_v1_reconcile_after_crash(v1: V1Backend, made: Made) -> None:
     room = v1.create_room("z1", RoomLimits())
     run = room.create_run("r1", None)

@@ -102,7 +102,9 @@ class FakeKernel(Fs):
         if os.path.basename(path) == "cgroup.events" and os.path.exists(path):
             # populated is hierarchical, as in the kernel
             live = any(p.read_text().split() for p in Path(path).parent.rglob("cgroup.procs"))
-            return f"populated {int(live)}\nfrozen 0\n"
+            freeze = Path(path).parent / "cgroup.freeze"
+            frozen = freeze.exists() and freeze.read_text().strip() == "1"
+            return f"populated {int(live)}\nfrozen {int(frozen)}\n"
         return super().read_opt(path)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
@@ -128,7 +130,10 @@ class FakeKernel(Fs):
         name = os.path.basename(path)
         if name == "cgroup.kill" and value == "1":
             self._reap(None)  # the fake kills the whole tree: tests use one cgroup at a time
-        elif name == "freezer.state" and value == "THAWED":
+        elif name == "freezer.state":  # v1 freezes and thaws descendants too
+            for f in Path(path).parent.rglob("freezer.state"):
+                f.write_text(value)
+        if name == "freezer.state" and value == "THAWED":
             self._reap(set(self.kills))  # frozen tasks die when thawed
 
 
@@ -437,6 +442,33 @@ def test_v1_kill_freezer_sequence(v1tree: tuple[FakeKernel, Path]) -> None:
     room.destroy()
     for c in V1_FILES:
         assert not (root / c / p).exists()
+
+
+def test_v1_freeze_waits_for_live_leaves_only(v1tree: tuple[FakeKernel, Path],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a just-rmdir'd child keeps a v1 parent FREEZING for ~15 ms; judge by the
+    live leaves, and give up waiting after FREEZE_WAIT_S when a leaf really is stuck."""
+    k, root = v1tree
+    room = v1(k, root).create_room("abc", LIMITS)
+    p = root / "freezer" / "sandboxd/alice/room-abc"
+    put(p / "init", 5)
+    real_write = k.write
+
+    def write(path: str, value: str) -> None:
+        real_write(path, value)
+        if path == str(p / "freezer.state") and value == "FROZEN":
+            (p / "freezer.state").write_text("FREEZING\n")  # the offline child's doing
+    monkeypatch.setattr(k, "write", write)
+    room.kill()
+    assert k.kills == [5]
+    (p / "init" / "freezer.state").write_text("FREEZING\n")
+    monkeypatch.setattr(cgroup, "FREEZE_WAIT_S", 0.05)
+    monkeypatch.setattr(k, "write", lambda path, value: Fs.write(k, path, value)
+                        if not path.endswith("freezer.state") else
+                        (real_write(path, value) if value == "THAWED" else None))
+    put(p / "init", 6)
+    room.kill()  # a leaf stuck in FREEZING: bounded, and the SIGKILL is sent anyway
+    assert 6 in k.kills
 
 
 def test_v1_missing_freezer(v1tree: tuple[FakeKernel, Path]) -> None:
