@@ -37,6 +37,10 @@ PROC_MASKED_FILES = ("kcore", "keys", "key-users", "timer_list", "sched_debug", 
 PROC_MASKED_DIRS = ("acpi", "scsi", "bus", "irq", "driver", "fs", "tty", "sysvipc")
 PROC_READONLY = ("sys",)
 
+# Where a room may write (all on the room's one tmpfs budget), with their modes.
+WRITABLE_DIRS = (("workspace", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
+                 ("run", 0o755), ("var/tmp", 0o1777))
+
 PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\n"
     "sandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n"
@@ -109,25 +113,27 @@ def build_root(scratch: str, rootfs: str, hostname: str) -> str:
             if os.path.lexists(f"/{name}"):
                 _mirror(f"/{name}", f"{root}/{name}")
         _host_etc(root, hostname)
-    else:
-        for d in ("upper", "work", "root"):
-            os.mkdir(f"{scratch}/{d}", 0o755)
-        root = f"{scratch}/root"
-        sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-                 f"lowerdir={rootfs},upperdir={scratch}/upper,workdir={scratch}/work")
-        # The runtime tree stays read-only even for the room's root: writes go to /workspace,
-        # /tmp and home directories, never into the toolchains every run depends on.
-        bind(f"{root}/usr", f"{root}/usr")
-        os.makedirs(f"{root}/etc", exist_ok=True)
-        if not os.path.exists(f"{root}/etc/hosts"):
-            _write(f"{root}/etc/hosts", f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n")
-    for d, mode in (("workspace", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
-                    ("run", 0o755), ("var", 0o755), ("var/tmp", 0o1777), ("proc", 0o555),
-                    ("dev", 0o755), ("home/sandbox", 0o755)):
-        path = f"{root}/{d}"
-        if not os.path.isdir(path):
-            os.makedirs(path, exist_ok=True)
-        os.chmod(path, mode)
+        for d, mode in (*WRITABLE_DIRS, ("proc", 0o555), ("dev", 0o755), ("home/sandbox", 0o755)):
+            os.makedirs(f"{root}/{d}", exist_ok=True)
+            os.chmod(f"{root}/{d}", mode)
+        return root
+    for d in ("upper", "work", "root", "rw"):
+        os.mkdir(f"{scratch}/{d}", 0o755)
+    root = f"{scratch}/root"
+    sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+             f"lowerdir={rootfs},upperdir={scratch}/upper,workdir={scratch}/work")
+    # The runtime tree stays read-only even for the room's root: writes go to /workspace,
+    # /tmp and home directories, never into the toolchains every run depends on.
+    bind(f"{root}/usr", f"{root}/usr")
+    # The tree's directories belong to host root, which this user namespace does not map: even
+    # the room's root cannot create entries in them (rootfs/build.sh makes the mount points).
+    # The writable places are fresh directories on the room's tmpfs bound over them.
+    for d, mode in WRITABLE_DIRS:
+        src = f"{scratch}/rw/{d.replace('/', '_')}"
+        os.mkdir(src)
+        os.chmod(src, mode)
+        sc.mount(src, f"{root}/{d}", None, sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV)
+    os.mkdir(f"{root}/home/sandbox", 0o755)
     return root
 
 
