@@ -648,6 +648,7 @@ class _Run(RunCgroup):
         self.path = node.dirs()[0]
         self._dir_fds: list[int] = []
         self._join_fds: list[int] = []
+        self._room: _Room | None = None
 
     def dir_fds(self) -> list[int]:
         if not self._dir_fds:
@@ -682,6 +683,9 @@ class _Run(RunCgroup):
     def destroy(self) -> None:
         self.close()
         self.ops.destroy(self.node)
+        if self._room is not None:
+            self._room._runs.pop(self.run_id, None)
+            self._room = None
 
 
 class _Room(RoomCgroup):
@@ -708,6 +712,7 @@ class _Room(RoomCgroup):
             with contextlib.suppress(Exception):
                 run.destroy()
             raise
+        run._room = self
         self._runs[run_id] = run
         return run
 

@@ -233,6 +233,7 @@ def test_v2_run_limits_fds_and_enter(v2tree: tuple[FakeKernel, Path, Path]) -> N
     assert (d / "cgroup.procs").read_text() == "0"
     run.destroy()
     assert not d.exists()
+    assert not room._runs  # type: ignore[attr-defined]  # a long-lived room does not grow
     for fd in (*dfds, *jfds):
         with pytest.raises(OSError):
             os.fstat(fd)
