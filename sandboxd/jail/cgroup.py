@@ -53,7 +53,11 @@ ADDITIONS (compatible with the contract):
                             with SCM_RIGHTS and call enter(fds) in the child before exec (see
                             "Joining a run" below for why v2 and v1 differ)
     enter(fds)                                child side: join the cgroup(s) behind join_fds()
-    bootstrap(...) -> list[str]               v2: move the daemon into <own>/supervisor
+    backend.bootstrap() -> list[str]          daemon start-up, after detect(), before the zygote:
+                                              v2 moves the daemon into <own>/supervisor (if
+                                              systemd did not) and enables memory/pids/cpu; a
+                                              v2 backend refuses create_room() until then
+    bootstrap(...) -> list[str]               the same as a function, usable before detect()
     delegate(user, uid, gid, ...) -> list[str]   `sandboxctl setup --user USER` (root, once)
     doctor_report(...) -> list[tuple[str, bool, str]]   `sandboxctl doctor`
 
@@ -65,8 +69,9 @@ Where the cgroups live.
         hosts). The delegated subtree is the daemon's own cgroup (``0::<own>`` in
         /proc/self/cgroup). Because of the "no internal processes" rule the daemon must sit in a
         leaf: systemd >= 254 puts it in ``<own>/supervisor`` (``DelegateSubgroup=supervisor``);
-        otherwise bootstrap() moves it there and enables memory/pids/cpu in
-        ``<own>/cgroup.subtree_control``. Rooms are siblings of the supervisor::
+        otherwise detect() returns a v2 backend with ``pending_move`` and its bootstrap() moves
+        the daemon there; either way bootstrap() enables memory/pids/cpu in the subtree's
+        ``cgroup.subtree_control``. Rooms are siblings of the supervisor::
 
             <own>/supervisor                daemon, zygote
             <own>/room-<id>                 room limits (memory.max, memory.swap.max=0, cpu.max,
@@ -439,6 +444,10 @@ class CgroupBackend(abc.ABC):
                 raise LimitUnavailable(
                     f"the {name} limit cannot be enforced: cgroup backend {self.name!r} lacks the "
                     f"{LIMIT_NAMES[name]} controller", limit=name, backend=self.name)
+
+    def bootstrap(self) -> list[str]:
+        """Daemon start-up step, before the zygote starts; only v2 has work to do."""
+        return []
 
     @abc.abstractmethod
     def create_room(self, room_id: str, limits: RoomLimits) -> RoomCgroup: ...
@@ -879,17 +888,44 @@ class V2Backend(_TreeBackend):
     name = "v2"
 
     def __init__(self, root: str, subtree: str, controllers: Iterable[str],
-                 fs: Fs | None = None, missing: dict[str, str] | None = None) -> None:
+                 fs: Fs | None = None, missing: dict[str, str] | None = None,
+                 pending_move: bool = False) -> None:
         self.root = root
         self.subtree = subtree  # path relative to root, "/..." form
         self.controllers = frozenset(controllers)
         self.fs = fs or Fs()
         self.missing = missing or {}
-        self.ops = _V2Ops(self.fs, self.controllers)
+        self.pending_move = pending_move  # the daemon still sits in the subtree root
+        self._v2ops = _V2Ops(self.fs, self.controllers)
+        self.ops = self._v2ops
         self.base = _Node({"unified": _join(root, subtree)})
+
+    def bootstrap(self) -> list[str]:
+        """Move the daemon into <subtree>/supervisor if needed, enable memory/pids/cpu for the
+        rooms, and claim what is now enabled. Call before the zygote starts (it must be born in
+        the supervisor leaf). Idempotent."""
+        top = self.base.paths["unified"]
+        lines = _move_to_supervisor(top, self.fs) if self.pending_move else []
+        self.pending_move = False
+        lines += _enable_controllers(top, self.fs)
+        enabled = set((self.fs.read_opt(os.path.join(top, "cgroup.subtree_control")) or "")
+                      .split())
+        self.controllers = frozenset(c for c in V2_CONTROLLERS if c in enabled)
+        self._v2ops.controllers = self.controllers
+        self.missing = {c: f"not enabled in {top}/cgroup.subtree_control" for c in V2_CONTROLLERS
+                        if c not in self.controllers}
+        return lines
+
+    def create_room(self, room_id: str, limits: RoomLimits) -> RoomCgroup:
+        if self.pending_move:
+            raise InternalError("cgroup v2 backend used before bootstrap(): the daemon still "
+                                "sits in the delegated subtree's root",
+                                path=self.base.paths["unified"])
+        return super().create_room(room_id, limits)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "v2", "root": self.root, "parent": self.base.paths["unified"],
+                "bootstrapped": not self.pending_move,
                 "controllers": sorted(self.controllers),
                 "limits": sorted(self.enforceable()),
                 "missing": dict(self.missing),
@@ -992,6 +1028,9 @@ class _V1Ops(_Ops):
 
     def kill(self, node: _Node) -> None:
         if not self.fs.isdir(node.paths["freezer"]):
+            # Only after a partial rmdir: nothing left to freeze with, so a plain sweep.
+            for pid in self.pids(node):
+                self.fs.kill(pid, signal.SIGKILL)
             return
         state = self._f(node, "freezer", "freezer.state")
         killed: set[int] = set()
@@ -1046,6 +1085,7 @@ def _probe_v2(v1_root: str, v2_root: str | None, parent: str | None, proc_root: 
     root = _find_v2_root(v1_root, v2_root, fs)
     if root is None:
         return "no cgroup2 hierarchy mounted"
+    pending = False
     if parent is not None:
         subtree = "/" + parent.strip("/")
     else:
@@ -1056,9 +1096,9 @@ def _probe_v2(v1_root: str, v2_root: str | None, parent: str | None, proc_root: 
             return ("the daemon is in the root cgroup2, not in a delegated subtree (run it under "
                     "systemd with Delegate=yes, or set cgroup_parent)")
         if os.path.basename(own) != SUPERVISOR:
-            return (f"the daemon's cgroup {own} is not a 'supervisor' leaf: call bootstrap() "
-                    "first or use DelegateSubgroup=supervisor")
-        subtree = os.path.dirname(own)
+            subtree, pending = own, True  # bootstrap() moves the daemon into <own>/supervisor
+        else:
+            subtree, pending = os.path.dirname(own), False
         if subtree == "/":
             return "the daemon is in /supervisor: the root cgroup2 is not delegated"
     path = _join(root, subtree)
@@ -1072,7 +1112,14 @@ def _probe_v2(v1_root: str, v2_root: str | None, parent: str | None, proc_root: 
     have = {c for c in V2_CONTROLLERS if c in enabled}
     missing = {c: f"not enabled in {path}/cgroup.subtree_control" for c in V2_CONTROLLERS
                if c not in have}
-    return V2Backend(root, subtree, have, fs=fs, missing=missing)
+    if pending:
+        # Before the move the subtree root holds the daemon, so nothing can be enabled yet;
+        # claim what it could delegate (cgroup.controllers): bootstrap() settles the truth.
+        avail = set((fs.read_opt(os.path.join(path, "cgroup.controllers")) or "").split())
+        missing = {c: f"not available in {path}/cgroup.controllers" for c in V2_CONTROLLERS
+                   if c not in avail}
+        have = {c for c in V2_CONTROLLERS if c in avail}
+    return V2Backend(root, subtree, have, fs=fs, missing=missing, pending_move=pending)
 
 
 def _v1_hierarchies(v1_root: str, fs: Fs) -> dict[str, str]:
@@ -1169,13 +1216,44 @@ def detect(config_backend: str = "auto", parent: str | None = None,
 # === daemon start-up and host setup ==============================================================
 
 
+def _move_to_supervisor(subtree: str, fs: Fs) -> list[str]:
+    sup = os.path.join(subtree, SUPERVISOR)
+    lines = [f"created {sup}"] if fs.mkdir(sup) else []
+    # Everything in the subtree root moves (the daemon, and anything the unit started with it):
+    # a cgroup that hands controllers to children may hold no processes itself.
+    for pid_s in fs.read(os.path.join(subtree, "cgroup.procs")).split():
+        try:
+            fs.write(os.path.join(sup, "cgroup.procs"), pid_s)
+        except InternalError as err:
+            if err.context.get("errno") != errno.ESRCH:  # exited meanwhile
+                raise
+    lines.append(f"moved the daemon's processes into {sup}")
+    return lines
+
+
+def _enable_controllers(subtree: str, fs: Fs) -> list[str]:
+    lines = []
+    avail = set((fs.read_opt(os.path.join(subtree, "cgroup.controllers")) or "").split())
+    enabled = set((fs.read_opt(os.path.join(subtree, "cgroup.subtree_control")) or "").split())
+    want = [c for c in V2_CONTROLLERS if c in avail and c not in enabled]
+    if want:
+        fs.write(os.path.join(subtree, "cgroup.subtree_control"),
+                 " ".join("+" + c for c in want))
+        lines.append(f"enabled {' '.join(want)} in {subtree}/cgroup.subtree_control")
+    absent = [c for c in V2_CONTROLLERS if c not in avail]
+    if absent:
+        lines.append(f"not delegated to {subtree}: {' '.join(absent)}")
+    return lines
+
+
 def bootstrap(v2_root: str | None = None, v1_root: str = "/sys/fs/cgroup",
               proc_root: str = "/proc", *, fs: Fs | None = None) -> list[str]:
     """v2 only: put the daemon in ``<own>/supervisor`` and enable our controllers for rooms.
 
-    Call from daemon.main() before the zygote starts and before detect(). Idempotent; returns
-    human lines; never raises for "nothing to do" (detect() then explains what is missing).
-    With systemd >= 254 and DelegateSubgroup=supervisor only the controller step runs.
+    The same as ``detect(...).bootstrap()`` for the default (own-cgroup) layout, usable before
+    detect(). Call before the zygote starts. Idempotent; returns human lines; never raises for
+    "nothing to do". With systemd >= 254 and DelegateSubgroup=supervisor only the controller
+    step runs.
     """
     fs = fs or Fs()
     root = _find_v2_root(v1_root, v2_root, fs)
@@ -1191,29 +1269,8 @@ def bootstrap(v2_root: str | None = None, v1_root: str = "/sys/fs/cgroup",
         subtree = _join(root, own)
         if not fs.access(os.path.join(subtree, "cgroup.procs"), os.W_OK):
             return [f"{subtree} is not delegated to uid {os.geteuid()}: nothing moved"]
-        sup = os.path.join(subtree, SUPERVISOR)
-        if fs.mkdir(sup):
-            lines.append(f"created {sup}")
-        # Everything in our cgroup moves (the daemon, and anything the unit started with it):
-        # a cgroup that hands controllers to children may hold no processes itself.
-        for pid_s in (fs.read(os.path.join(subtree, "cgroup.procs"))).split():
-            try:
-                fs.write(os.path.join(sup, "cgroup.procs"), pid_s)
-            except InternalError as err:
-                if err.context.get("errno") != errno.ESRCH:  # exited meanwhile
-                    raise
-        lines.append(f"moved the daemon's processes into {sup}")
-    avail = set((fs.read_opt(os.path.join(subtree, "cgroup.controllers")) or "").split())
-    enabled = set((fs.read_opt(os.path.join(subtree, "cgroup.subtree_control")) or "").split())
-    want = [c for c in V2_CONTROLLERS if c in avail and c not in enabled]
-    if want:
-        fs.write(os.path.join(subtree, "cgroup.subtree_control"),
-                 " ".join("+" + c for c in want))
-        lines.append(f"enabled {' '.join(want)} in {subtree}/cgroup.subtree_control")
-    absent = [c for c in V2_CONTROLLERS if c not in avail]
-    if absent:
-        lines.append(f"not delegated to {subtree}: {' '.join(absent)}")
-    return lines
+        lines += _move_to_supervisor(subtree, fs)
+    return lines + _enable_controllers(subtree, fs)
 
 
 def delegate(user: str, uid: int, gid: int, v1_root: str = "/sys/fs/cgroup",

@@ -513,3 +513,31 @@ def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made) -> None:
     a.send(b"x")
     p.wait(10)
     assert v2.reconcile(set()) == ["x"]
+
+
+def test_v2_backend_bootstrap_moves_the_daemon(v2: V2Backend, made: Made) -> None:
+    """daemon.py's order on a real cgroup2: detect() (pending), backend.bootstrap(), rooms."""
+    own = v2.base.paths["unified"]
+    snippet = textwrap.dedent(f"""
+        import sys
+        from sandboxd.config import RoomLimits
+        from sandboxd.jail import cgroup
+        sys.stdin.readline()                          # wait until moved into {own}
+        b = cgroup.detect("v2", None, {V1_ROOT!r})
+        assert b.name == "v2" and b.pending_move, b.describe()
+        print(b.bootstrap(), flush=True)
+        print([x for x in open("/proc/self/cgroup") if x.startswith("0::")][0], end="",
+              flush=True)
+        room = b.create_room("bt", RoomLimits())
+        print(sorted(b.reconcile(set())), flush=True)
+    """)
+    p = made.proc(subprocess.Popen([sys.executable, "-c", snippet], env={"PYTHONPATH": REPO},
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    Path(own, "cgroup.procs").write_text(str(p.pid))
+    out, _ = p.communicate("\n", timeout=20)
+    assert p.returncode == 0, out
+    lines = out.splitlines()
+    assert lines[0].startswith("[") and "moved the daemon's processes" in lines[0]
+    assert lines[1] == f"0::{v2.subtree}/supervisor"
+    assert lines[2] == "['bt']"
+    assert os.listdir(own) and not os.path.exists(f"{own}/room-bt")

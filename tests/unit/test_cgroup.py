@@ -125,9 +125,20 @@ class FakeKernel(Fs):
             procs.write_text("\n".join(left))
 
     def write(self, path: str, value: str) -> None:
+        before = Path(path).read_text().split() if path.endswith("subtree_control") and \
+            os.path.exists(path) else []
         super().write(path, value)
         self.writes.append((os.path.relpath(path, self.root), value))
         name = os.path.basename(path)
+        if name == "cgroup.subtree_control":  # "+a -b" edits the set; reads list it
+            cur: list[str] = list(before)
+            for tok in value.split():
+                c = tok[1:]
+                if tok[0] == "+" and c not in cur:
+                    cur.append(c)
+                elif tok[0] == "-" and c in cur:
+                    cur.remove(c)
+            Path(path).write_text(" ".join(cur) + "\n")
         if name == "cgroup.kill" and value == "1":
             self._reap(None)  # the fake kills the whole tree: tests use one cgroup at a time
         elif name == "freezer.state":  # v1 freezes and thaws descendants too
@@ -211,7 +222,8 @@ def test_v2_create_room_writes_limits_and_init_leaf(v2tree: tuple[FakeKernel, Pa
     assert (d / "memory.swap.max").read_text() == "0"
     assert (d / "cpu.max").read_text() == "150000 100000"
     assert (d / "pids.max").read_text() == "100"
-    assert (d / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert ("svc/room-abc/cgroup.subtree_control", "+memory +pids") in k.writes
+    assert (d / "cgroup.subtree_control").read_text() == "memory pids\n"
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert room.procs_paths() == [str(d / "init" / "cgroup.procs")]
     assert room.enforced == {"memory", "cpus", "pids"}
@@ -300,25 +312,61 @@ def test_v2_destroy_bounded_when_stuck(v2tree: tuple[FakeKernel, Path, Path],
     assert exc.value.context["pids"] == [99]
 
 
-def test_v2_not_in_supervisor_then_bootstrap(v2tree: tuple[FakeKernel, Path, Path]) -> None:
-    k, root, proc = v2tree
+def _svc2(k: FakeKernel, root: Path, proc: Path) -> None:
+    """The daemon (pids 500, 501) in /svc2, which can delegate cpu memory pids, no supervisor."""
     (proc / "self" / "cgroup").write_text("0::/svc2\n")
     k.mkdir(str(root / "svc2"))
     put(root / "svc2", 500, 501)
     (root / "svc2" / "cgroup.controllers").write_text("cpu memory pids io\n")
-    b = cgroup.detect("auto", None, str(root), None, str(proc), fs=k)
-    assert isinstance(b, DisabledBackend) and "supervisor" in b.describe()["tried"]["v2"]
-    with pytest.raises(LimitUnavailable):
-        cgroup.detect("v2", None, str(root), None, str(proc), fs=k)
-    lines = cgroup.bootstrap(None, str(root), str(proc), fs=k)
+
+
+def test_v2_backend_bootstrap_moves_daemon(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    """daemon.py's order: detect(), backend.bootstrap(), then the zygote."""
+    k, root, proc = v2tree
+    _svc2(k, root, proc)
+    b = v2(k, root, proc)
+    assert b.pending_move and not b.describe()["bootstrapped"]
+    with pytest.raises(InternalError):
+        b.create_room("early", LIMITS)  # rooms before the move would break the subtree
+    lines = b.bootstrap()
     assert ("svc2/supervisor/cgroup.procs", "500") in k.writes
     assert ("svc2/supervisor/cgroup.procs", "501") in k.writes
     assert ("svc2/cgroup.subtree_control", "+memory +pids +cpu") in k.writes
+    assert lines[-1] == f"enabled memory pids cpu in {root}/svc2/cgroup.subtree_control"
+    assert b.controllers == {"memory", "pids", "cpu"} and b.missing == {}
+    b.create_room("abc", LIMITS)
+    assert (root / "svc2" / "room-abc" / "memory.max").read_text() == str(64 * MiB)
+    n = len(k.writes)
+    assert b.bootstrap() == [] and len(k.writes) == n  # idempotent
+
+
+def test_v2_bootstrap_partial_delegation(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    _svc2(k, root, proc)
+    (root / "svc2" / "cgroup.controllers").write_text("memory\n")
+    b = v2(k, root, proc)
+    assert b.controllers == {"memory"}  # what the subtree could delegate, before the move
+    assert b.bootstrap()[-1] == f"not delegated to {root}/svc2: pids cpu"
+    assert b.enforceable() == {"memory"}
+
+
+def test_v2_module_bootstrap_before_detect(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    _svc2(k, root, proc)
+    lines = cgroup.bootstrap(None, str(root), str(proc), fs=k)
+    assert ("svc2/supervisor/cgroup.procs", "501") in k.writes
     assert any("enabled memory pids cpu" in line for line in lines)
     (proc / "self" / "cgroup").write_text("0::/svc2/supervisor\n")
-    (root / "svc2" / "cgroup.subtree_control").write_text("memory pids cpu\n")
     assert cgroup.bootstrap(None, str(root), str(proc), fs=k) == []  # idempotent
-    assert v2(k, root, proc).base.paths["unified"] == str(root / "svc2")
+    b = v2(k, root, proc)
+    assert not b.pending_move and b.base.paths["unified"] == str(root / "svc2")
+    assert b.bootstrap() == []
+
+
+def test_v1_and_disabled_bootstrap_is_a_no_op(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    assert v1(k, root).bootstrap() == []
+    assert DisabledBackend("x").bootstrap() == []
 
 
 def test_v2_root_cgroup_is_not_delegated(v2tree: tuple[FakeKernel, Path, Path]) -> None:
@@ -470,6 +518,21 @@ def test_v1_freeze_waits_for_live_leaves_only(v1tree: tuple[FakeKernel, Path],
     put(p / "init", 6)
     room.kill()  # a leaf stuck in FREEZING: bounded, and the SIGKILL is sent anyway
     assert 6 in k.kills
+
+
+def test_v1_kill_after_partial_rmdir(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    room = v1(k, root).create_room("abc", LIMITS)
+    p = "sandboxd/alice/room-abc"
+    for leaf in ("init", ""):
+        for name in os.listdir(root / "freezer" / p / leaf):
+            if not (root / "freezer" / p / leaf / name).is_dir():
+                (root / "freezer" / p / leaf / name).unlink()
+    (root / "freezer" / p / "init").rmdir()
+    (root / "freezer" / p).rmdir()
+    put(root / "memory" / p / "init", 31)
+    room.kill()
+    assert k.kills == [31]
 
 
 def test_v1_missing_freezer(v1tree: tuple[FakeKernel, Path]) -> None:
