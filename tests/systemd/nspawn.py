@@ -41,7 +41,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CHECKOUT = HERE.parent.parent
+# The tree installed into the container; SANDBOXD_NSPAWN_SRC points at another checkout (e.g. a
+# patched copy) without touching this one.
+CHECKOUT = Path(os.environ.get("SANDBOXD_NSPAWN_SRC") or HERE.parent.parent)
 BUILD_SCRIPT = HERE / "build-tree.sh"
 PIP_CACHE = Path(os.environ.get("SANDBOXD_NSPAWN_PIP_CACHE", "/var/cache/sandboxd-ci/pip"))
 CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd", "/sys/fs/cgroup")
