@@ -186,6 +186,22 @@ def test_daemon_sits_in_its_delegated_subtree(c: nspawn.Container) -> None:
     assert set(theirs) <= set(pids)
 
 
+def test_without_delegate_subgroup_the_daemon_moves_itself(c: nspawn.Container) -> None:
+    """systemd < 254 ignores DelegateSubgroup=: the daemon must move into the leaf itself."""
+    dropin = "/run/systemd/system/sandboxd.service.d"
+    c.sh(f"mkdir -p {dropin} && printf '[Service]\\nDelegateSubgroup=\\n' > {dropin}/old.conf"
+         " && systemctl daemon-reload && systemctl restart sandboxd.service")
+    try:
+        assert show(c, "DelegateSubgroup") == ""
+        pid = show(c, "MainPID")
+        v2 = [ln for ln in c.read(f"/proc/{pid}/cgroup").splitlines() if ln.startswith("0::")]
+        assert v2 == ["0::/system.slice/sandboxd.service/supervisor"]
+        _, out, _ = ctl(c, "exec", "r1", "--", "echo", "fallback")
+        assert out.strip() == "fallback"
+    finally:
+        c.sh(f"rm -rf {dropin} && systemctl daemon-reload && systemctl restart sandboxd.service")
+
+
 def test_room_root_is_a_subordinate_id(c: nspawn.Container) -> None:
     _, out, _ = ctl(c, "ping", "--json")
     mapping = json.loads(out).get("capabilities", {}).get("idMapping")
@@ -275,6 +291,8 @@ def test_sigkill_then_restart_reconciles(c: nspawn.Container) -> None:
     before = leftovers(c)
     assert before["state"], "rooms should have state while running"
     restarts = int(show(c, "NRestarts"))
+    # The tests above started the unit often; let StartLimitBurst= count from here.
+    c.run(["systemctl", "reset-failed", "sandboxd.service"])
     c.run(["systemctl", "kill", "-s", "KILL", "sandboxd.service"])
     start = time.monotonic()
     # Restart=on-failure brings it back by itself (RestartSec=1s).
