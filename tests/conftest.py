@@ -12,7 +12,7 @@ Environment knobs:
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import os
 import pwd
 import shutil
@@ -109,6 +109,21 @@ class DaemonProc:
 
     # --- host-side checks ---------------------------------------------------------------------
 
+    @property
+    def instance(self) -> str:
+        """The daemon's v1 cgroup instance directory name (see daemon.py)."""
+        real = os.path.realpath(self.state_dir).encode()
+        return "i-" + hashlib.sha256(real).hexdigest()[:12]
+
+    def zygote_pids(self) -> set[int]:
+        if self.proc is None:
+            return set()
+        try:
+            kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return set()
+        return {int(p) for p in kids.split()}
+
     def leftovers(self) -> list[str]:
         """Everything of this daemon's rooms still on the host (empty when clean)."""
         found: list[str] = []
@@ -116,29 +131,27 @@ class DaemonProc:
         if os.path.isdir(rooms_dir):
             found += [f"state: {n}" for n in os.listdir(rooms_dir)]
         for ctl in ("memory", "pids", "cpu", "cpuacct", "freezer"):
-            base = os.path.join(CGROUP_V1, ctl, "sandboxd", self.user.pw_name)
-            if os.path.isdir(base):
-                found += [f"cgroup {ctl}: {n}" for n in os.listdir(base) if n.startswith("room-")]
+            inst = os.path.join(CGROUP_V1, ctl, "sandboxd", self.user.pw_name, self.instance)
+            if os.path.isdir(inst):
+                rooms = [n for n in os.listdir(inst) if n.startswith("room-")]
+                found += [f"cgroup {ctl}: {n}" for n in rooms]
+                if self.proc is None:
+                    found.append(f"cgroup {ctl}: instance dir {inst}")
         with open("/proc/self/mountinfo") as f:
-            found += [f"mount: {line.split()[4]}" for line in f if self.state_dir in line]
-        daemon_pids = set()
-        if self.proc is not None:
-            daemon_pids.add(self.proc.pid)
-            with contextlib.suppress(OSError):
-                out = subprocess.run(["pgrep", "-f", "sandboxd.jail.zygote", "-u",
-                                      str(self.user.pw_uid)], capture_output=True, text=True)
-                daemon_pids |= {int(p) for p in out.stdout.split()}
+            base = os.path.dirname(self.state_dir)
+            found += [f"mount: {line.split()[4]}" for line in f if base in line]
         for pid in os.listdir("/proc"):
-            if not pid.isdigit() or int(pid) in daemon_pids:
+            if not pid.isdigit():
                 continue
             try:
-                st = os.stat(f"/proc/{pid}")
+                cgroups = Path(f"/proc/{pid}/cgroup").read_text()
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if st.st_uid == self.user.pw_uid and "setpriv" not in cmd:
-                if self.proc is None or "sandboxd" in cmd or "sleep" in cmd or not cmd:
-                    found.append(f"process {pid}: {cmd[:80]}")
+            mine = f"/{self.instance}/" in cgroups or (
+                self.proc is None and os.path.dirname(self.state_dir) in cmd)
+            if mine and int(pid) != os.getpid():
+                found.append(f"process {pid}: {cmd[:80]}")
         return found
 
 

@@ -411,6 +411,10 @@ class RoomCgroup(abc.ABC):
     @abc.abstractmethod
     def procs_paths(self) -> list[str]: ...
 
+    @property
+    def joined_by_dir(self) -> bool:
+        return False
+
     @abc.abstractmethod
     def create_run(self, run_id: str, limits: RunCgroupLimits | None = None) -> RunCgroup: ...
 
@@ -448,6 +452,9 @@ class CgroupBackend(abc.ABC):
     def bootstrap(self) -> list[str]:
         """Daemon start-up step, before the zygote starts; only v2 has work to do."""
         return []
+
+    def release(self) -> None:  # noqa: B027 - a hook with nothing to do for most backends
+        """Daemon shutdown step, after every room is gone; only v1 instances have work."""
 
     @abc.abstractmethod
     def create_room(self, room_id: str, limits: RoomLimits) -> RoomCgroup: ...
@@ -548,6 +555,10 @@ class _Node:
 
 class _Ops(abc.ABC):
     """What differs between v1 and v2, on one _Node."""
+
+    #: v1: a joining process opens cgroup.procs itself (its euid must match the mover's);
+    #: v2: the daemon opens it (common-ancestor and namespace checks use the opener).
+    child_opens_procs = False
 
     fs: Fs
 
@@ -709,6 +720,12 @@ class _Room(RoomCgroup):
     def procs_paths(self) -> list[str]:
         return [os.path.join(d, "cgroup.procs") for d in self.node.child(INIT_LEAF).dirs()]
 
+    @property
+    def joined_by_dir(self) -> bool:
+        """How a process of the room (possibly a subordinate uid) rejoins the init leaf: through
+        directory fds it opens cgroup.procs from (v1), or daemon-opened cgroup.procs fds (v2)."""
+        return self.ops.child_opens_procs
+
     def create_run(self, run_id: str, limits: RunCgroupLimits | None = None) -> RunCgroup:
         node = self.node.child(RUN_PREFIX + _check_name("run", run_id))
         self.ops.mkdir(node)
@@ -754,6 +771,9 @@ class _TreeBackend(CgroupBackend):
             self.ops.write_room_limits(node, limits, enforce)
             self.ops.prepare_room(node)
             self.ops.mkdir(node.child(INIT_LEAF))
+            # The room init steps into run cgroups and back (init._spawn_fast), so its own leaf
+            # is joined the way runs are.
+            self.ops.prepare_run(node.child(INIT_LEAF))
         except BaseException:
             with contextlib.suppress(Exception):
                 self.ops.destroy(node)
@@ -937,6 +957,8 @@ class V2Backend(_TreeBackend):
 
 
 class _V1Ops(_Ops):
+    child_opens_procs = True
+
     def __init__(self, fs: Fs, controllers: frozenset[str]) -> None:
         self.fs = fs
         self.controllers = controllers
@@ -1070,6 +1092,23 @@ class V1Backend(_TreeBackend):
         self.base = _Node({c: _join(h, parent) for c, h in hierarchies.items()
                            if c in self.controllers})
 
+    def use_instance(self, name: str) -> None:
+        """Put this daemon's rooms in ``<parent>/<name>``: daemons of one user (different state
+        dirs) then never reconcile away each other's rooms. Created if missing."""
+        node = self.base.child(_check_name("instance", name))
+        for d in node.dirs():
+            self.fs.mkdir(d, 0o700)
+        self.base = node
+        self.parent = f"{self.parent}/{name}"
+
+    def release(self) -> None:
+        """At shutdown: remove the instance directories (the rooms are gone by then)."""
+        if self.parent.count("/") < 2:
+            return  # never the delegated parent itself
+        for d in self.base.dirs():
+            with contextlib.suppress(OSError):
+                self.fs.rmdir(d)
+
     def describe(self) -> dict[str, Any]:
         return {"backend": "v1", "root": self.root, "parent": self.parent,
                 "paths": dict(self.base.paths), "controllers": sorted(self.controllers),
@@ -1172,8 +1211,11 @@ def _probe_v1(v1_root: str, parent: str | None, user: str | None, fs: Fs) -> V1B
 def detect(config_backend: str = "auto", parent: str | None = None,
            v1_root: str = "/sys/fs/cgroup", v2_root: str | None = None,
            proc_root: str = "/proc", *, user: str | None = None,
-           fs: Fs | None = None) -> CgroupBackend:
+           fs: Fs | None = None, instance: str | None = None) -> CgroupBackend:
     """Pick the backend. Explicit v1/v2 that cannot work raise LimitUnavailable (fail loudly).
+
+    ``instance`` (v1 only; v2 rooms already live under the daemon's own cgroup) names a
+    per-daemon subdirectory of the delegated parent, see V1Backend.use_instance.
 
     auto: complete v2 (memory+pids+cpu) > complete v1 (memory+pids+cpu+cpuacct+freezer) >
     partial v2 (kill and CPU figures, some limits) > partial v1 (freezer needed) > disabled.
@@ -1197,6 +1239,8 @@ def detect(config_backend: str = "auto", parent: str | None = None,
             return v2
     if config_backend in ("auto", "v1"):
         v1 = _probe_v1(v1_root, parent, user, fs)
+        if instance and isinstance(v1, V1Backend):
+            v1.use_instance(instance)
         if config_backend == "v1":
             if isinstance(v1, str):
                 raise LimitUnavailable(f"cgroup backend v1 unusable: {v1}", limit="cgroup",

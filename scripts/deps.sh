@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Debian packages sandboxd needs on the host (as root; idempotent). Used by run.sh and .ci/run.
+#   python3 python3-venv python3-dev gcc libcap-dev   the venv, and python-prctl's C extension
+#   libseccomp2                                        the syscall filter (pyseccomp loads it)
+#   uidmap                                             newuidmap/newgidmap for subordinate ids
+#   util-linux procps iproute2 git                     setpriv, ps/pgrep, ip, git in host rooms
+#   mmdebstrap arch-test                               rootfs/build.sh (and the nspawn test tree)
+#   systemd-container                                  systemd-nspawn, for the service tests
+set -euo pipefail
+pkgs=(python3 python3-venv python3-dev gcc libcap-dev libseccomp2 uidmap util-linux procps
+      iproute2 git ca-certificates mmdebstrap arch-test systemd-container)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "deps.sh: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run the test suite: unit, integration (a real sandboxd started as an unprivileged user),
+# security, and — when their prerequisites exist — the rootfs (13 languages) and systemd tiers.
+# Needs root (to create the test users and delegate cgroups to them) and scripts/deps.sh done.
+#   ./scripts/test.sh                 everything this host can run
+#   ./scripts/test.sh tests/unit      any pytest arguments narrow it down
+set -euo pipefail
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$top"
+venv=${SANDBOXD_VENV:-/opt/sandboxd/venv}
+if [ ! -x "$venv/bin/python" ]; then
+    /usr/bin/python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip setuptools wheel
+# A regular (not editable) install: the daemon runs as an unprivileged user who may not be able
+# to read this checkout (CI clones under /root).
+build=$(mktemp -d); trap 'rm -rf "$build"' EXIT
+cp -r pyproject.toml README.md sandboxd "$build"/
+"$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation "$build[dev]"
+chmod -R a+rX "$venv"
+rootfs=${SANDBOXD_TEST_LANG_ROOTFS:-/var/lib/sandboxd/rootfs/default}
+if [ -d "$rootfs/usr" ]; then export SANDBOXD_TEST_LANG_ROOTFS=$rootfs; fi
+args=("$@")
+[ ${#args[@]} -gt 0 ] || args=(tests)
+set +e
+"$venv/bin/python" -m pytest -p no:cacheprovider "${args[@]}"
+code=$?
+set -e
+[ $code -eq 5 ] && { echo "test.sh: no tests collected"; exit 1; }
+exit $code
