@@ -280,3 +280,6 @@ def main(spec: dict[str, Any], ctl: socket.socket, parent_gone: int) -> None:
         print(f"sandboxd room init: {type(err).__name__}: {err}", file=sys.stderr)
         os._exit(1)
     os._exit(0)
+
+
+from . import fileops as _fileops  # noqa: E402, F401 - registers the file operations in HANDLERS

@@ -1,0 +1,393 @@
+"""File operations of the room init: every path of the file API is resolved here, inside the room.
+
+Theory of operation. The init is PID 1 of the room, root of the room's user namespace, and after
+``pivot_root`` its root directory *is* the room's root: no path it resolves can name a host file.
+The daemon (host credentials) never opens a room path; it sends the path here and gets back an
+**open file descriptor** (SCM_RIGHTS) for content, or a small reply for metadata operations:
+
+  f_open_read  {path}               -> {path, size, mtime, mode} + [fd O_RDONLY of a regular file]
+  f_open_write {path}               -> {path} + [fd O_WRONLY|O_TRUNC of a regular file]
+                                       (missing parent directories are created)
+  f_exists     {path}               -> {path, exists, type}
+  f_delete     {path}               -> {path}            (files and links; never directories)
+  f_rename     {src, dst, into}     -> {path, newPath}   (``into``: moveFile semantics — an
+                                       existing directory as destination receives the source)
+  f_mkdir      {path, recursive}    -> {path}
+  f_list       {path, recursive, hidden, limit}
+                                    -> {path, count, truncated} + [memfd holding msgpack rows]
+
+Bulk data never crosses the channel: the daemon reads or writes the returned fd itself (the init
+stays free to reap and spawn), and a listing goes through a memfd (charged to the room's memory
+cgroup, not the daemon's). Errors are OSError with the errno the daemon maps to wire codes.
+
+The room's own invariants, kept even though nothing here can reach the host:
+
+* every lookup uses openat2(RESOLVE_NO_MAGICLINKS): ``/proc/<pid>/fd/N``, ``/proc/<pid>/root``
+  and ``/proc/<pid>/cwd`` are not followed, so an fd some process of the room holds (a payload
+  briefly holds its run cgroup's directory fds between fork and exec) is never reached by path;
+* content and mutations are refused on pseudo filesystems (proc, sysfs, cgroup, devpts, ...):
+  ``/proc/1/environ`` is the init's — the daemon's — environment, ``/proc/self/mem`` its memory;
+* content operations accept only regular files, checked with fstat on the opened fd (a FIFO is
+  opened O_NONBLOCK, so a FIFO planted by the room cannot hang the init, and a device or FIFO
+  never reaches the daemon); a pre-open stat spares devices an open() with side effects;
+* recursive listings never follow symlinks (RESOLVE_NO_SYMLINKS per directory), so a link swapped
+  in during the walk leads nowhere, and they stop at LIST_MAX_DEPTH and at the entry limit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import stat
+from typing import Any
+
+import msgspec
+
+from . import _syscalls as sc
+from . import init
+
+WORKSPACE = "/workspace"
+LIST_MAX_DEPTH = 128
+LIST_MAX_ENTRIES = 100_000
+
+# Filesystems whose files are kernel interfaces, not data (read through the daemon, /proc files
+# would hand out the init's environment and memory; sysfs/cgroup files are host-wide knobs).
+PSEUDO_FS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "securityfs",
+                       "debugfs", "tracefs", "bpf", "configfs", "fusectl", "pstore",
+                       "efivarfs", "binfmt_misc", "hugetlbfs", "autofs", "rpc_pipefs",
+                       "nsfs", "pipefs", "sockfs", "anon_inodefs"})
+PSEUDO_PREFIXES = ("/proc", "/sys")
+
+_NO_MAGIC = sc.RESOLVE_NO_MAGICLINKS
+_pseudo_devs: frozenset[int] | None = None
+_enc = msgspec.msgpack.Encoder()
+
+
+# --- paths ---------------------------------------------------------------------------------------
+
+
+def resolve(path: Any) -> str:
+    """The absolute, lexically normalised form of a user path (relative to /workspace).
+
+    Lexical normalisation is safe here: whatever ``..`` and symlinks mean, they mean it inside
+    the room's root, which is the only tree this process has.
+    """
+    if not isinstance(path, str) or not path or "\x00" in path:
+        raise OSError(errno.EINVAL, "invalid path", str(path))
+    full = path if path.startswith("/") else f"{WORKSPACE}/{path}"
+    norm = posixpath.normpath(full).lstrip("/")  # normpath keeps a leading "//"
+    return "/" + norm if norm != "." else "/"
+
+
+def split(path: str) -> tuple[str, str]:
+    """(parent, name) of a resolved path; name is "" for the root."""
+    if path == "/":
+        return "/", ""
+    parent, name = posixpath.split(path)
+    return parent or "/", name
+
+
+def _pseudo() -> frozenset[int]:
+    """Device numbers of every pseudo-filesystem mount of the room (fixed after set-up: the
+    seccomp filter denies mount and umount)."""
+    global _pseudo_devs
+    if _pseudo_devs is None:
+        devs: set[int] = set()
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                major, minor = fields[2].split(":")
+                fstype, point = fields[sep + 1], fields[4]
+                if fstype in PSEUDO_FS or any(point == p or point.startswith(p + "/")
+                                              for p in PSEUDO_PREFIXES):
+                    devs.add(os.makedev(int(major), int(minor)))
+        _pseudo_devs = frozenset(devs)
+    return _pseudo_devs
+
+
+def _check_fs(fd: int, path: str) -> os.stat_result:
+    st = os.fstat(fd)
+    if st.st_dev in _pseudo():
+        raise OSError(errno.EACCES, "the file API does not reach kernel interfaces "
+                                    "(/proc, /sys, ...)", path)
+    return st
+
+
+def _open(path: str, flags: int, *, dirfd: int = -100, mode: int = 0, resolve: int = _NO_MAGIC,
+          name: str | None = None) -> int:
+    """openat2 with the room's resolution rules; errors name the user-visible path."""
+    try:
+        return sc.openat2(dirfd, name if name is not None else path, flags | os.O_CLOEXEC, mode,
+                          resolve)
+    except OSError as err:
+        raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO), path) from None
+
+
+def _dir(path: str, create: bool = False) -> int:
+    """An O_PATH fd of directory ``path``; with ``create``, make missing components (mkdir -p),
+    one openat2 per component so that no step follows a magic link."""
+    flags = os.O_PATH | os.O_DIRECTORY
+    if not create:
+        return _open(path, flags)
+    fd = os.open("/", flags | os.O_CLOEXEC)
+    done = ""
+    try:
+        for comp in [c for c in path.split("/") if c]:
+            done += "/" + comp
+            try:
+                nfd = _open(done, flags, dirfd=fd, name=comp)
+            except FileNotFoundError:
+                _check_fs(fd, done)
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass  # a concurrent mkdir (a payload's) won the race: fine
+                nfd = _open(done, flags, dirfd=fd, name=comp)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def _not_regular(st: os.stat_result, path: str) -> OSError:
+    if stat.S_ISDIR(st.st_mode):
+        return OSError(errno.EISDIR, "is a directory", path)
+    return OSError(errno.EPERM, f"not a regular file ({_kind(st.st_mode)})", path)
+
+
+# --- content -------------------------------------------------------------------------------------
+
+
+def open_read(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    path = resolve(msg.get("path"))
+    try:
+        pre = os.stat(path)
+    except OSError as err:
+        raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO), path) from None
+    if not stat.S_ISREG(pre.st_mode):
+        raise _not_regular(pre, path)
+    # O_NONBLOCK: should a FIFO be swapped in after the stat, open() returns at once.
+    fd = _open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        st = _check_fs(fd, path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return {"path": path, "size": st.st_size, "mtime": st.st_mtime, "mode": st.st_mode}, [fd]
+
+
+def open_write(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    path = resolve(msg.get("path"))
+    parent, name = split(path)
+    if not name:
+        raise OSError(errno.EISDIR, "is a directory", path)
+    dfd = _dir(parent, create=True)
+    try:
+        _check_fs(dfd, parent)
+        try:
+            pre = os.stat(name, dir_fd=dfd)
+            if not stat.S_ISREG(pre.st_mode):
+                raise _not_regular(pre, path)
+        except FileNotFoundError:
+            pass  # new file (or a dangling link, which open() creates the target of)
+        fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOCTTY,
+                   dirfd=dfd, name=name, mode=0o644)
+    finally:
+        os.close(dfd)
+    try:
+        st = _check_fs(fd, path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return {"path": path}, [fd]
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+
+def exists(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    path = resolve(msg.get("path"))
+    try:
+        fd = _open(path, os.O_PATH)
+    except (FileNotFoundError, NotADirectoryError):
+        return {"path": path, "exists": False, "type": None}, []
+    try:
+        return {"path": path, "exists": True, "type": _kind(os.fstat(fd).st_mode)}, []
+    finally:
+        os.close(fd)
+
+
+def delete(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    path = resolve(msg.get("path"))
+    parent, name = split(path)
+    if not name:
+        raise OSError(errno.EISDIR, "is a directory", path)
+    dfd = _dir(parent)
+    try:
+        _check_fs(dfd, parent)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, "is a directory", path)
+        # unlinkat without AT_REMOVEDIR: a directory swapped in now fails with EISDIR anyway,
+        # and a symlink is removed itself, never its target.
+        os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    return {"path": path}, []
+
+
+def rename(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    src = resolve(msg.get("src"))
+    dst = resolve(msg.get("dst"))
+    sparent, sname = split(src)
+    if not sname:
+        raise OSError(errno.EBUSY, "cannot move the root directory", src)
+    if msg.get("into"):
+        try:
+            dfd = _open(dst, os.O_PATH | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        else:
+            os.close(dfd)
+            dst = posixpath.join(dst, sname)
+    dparent, dname = split(dst)
+    if not dname:
+        raise OSError(errno.EBUSY, "cannot replace the root directory", dst)
+    sfd = _dir(sparent)
+    try:
+        _check_fs(sfd, sparent)
+        dfd = _dir(dparent)
+        try:
+            _check_fs(dfd, dparent)
+            try:
+                os.rename(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            except OSError as err:
+                # Name the side the kernel complained about: a missing source is the usual case.
+                side = src if err.errno == errno.ENOENT else dst
+                raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO),
+                              side) from None
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    return {"path": src, "newPath": dst}, []
+
+
+def mkdir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    path = resolve(msg.get("path"))
+    if msg.get("recursive"):
+        try:
+            os.close(_dir(path, create=True))
+        except NotADirectoryError:
+            # mkdir -p over an existing file: the name is taken.
+            try:
+                st = os.stat(path)
+            except OSError:
+                raise OSError(errno.ENOTDIR, "not a directory", path) from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EEXIST, "exists and is not a directory", path) from None
+            raise
+        return {"path": path}, []
+    parent, name = split(path)
+    if not name:
+        raise OSError(errno.EEXIST, "exists", path)
+    dfd = _dir(parent)
+    try:
+        _check_fs(dfd, parent)
+        try:
+            os.mkdir(name, 0o755, dir_fd=dfd)
+        except OSError as err:
+            raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO),
+                          path) from None
+    finally:
+        os.close(dfd)
+    return {"path": path}, []
+
+
+def list_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    """Rows ``[name, relativePath, type, size, mtime, mode]`` in a memfd (msgpack array)."""
+    path = resolve(msg.get("path"))
+    recursive = bool(msg.get("recursive"))
+    hidden = bool(msg.get("hidden"))
+    limit = min(int(msg.get("limit") or LIST_MAX_ENTRIES), LIST_MAX_ENTRIES)
+    rows: list[list[Any]] = []
+    truncated = False
+    top = _open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+    def walk(dfd: int, rel: str, depth: int) -> None:
+        nonlocal truncated
+        with os.scandir(dfd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            if not hidden and entry.name.startswith("."):
+                continue
+            if len(rows) >= limit:
+                truncated = True
+                return
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # removed while we looked
+            r = f"{rel}/{entry.name}" if rel else entry.name
+            rows.append([entry.name, r, _kind(st.st_mode), st.st_size, st.st_mtime,
+                         stat.filemode(st.st_mode)[1:]])
+            if recursive and stat.S_ISDIR(st.st_mode):
+                if depth >= LIST_MAX_DEPTH:
+                    truncated = True
+                    continue
+                try:
+                    # Never through a symlink (one swapped in since the stat is refused).
+                    sub = sc.openat2(dfd, entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                     0, sc.RESOLVE_NO_SYMLINKS | _NO_MAGIC)
+                except OSError:
+                    continue
+                try:
+                    walk(sub, r, depth + 1)
+                finally:
+                    os.close(sub)
+                if truncated:
+                    return
+
+    try:
+        walk(top, "", 0)
+    finally:
+        os.close(top)
+    mfd = os.memfd_create("sandboxd-list", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(_enc.encode(rows))
+        while data:
+            data = data[os.write(mfd, data):]
+        os.lseek(mfd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(mfd)
+        raise
+    return {"path": path, "count": len(rows), "truncated": truncated}, [mfd]
+
+
+init.HANDLERS.update({
+    "f_open_read": open_read,
+    "f_open_write": open_write,
+    "f_exists": exists,
+    "f_delete": delete,
+    "f_rename": rename,
+    "f_mkdir": mkdir,
+    "f_list": list_dir,
+})
