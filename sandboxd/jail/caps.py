@@ -39,16 +39,22 @@ def no_new_privs() -> None:
     prctl.set_no_new_privs(True)
 
 
-def drop_privileges() -> None:
-    """Empty bounding, ambient, inheritable, permitted and effective capability sets."""
-    # The ambient set needs no separate clearing: the kernel empties it as soon as the
-    # inheritable set loses the capabilities (ambient must stay a subset of permitted∩inheritable).
+def empty_bounding_set() -> None:
+    """Empty the bounding and inheritable sets: nothing exec'd from here on gains a capability,
+    while this process keeps its own permitted and effective sets."""
     for cap in prctl.ALL_CAPS:
         try:
             prctl.capbset_drop(cap)
         except (OSError, ValueError):
             pass  # a capability the running kernel does not know
     prctl.cap_inheritable.limit()
+
+
+def drop_privileges() -> None:
+    """Empty bounding, ambient, inheritable, permitted and effective capability sets."""
+    # The ambient set needs no separate clearing: the kernel empties it as soon as the
+    # inheritable set loses the capabilities (ambient must stay a subset of permitted∩inheritable).
+    empty_bounding_set()
     prctl.cap_effective.limit()
     prctl.cap_permitted.limit()
     no_new_privs()
