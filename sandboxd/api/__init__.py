@@ -50,7 +50,7 @@ def load_all() -> None:
     from . import exec as _exec  # noqa: F401
     from . import rooms as _rooms  # noqa: F401
 
-    for optional in ("files", "git", "code", "processes"):
+    for optional in ("files", "git", "code", "processes", "stats"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as err:
