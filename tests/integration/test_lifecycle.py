@@ -1,0 +1,147 @@
+"""Rooms come and go without a trace: lazy creation, ownership, destroy, daemon shutdown within
+5 s, a second signal, a crashed daemon reconciled at the next start, a dying init."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from sandboxd import errors
+
+pytestmark = pytest.mark.integration
+
+
+def test_get_sandbox_is_idempotent_and_lists(client: Any, room_id: str) -> None:
+    a = client.sandbox(room_id).get()
+    b = client.sandbox(room_id).get()
+    assert a.sandbox_id == b.sandbox_id == room_id and a.created_at == b.created_at
+    assert a.status == "ready"
+    assert room_id in {s.sandbox_id for s in client.list_sandboxes()}
+    client.sandbox(room_id).destroy()
+    assert room_id not in {s.sandbox_id for s in client.list_sandboxes()}
+
+
+def test_room_state_persists_between_calls_and_not_across_destroy(client: Any,
+                                                                  room_id: str) -> None:
+    sb = client.sandbox(room_id)
+    sb.exec("echo kept > /workspace/f")
+    assert sb.exec("cat /workspace/f").stdout == "kept\n"
+    assert sb.destroy()["destroyed"] is True
+    assert sb.exec("cat /workspace/f").exit_code != 0  # a fresh room of the same id
+    sb.destroy()
+
+
+def test_options_reported_and_unknown_options_refused(client: Any, room_id: str) -> None:
+    info = client.sandbox(room_id).get({"limits": {"memoryBytes": 256 << 20}})
+    assert info.options["limits"]["memoryBytes"] == 256 << 20
+    assert info.options["limits"]["pids"] == 256  # the daemon's default for the rest
+    with pytest.raises(errors.InvalidParams):
+        client.sandbox(f"{room_id}-x").get({"limits": {"memoryBites": 1}})
+    client.sandbox(room_id).destroy()
+
+
+def test_destroy_leaves_nothing_on_the_host(client: Any, daemon: Any, room_id: str) -> None:
+    sb = client.sandbox(room_id)
+    sb.exec("(setsid sleep 300 &) ; dd if=/dev/zero of=/workspace/blob bs=1M count=8 2>/dev/null")
+    before = [x for x in daemon.leftovers() if room_id in x or "process" in x]
+    assert before, "the room should be visible on the host before destroy"
+    sb.destroy()
+    after = [x for x in daemon.leftovers() if room_id in x or "process" in x]
+    assert after == []
+
+
+def test_init_death_is_noticed_and_the_room_recreated(client: Any, daemon: Any,
+                                                      room_id: str) -> None:
+    sb = client.sandbox(room_id)
+    sb.exec("true")
+    rooms = os.path.join(daemon.state_dir, "rooms", room_id, "room.json")
+    with open(rooms) as f:
+        pid = json.load(f)["initPid"]
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if room_id not in {s.sandbox_id for s in client.list_sandboxes()}:
+            break
+        time.sleep(0.05)
+    assert room_id not in {s.sandbox_id for s in client.list_sandboxes()}
+    assert sb.exec("echo back").stdout == "back\n"  # lazily made again
+    sb.destroy()
+
+
+def test_sigterm_destroys_rooms_removes_socket_exits_0_within_5s(fresh_daemon: Any) -> None:
+    d = fresh_daemon
+    d.start()
+    with d.client() as c:
+        for i in range(4):
+            c.sandbox(f"r{i}").exec("(setsid sleep 1000 &); sleep 0.01")
+        running = c.sandbox("busy")
+        import threading
+
+        t = threading.Thread(target=lambda: _swallow(lambda: running.exec("sleep 1000")))
+        t.start()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        code = d.stop(signal.SIGTERM, timeout=10)
+        took = time.monotonic() - t0
+        t.join(10)
+    assert code == 0, d.log()
+    assert took < 5, f"shutdown took {took:.2f} s"
+    assert not os.path.exists(d.socket)
+    assert d.leftovers() == []
+
+
+def _swallow(fn: Any) -> None:
+    try:
+        fn()
+    except errors.SandboxError:
+        pass
+
+
+def test_crash_then_restart_reconciles_leftovers(fresh_daemon: Any) -> None:
+    d = fresh_daemon
+    d.start()
+    with d.client() as c:
+        c.sandbox("left-1").exec("true")
+        c.sandbox("left-2").exec("(setsid sleep 1000 &) ; true")
+    d.stop(signal.SIGKILL)  # no shutdown at all: rooms die with PDEATHSIG, state stays
+    time.sleep(0.5)
+    assert any("state:" in x for x in d.leftovers())
+    d.start()
+    assert "reconciled" in d.log()
+    with d.client() as c:
+        assert c.list_sandboxes() == []
+        assert c.sandbox("left-1").exec("echo fresh").stdout == "fresh\n"
+    assert d.stop() == 0
+    assert d.leftovers() == []
+
+
+def test_room_processes_die_with_the_daemon(fresh_daemon: Any) -> None:
+    d = fresh_daemon
+    d.start()
+    with d.client() as c:
+        c.sandbox("orphan").exec("true")
+    with open(os.path.join(d.state_dir, "rooms", "orphan", "room.json")) as f:
+        pid = json.load(f)["initPid"]
+    d.stop(signal.SIGKILL)
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{pid}"), "the room init outlived its daemon"
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Any, tmp_path: Any) -> None:
+    from conftest import DaemonProc
+
+    os.chmod(tmp_path, 0o777)
+    other = DaemonProc(user=daemon.user, socket=str(tmp_path / "other.sock"),
+                       state_dir=daemon.state_dir, log_path=str(tmp_path / "log"),
+                       rootfs=daemon.rootfs)
+    with pytest.raises(RuntimeError, match="another sandboxd uses the state dir"):
+        other.start(timeout=10)
+    with daemon.client() as c:
+        c.ping()  # the first one is unharmed
