@@ -309,6 +309,201 @@ def sh(ctx: click.Context, room: str, line: str, cwd: str | None, env: tuple[str
     _exec(ctx, room, line, None, cwd, env, timeout, stdin, user, as_json)
 
 
+# --- files -------------------------------------------------------------------------------------
+
+WRITE_CHUNK = 4 * 1024 * 1024
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("path")
+@click.argument("src", required=False, default="-", metavar="[SRC|-]")
+@click.pass_context
+def write(ctx: click.Context, room: str, path: str, src: str) -> None:
+    """Write host file SRC (or standard input) to PATH in ROOM, creating parent directories.
+
+    Sent in 4 MiB pieces, so files of any size fit (the room's disk limit applies)."""
+
+    def body() -> None:
+        stream = sys.stdin.buffer if src == "-" else open(src, "rb")  # noqa: SIM115
+        total = 0
+        try:
+            with _client(ctx) as client:
+                sb = client.sandbox(room)
+                first = True
+                while True:
+                    chunk = stream.read(WRITE_CHUNK)
+                    if not chunk and not first:
+                        break
+                    r = sb.write_file(path, chunk, append=not first)
+                    total += len(chunk)
+                    first = False
+                    if not chunk:
+                        break
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+        click.echo(f"wrote {total} bytes to {r.get('path', path)}", err=True)
+
+    _run(body)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("path")
+@click.option("-o", "--output", metavar="FILE", help="Write to FILE instead of standard output.")
+@click.pass_context
+def read(ctx: click.Context, room: str, path: str, output: str | None) -> None:
+    """Print PATH of ROOM (streamed: no size limit)."""
+
+    def body() -> None:
+        out = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115
+        try:
+            with _client(ctx) as client:
+                client.sandbox(room).read_file(path, stream=out)
+        finally:
+            if output:
+                out.close()
+            else:
+                out.flush()
+
+    _run(body)
+
+
+@main.command("ls", epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("path", required=False, default="/workspace")
+@click.option("-R", "recursive", is_flag=True, help="List subdirectories too.")
+@click.option("-a", "hidden", is_flag=True, help="Include names starting with a dot.")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+@click.pass_context
+def ls(ctx: click.Context, room: str, path: str, recursive: bool, hidden: bool,
+       as_json: bool) -> None:
+    """List PATH (default /workspace) in ROOM."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            files = client.sandbox(room).list_files(path, recursive=recursive,
+                                                    include_hidden=hidden)
+        if as_json:
+            _print_json([f.raw for f in files])
+            return
+        kinds = {"file": "-", "directory": "d", "symlink": "l"}
+        for f in files:
+            click.echo(f"{kinds.get(f.type, '?')}{f.mode} {f.size:>12} {f.modified_at} "
+                       f"{f.relative_path}{'/' if f.type == 'directory' else ''}")
+
+    _run(body)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.pass_context
+def rm(ctx: click.Context, room: str, paths: tuple[str, ...]) -> None:
+    """Delete files (not directories) in ROOM."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            for path in paths:
+                client.sandbox(room).delete_file(path)
+
+    _run(body)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("src")
+@click.argument("dst")
+@click.pass_context
+def mv(ctx: click.Context, room: str, src: str, dst: str) -> None:
+    """Move SRC to DST in ROOM (into DST if it is a directory)."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            r = client.sandbox(room).move_file(src, dst)
+        click.echo(f"{r.get('path', src)} -> {r.get('newPath', dst)}", err=True)
+
+    _run(body)
+
+
+@main.command("mkdir", epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("path")
+@click.option("-p", "parents", is_flag=True, help="Make parents as needed; no error if it exists.")
+@click.pass_context
+def mkdir_(ctx: click.Context, room: str, path: str, parents: bool) -> None:
+    """Make directory PATH in ROOM."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            client.sandbox(room).mkdir(path, recursive=parents)
+
+    _run(body)
+
+
+def _room_path(arg: str) -> tuple[str, str] | None:
+    """``ROOM:PATH`` -> (room, path); a host path (no colon before any slash) -> None."""
+    head, sep, tail = arg.partition(":")
+    if sep and head and "/" not in head and not arg.startswith(("/", ".")):
+        return head, tail or "/workspace"
+    return None
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("src")
+@click.argument("dest")
+@click.pass_context
+def cp(ctx: click.Context, src: str, dest: str) -> None:
+    """Copy a file or directory between the host and a room, as a streamed tar archive.
+
+    \b
+    Into a room:  sandboxctl cp ./project r1:/workspace     (-> /workspace/project)
+    Out of one:   sandboxctl cp r1:/workspace/out ./results  (-> ./results/out)
+
+    The destination is a directory the source is placed in (created if missing). Archives from
+    a room are extracted defensively: no absolute names, no "..", never through a symlink, no
+    devices, no setuid bits."""
+    s, d = _room_path(src), _room_path(dest)
+    if (s is None) == (d is None):
+        raise click.UsageError("exactly one of SRC and DEST must be ROOM:PATH")
+
+    def body() -> None:
+        with _client(ctx) as client:
+            if d is not None:
+                r = client.sandbox(d[0]).copy_to(src, d[1])
+                click.echo(f"copied {r['bytes']} bytes of archive into {d[0]}:{d[1]}", err=True)
+            elif s is not None:
+                r = client.sandbox(s[0]).copy_from(s[1], dest)
+                click.echo(f"copied {r['files']} files, {r['directories']} directories, "
+                           f"{r['symlinks']} symlinks ({r['bytes']} bytes) to {dest}"
+                           + (f"; skipped {r['skipped']} unsafe entries" if r["skipped"] else ""),
+                           err=True)
+
+    _run(body)
+
+
+@main.command("git", epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("url")
+@click.option("--branch", "-b", metavar="NAME", help="Branch (or tag) to check out.")
+@click.option("--target", metavar="DIR", help="Clone into DIR (default /workspace/<repo>).")
+@click.option("--depth", type=click.IntRange(min=1), help="Shallow clone of this many commits.")
+@click.pass_context
+def git_(ctx: click.Context, room: str, url: str, branch: str | None, target: str | None,
+         depth: int | None) -> None:
+    """Clone URL into ROOM (git runs inside the room, under its limits)."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            r = client.sandbox(room).git_checkout(url, branch=branch, target_dir=target,
+                                                  depth=depth)
+        click.echo(f"cloned {r.get('repoUrl')} ({r.get('branch') or 'no branch'}) into "
+                   f"{r.get('targetDir')}")
+
+    _run(body)
+
+
 # --- host set-up -------------------------------------------------------------------------------
 
 

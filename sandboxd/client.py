@@ -49,6 +49,8 @@ __all__ = [
     "AsyncSandbox",
     "Client",
     "ExecResult",
+    "FileContent",
+    "FileInfo",
     "OutputCallback",
     "Sandbox",
     "SandboxInfo",
@@ -132,6 +134,222 @@ class SandboxInfo:
     @classmethod
     def from_wire(cls, raw: Any) -> SandboxInfo:
         return _build(cls, raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class FileContent:
+    """The result of ``readFile``: ``data`` is always the file's bytes (decoded from base64 when
+    the daemon sent that), ``text`` its UTF-8 reading. After a streamed read into a callback or
+    a file object, ``data`` is empty and ``size`` tells how much was delivered."""
+
+    path: str = ""
+    encoding: str = ""
+    is_binary: bool = False
+    size: int = 0
+    mime_type: str = ""
+    timestamp: str = ""
+    data: bytes = dataclasses.field(default=b"", repr=False)
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+    """One entry of ``listFiles``; ``type`` is file, directory, symlink or other."""
+
+    name: str = ""
+    absolute_path: str = ""
+    relative_path: str = ""
+    type: str = ""
+    size: int = 0
+    modified_at: str = ""
+    mode: str = ""
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> FileInfo:
+        return _build(cls, raw)
+
+
+#: ``read_file(stream=...)``: True collects the chunks into ``data``; a callable gets each chunk's
+#: bytes; an object with ``write`` (a binary file) gets them written.
+StreamSink = Any
+CHUNK_UPLOAD = 4 * 1024 * 1024
+
+
+def _write_params(sandbox_id: str, path: str, content: str | bytes, encoding: str | None,
+                  append: bool) -> dict[str, Any]:
+    if isinstance(content, bytes):
+        import base64
+
+        content, encoding = base64.b64encode(content).decode("ascii"), "base64"
+    return _params(sandbox_id=sandbox_id, path=path, content=content, encoding=encoding,
+                   append=True if append else None)
+
+
+class _Chunks:
+    """Routes ``file.chunk`` notifications (decoded to bytes) to a read_file ``stream`` sink."""
+
+    def __init__(self, sink: StreamSink) -> None:
+        self.buf = bytearray()
+        self.size = 0
+        if sink is True:
+            self._put: Callable[[bytes], Any] = self.buf.extend
+        elif callable(sink):
+            self._put = sink
+        elif hasattr(sink, "write"):
+            self._put = sink.write
+        else:
+            raise TypeError("stream must be True, a callable or a binary file object")
+
+    def __call__(self, method: str, params: dict[str, Any]) -> None:
+        if method != "file.chunk":
+            return
+        data = params.get("data", "")
+        if params.get("encoding") == "base64":
+            import base64
+
+            chunk = base64.b64decode(data)
+        else:
+            chunk = str(data).encode("utf-8")
+        self.size += len(chunk)
+        self._put(chunk)
+
+
+def _file_content(result: Any, chunks: _Chunks | None) -> FileContent:
+    if not isinstance(result, dict):
+        raise errors.ProtocolError("readFile returned no object")
+    if chunks is not None:
+        data = bytes(chunks.buf)
+    elif result.get("encoding") == "base64":
+        import base64
+
+        data = base64.b64decode(result.get("content", ""))
+    else:
+        data = str(result.get("content", "")).encode("utf-8")
+    return FileContent(path=str(result.get("path", "")), encoding=str(result.get("encoding", "")),
+                       is_binary=bool(result.get("isBinary", False)),
+                       size=int(result.get("size", len(data))),
+                       mime_type=str(result.get("mimeType", "")),
+                       timestamp=str(result.get("timestamp", "")), data=data,
+                       raw={k: v for k, v in result.items() if k != "content"})
+
+
+# --- cp: tar archives streamed in chunks ---------------------------------------------------------
+
+
+class _Uploader:
+    """A write-only file object for ``tarfile`` (mode "w|"): every CHUNK_UPLOAD bytes become one
+    ``writeFile(append)`` of a temporary archive in the room, so memory stays bounded."""
+
+    def __init__(self, sandbox: Sandbox, path: str) -> None:
+        self.sandbox = sandbox
+        self.path = path
+        self.buf = bytearray()
+        self.sent = 0
+        self.first = True
+
+    def write(self, data: bytes) -> int:
+        self.buf += data
+        if len(self.buf) >= CHUNK_UPLOAD:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buf or self.first:
+            self.sandbox.write_file(self.path, bytes(self.buf), append=not self.first)
+            self.sent += len(self.buf)
+            self.buf.clear()
+            self.first = False
+
+
+def _open_dir_nofollow(parent: int, name: str) -> int:
+    import os
+
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=parent)
+    except FileNotFoundError:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=parent)
+        return os.open(name, flags, dir_fd=parent)
+
+
+def safe_extract(fileobj: Any, dest: str) -> dict[str, int]:
+    """Extract a tar stream that came out of a room into host directory ``dest``.
+
+    The archive is the room's work, so it is hostile input (CVE-2007-4559 and its many
+    descendants): names are taken relative to ``dest`` only (absolute names and ``..`` refused),
+    every directory on the way is opened with O_NOFOLLOW (a symlink in the archive, or already in
+    ``dest``, is never written through), files are created O_EXCL|O_NOFOLLOW after removing what
+    was there, modes lose setuid/setgid/sticky, and hard links, devices and FIFOs are skipped.
+    This Python (3.11.2) has no tarfile extraction filters, hence the hand-written walk.
+    """
+    import errno
+    import os
+    import tarfile
+
+    os.makedirs(dest, exist_ok=True)
+    root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    counts = {"files": 0, "directories": 0, "symlinks": 0, "skipped": 0, "bytes": 0}
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r|") as tf:
+            for m in tf:
+                parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                if not parts or ".." in parts or m.name.startswith("/"):
+                    counts["skipped"] += 1
+                    continue
+                if not (m.isfile() or m.isdir() or m.issym()):
+                    counts["skipped"] += 1
+                    continue
+                dfd = os.dup(root)
+                try:
+                    try:
+                        for comp in parts[:-1]:
+                            nfd = _open_dir_nofollow(dfd, comp)
+                            os.close(dfd)
+                            dfd = nfd
+                    except OSError as err:
+                        if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                            raise
+                        counts["skipped"] += 1  # its directory is a symlink (or a file)
+                        continue
+                    name = parts[-1]
+                    if m.isdir():
+                        try:
+                            os.close(_open_dir_nofollow(dfd, name))
+                        except OSError as err:
+                            if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                                raise
+                            counts["skipped"] += 1  # a symlink or a file took the name
+                            continue
+                        counts["directories"] += 1
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dfd)
+                    if m.issym():
+                        os.symlink(m.linkname, name, dir_fd=dfd)
+                        counts["symlinks"] += 1
+                        continue
+                    src = tf.extractfile(m)
+                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, (m.mode & 0o777) | 0o600, dir_fd=dfd)
+                    with os.fdopen(fd, "wb") as out:
+                        while src is not None and (block := src.read(1 << 20)):
+                            out.write(block)
+                            counts["bytes"] += len(block)
+                    counts["files"] += 1
+                except OSError as err:
+                    raise errors.FileError(f"cannot extract {m.name!r} into {dest}: {err}",
+                                           path=m.name) from err
+                finally:
+                    os.close(dfd)
+    finally:
+        os.close(root)
+    return counts
 
 
 # --- params ------------------------------------------------------------------------------------
@@ -453,6 +671,114 @@ class Sandbox:
             timeout=_call_deadline(self.client.timeout, timeout))
         return ExecResult.from_wire(result)
 
+    # -- files (paths are resolved inside the room; relative ones against /workspace)
+
+    def write_file(self, path: str, content: str | bytes, *, encoding: str | None = None,
+                   append: bool = False) -> dict[str, Any]:
+        """Write ``content`` (bytes are sent as base64; a str as UTF-8 unless ``encoding`` says
+        it already is base64); missing parent directories are created."""
+        result: dict[str, Any] = self.client.call(
+            "writeFile", _write_params(self.id, path, content, encoding, append))
+        return result
+
+    def read_file(self, path: str, *, encoding: str | None = None,
+                  stream: StreamSink = False) -> FileContent:
+        """Read a file (up to 32 MiB; FILE_TOO_LARGE beyond). With ``stream`` there is no cap:
+        True collects the chunks, a callable or a binary file object receives them."""
+        chunks = _Chunks(stream) if stream is not False else None
+        result = self.client.call(
+            "readFile", _params(sandbox_id=self.id, path=path, encoding=encoding,
+                                stream=True if chunks is not None else None), chunks)
+        return _file_content(result, chunks if stream is True else None)
+
+    def delete_file(self, path: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("deleteFile", path=path)
+        return result
+
+    def rename_file(self, old_path: str, new_path: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("renameFile", old_path=old_path, new_path=new_path)
+        return result
+
+    def move_file(self, source_path: str, destination_path: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("moveFile", source_path=source_path,
+                                            destination_path=destination_path)
+        return result
+
+    def mkdir(self, path: str, *, recursive: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("mkdir", path=path,
+                                            recursive=True if recursive else None)
+        return result
+
+    def list_files(self, path: str | None = None, *, recursive: bool = False,
+                   include_hidden: bool = False) -> list[FileInfo]:
+        result = self._call("listFiles", path=path, recursive=True if recursive else None,
+                            include_hidden=True if include_hidden else None)
+        return [FileInfo.from_wire(f) for f in result.get("files", [])]
+
+    def exists(self, path: str) -> bool:
+        return bool(self._call("exists", path=path).get("exists"))
+
+    def git_checkout(self, repo_url: str, *, branch: str | None = None,
+                     target_dir: str | None = None, depth: int | None = None,
+                     timeout: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self.client.call(
+            "gitCheckout", _params(sandbox_id=self.id, repo_url=repo_url, branch=branch,
+                                   target_dir=target_dir, depth=depth,
+                                   timeout=_timeout_ms(timeout)),
+            timeout=_call_deadline(self.client.timeout, timeout or 600))
+        return result
+
+    def copy_to(self, src: str, dest_dir: str) -> dict[str, Any]:
+        """Copy host file or directory ``src`` into room directory ``dest_dir`` (created).
+
+        A tar stream is uploaded in CHUNK_UPLOAD pieces to a temporary archive in the room and
+        extracted there by ``tar`` (so the room's disk briefly holds both)."""
+        import os
+        import secrets
+        import tarfile
+
+        tmp = f"/tmp/.sandboxd-cp-{secrets.token_hex(8)}.tar"
+        up = _Uploader(self, tmp)
+        sink: Any = up  # write-only: tarfile's stream mode needs nothing more
+        try:
+            with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+                tf.add(src, arcname=os.path.basename(os.path.normpath(src)) or ".")
+            up.flush()
+            self.mkdir(dest_dir, recursive=True)
+            r = self.exec("tar", ["-x", "--no-same-owner", "-f", tmp, "-C", dest_dir])
+            if r.exit_code != 0:
+                raise errors.FileError(f"extracting into {dest_dir} failed: {r.stderr.strip()}",
+                                       path=dest_dir)
+        finally:
+            with contextlib.suppress(errors.SandboxError):
+                self.delete_file(tmp)
+        return {"source": src, "destination": dest_dir, "bytes": up.sent}
+
+    def copy_from(self, src: str, dest_dir: str) -> dict[str, Any]:
+        """Copy room file or directory ``src`` into host directory ``dest_dir`` (created).
+
+        ``tar`` archives it in the room; the archive is streamed out through a host temporary
+        file (memory stays bounded) and extracted by :func:`safe_extract`."""
+        import posixpath
+        import secrets
+        import tempfile
+
+        full = posixpath.normpath(src if src.startswith("/") else f"/workspace/{src}")
+        parent, name = posixpath.split(full)
+        tmp = f"/tmp/.sandboxd-cp-{secrets.token_hex(8)}.tar"
+        try:
+            r = self.exec("tar", ["-c", "-f", tmp, "-C", parent or "/", "--", name or "."])
+            if r.exit_code != 0:
+                raise errors.FileNotFound(f"cannot archive {src}: {r.stderr.strip()}", path=src)
+            with tempfile.TemporaryFile() as spool:
+                self.read_file(tmp, stream=spool)
+                spool.seek(0)
+                counts = safe_extract(spool, dest_dir)
+        finally:
+            with contextlib.suppress(errors.SandboxError):
+                self.delete_file(tmp)
+        return {"source": src, "destination": dest_dir, **counts}
+
 
 # --- the asyncio client ------------------------------------------------------------------------
 
@@ -702,3 +1028,58 @@ class AsyncSandbox:
             "exec", params, _output_router(on_output) if on_output is not None else None,
             timeout=_call_deadline(self.client.timeout, timeout))
         return ExecResult.from_wire(result)
+
+    # -- files (the same as Sandbox's; cp is Sandbox-only)
+
+    async def write_file(self, path: str, content: str | bytes, *,
+                         encoding: str | None = None, append: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = await self.client.call(
+            "writeFile", _write_params(self.id, path, content, encoding, append))
+        return result
+
+    async def read_file(self, path: str, *, encoding: str | None = None,
+                        stream: StreamSink = False) -> FileContent:
+        chunks = _Chunks(stream) if stream is not False else None
+        result = await self.client.call(
+            "readFile", _params(sandbox_id=self.id, path=path, encoding=encoding,
+                                stream=True if chunks is not None else None), chunks)
+        return _file_content(result, chunks if stream is True else None)
+
+    async def delete_file(self, path: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("deleteFile", path=path)
+        return result
+
+    async def rename_file(self, old_path: str, new_path: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("renameFile", old_path=old_path,
+                                                  new_path=new_path)
+        return result
+
+    async def move_file(self, source_path: str, destination_path: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("moveFile", source_path=source_path,
+                                                  destination_path=destination_path)
+        return result
+
+    async def mkdir(self, path: str, *, recursive: bool = False) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("mkdir", path=path,
+                                                  recursive=True if recursive else None)
+        return result
+
+    async def list_files(self, path: str | None = None, *, recursive: bool = False,
+                         include_hidden: bool = False) -> list[FileInfo]:
+        result = await self._call("listFiles", path=path,
+                                  recursive=True if recursive else None,
+                                  include_hidden=True if include_hidden else None)
+        return [FileInfo.from_wire(f) for f in result.get("files", [])]
+
+    async def exists(self, path: str) -> bool:
+        return bool((await self._call("exists", path=path)).get("exists"))
+
+    async def git_checkout(self, repo_url: str, *, branch: str | None = None,
+                           target_dir: str | None = None, depth: int | None = None,
+                           timeout: float | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self.client.call(
+            "gitCheckout", _params(sandbox_id=self.id, repo_url=repo_url, branch=branch,
+                                   target_dir=target_dir, depth=depth,
+                                   timeout=_timeout_ms(timeout)),
+            timeout=_call_deadline(self.client.timeout, timeout or 600))
+        return result

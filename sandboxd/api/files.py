@@ -84,6 +84,7 @@ class WriteFileParams(protocol._Params, frozen=True):
     path: str
     content: str
     encoding: Encoding | None = None
+    append: bool = False  # add to the end instead of replacing (chunked uploads, `cp`)
 
 
 class ReadFileParams(protocol._Params, frozen=True):
@@ -203,14 +204,14 @@ def _read_capped(fd: int, cap: int) -> bytes:
     return bytes(out)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes, keep: int) -> None:
     view = memoryview(data)
     try:
         while view:
             view = view[os.write(fd, view):]
     except OSError:
         try:
-            os.ftruncate(fd, 0)  # give the space back: a full room stays usable
+            os.ftruncate(fd, keep)  # give the space back: a full room stays usable
         except OSError:
             pass
         raise
@@ -241,12 +242,13 @@ async def write_file(ctx: Context, p: WriteFileParams) -> dict[str, Any]:
     path = check_path(p.path)
     data = _decode_content(p.content, p.encoding, path)
     room = await _room(ctx, p.sandbox_id)
-    reply, (fd,) = await init_op(room, {"op": "f_open_write", "path": path}, path, nfds=1)
+    reply, (fd,) = await init_op(room, {"op": "f_open_write", "path": path, "append": p.append},
+                                 path, nfds=1)
     try:
-        _regular(fd, path)
+        keep = _regular(fd, path).st_size  # 0 unless appending
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, _write_all, fd, data)
+            await loop.run_in_executor(None, _write_all, fd, data, keep)
         except OSError as err:
             num = err.errno or errno.EIO
             raise file_error(num, os.strerror(num), path, bytesWritten=0) from err

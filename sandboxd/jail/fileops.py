@@ -6,8 +6,8 @@ The daemon (host credentials) never opens a room path; it sends the path here an
 **open file descriptor** (SCM_RIGHTS) for content, or a small reply for metadata operations:
 
   f_open_read  {path}               -> {path, size, mtime, mode} + [fd O_RDONLY of a regular file]
-  f_open_write {path}               -> {path} + [fd O_WRONLY|O_TRUNC of a regular file]
-                                       (missing parent directories are created)
+  f_open_write {path, append}       -> {path} + [fd O_WRONLY|O_TRUNC (or O_APPEND) of a regular
+                                       file] (missing parent directories are created)
   f_exists     {path}               -> {path, exists, type}
   f_delete     {path}               -> {path}            (files and links; never directories)
   f_rename     {src, dst, into}     -> {path, newPath}   (``into``: moveFile semantics — an
@@ -206,7 +206,8 @@ def open_write(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], lis
                 raise _not_regular(pre, path)
         except FileNotFoundError:
             pass  # new file (or a dangling link, which open() creates the target of)
-        fd = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_NOCTTY,
+        how = os.O_APPEND if msg.get("append") else os.O_TRUNC
+        fd = _open(path, os.O_WRONLY | os.O_CREAT | how | os.O_NONBLOCK | os.O_NOCTTY,
                    dirfd=dfd, name=name, mode=0o644)
     finally:
         os.close(dfd)

@@ -187,7 +187,7 @@ def test_stream_utf8_keeps_characters_whole(client: Any, room_id: str) -> None:
     assert "".join(parts) == text and res["encoding"] == "utf-8"
 
 
-# --- deleteFile / renameFile / moveFile / mkdir / exists / listFiles -------------------------------
+# --- deleteFile / renameFile / moveFile / mkdir / exists / listFiles ----------------------------
 
 
 def test_delete_file_and_refuse_directories(client: Any, room_id: str) -> None:
@@ -392,3 +392,191 @@ def test_other_users_room_is_not_reachable(client: Any, daemon: Any, room_id: st
     # is the first fence; ownership (SANDBOX_NOT_FOUND) is covered by the rooms tests.
     st = os.stat(daemon.socket)
     assert st.st_mode & 0o077 == 0
+
+
+def test_append_writes_in_chunks(client: Any, room_id: str) -> None:
+    write(client, room_id, "log.txt", "a")
+    for part in ("b", "c"):
+        r = call(client, "writeFile", room_id, path="log.txt", content=part, append=True)
+        assert r["bytesWritten"] == 1
+    assert call(client, "readFile", room_id, path="log.txt")["content"] == "abc"
+    call(client, "writeFile", room_id, path="new/log", content="x", append=True)
+    assert call(client, "readFile", room_id, path="new/log")["content"] == "x"
+
+
+def test_a_file_growing_while_read_respects_the_cap(daemon: Any, room_id: str) -> None:
+    """The room appends to a file as fast as it can while we read it: every answer is either
+    at most 32 MiB or FILE_TOO_LARGE, never more (the daemon reads at most cap + 1 bytes)."""
+    import threading
+
+    from sandboxd.client import Client
+
+    with Client(daemon.socket, timeout=60) as c:
+        c.call("getSandbox", {"sandboxId": room_id,
+                              "options": {"limits": {"diskBytes": 96 * MiB}}})
+        c.call("writeFile", {"sandboxId": room_id, "path": "grow", "content": "start"})
+
+    def grow() -> None:
+        with Client(daemon.socket, timeout=60) as g:
+            g.sandbox(room_id).exec("cat /dev/zero >> /workspace/grow", timeout=3)
+
+    th = threading.Thread(target=grow)
+    th.start()
+    seen: set[str] = set()
+    try:
+        with Client(daemon.socket, timeout=60) as c:
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline:
+                try:
+                    r = c.call("readFile", {"sandboxId": room_id, "path": "grow",
+                                            "encoding": "base64"})
+                except errors.FileTooLarge:
+                    seen.add("too large")
+                    continue
+                assert r["size"] <= 32 * MiB
+                assert len(base64.b64decode(r["content"])) == r["size"]
+                seen.add("ok")
+    finally:
+        th.join(30)
+    assert "too large" in seen
+
+
+# --- client, sandboxctl, the example ---------------------------------------------------------------
+
+
+def test_client_file_methods(client: Any, room_id: str) -> None:
+    import io
+
+    sb = client.sandbox(room_id)
+    assert sb.write_file("c/bin", bytes(range(256)))["bytesWritten"] == 256
+    got = sb.read_file("c/bin")
+    assert got.data == bytes(range(256)) and got.is_binary and got.encoding == "base64"
+    sb.write_file("c/t.txt", "héllo")
+    assert sb.read_file("c/t.txt").text == "héllo"
+    assert sb.read_file("c/t.txt", stream=True).data == "héllo".encode()
+    parts: list[bytes] = []
+    sb.read_file("c/bin", stream=parts.append)
+    assert b"".join(parts) == bytes(range(256))
+    buf = io.BytesIO()
+    assert sb.read_file("c/bin", stream=buf).size == 256 and buf.getvalue() == bytes(range(256))
+    assert sb.exists("c/t.txt") and not sb.exists("c/none")
+    sb.mkdir("c/d/e", recursive=True)
+    assert sb.move_file("c/t.txt", "c/d")["newPath"] == "/workspace/c/d/t.txt"
+    sb.rename_file("c/d/t.txt", "c/d/u.txt")
+    files = sb.list_files("c", recursive=True)
+    assert {f.relative_path for f in files} == {"bin", "d", "d/e", "d/u.txt"}
+    assert next(f for f in files if f.name == "bin").size == 256
+    sb.delete_file("c/d/u.txt")
+    with pytest.raises(errors.FileNotFound):
+        sb.read_file("c/d/u.txt")
+
+
+def test_async_client_file_methods(daemon: Any, room_id: str) -> None:
+    import asyncio
+
+    from sandboxd.client import AsyncClient
+
+    async def go() -> None:
+        async with AsyncClient(daemon.socket, timeout=60) as ac:
+            sb = ac.sandbox(room_id)
+            await sb.write_file("a.bin", b"\x00\xff" * 1000)
+            assert (await sb.read_file("a.bin")).data == b"\x00\xff" * 1000
+            assert (await sb.read_file("a.bin", stream=True)).data == b"\x00\xff" * 1000
+            await sb.mkdir("x/y", recursive=True)
+            await sb.move_file("a.bin", "x/y")
+            assert await sb.exists("x/y/a.bin")
+            assert [f.name for f in await sb.list_files("x/y")] == ["a.bin"]
+            await sb.rename_file("x/y/a.bin", "x/b.bin")
+            await sb.delete_file("x/b.bin")
+            assert not await sb.exists("x/b.bin")
+            await ac.call("destroy", {"sandboxId": room_id})
+
+    asyncio.run(go())
+
+
+def _ctl(daemon: Any, *args: str, stdin: bytes | None = None) -> Any:
+    import subprocess
+
+    from tests.conftest import SANDBOXCTL
+
+    return subprocess.run([SANDBOXCTL, "--socket", daemon.socket, *args], input=stdin,
+                          capture_output=True, timeout=120)
+
+
+def test_sandboxctl_file_commands(daemon: Any, room_id: str, tmp_path: Any) -> None:
+    data = os.urandom(9 * MiB + 7)  # more than one 4 MiB upload piece
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    assert _ctl(daemon, "write", room_id, "cli/big.bin", str(src)).returncode == 0
+    assert _ctl(daemon, "write", room_id, "cli/in.txt", stdin=b"from stdin\n").returncode == 0
+    assert _ctl(daemon, "read", room_id, "cli/in.txt").stdout == b"from stdin\n"
+    out = tmp_path / "out.bin"
+    assert _ctl(daemon, "read", room_id, "cli/big.bin", "-o", str(out)).returncode == 0
+    assert out.read_bytes() == data
+    assert _ctl(daemon, "mkdir", room_id, "-p", "cli/x/y").returncode == 0
+    assert _ctl(daemon, "mv", room_id, "cli/in.txt", "cli/x").returncode == 0
+    ls = _ctl(daemon, "ls", room_id, "cli", "-R").stdout.decode()
+    assert "x/in.txt" in ls and "big.bin" in ls and "x/y/" in ls
+    assert _ctl(daemon, "rm", room_id, "cli/x/in.txt").returncode == 0
+    r = _ctl(daemon, "read", room_id, "cli/x/in.txt")
+    assert r.returncode == 1 and b"FILE_NOT_FOUND" in r.stderr
+    r = _ctl(daemon, "rm", room_id, "cli/x")
+    assert r.returncode == 1 and b"IS_DIRECTORY" in r.stderr
+    git = _ctl(daemon, "git", room_id, "--upload-pack=x")
+    assert git.returncode in (1, 2)
+
+
+def test_sandboxctl_cp_round_trip(daemon: Any, room_id: str, tmp_path: Any) -> None:
+    import hashlib
+
+    tree = tmp_path / "proj"
+    (tree / "sub" / "deep").mkdir(parents=True)
+    big = os.urandom(6 * MiB)
+    (tree / "sub" / "deep" / "big.bin").write_bytes(big)
+    (tree / "ünï cödé.txt").write_text("hi\n")
+    (tree / "link").symlink_to("sub/deep/big.bin")
+    (tree / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (tree / "run.sh").chmod(0o755)
+    r = _ctl(daemon, "cp", str(tree), f"{room_id}:/workspace/dst")
+    assert r.returncode == 0, r.stderr
+    with daemon.client() as c:
+        sb = c.sandbox(room_id)
+        res = sb.exec("cd /workspace/dst/proj && sha256sum sub/deep/big.bin && readlink link "
+                      "&& ./run.sh && cat 'ünï cödé.txt'")
+        assert res.stdout.split()[0] == hashlib.sha256(big).hexdigest()
+        assert res.stdout.splitlines()[1:] == ["sub/deep/big.bin", "ran", "hi"]
+        sb.exec("echo made-in-room > /workspace/dst/proj/new.txt")
+    back = tmp_path / "back"
+    r = _ctl(daemon, "cp", f"{room_id}:/workspace/dst/proj", str(back))
+    assert r.returncode == 0, r.stderr
+    assert (back / "proj" / "sub" / "deep" / "big.bin").read_bytes() == big
+    assert (back / "proj" / "new.txt").read_text() == "made-in-room\n"
+    assert os.readlink(back / "proj" / "link") == "sub/deep/big.bin"
+    assert os.stat(back / "proj" / "run.sh").st_mode & 0o111
+    r = _ctl(daemon, "cp", f"{room_id}:/workspace/nope", str(back))
+    assert r.returncode == 1 and b"FILE_NOT_FOUND" in r.stderr
+    # the temporary archives are gone
+    with daemon.client() as c:
+        assert not [f for f in c.sandbox(room_id).list_files("/tmp", include_hidden=True)
+                    if f.name.startswith(".sandboxd-cp-")]
+
+
+def test_example_code_execution_flow(daemon: Any, room_id: str) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "code_execution_flow.py"
+    r = subprocess.run([sys.executable, str(example), "--socket", daemon.socket, "--room",
+                        room_id], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"success": True, "output": "Hello from the sandbox!\n",
+                                    "error": "45\n", "exitCode": 0}
+    r = subprocess.run([sys.executable, str(example), "--socket", daemon.socket, "--room",
+                        room_id, "raise SystemExit(3)"], capture_output=True, text=True,
+                       timeout=120)
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and out["exitCode"] == 3 and not out["success"]
+    with daemon.client() as c:
+        assert [f.name for f in c.sandbox(room_id).list_files()] == []  # files deleted

@@ -63,8 +63,9 @@ def test_branch_not_found(client: Any, room_id: str, repo: str) -> None:
     assert info.value.code == "GIT_BRANCH_NOT_FOUND" and info.value.context["branch"] == "nope"
 
 
-@pytest.mark.parametrize("url", ["--upload-pack=touch /tmp/pwned", "-u", "ext::sh -c touch% /tmp/pwned",
-                                 "fd::17", "", "not a url", "foo\nbar", "relative/path"])
+@pytest.mark.parametrize("url", ["--upload-pack=touch /tmp/pwned", "-u",
+                                 "ext::sh -c touch% /tmp/pwned", "fd::17", "", "not a url",
+                                 "foo\nbar", "relative/path"])
 def test_invalid_git_url_never_reaches_git(client: Any, room_id: str, url: str) -> None:
     with pytest.raises(errors.InvalidGitUrl) as info:
         call(client, room_id, repoUrl=url)

@@ -282,3 +282,61 @@ def test_the_daemon_state_dir_and_socket_are_not_in_the_room(client: Any, room_i
     r = sh(client, room_id, f"ls -la '{daemon.state_dir}' '{daemon.socket}' 2>&1; "
                             f"cat /proc/1/environ 2>&1 | head -c 100")
     planted.assert_absent(r.stdout)
+
+
+HOSTILE_TAR = r'''
+import io, tarfile
+def add(tf, name, data=b"x", **kw):
+    ti = tarfile.TarInfo(name)
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    ti.size = len(data) if ti.type == tarfile.REGTYPE else 0
+    tf.addfile(ti, io.BytesIO(data) if ti.type == tarfile.REGTYPE else None)
+with tarfile.open("/workspace/out/evil.tar", "w", format=tarfile.GNU_FORMAT) as tf:
+    add(tf, "../escape-dotdot.txt", b"TOKEN")
+    add(tf, "/tmp/escape-absolute.txt", b"TOKEN")
+    add(tf, "sub/../../escape-inner.txt", b"TOKEN")
+    add(tf, "ln", type=tarfile.SYMTYPE, linkname="OUTSIDE")
+    add(tf, "ln/through-symlink.txt", b"TOKEN")
+    add(tf, "hard", type=tarfile.LNKTYPE, linkname="/etc/passwd")
+    add(tf, "dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+    add(tf, "fifo", type=tarfile.FIFOTYPE)
+    add(tf, "suid", b"#!/bin/sh\n", mode=0o6755)
+    add(tf, "ok.txt", b"fine")
+'''
+
+
+def test_archives_from_a_room_are_extracted_defensively(client: Any, room_id: str,
+                                                        planted: Planted,
+                                                        tmp_path: Any) -> None:
+    """``sandboxctl cp ROOM:... DIR`` extracts what the room hands out: a hostile tar (the room
+    can swap the temporary archive) must not write outside DIR, through a symlink, make devices
+    or keep setuid bits."""
+    from sandboxd.client import safe_extract
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    script = HOSTILE_TAR.replace("OUTSIDE", str(outside)).replace("TOKEN", planted.token)
+    sb = client.sandbox(room_id)
+    r = sb.exec("mkdir -p /workspace/out && python3 -", stdin=script)
+    assert r.exit_code == 0, r.stderr
+    import tempfile
+
+    with tempfile.TemporaryFile() as spool:
+        sb.read_file("out/evil.tar", stream=spool)
+        spool.seek(0)
+        counts = safe_extract(spool, str(dest))
+    assert (dest / "ok.txt").read_text() == "fine"
+    assert counts["skipped"] >= 6
+    assert os.stat(dest / "suid").st_mode & 0o7000 == 0
+    assert not (dest / "dev").exists() and not (dest / "fifo").exists()
+    assert not (dest / "hard").exists()
+    assert list(outside.iterdir()) == []  # nothing written through the symlink
+    for p in (tmp_path / "escape-dotdot.txt", tmp_path / "escape-inner.txt",
+              "/tmp/escape-absolute.txt"):
+        assert not os.path.exists(p)
+    # and the whole copy path refuses the same archive's tricks
+    back = tmp_path / "back"
+    sb.copy_from("out", str(back))
+    assert list(outside.iterdir()) == [] and (back / "out" / "evil.tar").exists()
