@@ -13,7 +13,8 @@
 #   3. the units into /usr/local/lib/systemd/system, the sysusers.d and tmpfiles.d snippets into
 #      /usr/local/lib/{sysusers,tmpfiles}.d, docs/service.md into /usr/local/share/doc/sandboxd;
 #   4. the sandboxd user and group (systemd-sysusers, or groupadd/useradd without it);
-#   5. 65536 subordinate uids and gids for sandboxd (first free range in /etc/subuid, /etc/subgid);
+#   5. subordinate uids and gids for sandboxd (the first free range in /etc/subuid and /etc/subgid,
+#      sized and placed by sandboxd.hostsetup exactly as `sandboxctl setup` does);
 #   6. /run/sandboxd and /var/lib/sandboxd (systemd-tmpfiles, or install -d without it);
 #   7. `systemctl daemon-reload` when systemd is the running init.
 #
