@@ -6,7 +6,8 @@ the cgroup, and execs), and keeps the other ends in its event loop:
 
   stdin   written from the request (then closed; a program that does not read it is fine)
   stdout  \\ read through asyncio StreamReaders (which pause the pipe when a slow client lets
-  stderr  /  notifications pile up); kept up to the cap, beyond which the run is killed (OL)
+  stderr  /  notifications pile up); kept up to the cap; past it the reader closes the pipe
+             (the program's next write fails) and the run is killed (OL)
 
 A watchdog waits for the first of: the init's ``exit`` event, the wall deadline, a CPU-time
 overrun (cgroup usage polled every CPU_POLL_S), an output overrun. A deadline or overrun kills
@@ -16,7 +17,12 @@ behind in its cgroup is killed as well: a run is over when its program is.
 
 Verdicts (``status``): OK exit 0 · RE non-zero exit · SG killed by a signal we did not send · TO
 CPU or wall limit · ML out of memory (from the cgroup's OOM counter, never guessed from 137) ·
-OL output limit · XX the sandbox failed, not the program.
+OL output limit · XX the sandbox failed, not the program. ``limitExceeded`` names the limit
+("cpu", "wall", "memory", "output", "fileSize"); see :func:`verdict` and docs/limits.md.
+
+Memory. Every run's cgroup gets a memory limit below the room's (:func:`run_memory_limit`), so
+that an OOM kill happens in the run's cgroup, among the run's processes, and never picks the room
+init. Figures come from the run's own cgroup: CPU time with children, peak memory, peak pids.
 """
 
 from __future__ import annotations
@@ -129,17 +135,22 @@ class _Stream:
                 if not data:
                     break
                 room = self.cap - len(self.buf)
-                if len(data) > room:
+                over = len(data) > room
+                if over:
                     data = data[:max(room, 0)]
-                    if not self.truncated:
-                        self.truncated = True
-                        self._on_overflow()
+                    self.truncated = True
+                    self._on_overflow()
                 if data:
                     self.buf += data
                     if self._on_output is not None:
                         text = self._decoder.decode(data)
                         if text:
                             await self._on_output(self.name, text)
+                if over:
+                    # Stop reading: closing our end (below) fails the program's next write with
+                    # EPIPE at once. Draining and dropping instead let it write ~7 MiB more while
+                    # the kill was on its way (bench/limits.py, v1 freezer kill).
+                    break
             if self._on_output is not None:
                 tail = self._decoder.decode(b"", final=True)
                 if tail:
