@@ -441,7 +441,7 @@ def test_a_file_growing_while_read_respects_the_cap(daemon: Any, room_id: str) -
     assert "too large" in seen
 
 
-# --- client, sandboxctl, the example ---------------------------------------------------------------
+# --- client, sandboxctl, the example ------------------------------------------------------------
 
 
 def test_client_file_methods(client: Any, room_id: str) -> None:
