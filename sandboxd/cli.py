@@ -555,5 +555,7 @@ def doctor(ctx: click.Context, user: str | None, as_json: bool) -> None:
     _run(body)
 
 
+from . import cli_code as _cli_code  # noqa: E402, F401 - registers run, languages, examples
+
 if __name__ == "__main__":  # pragma: no cover
     main()

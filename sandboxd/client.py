@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from . import errors, protocol
-from .config import default_socket
+from .config import default_client_socket
 
 if TYPE_CHECKING:
     import asyncio  # imported where used: it would double `sandboxctl`'s start-up time
@@ -467,7 +467,7 @@ class Client:
     (an exec's own timeout is added to it); None waits forever."""
 
     def __init__(self, socket: str | None = None, timeout: float | None = None) -> None:
-        self.socket_path = socket or default_socket()
+        self.socket_path = socket or default_client_socket()
         self.timeout = timeout
         self._sock: _socket.socket | None = None
         self._buf = bytearray()
@@ -625,6 +625,10 @@ class Client:
         result = self.call("listSandboxes", {})
         return [SandboxInfo.from_wire(s) for s in result.get("sandboxes", [])]
 
+    def list_languages(self) -> list[dict[str, Any]]:
+        languages: list[dict[str, Any]] = self.call("listLanguages", {})["languages"]
+        return languages
+
     def sandbox(self, sandbox_id: str) -> Sandbox:
         """A handle; nothing is sent until you use it (``exec`` creates the room on demand)."""
         return Sandbox(self, sandbox_id)
@@ -654,6 +658,24 @@ class Sandbox:
     def destroy(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("destroy")
         return result
+
+    def run_code(self, language: str, code: str, *, stdin: str | None = None,
+                 args: Sequence[str] | None = None, files: Mapping[str, str] | None = None,
+                 limits: Any = None, compile_limits: Any = None,
+                 user: str | None = None) -> dict[str, Any]:
+        """Compile (cached by source) and run ``code``; the wire result (``status`` OK, CE, RE,
+        SG, TO, ML, OL, XX; ``compile`` holds the compiler's report)."""
+        result: dict[str, Any] = self._call(
+            "runCode", language=language, code=code, stdin=stdin,
+            args=list(args) if args is not None else None,
+            files=dict(files) if files is not None else None, limits=limits,
+            compile_limits=compile_limits, user=user)
+        return result
+
+    def run_example_code(self) -> list[dict[str, Any]]:
+        """A hello world in every language; unavailable toolchains say ``available: False``."""
+        results: list[dict[str, Any]] = self._call("runExampleCode")["results"]
+        return results
 
     def exec(self, command: str, args: Sequence[str] | None = None, *, cwd: str | None = None,
              env: Mapping[str, str] | None = None, stdin: str | bytes | None = None,
@@ -801,7 +823,7 @@ class AsyncClient:
 
     def __init__(self, socket: str | None = None, timeout: float | None = None, *,
                  on_notification: NotificationCallback | None = None) -> None:
-        self.socket_path = socket or default_socket()
+        self.socket_path = socket or default_client_socket()
         self.timeout = timeout
         self.on_notification = on_notification
         self._ids = itertools.count(1)
@@ -983,6 +1005,10 @@ class AsyncClient:
         result = await self.call("listSandboxes", {})
         return [SandboxInfo.from_wire(s) for s in result.get("sandboxes", [])]
 
+    async def list_languages(self) -> list[dict[str, Any]]:
+        languages: list[dict[str, Any]] = (await self.call("listLanguages", {}))["languages"]
+        return languages
+
     def sandbox(self, sandbox_id: str) -> AsyncSandbox:
         return AsyncSandbox(self, sandbox_id)
 
@@ -1016,6 +1042,21 @@ class AsyncSandbox:
     async def destroy(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("destroy")
         return result
+
+    async def run_code(self, language: str, code: str, *, stdin: str | None = None,
+                       args: Sequence[str] | None = None,
+                       files: Mapping[str, str] | None = None, limits: Any = None,
+                       compile_limits: Any = None, user: str | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call(
+            "runCode", language=language, code=code, stdin=stdin,
+            args=list(args) if args is not None else None,
+            files=dict(files) if files is not None else None, limits=limits,
+            compile_limits=compile_limits, user=user)
+        return result
+
+    async def run_example_code(self) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = (await self._call("runExampleCode"))["results"]
+        return results
 
     async def exec(self, command: str, args: Sequence[str] | None = None, *,
                    cwd: str | None = None, env: Mapping[str, str] | None = None,

@@ -63,6 +63,12 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_rooms_per_uid: int = 64
     max_runs_per_room: int = 64
     max_connections: int = 256
+    max_connections_per_uid: int = 32  # root and the daemon's own uid are exempt
+    # A connection whose unread notifications and replies stay above this many bytes is paused
+    # (its runs stop being read, so they block on their pipes) ...
+    max_pending_bytes: int = 4 * MiB
+    # ... and dropped (its runs killed) when that backlog has not shrunk for this long.
+    stream_stall_timeout_s: float = 30.0
     max_request_bytes: int = 48 * MiB
     cgroup_backend: str = "auto"  # auto | v2 | v1 | disabled
     seccomp: bool = True  # False only by explicit choice: rooms then run without a filter
@@ -76,6 +82,19 @@ def default_socket() -> str:
         return "/run/sandboxd/sandboxd.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxd-{os.geteuid()}"
     return os.path.join(runtime, "sandboxd", "sandboxd.sock")
+
+
+SYSTEM_SOCKET = "/run/sandboxd/sandboxd.sock"
+
+
+def default_client_socket() -> str:
+    """Where a client looks: the daemon's default, else the system service's socket (clients
+    of a system install are members of the sandboxd group, not the daemon's user)."""
+    path = default_socket()
+    if "SANDBOXD_SOCKET" not in os.environ and not os.path.exists(path) \
+            and os.path.exists(SYSTEM_SOCKET):
+        return SYSTEM_SOCKET
+    return path
 
 
 def default_state_dir() -> str:

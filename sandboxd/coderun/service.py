@@ -1,0 +1,221 @@
+"""The code-run service: compile and run a program in one of 13 languages inside a room.
+
+Theory of operation. ``runCode`` resolves the language in the registry (``languages.toml``),
+writes the sources into a directory of the room named by a hash of (language, toolchain version,
+sources, compile command), and then, in two separate runs each under its own limits:
+
+  compile   only for compiled languages, and only when that directory has no ``.compiled``
+            marker yet — a second runCode of the same source skips the compiler entirely
+  run       the program, with the caller's stdin, args and limits
+
+A compile that fails (non-zero exit, or killed by a compile limit) is the verdict ``CE`` with the
+compiler's report in ``compile``; the run's verdict is the ordinary one (OK RE SG TO ML OL XX).
+Both steps go through ``api.exec.run_in_room``, so they get the same cgroups, deadlines and
+reports as ``exec``. The directory lives under /tmp/.sandboxd/code in the room (the room's disk
+budget); nothing of it is ever read by the daemon.
+
+Which toolchains exist comes from the rootfs manifest (``/etc/sandboxd/manifest.json`` in the
+tree, written by rootfs/build.sh). On the ``host`` rootfs there is no manifest: a language is
+available when its commands are found on the host's /usr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import errors, protocol
+from .registry import Language, Registry, load_registry
+
+if TYPE_CHECKING:
+    from ..api import Context
+
+CODE_DIR = "/tmp/.sandboxd/code"
+MARKER = ".compiled"
+EXAMPLE_CONCURRENCY = 2
+HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    available: bool
+    version: str | None
+
+
+def read_manifest(rootfs: str) -> dict[str, Any] | None:
+    if rootfs == "host":
+        return None
+    for path in (os.path.join(rootfs, "etc", "sandboxd", "manifest.json"),
+                 rootfs.rstrip("/") + ".manifest.json"):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+class CodeRunService:
+    def __init__(self, rootfs: str, registry: Registry | None = None) -> None:
+        self.registry = registry or load_registry()
+        self.rootfs = rootfs
+        self.manifest = read_manifest(rootfs)
+        self.toolchains = {lang.id: self._toolchain(lang) for lang in self.registry}
+
+    def _toolchain(self, lang: Language) -> Toolchain:
+        if self.manifest is not None:
+            entry = (self.manifest.get("languages") or {}).get(lang.id)
+            if isinstance(entry, dict) and entry.get("version"):
+                return Toolchain(True, str(entry["version"]))
+            return Toolchain(False, None)
+        # host view: the room sees the host's /usr read-only
+        if self.rootfs == "host":
+            cmds = [lang.run[0]] + ([lang.compile[0]] if lang.compile else [])
+            ok = all(shutil.which(c, path=lang.env.get("PATH", HOST_PATH)) for c in cmds
+                     if not c.startswith("{"))
+            return Toolchain(ok, "host" if ok else None)
+        return Toolchain(False, None)
+
+    # --- listLanguages ------------------------------------------------------------------------
+
+    def list_languages(self) -> dict[str, Any]:
+        return {"languages": [
+            {"id": lang.id, "name": lang.name, "aliases": list(lang.aliases),
+             "extension": lang.extension, "compiled": lang.compiled,
+             "version": self.toolchains[lang.id].version,
+             "available": self.toolchains[lang.id].available}
+            for lang in self.registry]}
+
+    # --- runCode ------------------------------------------------------------------------------
+
+    def _key(self, lang: Language, sources: dict[str, str], compile_argv: list[str] | None) -> str:
+        h = hashlib.sha256()
+        for part in (lang.id, self.toolchains[lang.id].version or "", json.dumps(compile_argv),
+                     json.dumps(sorted(sources.items()))):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()[:32]
+
+    async def run_code(self, ctx: Context, p: RunCodeParams) -> dict[str, Any]:
+        from ..api import exec as api_exec
+        from ..api import files as api_files
+
+        lang = self.registry.resolve(p.language)
+        tool = self.toolchains[lang.id]
+        if not tool.available:
+            raise errors.UnsupportedLanguage(
+                f"{lang.name} is not installed in this sandbox's runtime tree",
+                language=lang.id, available=False, supported=list(self.registry.ids))
+        sources = {lang.source_file: p.code, **(p.files or {})}
+        for name in sources:
+            if not name or name.startswith("/") or ".." in name.split("/") or "\0" in name:
+                raise errors.ValidationError(f"invalid file name {name!r} in files",
+                                             field="files", name=name)
+        key = self._key(lang, sources, lang.compile_argv("."))
+        workdir = f"{CODE_DIR}/{lang.id}-{key}"
+        env = dict(lang.env)
+        room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id)
+        marker = await api_files.exists(ctx, api_files.PathParams(
+            sandbox_id=room.id, path=f"{workdir}/{MARKER}"))
+        cached = bool(marker["exists"])
+        compile_report: dict[str, Any] | None = None
+        if not cached:
+            for name, content in sources.items():
+                await api_files.write_file(ctx, api_files.WriteFileParams(
+                    sandbox_id=room.id, path=f"{workdir}/{name}",
+                    content=base64.b64encode(content.encode()).decode(), encoding="base64"))
+            compile_argv = lang.compile_argv(workdir)
+            if compile_argv is not None:
+                lim = _merge_limits(lang.compile_limits, p.compile_limits,
+                                    room.options.limits.memory_bytes)
+                res = await api_exec.run_in_room(
+                    ctx, room.id, compile_argv, env=env, cwd=workdir, stdin=b"", user=p.user,
+                    limits=lim, timeout_ms=None, stream=False)
+                compile_report = {"status": res.status, "exitCode": res.exit_code,
+                                  "stdout": res.stdout, "stderr": res.stderr,
+                                  "cpuTimeMs": res.cpu_time_ms, "wallTimeMs": res.wall_time_ms,
+                                  "memoryPeakBytes": res.memory_peak_bytes,
+                                  "timedOut": res.timed_out, "oomKilled": res.oom_killed}
+                if res.status != "OK":
+                    return {"success": False, "language": lang.id, "status": "CE",
+                            "exitCode": res.exit_code, "stdout": "", "stderr": "",
+                            "compile": compile_report, "cached": False,
+                            "cpuTimeMs": None, "wallTimeMs": None, "memoryPeakBytes": None}
+            await api_files.write_file(ctx, api_files.WriteFileParams(
+                sandbox_id=room.id, path=f"{workdir}/{MARKER}", content=""))
+        argv = lang.run_argv(workdir) + list(p.args or [])
+        res = await api_exec.run_in_room(
+            ctx, room.id, argv, env=env, cwd=workdir, stdin=(p.stdin or "").encode(),
+            user=p.user, limits=p.limits, timeout_ms=None, stream=p.stream)
+        return {"success": res.status == "OK", "language": lang.id, "exitCode": res.exit_code,
+                "stdout": res.stdout, "stderr": res.stderr, "compile": compile_report,
+                "cached": cached, **res.report()}
+
+    # --- runExampleCode -----------------------------------------------------------------------
+
+    async def run_examples(self, ctx: Context, sandbox_id: str) -> dict[str, Any]:
+        sem = asyncio.Semaphore(EXAMPLE_CONCURRENCY)
+
+        async def one(lang: Language) -> dict[str, Any]:
+            if not self.toolchains[lang.id].available:
+                return {"language": lang.id, "name": lang.name, "available": False,
+                        "success": False, "status": None}
+            async with sem:
+                try:
+                    res = await self.run_code(ctx, RunCodeParams(
+                        sandbox_id=sandbox_id, language=lang.id, code=lang.example))
+                except errors.SandboxError as err:
+                    return {"language": lang.id, "name": lang.name, "available": True,
+                            "success": False, "status": "XX", "error": err.message}
+            expected = lang.expected_example_output
+            return {**res, "name": lang.name, "available": True,
+                    "expected": expected, "success": res["success"] and res["stdout"] == expected}
+
+        results = await asyncio.gather(*(one(lang) for lang in self.registry))
+        return {"results": list(results)}
+
+
+def _merge_limits(base: Any, given: protocol.RunLimits | None,
+                  room_memory: int) -> protocol.RunLimits:
+    """Per-language compile limits from the registry (capped by the room's own memory limit,
+    the real ceiling), overridden field by field by the caller."""
+    mem = getattr(base, "memory_bytes", None)
+    out = protocol.RunLimits(
+        memory_bytes=None if mem is None else min(mem, room_memory),
+        wall_time_ms=getattr(base, "wall_time_ms", None),
+        cpu_time_ms=getattr(base, "cpu_time_ms", None))
+    if given is None:
+        return out
+    import msgspec
+
+    updates = {f: getattr(given, f) for f in given.__struct_fields__
+               if getattr(given, f) is not None}
+    return msgspec.structs.replace(out, **updates)
+
+
+class RunCodeParams(protocol._Params, frozen=True):
+    sandbox_id: str
+    language: str
+    code: str
+    stdin: str | None = None
+    args: list[str] | None = None
+    files: dict[str, str] | None = None
+    limits: protocol.RunLimits | None = None
+    compile_limits: protocol.RunLimits | None = None
+    user: Literal["root", "sandbox"] = "root"
+    stream: bool = False
+
+
+class RunExamplesParams(protocol._Params, frozen=True):
+    sandbox_id: str
+
+
+class ListLanguagesParams(protocol._Params, frozen=True):
+    pass
