@@ -124,8 +124,17 @@ class DaemonProc:
             return set()
         return {int(p) for p in kids.split()}
 
-    def leftovers(self) -> list[str]:
-        """Everything of this daemon's rooms still on the host (empty when clean)."""
+    def leftovers(self, settle: float = 3.0) -> list[str]:
+        """Everything of this daemon's rooms still on the host (empty when clean). A process
+        that is dying as we look (a zombie, an exit in progress) gets ``settle`` seconds."""
+        deadline = time.monotonic() + settle
+        while True:
+            found = self._leftovers()
+            if not found or time.monotonic() >= deadline:
+                return found
+            time.sleep(0.1)
+
+    def _leftovers(self) -> list[str]:
         found: list[str] = []
         rooms_dir = os.path.join(self.state_dir, "rooms")
         if os.path.isdir(rooms_dir):
