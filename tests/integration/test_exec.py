@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_shell_form_runs_in_workspace_with_clean_env(client: Any, room_id: str) -> None:
-    r = client.sandbox(room_id).exec("pwd; echo $HOME $LANG; env | sort | cut -d= -f1 | tr '\\n' ' '")
+    r = client.sandbox(room_id).exec(
+        "pwd; echo $HOME $LANG; env | sort | cut -d= -f1 | tr '\\n' ' '")
     assert r.exit_code == 0 and r.success
     lines = r.stdout.splitlines()
     assert lines[0] == "/workspace"
