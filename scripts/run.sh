@@ -29,7 +29,8 @@ say "host packages"
 "$top/scripts/deps.sh"
 say "venv, package, sandboxd user, subordinate ids (scripts/install.sh)"
 "$top/scripts/install.sh"
-ctl=/opt/sandboxd/venv/bin/sandboxctl
+venv=${SANDBOXD_VENV:-/opt/sandboxd/venv}
+ctl=$venv/bin/sandboxctl
 say "cgroup delegation and state dir for sandboxd (sandboxctl setup)"
 "$ctl" setup --user sandboxd --state-dir /var/lib/sandboxd/state
 rootfs_arg=host
@@ -52,7 +53,7 @@ log=/var/lib/sandboxd/sandboxd.log
 say "starting sandboxd as user sandboxd (log: $log)"
 setpriv --reuid=sandboxd --regid=sandboxd --init-groups --inh-caps=-all -- \
     env -i PATH=/usr/bin:/bin HOME=/var/lib/sandboxd \
-    /opt/sandboxd/venv/bin/sandboxd --socket "$sock" --state-dir /var/lib/sandboxd/state \
+    "$venv/bin/sandboxd" --socket "$sock" --state-dir /var/lib/sandboxd/state \
     --rootfs "$rootfs_arg" --config "$cfg" >>"$log" 2>&1 &
 daemon=$!
 stop() { kill -TERM $daemon 2>/dev/null || true; wait $daemon 2>/dev/null || true; rm -f "$cfg"; }
@@ -68,7 +69,7 @@ demo "${S[@]}" sh demo 'touch /usr/x; echo > /workspace/ok && ls /workspace; cat
 demo "${S[@]}" exec demo --timeout 1 -- sh -c '(setsid sleep 1000 &); sleep 1000'
 demo "${S[@]}" sh demo 'ps -e -o pid,args   # the timeout killed the whole tree'
 if [ $rootfs = yes ]; then
-    demo "${S[@]}" sh demo 'python3 -c "print(\"python\", 6*7)"; node -e "console.log(\"node\", 6*7)"; go version; java -version 2>&1 | head -1'
+    demo "${S[@]}" examples --room demo      # runCode: hello world in all 13 languages
 fi
 demo "${S[@]}" rooms
 demo "${S[@]}" destroy demo
