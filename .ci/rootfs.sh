@@ -14,7 +14,8 @@
 # place  = /var/lib/sandboxd/rootfs/default (as root; ~/.local/share/sandboxd/rootfs/default
 #          otherwise) becomes a symlink to <key>/tree, swapped atomically (rename of a symlink);
 #          default.manifest.json beside it links to the tree's /etc/sandboxd/manifest.json.
-#          A real directory found there (a tree built by hand) is replaced.
+#          ($SANDBOXD_ROOTFS_PLACE overrides.) A real directory found there (a tree built by
+#          hand) is moved aside and deleted by the next run, so rooms using it keep working.
 # prune  = keys other than the current one and the $SANDBOXD_CI_KEEP - 1 (default 1) most
 #          recently used are deleted.
 # Safe to re-run and to run concurrently: everything happens under an exclusive flock.
@@ -25,10 +26,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KEEP=${SANDBOXD_CI_KEEP:-2}
 if ((EUID == 0)); then
     CACHE=${SANDBOXD_CI_CACHE:-/var/cache/sandboxd-ci/rootfs}
-    PLACE=/var/lib/sandboxd/rootfs/default
+    PLACE=${SANDBOXD_ROOTFS_PLACE:-/var/lib/sandboxd/rootfs/default}
 else
     CACHE=${SANDBOXD_CI_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sandboxd-ci/rootfs}
-    PLACE=${XDG_DATA_HOME:-$HOME/.local/share}/sandboxd/rootfs/default
+    PLACE=${SANDBOXD_ROOTFS_PLACE:-${XDG_DATA_HOME:-$HOME/.local/share}/sandboxd/rootfs/default}
 fi
 
 key() {
@@ -75,12 +76,18 @@ touch "$CACHE/$KEY"  # its mtime orders keys by last use for pruning
 # Link into place: a new symlink renamed over the old path is atomic; a real directory there
 # cannot be renamed over, so it goes first.
 mkdir -p "$(dirname "$PLACE")"
-if [[ -d $PLACE && ! -L $PLACE ]]; then
-    log "replacing the directory at $PLACE with a link to the cache"
-    aside=$(dirname "$PLACE")/.$(basename "$PLACE").replaced.$$
-    mv -T "$PLACE" "$aside"
+# Directories set aside by an earlier run: no room of that run can still need them.
+for aside in "$(dirname "$PLACE")"/."$(basename "$PLACE")".replaced.*; do
+    [[ -d $aside ]] || continue
+    log "deleting $aside (set aside by an earlier run)"
     if ((EUID == 0)); then rm -rf --one-file-system "$aside"
-    else unshare --map-auto --map-root-user rm -rf --one-file-system "$aside" 2>/dev/null || rm -rf "$aside"; fi
+    else unshare --map-auto --map-root-user rm -rf --one-file-system "$aside"; fi
+done
+if [[ -d $PLACE && ! -L $PLACE ]]; then
+    # Set aside, not deleted: rooms running now keep their files until the next run.
+    aside=$(dirname "$PLACE")/.$(basename "$PLACE").replaced.$$
+    log "moving the directory at $PLACE to $aside (deleted by the next run)"
+    mv -T "$PLACE" "$aside"
 fi
 ln -sfn "$TREE" "$PLACE.link.$$" && mv -T "$PLACE.link.$$" "$PLACE"
 ln -sfn "$TREE/etc/sandboxd/manifest.json" "$PLACE.manifest.json.link.$$" \

@@ -73,7 +73,7 @@ chmod -R a+rX "$T$GOCACHE_RO"
 # runs without it (-Xshare:auto), so a stale archive costs speed, never correctness.
 JAVA_HOME_T=$(in_tree sh -c 'dirname "$(dirname "$(readlink -f /usr/bin/java)")"')
 if [[ ! -s $T$JAVA_HOME_T/lib/server/classes.jsa ]]; then
-    in_tree java -Xshare:dump >/dev/null
+    in_tree java -XX:-UsePerfData -Xshare:dump >/dev/null
 fi
 CDS=/usr/lib/sandboxd/cds
 JVM_FLAGS=(-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -XX:-UsePerfData)
@@ -99,7 +99,9 @@ rm -rf "${T:?}/tmp/cds"
 # --- manifest ------------------------------------------------------------------------------
 "$HERE/manifest.sh" "$T"
 
-# --- leave nothing behind in the mount points the room covers, nor the downloaded debs -------
+# --- leave nothing behind in the mount points the room covers, nor the downloaded debs ------
 # (mmdebstrap 1.3 leaves /var/cache/apt/archives full in root mode: 1.1 GB)
 find "${T:?}/var/cache/apt" -type f \( -name '*.deb' -o -name '*.bin' \) -delete
-find "${T:?}/tmp" "${T:?}/root" "${T:?}/workspace" -mindepth 1 -delete
+# /tmp is mmdebstrap's too (its apt config lives there until its own cleanup): remove only ours.
+rm -rf "${T:?}/tmp/go" "${T:?}/tmp/hsperfdata_root"
+find "${T:?}/root" "${T:?}/workspace" -mindepth 1 -delete

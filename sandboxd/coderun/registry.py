@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -58,7 +58,7 @@ class Language:
     compile: tuple[str, ...] | None
     run: tuple[str, ...]
     version: tuple[str, ...]
-    env: Mapping[str, str]
+    env: Mapping[str, str] = field(hash=False)  # a read-only view; unhashable
     compile_limits: Limits | None
     example: str
 
@@ -92,7 +92,7 @@ class Language:
         return list(self.version)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Registry:
     languages: Mapping[str, Language]
     _by_name: Mapping[str, Language]

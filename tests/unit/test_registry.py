@@ -166,6 +166,7 @@ def test_jvm_flags_match_the_cds_archives_of_the_rootfs(registry: Registry) -> N
 
 def test_registry_is_immutable(registry: Registry) -> None:
     lang = registry.resolve("go")
+    assert {lang, registry.resolve("golang")} == {lang}  # hashable, usable as a key
     with pytest.raises(AttributeError):
         lang.name = "Gopher"  # type: ignore[misc]
     with pytest.raises(TypeError):
