@@ -54,11 +54,16 @@ def main() -> int:
         m = re.search(rx, text)
         if m is None:
             failed.append(lang)
+        version = m.group(1) if m else None
+        pkg_version = package_version(pkg)
+        if version and "SNAPSHOT" in version and pkg_version:
+            # Debian's Kotlin calls itself "1.3-SNAPSHOT"; its package knows it is 1.3.31.
+            version = re.split(r"[-+~]", re.sub(r"^\d+:", "", pkg_version))[0]
         langs[lang] = {
-            "version": m.group(1) if m else None,
+            "version": version,
             "versionOutput": _line_of(text, m),
             "package": pkg,
-            "packageVersion": package_version(pkg),
+            "packageVersion": pkg_version,
         }
     with open("/etc/os-release") as f:
         osr = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
