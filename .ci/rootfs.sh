@@ -66,7 +66,7 @@ if [[ -f $TREE/etc/sandboxd/manifest.json ]]; then
     log "cache hit $KEY"
     built=0
 else
-    log "cache miss $KEY: building (about 2-3 minutes, 4.3 GB)"
+    log "cache miss $KEY: building (about 2-3 minutes, 4.4 GB)"
     mkdir -p "$CACHE/$KEY"
     "$REPO/rootfs/build.sh" "$TREE"
     built=1
