@@ -192,9 +192,62 @@ def _stream(name: str, data: str) -> None:
     out.flush()
 
 
+def _size(text: str) -> int:
+    """``1048576``, ``512K``, ``256M``, ``1G`` (binary units) -> bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 4096, 512K, 256M, 1G)") from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r}: a size cannot be negative")
+    return int(value)
+
+
+def _limits(cpu_time: float | None, memory: str | None, pids: int | None,
+            output_limit: str | None) -> dict[str, int] | None:
+    """The exec ``limits`` object (wire names) from the command-line options."""
+    out: dict[str, int] = {}
+    if cpu_time is not None:
+        out["cpuTimeMs"] = max(1, round(cpu_time * 1000))
+    if memory is not None:
+        out["memoryBytes"] = _size(memory)
+    if pids is not None:
+        out["pids"] = pids
+    if output_limit is not None:
+        out["outputBytes"] = _size(output_limit)
+    return out or None
+
+
+def _mib(value: Any) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.1f}MiB"
+
+
+def _fig(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def report_line(raw: dict[str, Any]) -> str:
+    """``--report``: status, exit/signal, cpu, wall, peak memory (and the limit hit) on one line."""
+    parts = [f"status={raw.get('status', '?')}"]
+    parts.append(f"signal={raw['signal']}" if raw.get("signal")
+                 else f"exit={raw.get('exitCode', '?')}")
+    cpu, wall = raw.get("cpuTimeMs"), raw.get("wallTimeMs", raw.get("duration"))
+    parts.append(f"cpu={'-' if cpu is None else f'{cpu}ms'}")
+    parts.append(f"wall={'-' if wall is None else f'{wall}ms'}")
+    parts.append(f"mem={_mib(raw.get('memoryPeakBytes'))}")
+    if raw.get("pidsPeak") is not None:
+        parts.append(f"pids={raw['pidsPeak']}")
+    if raw.get("limitExceeded"):
+        parts.append(f"limit={raw['limitExceeded']}")
+    return "sandboxctl: " + " ".join(parts)
+
+
 def _exec(ctx: click.Context, room: str, command: str, args: list[str] | None, cwd: str | None,
           env: Sequence[str], timeout: float | None, stdin: bool, user: str | None,
-          as_json: bool) -> None:
+          as_json: bool, limits: dict[str, int] | None = None, report: bool = False) -> None:
     env_map = _parse_env(env)
     data: bytes | None = sys.stdin.buffer.read() if stdin else None
 
@@ -209,15 +262,17 @@ def _exec(ctx: click.Context, room: str, command: str, args: list[str] | None, c
         with _client(ctx) as client:
             result = client.sandbox(room).exec(
                 command, args, cwd=cwd, env=env_map, stdin=data, timeout=timeout,
-                on_output=None if as_json else on_output, user=user)
+                on_output=None if as_json else on_output, user=user, limits=limits)
         if as_json:
             _print_json(result.raw)
         elif not streamed:
             # A daemon that does not stream still returns the whole output at the end.
             _stream("stdout", result.stdout)
             _stream("stderr", result.stderr)
-        if result.timed_out and not as_json:
+        if result.timed_out and not as_json and not report:
             click.echo(f"sandboxctl: timed out after {timeout} s", err=True)
+        if report:
+            click.echo(report_line(result.raw), err=True)
         return _exit_status(result)
 
     _run(body)
@@ -237,6 +292,19 @@ def _exec_options(fn: Callable[..., None]) -> Callable[..., None]:
                      help="Run as the room's root (default) or its unprivileged user."),
         click.option("--json", "as_json", is_flag=True,
                      help="Do not stream; print the whole result as JSON."),
+        click.option("--cpu-time", type=click.FloatRange(min=0, min_open=True), metavar="SEC",
+                     help="Kill the command when it has used SEC seconds of CPU (all its "
+                          f"processes; exit {EXIT_TIMEOUT})."),
+        click.option("--memory", metavar="SIZE",
+                     help="Memory limit of the command (e.g. 256M; at most the room's)."),
+        click.option("--pids", type=click.IntRange(min=1), metavar="N",
+                     help="At most N processes and threads at once."),
+        click.option("--output-limit", metavar="SIZE",
+                     help="Keep at most SIZE of stdout and of stderr; kill the command past "
+                          "it (default 16M)."),
+        click.option("--report", is_flag=True,
+                     help="Print a status line on stderr: status (OK RE SG TO ML OL XX), "
+                          "exit/signal, cpu, wall, peak memory."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -282,7 +350,8 @@ def _separate(args: list[str], params: Sequence[click.Parameter]) -> list[str]:
 @click.pass_context
 def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
           env: tuple[str, ...], timeout: float | None, stdin: bool, user: str | None,
-          as_json: bool) -> None:
+          as_json: bool, cpu_time: float | None, memory: str | None, pids: int | None,
+          output_limit: str | None, report: bool) -> None:
     """Run CMD with ARGs in ROOM (argv form, no shell), streaming its output; exit with its code.
 
     The room is created on first use. Options go before CMD: from CMD on, every argument is the
@@ -291,7 +360,8 @@ def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
     \b
     Example: sandboxctl exec r1 -- python3 -c 'print(1)'
     """
-    _exec(ctx, room, argv[0], list(argv[1:]), cwd, env, timeout, stdin, user, as_json)
+    _exec(ctx, room, argv[0], list(argv[1:]), cwd, env, timeout, stdin, user, as_json,
+          _limits(cpu_time, memory, pids, output_limit), report)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -300,13 +370,70 @@ def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
 @_exec_options
 @click.pass_context
 def sh(ctx: click.Context, room: str, line: str, cwd: str | None, env: tuple[str, ...],
-       timeout: float | None, stdin: bool, user: str | None, as_json: bool) -> None:
+       timeout: float | None, stdin: bool, user: str | None, as_json: bool,
+       cpu_time: float | None, memory: str | None, pids: int | None, output_limit: str | None,
+       report: bool) -> None:
     """Run the shell command LINE in ROOM, streaming its output; exit with its code.
 
     \b
     Example: sandboxctl sh r1 'ls -l | wc -l'
     """
-    _exec(ctx, room, line, None, cwd, env, timeout, stdin, user, as_json)
+    _exec(ctx, room, line, None, cwd, env, timeout, stdin, user, as_json,
+          _limits(cpu_time, memory, pids, output_limit), report)
+
+
+# --- top ---------------------------------------------------------------------------------------
+
+
+def top_rows(prev: dict[str, tuple[float, int]], sample: dict[str, Any],
+             now: float) -> list[tuple[str, ...]]:
+    """Table rows from a ``stats`` answer; CPU % from the previous sample of each room."""
+    rows: list[tuple[str, ...]] = [("ROOM", "RUNS", "CPU%", "CPU TIME", "MEM PEAK", "MEM LIMIT",
+                                    "PIDS", "PIDS LIMIT", "OOM")]
+    for room in sample.get("sandboxes", []):
+        rid = str(room.get("sandboxId"))
+        use, lim = room.get("usage") or {}, room.get("limits") or {}
+        cpu = use.get("cpuTimeMs")
+        pct = "-"
+        if cpu is not None and rid in prev and now > prev[rid][0]:
+            pct = f"{100 * (cpu - prev[rid][1]) / ((now - prev[rid][0]) * 1000):.0f}"
+        if cpu is not None:
+            prev[rid] = (now, cpu)
+        rows.append((rid, str(room.get("activeRuns", "-")), pct,
+                     "-" if cpu is None else f"{cpu / 1000:.1f}s",
+                     _mib(use.get("memoryPeakBytes")), _mib(lim.get("memoryBytes")),
+                     _fig(use.get("pidsCurrent")), _fig(lim.get("pids")),
+                     _fig(use.get("oomKills"))))
+    return rows
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.option("--interval", "-d", type=click.FloatRange(min=0.1), default=2.0, metavar="SEC",
+              show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one table (CPU% needs two samples: '-').")
+@click.pass_context
+def top(ctx: click.Context, interval: float, once: bool) -> None:
+    """Show your live rooms with their usage (CPU, peak memory, processes), refreshed."""
+
+    def body() -> None:
+        prev: dict[str, tuple[float, int]] = {}
+        with _client(ctx) as client:
+            while True:
+                sample = client.call("stats", {})
+                rows = top_rows(prev, sample, time.monotonic())
+                widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+                if not once:
+                    click.clear()
+                    click.echo(f"sandboxd rooms (cgroup backend {sample.get('backend')}), "
+                               f"every {interval:g} s; ^C to quit")
+                for r in rows:
+                    click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
+                               .rstrip())
+                if once:
+                    return
+                time.sleep(interval)
+
+    _run(body)
 
 
 # --- files -------------------------------------------------------------------------------------
