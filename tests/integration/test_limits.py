@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import CGROUP_V1, SANDBOXD, DaemonProc, as_user, make_daemon
+from conftest import CGROUP_V1, SANDBOXCTL, SANDBOXD, DaemonProc, as_user, make_daemon
 
 from sandboxd import errors
 from sandboxd.client import Client
@@ -378,7 +378,10 @@ def test_disabled_backend_refuses_cgroup_limits_and_keeps_the_others(
                     limits={"fileSizeBytes": 40_000})
         assert (r.status, r.raw["signal"]) == ("SG", "SIGXFSZ")
         r = sb.exec("exit 3")
-        assert r.status == "RE" and r.cpu_time_ms is not None
+        assert r.status == "RE" and r.cpu_time_ms is not None and r.memory_peak_bytes is None
+        (room,) = c.call("stats", {})["sandboxes"]
+        assert room["usage"] == {"cpuTimeMs": None, "memoryPeakBytes": None,
+                                 "pidsCurrent": None, "pidsPeak": None, "oomKills": None}
         host_ok(disabled_daemon, sb)
 
 
@@ -496,3 +499,33 @@ def test_stats_reports_room_usage(client: Any, daemon: DaemonProc, room_id: str)
     with pytest.raises(errors.SandboxNotFound):
         client.call("stats", {"sandboxId": "no-such-room-here"})
     host_ok(daemon, sb)
+
+
+def test_sandboxctl_limit_options_report_and_top(client: Any, daemon: DaemonProc,
+                                                 room_id: str) -> None:
+    def ctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([SANDBOXCTL, "--socket", daemon.socket, *args],
+                              capture_output=True, text=True, timeout=60)
+
+    r = ctl("exec", "--report", "--cpu-time", "0.3", room_id, "--", "sh", "-c",
+            "while :; do :; done")
+    assert r.returncode == 124, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("sandboxctl: status=TO signal=SIGKILL cpu=") and "limit=cpu" in line
+    r = ctl("sh", "--report", "--memory", "64M", room_id,
+            "python3 -c 'a=[]\nwhile 1: a.append(bytearray(1<<20))'")
+    assert r.returncode == 137 and "status=ML" in r.stderr and "mem=64.0MiB" in r.stderr
+    r = ctl("exec", "--report", "--output-limit", "1K", room_id, "--", "yes")
+    assert (r.stdout, "status=OL" in r.stderr) == ("y\n" * 512, True), r.stderr
+    # The 8th process cannot be forked: the shell gives up (exit 2), the room keeps going.
+    r = ctl("sh", "--report", "--pids", "8", room_id, "for i in 1 2 3 4 5 6 7 8 9 10; do "
+            "sleep 1 & done 2>/dev/null; wait")
+    assert r.returncode != 0 and "status=RE" in r.stderr and "pids=8" in r.stderr, r.stderr
+    r = ctl("exec", "--memory", "lots", room_id, "--", "true")
+    assert r.returncode == 2
+    r = ctl("top", "--once")
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split()[:3] == ["ROOM", "RUNS", "CPU%"]
+    assert any(row.split()[0] == room_id for row in rows)
+    host_ok(daemon, client.sandbox(room_id))
