@@ -137,6 +137,10 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
         cfg = msgspec.convert(raw, DaemonConfig)
     except msgspec.ValidationError as err:
         raise ValidationError(f"invalid config: {err}") from err
-    if cfg.rootfs != "host" and not os.path.isdir(cfg.rootfs):
-        raise ValidationError(f"rootfs {cfg.rootfs} is not a directory", rootfs=cfg.rootfs)
+    if cfg.rootfs != "host":
+        if not os.path.isdir(cfg.rootfs):
+            raise ValidationError(f"rootfs {cfg.rootfs} is not a directory", rootfs=cfg.rootfs)
+        # Resolved once: .ci/rootfs.sh and rebuilds swap a symlink; rooms of this daemon keep
+        # the tree they started with.
+        cfg = msgspec.structs.replace(cfg, rootfs=os.path.realpath(cfg.rootfs))
     return cfg
