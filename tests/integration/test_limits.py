@@ -233,6 +233,20 @@ def test_yes_is_ol_with_output_kept_to_the_cap(client: Any, daemon: DaemonProc,
     host_ok(daemon, sb)
 
 
+def test_daemon_memory_stays_bounded_whatever_a_run_prints(client: Any, daemon: DaemonProc,
+                                                           room_id: str) -> None:
+    sb = client.sandbox(room_id)
+    assert daemon.proc is not None
+    proc = psutil.Process(daemon.proc.pid)  # setpriv and env exec'd into sandboxd: one pid
+    before = proc.memory_info().rss
+    for stream in ("", ">&2"):
+        r = sb.exec(f"head -c 512M /dev/zero {stream}", limits={"outputBytes": MiB})
+        assert (r.status, r.raw["outputTruncated"]) == ("OL", True)
+        assert len(r.stderr if stream else r.stdout) == MiB  # NUL bytes: one char each
+    assert proc.memory_info().rss - before < 32 * MiB
+    host_ok(daemon, sb)
+
+
 def test_disk_filler_gets_enospc_and_the_host_is_untouched(client: Any, daemon: DaemonProc,
                                                           room_id: str) -> None:
     sb = client.sandbox(room_id)
