@@ -323,6 +323,17 @@ def test_room_limits_are_written_at_creation(client: Any, daemon: DaemonProc,
     host_ok(daemon, sb)
 
 
+def test_cpus_is_a_throttle(client: Any, daemon: DaemonProc, room_id: str) -> None:
+    sb = client.sandbox(room_id)
+    sb.get({"limits": {"cpus": 0.5}})
+    # Two busy processes for 1 s of wall time: half a CPU allows ~500 ms of CPU in all.
+    r = sb.exec("timeout 1 sh -c 'while :; do :; done' & timeout 1 sh -c 'while :; do :; done';"
+                " wait")
+    assert r.status == "OK" and not r.timed_out  # timeout(1) ended them, not our limits
+    assert 350 <= r.cpu_time_ms <= 650, r.raw
+    host_ok(daemon, sb)
+
+
 def test_run_limits_go_to_the_run_cgroup(client: Any, daemon: DaemonProc, room_id: str) -> None:
     sb = client.sandbox(room_id)
     sb.exec("true")
