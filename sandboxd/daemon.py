@@ -26,8 +26,9 @@ from typing import Any
 from . import __version__, api, errors
 from . import config as configmod
 from .config import DaemonConfig
-from .jail import Zygote
+from .jail import Zygote, caps
 from .jail import cgroup as cgroups
+from .jail import user as idmaps
 from .protocol import RunLimits
 from .rooms import RoomManager
 from .server import Server
@@ -45,7 +46,9 @@ class Daemon:
         self.backend: Any = None
         self.rooms: RoomManager = None  # type: ignore[assignment]
         self.seccomp: dict[str, Any] = {"enabled": False}
-        self.ids: dict[str, int] = {"uid": os.getuid(), "gid": os.getgid(), "count": 1}
+        # How rooms are mapped (subordinate slices, or the single-id fallback): decided in run().
+        self.ids: idmaps.IdPlan = idmaps.IdPlan("single", os.getuid(), os.getgid(),
+                                                reason="not decided yet")
         self._stop = asyncio.Event()
         self._signals = 0
         self._lock_fd = -1
@@ -58,7 +61,8 @@ class Daemon:
             "namespaces": NAMESPACES,
             "cgroup": self.backend.describe() if self.backend is not None else None,
             "rootfs": self.config.rootfs,
-            "idMapping": "single" if self.ids["count"] == 1 else "subordinate",
+            "idMapping": self.ids.mode,  # "single" | "subordinate"
+            "idSlices": self.ids.describe(),
             "seccomp": self.seccomp,
             "limits": sorted(self._enforceable_limits()),
         }
@@ -117,7 +121,16 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
+        # Same-uid host processes must not ptrace us or read our memory and environment through
+        # /proc (bubblewrap PR #114); that includes anything that ever runs as our uid.
+        caps.non_dumpable()
         self._lock_state_dir()
+        self.ids = _id_plan()
+        if self.ids.mode == "single":
+            log.warning("id mapping: single (%s); cost: %s", self.ids.reason, idmaps.SINGLE_COST)
+        else:
+            log.info("id mapping: %d slices of %d subordinate ids from uid %d", self.ids.slices,
+                     self.ids.slice_size, self.ids.uid_start)
         self.backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent)
         bootstrap = getattr(self.backend, "bootstrap", None)
         if bootstrap is not None:
@@ -130,6 +143,9 @@ class Daemon:
         cleaned = self.rooms.reconcile()
         if cleaned:
             log.warning("reconciled leftovers of a previous instance: %s", ", ".join(cleaned))
+        busy = self.ids.quarantine_busy()
+        if busy:
+            log.warning("id slices %s still own host processes: not used until restart", busy)
         api.load_all()
         inherited = _inherited_socket()
         await self.server.start(self.config.socket, inherited, self.config.socket_group)
@@ -167,6 +183,17 @@ class Daemon:
         if not self._stop.is_set():
             log.critical("the zygote died: no new rooms can be made; stopping")
             self._stop.set()
+
+
+def _id_plan() -> idmaps.IdPlan:
+    import pwd
+
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return idmaps.plan(name, uid, gid)
 
 
 def _notify(state: str) -> None:

@@ -2,9 +2,10 @@
 
 ``setup(user)`` makes the host ready for USER to run sandboxd without root, and is idempotent:
 
-1. subordinate ids: a 65536-id range in /etc/subuid and /etc/subgid (first fit from
+1. subordinate ids: a 16 x 65536-id range in /etc/subuid and /etc/subgid (first fit from
    SUB_UID_MIN=100000, never overlapping another entry), so rooms' root maps to ids that are not
-   the daemon's own (newuidmap/newgidmap then let USER map them);
+   the daemon's own and each room gets a slice of its own (newuidmap/newgidmap then let USER map
+   them; see jail/user.py);
 2. cgroups: ``sandboxd.jail.cgroup.delegate`` hands USER a subtree (v2) or per-controller
    directories (v1);
 3. the state directory (default ``~USER/.local/state/sandboxd``, 0700, owned by USER);
@@ -44,6 +45,9 @@ from typing import Any
 from . import config, errors
 
 SUBID_COUNT = 65536
+# What `setup` gives: 256 per-room slices of 4096 ids (jail/user.py SLICE_SIZE), so that every
+# room can be a different host user.
+SETUP_SUBID_COUNT = 16 * SUBID_COUNT
 SUB_ID_MIN = 100000  # login.defs SUB_UID_MIN / SUB_GID_MIN defaults
 SUB_ID_MAX = 600100000
 SUBUID = "/etc/subuid"
@@ -316,7 +320,8 @@ def setup(user: str, state_dir: str | None = None, *, subuid_path: str = SUBUID,
     if pw.pw_uid == 0:
         raise SetupError("root needs no set-up: sandboxd run as root maps ids directly")
     uid, gid, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
-    actions = ensure_subids(user, uid, subuid_path=subuid_path, subgid_path=subgid_path)
+    actions = ensure_subids(user, uid, subuid_path=subuid_path, subgid_path=subgid_path,
+                            count=SETUP_SUBID_COUNT)
     if cgroups:
         actions += _delegate_cgroups(user, uid, gid)
     target = state_dir or os.path.join(home, ".local", "state", "sandboxd")
@@ -533,7 +538,8 @@ def _helper_ok(name: str) -> tuple[bool, str]:
 
 def _check_subids(user: str, uid: int, subuid_path: str, subgid_path: str) -> Check:
     cost = ("rooms map a single id: a room's root is the daemon's own host uid, so an escape "
-            "lands as that user, and `user: sandbox` runs cannot be told apart from root")
+            "lands as that user, rooms are not different host users, and `user: sandbox` is "
+            "refused")
     if uid == 0:
         return Check("subordinate ids", True, "root maps any ids directly; none needed")
     found = []
@@ -548,7 +554,12 @@ def _check_subids(user: str, uid: int, subuid_path: str, subgid_path: str) -> Ch
         return Check("subordinate ids", False,
                      f"{user} has {', '.join(found)} but " + "; ".join(d for _, d in helpers),
                      cost)
-    return Check("subordinate ids", True, f"{user} has {', '.join(found)}; "
+    from .jail.user import SLICE_SIZE
+
+    slices = min(max(e.count for e in ranges_of(read_subids(p), user, uid))
+                 for p in (subuid_path, subgid_path)) // SLICE_SIZE
+    return Check("subordinate ids", True, f"{user} has {', '.join(found)} ({slices} room slices "
+                 f"of {SLICE_SIZE} ids: each room its own host users); "
                  + "; ".join(d for _, d in helpers))
 
 
@@ -589,8 +600,15 @@ def _check_daemon(socket: str | None) -> Check:
     except errors.SandboxError as err:
         return Check("daemon", False, err.message,
                      "nothing serves rooms yet: start sandboxd (as the user it was set up for)")
+    ids = (result.get("capabilities") or {}).get("idSlices") or {}
+    if ids.get("mode") == "single":
+        return Check("daemon", False, f"sandboxd {result.get('version', '?')} answers at "
+                     f"{client.socket_path}; id mapping: single ({ids.get('reason', '?')})",
+                     str(ids.get("cost", "")))
+    mapping = (f"; id mapping: subordinate, {ids.get('slicesFree', '?')}/{ids.get('slices', '?')}"
+               f" room slices of {ids.get('sliceSize', '?')} ids free") if ids else ""
     return Check("daemon", True, f"sandboxd {result.get('version', '?')} answers at "
-                 f"{client.socket_path}")
+                 f"{client.socket_path}{mapping}")
 
 
 def _user_socket(uid: int, run_user_root: str = "/run/user", tmp_root: str = "/tmp") -> str:

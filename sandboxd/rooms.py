@@ -35,6 +35,7 @@ from . import errors
 from .config import DaemonConfig, RoomLimits, RoomOptions, check_sandbox_id
 from .jail import JailError, RoomHandle, Zygote
 from .jail import cgroup as cgroups
+from .jail import user as idmaps
 
 log = logging.getLogger("sandboxd.rooms")
 
@@ -74,6 +75,7 @@ class Room:
         self.dir = os.path.join(state_dir, "rooms", room_id)
         self.handle: RoomHandle = None  # type: ignore[assignment]  # set once ready
         self.cgroup: Any = None
+        self.ids: idmaps.IdMap | None = None  # its own id slice (subordinate mode)
         self.active_runs = 0
         self._pending: set[asyncio.Future[Any]] = set()
         self.watcher: asyncio.Future[None] | None = None
@@ -105,7 +107,7 @@ class Room:
 
 class RoomManager:
     def __init__(self, config: DaemonConfig, backend: Any, zygote: Zygote,
-                 ids: dict[str, int], seccomp_bpf: bytes | None = None) -> None:
+                 ids: idmaps.IdPlan, seccomp_bpf: bytes | None = None) -> None:
         self.config = config
         self.backend = backend
         self.zygote = zygote
@@ -177,13 +179,20 @@ class RoomManager:
         self.rooms[room_id] = room
         t0 = time.monotonic()
         try:
+            try:
+                room.ids = self.ids.acquire()
+            except idmaps.SlicesExhausted as err:
+                raise errors.QuotaExceeded(
+                    f"no free id slice for a new sandbox ({err}); destroy a sandbox or give the "
+                    "daemon's user a larger subordinate range (sandboxctl setup)",
+                    limit=self.ids.slices) from err
             room.cgroup = self.backend.create_room(room_id, options.limits)
             mnt = os.path.join(room.dir, "mnt")
             os.makedirs(mnt, mode=0o700, exist_ok=True)
             spec = {
                 "room_id": room_id, "rootfs": self.config.rootfs, "scratch": mnt,
                 "disk_bytes": options.limits.disk_bytes, "hostname": "sandbox",
-                "cgroup_procs": room.cgroup.procs_paths(), "ids": self.ids,
+                "cgroup_procs": room.cgroup.procs_paths(), "ids": room.ids.wire(),
                 "seccomp_bpf": self.seccomp_bpf,
             }
             pid, sock, pidfd = await self.zygote.spawn(spec, self.config.room_start_timeout_s)
@@ -219,7 +228,8 @@ class RoomManager:
         except psutil.Error:
             start = 0.0
         meta = {"sandboxId": room.id, "owner": room.owner, "initPid": pid, "initStart": start,
-                "createdAt": room.created_at}
+                "createdAt": room.created_at,
+                "idSlice": room.ids.slice if room.ids is not None else -1}
         path = os.path.join(room.dir, "room.json")
         with open(path + ".tmp", "w") as f:
             json.dump(meta, f)
@@ -245,6 +255,7 @@ class RoomManager:
                 room.handle.kill()
                 if not await room.handle.wait_dead(5.0):
                     log.error("room %s: init did not die within 5 s", room.id)
+                    room.ids = None  # its slice stays held: never reuse ids a live process has
                 room.handle.close()
             await room.settle()
             if room.cgroup is not None:
@@ -253,6 +264,9 @@ class RoomManager:
             log.exception("room %s: teardown step failed", room.id)
         finally:
             await loop.run_in_executor(None, _remove_dir, room.dir)
+            # Only once the init is dead (or given up on: then the slice is quarantined at the
+            # next start) may another room get these host ids.
+            self.ids.release(room.ids)
             room.status = "gone"
             if self.rooms.get(room.id) is room:
                 del self.rooms[room.id]

@@ -3,9 +3,16 @@
 One asyncio task reads each connection line by line; every request becomes its own task, so a
 slow ``exec`` never blocks the requests behind it and responses go out in completion order,
 matched by id. Writes go through one lock per connection; notifications (``exec.output``) wait
-for the client to drain once its buffer passes HIGH_WATER, which pauses the run's pipe readers
-and so the run itself: a client that stops reading slows only its own runs, and the daemon's
-memory stays bounded.
+for the client to drain once its buffer passes ``max_pending_bytes``, which pauses the run's pipe
+readers and so the run itself: a client that stops reading slows only its own runs, and the
+daemon's memory stays bounded (one message past the cap per connection). A client whose backlog
+has not shrunk for ``stream_stall_timeout_s`` is dropped: its connection is aborted and its runs
+are killed, so a client that never reads cannot hold a room's run slots forever.
+
+Caps on what one client can take (each answered, never silently slowed): ``max_connections`` in
+all and ``max_connections_per_uid`` per peer uid (QUOTA_EXCEEDED, then the connection is closed),
+``max_request_bytes`` per line (REQUEST_TOO_LARGE, the connection goes on), and the pending-bytes
+cap above. Peers are identified only by SO_PEERCRED, read once at accept.
 
 This module is the only place exceptions become wire errors: SandboxError subclasses carry their
 code; anything else is an INTERNAL_ERROR, logged with its traceback, and the connection goes on.
@@ -22,6 +29,7 @@ import logging
 import os
 import socket
 import struct
+import sys
 from typing import TYPE_CHECKING, Any
 
 from . import errors, protocol
@@ -32,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sandboxd.server")
 
-HIGH_WATER = 4 * 1024 * 1024
 READ_CHUNK = 256 * 1024
 
 
@@ -51,18 +58,45 @@ class Connection:
         self.writer = writer
         self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.dropped = False
         sock = writer.get_extra_info("socket")
         self.pid, self.uid, self.gid = peer_credentials(sock)
+
+    def _pending(self) -> int:
+        return int(self.writer.transport.get_write_buffer_size())
 
     async def send(self, message: Any) -> None:
         data = protocol.encode(message)
         async with self.lock:
             if self.writer.is_closing():
+                if self.dropped:
+                    # Tell the caller (a run's output pump) to stop: nobody will read it.
+                    raise ConnectionResetError("client dropped: it stopped reading")
                 return
             self.writer.write(data)
-            if self.writer.transport.get_write_buffer_size() > HIGH_WATER:
-                with contextlib.suppress(ConnectionError):
-                    await self.writer.drain()
+            if self._pending() > self.server.daemon.config.max_pending_bytes:
+                await self._drain_or_drop()
+
+    async def _drain_or_drop(self) -> None:
+        """Wait while the client reads; drop it once its backlog stops shrinking."""
+        stall = self.server.daemon.config.stream_stall_timeout_s
+        last = self._pending()
+        while True:
+            try:
+                await asyncio.wait_for(self.writer.drain(), stall)
+                return
+            except ConnectionError:
+                return
+            except TimeoutError:
+                now = self._pending()
+                if now < last:
+                    last = now
+                    continue
+            log.warning("dropping client pid %d uid %d: %d bytes unread for %.0f s", self.pid,
+                        self.uid, last, stall)
+            self.dropped = True
+            self.writer.transport.abort()
+            raise ConnectionResetError("client dropped: it stopped reading")
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         await self.send(protocol.notification(method, params))
@@ -115,6 +149,13 @@ class Connection:
             obj = protocol.decode(line)
         except errors.ParseError as err:
             await self.send(protocol.error_response(None, err))
+            return
+        except (UnicodeDecodeError, RecursionError, ValueError) as err:
+            # Found by tests/security/test_fuzz_protocol.py: invalid UTF-8 inside a JSON string
+            # and nesting deeper than the decoder's recursion limit escaped as bare exceptions,
+            # leaving the request unanswered. Both are parse errors.
+            await self.send(protocol.error_response(None, errors.ParseError(
+                f"invalid JSON: {type(err).__name__}")))
             return
         if isinstance(obj, list):
             if not obj:
@@ -171,8 +212,11 @@ class Server:
                     group: str | None = None) -> None:
         limit = self.daemon.config.max_request_bytes
         if inherited is not None:
+            # systemd owns a passed socket: Python >= 3.13 would unlink its path on close, and
+            # every restart of the service would then leave clients with no socket at all.
+            kw: dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
             self.server = await asyncio.start_unix_server(self._accept, sock=inherited,
-                                                          limit=limit)
+                                                          limit=limit, **kw)
             self.path = path
             return
         parent = os.path.dirname(path)
@@ -203,9 +247,17 @@ class Server:
         except OSError:
             writer.close()
             return
-        if len(self.connections) >= self.daemon.config.max_connections:
-            await conn.send(protocol.error_response(None, errors.QuotaExceeded(
-                "too many connections", limit=self.daemon.config.max_connections)))
+        cfg = self.daemon.config
+        refusal = None
+        if len(self.connections) >= cfg.max_connections:
+            refusal = errors.QuotaExceeded("too many connections", limit=cfg.max_connections)
+        elif conn.uid not in (0, os.getuid()) and sum(
+                1 for c in self.connections if c.uid == conn.uid) >= cfg.max_connections_per_uid:
+            refusal = errors.QuotaExceeded("too many connections for this user",
+                                           limit=cfg.max_connections_per_uid)
+        if refusal is not None:
+            with contextlib.suppress(ConnectionError):
+                await conn.send(protocol.error_response(None, refusal))
             writer.close()
             return
         self.connections.add(conn)

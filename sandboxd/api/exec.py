@@ -8,6 +8,7 @@ from typing import Any
 
 from .. import errors, protocol, runs
 from ..jail import JailError
+from ..jail.user import SANDBOX_UID
 from . import Context, method
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -32,6 +33,13 @@ async def run_in_room(ctx: Context, room_id: str, argv: list[str], *, env: dict[
     """The shared path of exec (and later runCode): room, spec, quota, run."""
     daemon = ctx.daemon
     room = await daemon.rooms.get_or_create(ctx.uid, room_id)
+    if user == "sandbox" and (room.ids is None or not room.ids.maps(SANDBOX_UID)):
+        # Refused up front rather than failing at setresuid in the payload (an XX verdict): the
+        # single-id fallback maps only the room's root (docs/security.md, "Identities").
+        raise errors.LimitUnavailable(
+            "user 'sandbox' needs subordinate ids (this daemon maps a single id: "
+            "sandboxctl setup --user <daemon user>, then restart sandboxd)",
+            limit="user", idMapping=daemon.ids.mode)
     full_env = {**base_env(user), **room.options.env, **(env or {})}
     runs.check_argv(argv, full_env)
     lim = limits or protocol.RunLimits()

@@ -62,7 +62,7 @@ class Init:
 
     def setup(self) -> None:
         spec = self.spec
-        mnt.setup(spec["scratch"], spec["rootfs"], spec["disk_bytes"], spec["hostname"])
+        mnt.setup(spec["scratch_fd"], spec["rootfs"], spec["disk_bytes"], spec["hostname"])
         net.setup_loopback()
         sc.sethostname(spec["hostname"])
         signal.signal(signal.SIGCHLD, lambda *_: None)

@@ -1,18 +1,24 @@
 """The room's filesystem: built by the room init inside its fresh mount namespace.
 
-Theory of operation. The init (PID 1 of the room, root of the room's user namespace, still seeing
-the host's mount tree through a private copy) builds the new root on a size- and inode-limited
-tmpfs mounted on the room's scratch directory (``<state>/rooms/<id>/mnt``; the host only ever sees
-that directory empty, because the mount lives in the room's namespace):
+Theory of operation. The room's set-up process (still the daemon's host uid, already in the
+room's fresh user and mount namespaces) mounts a size- and inode-limited tmpfs on the room's
+scratch directory (``<state>/rooms/<id>/mnt``; the host only ever sees that directory empty,
+because the mount lives in the room's namespace) and hands an fd of its root to the init
+(:func:`mount_scratch`). The init (PID 1 of the room, root of the room's user namespace, a
+subordinate host uid that cannot traverse the daemon's state directory) builds the new root on
+that tmpfs through ``/proc/self/fd/N``:
 
   rootfs = a built tree:  overlay(lower = tree, upper/work on the tmpfs) is the new root
   rootfs = "host":        the tmpfs itself is the new root, with read-only binds of the host's
                           /usr and /lib* (and their /bin-style symlinks) and a minimal /etc
 
-In both cases /usr is read-only (bind-remounted), the writable places (/, /workspace, /tmp, /root,
-/home, /var/tmp, /run) share the one tmpfs budget (``diskBytes``), /proc is fresh for the room's pid
-namespace with the sensitive files masked, /dev is a tmpfs with binds of the harmless host nodes
-(a user namespace cannot mknod), a devpts newinstance and a private /dev/shm. Then pivot_root and
+In both cases /usr is read-only (bind-remounted; a built tree's whole root too), the writable
+places (/workspace, /tmp, /root, /home, /var/tmp, /run; the root itself in host mode) share the
+one tmpfs budget (``diskBytes``) and are nosuid,nodev; /proc is fresh for the room's pid namespace
+with the sensitive files masked and /proc/sys read-only; /sys is not mounted at all (see
+docs/security.md: the JVM and Go size themselves from /proc and sched_getaffinity); /dev is a
+nodev tmpfs with binds of the harmless host nodes (a user namespace cannot mknod), a devpts
+newinstance and a private /dev/shm. Then pivot_root and
 the old root is detached, so nothing of the host tree stays reachable.
 """
 
@@ -97,10 +103,21 @@ def make_private() -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
 
 
-def mount_scratch(scratch: str, disk_bytes: int) -> None:
+def mount_scratch(scratch: str, disk_bytes: int) -> int:
+    """Set-up process side: the room's tmpfs on its scratch directory; return an fd of its root.
+
+    Runs in the room's set-up process after unshare and after the maps are written, but before it
+    becomes the room's root (``user.become_root``): only the daemon's uid can traverse the state
+    directory (0700) to the scratch directory, a subordinate uid cannot — and the state dir stays
+    closed to every other host user. The init then reaches the tmpfs only through this fd
+    (``/proc/self/fd/N``), never by a host path. ``uid=0,gid=0`` are the room's ids: the tmpfs
+    root belongs to the room's root, whichever host id that is.
+    """
+    make_private()
     inodes = max(1024, disk_bytes // 16384)  # an inode limit too: a million empty files is a DoS
     sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-             f"size={disk_bytes},nr_inodes={inodes},mode=0755")
+             f"size={disk_bytes},nr_inodes={inodes},mode=0755,uid=0,gid=0")
+    return os.open(scratch, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def build_root(scratch: str, rootfs: str, hostname: str) -> str:
@@ -134,6 +151,10 @@ def build_root(scratch: str, rootfs: str, hostname: str) -> str:
         os.chmod(src, mode)
         sc.mount(src, f"{root}/{d}", None, sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV)
     os.mkdir(f"{root}/home/sandbox", 0o755)
+    # The runtime tree read-only as a mount, not only by ownership: a tree file that happens to be
+    # world-writable (or owned by a mapped id) must not become a channel between runs.
+    sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | _locked_flags(root)
+             | sc.MS_NOSUID | sc.MS_NODEV)
     return root
 
 
@@ -154,9 +175,20 @@ def _host_etc(root: str, hostname: str) -> None:
 def mount_proc(root: str) -> None:
     proc = f"{root}/proc"
     sc.mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    # Masks are read-only binds of an empty *regular* file, not of /dev/null: a device node
+    # accepts writes even on a read-only mount, so a write to a /dev/null-masked sysrq-trigger
+    # would "succeed"; on a regular file it fails with EROFS. The file lives on a scratch tmpfs
+    # mounted on <root>/dev for a moment and detached again (mount_dev mounts the real /dev
+    # there): the binds keep it alive, nothing else can reach it.
+    holder = f"{root}/dev"
+    sc.mount("tmpfs", holder, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+             "size=4k,nr_inodes=4,mode=0555")
+    empty = f"{holder}/empty"
+    os.close(os.open(empty, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
     for name in PROC_MASKED_FILES:
         if os.path.exists(f"{proc}/{name}"):
-            sc.mount("/dev/null", f"{proc}/{name}", None, sc.MS_BIND)
+            bind(empty, f"{proc}/{name}")
+    sc.umount2(holder, sc.MNT_DETACH)
     for name in PROC_MASKED_DIRS:
         if os.path.isdir(f"{proc}/{name}"):
             sc.mount("tmpfs", f"{proc}/{name}", "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
@@ -167,7 +199,10 @@ def mount_proc(root: str) -> None:
 
 def mount_dev(root: str, shm_bytes: int) -> None:
     dev = f"{root}/dev"
-    sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "size=64k,nr_inodes=64,mode=0755")
+    # nodev on the tmpfs itself: the usable nodes are separate bind mounts of the host's, so a
+    # node the room's root makes here (mknod is refused in a user namespace anyway) opens nothing.
+    sc.mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+             "size=64k,nr_inodes=64,mode=0755")
     for name in DEV_NODES:
         src = f"/dev/{name}"
         if os.path.exists(src) and stat.S_ISCHR(os.stat(src).st_mode):
@@ -195,11 +230,14 @@ def pivot(root: str) -> None:
     os.chdir("/")
 
 
-def setup(scratch: str, rootfs: str, disk_bytes: int, hostname: str) -> None:
-    """The whole filesystem set-up, in order (runs in the room init, before pivot)."""
-    make_private()
-    mount_scratch(scratch, disk_bytes)
+def setup(scratch_fd: int, rootfs: str, disk_bytes: int, hostname: str) -> None:
+    """The whole filesystem set-up, in order (runs in the room init, after ``mount_scratch`` in
+    the set-up process; ``scratch_fd`` is the room tmpfs's root and is closed here)."""
+    scratch = f"/proc/self/fd/{scratch_fd}"
     root = build_root(scratch, rootfs, hostname)
     mount_proc(root)
     mount_dev(root, shm_bytes=min(disk_bytes, 64 * 1024 * 1024))
     pivot(root)
+    # Nothing of the pre-pivot view may stay reachable from the room (payloads close every fd
+    # anyway, but the init serves for the room's whole life).
+    os.close(scratch_fd)

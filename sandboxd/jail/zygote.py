@@ -13,7 +13,11 @@ Spawning one room (``spawn`` request with the room spec):
                         afterwards the cgroup namespace would root it where it is)
                      2. unshare(USER|NS|PID|NET|IPC|UTS|CGROUP), says "u" on the sync socket
   zygote: writes the uid/gid maps (it is still in the parent user namespace), says "m"
-                     3. forks the init (PID 1 of the new pid namespace), sends its host pid,
+                     3. mounts the room's tmpfs on its scratch directory and keeps an fd of it
+                        (still the daemon's uid: only that uid may traverse the state dir)
+                     4. becomes the room's root (setgroups([]) with a subordinate map,
+                        setresgid/setresuid 0): from here on its host ids are the room's slice
+                     5. forks the init (PID 1 of the new pid namespace), sends its host pid,
                         and exits
   zygote: reaps the set-up process, opens a pidfd for the init, and replies to the daemon with
           {pid} + fds [daemon's end of the init channel, pidfd]
@@ -32,7 +36,7 @@ import sys
 from typing import Any
 
 from . import _syscalls as sc
-from . import caps, channel, user
+from . import caps, channel, mnt, user
 from . import init as room_init
 
 NS_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET
@@ -78,6 +82,11 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         sync.send(b"u")
         if _expect(sync) != b"m":
             raise OSError("bad handshake from the zygote")
+        ids = user.IdMap.from_wire(spec["ids"])
+        spec = {**spec, "scratch_fd": mnt.mount_scratch(spec["scratch"], spec["disk_bytes"])}
+        # Only now: the scratch mount above needed the daemon's uid to reach the state dir, and
+        # the maps had to exist for the tmpfs to be owned by the room's root.
+        user.become_root(ids)
         pid = os.fork()
         if pid == 0:
             sync.close()
@@ -110,8 +119,7 @@ def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket
     try:
         if _expect(sync_z) != b"u":
             raise OSError("bad handshake from the set-up process")
-        ids = spec["ids"]
-        user.write_maps(pid, user.IdMap(ids["uid"], ids["gid"], ids["count"]))
+        user.write_maps(pid, user.IdMap.from_wire(spec["ids"]))
         sync_z.send(b"m")
         init_pid = int(_expect(sync_z))
         pidfd = os.pidfd_open(init_pid)
@@ -201,7 +209,7 @@ def main() -> None:
     prctl.set_child_subreaper(True)
     caps.non_dumpable()
     # Pre-import what every room needs, so forks pay nothing for it.
-    from . import mnt, net  # noqa: F401
+    from . import net  # noqa: F401
     try:
         from . import seccomp  # noqa: F401
     except ImportError:

@@ -1,0 +1,132 @@
+"""Two unprivileged client users of one daemon cannot see, exec in, read from or destroy each
+other's rooms (issue 7: clients are identified only by SO_PEERCRED).
+
+The daemon runs as its own user (``sbxsec``) with its socket in group ``sbxclients``; the two
+tenants are ``sbxtest`` and ``sbxother``, both in that group and neither the daemon's uid nor
+root (those see every room by design). Each tenant's calls run in a process of its own under its
+uid, so the only thing telling them apart is the kernel's SO_PEERCRED.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DaemonProc, _ensure_user, _setup_user, as_user, make_daemon
+
+pytestmark = pytest.mark.integration
+
+GROUP = "sbxclients"
+ROOT = str(Path(__file__).resolve().parents[2])
+
+
+@pytest.fixture(scope="module")
+def tenants() -> Iterator[tuple[DaemonProc, pwd.struct_passwd, pwd.struct_passwd]]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create users")
+    owner = _setup_user("sbxsec")
+    a, b = _ensure_user("sbxtest"), _ensure_user("sbxother")
+    try:
+        grp.getgrnam(GROUP)
+    except KeyError:
+        subprocess.run(["groupadd", GROUP], check=True)
+    for u in (owner, a, b):
+        subprocess.run(["usermod", "-aG", GROUP, u.pw_name], check=True)
+    d = make_daemon(pwd.getpwnam(owner.pw_name))
+    cfg = os.path.join(os.path.dirname(d.state_dir), "sandboxd.toml")
+    Path(cfg).write_text(f'socket_group = "{GROUP}"\n')
+    os.chmod(cfg, 0o644)
+    d.extra_args += ["--config", cfg]
+    d.start()
+    yield d, a, b
+    code = d.stop()
+    left = d.leftovers()
+    if code == 0 and not left:
+        shutil.rmtree(os.path.dirname(d.state_dir), ignore_errors=True)
+    assert code == 0 and not left, (code, left)
+
+
+def call(user: pwd.struct_passwd, d: DaemonProc, method: str, params: dict[str, Any]) -> Any:
+    """One JSON-RPC call as ``user``; returns the result, or {"error": CODE}."""
+    prog = (
+        f"import json, sys; sys.path.insert(0, {ROOT!r})\n"
+        "from sandboxd.client import Client\n"
+        "from sandboxd import errors\n"
+        f"c = Client({d.socket!r}, timeout=30)\n"
+        "try:\n"
+        f"    out = c.call({method!r}, json.loads({json.dumps(params)!r}))\n"
+        "except errors.SandboxError as err:\n"
+        "    out = {'error': err.code}\n"
+        "print(json.dumps(out))\n"
+    )
+    res = subprocess.run(as_user(user, [sys.executable, "-c", prog]), capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_tenants_cannot_touch_each_others_rooms(tenants: Any) -> None:
+    d, alice, bob = tenants
+    room = f"alice-{secrets.token_hex(3)}"
+    token = secrets.token_hex(16)
+    r = call(alice, d, "exec", {"sandboxId": room,
+                                "command": f"echo {token} > /workspace/secret; echo made"})
+    assert r["stdout"] == "made\n"
+
+    # Bob: not listed, no exec, no ping, no file read, no destroy — and no hint it exists.
+    assert room not in json.dumps(call(bob, d, "listSandboxes", {}))
+    attempts = {
+        "exec": call(bob, d, "exec", {"sandboxId": room, "command": "cat /workspace/secret"}),
+        "ping": call(bob, d, "ping", {"sandboxId": room}),
+        "getSandbox": call(bob, d, "getSandbox", {"sandboxId": room}),
+        "readFile": call(bob, d, "readFile", {"sandboxId": room, "path": "/workspace/secret"}),
+        "writeFile": call(bob, d, "writeFile", {"sandboxId": room, "path": "/workspace/secret",
+                                               "content": "pwned"}),
+        "destroy": call(bob, d, "destroy", {"sandboxId": room}),
+    }
+    for name, got in attempts.items():
+        assert token not in json.dumps(got), name
+        if name == "destroy":
+            # destroy is idempotent on the wire: "nothing of yours by that name" either way.
+            assert got == {"sandboxId": room, "destroyed": False}, got
+        else:
+            assert got == {"error": "SANDBOX_NOT_FOUND"}, (name, got)
+
+    # Alice's room is intact and hers; her secret unchanged.
+    r = call(alice, d, "exec", {"sandboxId": room, "command": "cat /workspace/secret"})
+    assert r["stdout"] == f"{token}\n"
+    assert room in json.dumps(call(alice, d, "listSandboxes", {}))
+    # The daemon's own uid and root see every room (by design, documented).
+    with d.client() as c:
+        assert room in [s.sandbox_id for s in c.list_sandboxes()]
+    assert call(alice, d, "destroy", {"sandboxId": room}) == {"sandboxId": room, "destroyed": True}
+
+
+def test_same_room_id_for_two_tenants_is_not_shared(tenants: Any) -> None:
+    """A room id is global: the second tenant asking for a taken id is refused, never let in."""
+    d, alice, bob = tenants
+    room = f"shared-{secrets.token_hex(3)}"
+    assert call(alice, d, "exec", {"sandboxId": room, "command": "true"})["exitCode"] == 0
+    got = call(bob, d, "exec", {"sandboxId": room, "command": "id"})
+    assert got == {"error": "SANDBOX_NOT_FOUND"}
+    call(alice, d, "destroy", {"sandboxId": room})
+
+
+def test_unrelated_user_cannot_connect(tenants: Any) -> None:
+    """A user outside the socket's group is refused by the kernel before the daemon sees it."""
+    d, _, _ = tenants
+    outsider = _ensure_user("sbxoutsider")
+    prog = (f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({d.socket!r})")
+    res = subprocess.run(as_user(outsider, [sys.executable, "-c", prog]), capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert res.returncode != 0 and "PermissionError" in res.stderr
