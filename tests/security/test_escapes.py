@@ -696,3 +696,39 @@ def test_dying_daemon_takes_its_rooms_down(sec_user: Any) -> None:
             c.sandbox("a").destroy()
     finally:
         stop_and_check(d)
+
+
+def test_file_api_writes_belong_to_the_rooms_root(sec_client: Any, rooms: Any) -> None:
+    """Files written through the file API are the room root's (0:0 in the room, the slice base
+    on the host), so the unprivileged ``sandbox`` user cannot change them."""
+    (sb,) = rooms(1)
+    sec_client.call("writeFile", {"sandboxId": sb.id, "path": "/workspace/owned.txt",
+                                  "content": "from the API"})
+    r = sb.exec("stat -c '%u %g %a' /workspace/owned.txt; echo x >> /workspace/owned.txt",
+                user="sandbox")
+    assert r.stdout == "0 0 644\n" and "Permission denied" in r.stderr
+
+
+@pytest.mark.rootfs
+def test_toolchains_run_without_sys(sec_user: Any) -> None:
+    """The /sys decision (docs/security.md): no /sys at all, and the JVM and Go still start and
+    size themselves (cpu count from sched_getaffinity)."""
+    from sec_helpers import start_daemon, stop_and_check
+
+    tree = "/var/lib/sandboxd/rootfs/default"
+    if not os.path.isdir(f"{tree}/usr/lib/jvm") or not os.path.exists(f"{tree}/usr/bin/go"):
+        pytest.skip("no built runtime tree with java and go")
+    d = start_daemon(sec_user, rootfs=tree)
+    try:
+        with client_of(d) as c:
+            sb = c.sandbox("sys")
+            r = sb.exec("echo sys=$(ls -A /sys 2>/dev/null | wc -l); java -XshowSettings:system -version 2>&1 | head -3; "
+                        "printf 'package main\\nimport (\"fmt\";\"runtime\")\\nfunc main(){"
+                        "fmt.Println(\"go\", runtime.NumCPU())}\\n' > /tmp/m.go && "
+                        "cd /tmp && GOCACHE=/tmp/gc go run m.go", timeout=120)
+            assert "sys=0" in r.stdout  # nothing mounted (a built tree has an empty /sys dir)
+            assert "openjdk version" in r.stdout or "Operating System Metrics" in r.stdout
+            assert f"go {len(os.sched_getaffinity(0))}" in r.stdout, r.stdout + r.stderr
+            sb.destroy()
+    finally:
+        stop_and_check(d)
