@@ -203,24 +203,6 @@ def slice_range(d: DaemonProc) -> tuple[int, int]:
     return s["uidStart"], s["uidStart"] + s["slices"] * s["sliceSize"]
 
 
-def slice_processes(d: DaemonProc) -> list[str]:
-    """Processes still running under any host id of the daemon's slices (the room side of
-    ``DaemonProc.leftovers``, which only knows the daemon's own uid)."""
-    from sandboxd.jail.user import subordinate_range
-
-    rng = subordinate_range(d.user.pw_name)
-    if rng is None:
-        return []
-    lo, hi = rng[0], rng[0] + rng[1]
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, AssertionError):
-                if any(lo <= u < hi for u in proc_uids(int(name))):
-                    found.append(f"process {name} (uid {proc_uids(int(name))[0]})")
-    return found
-
-
 def as_host_uid(uid: int, code: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     """Run Python ``code`` on the host as ``uid`` (gid = uid, no groups, no capabilities):
     what a process that escaped its room's namespaces would be."""

@@ -722,7 +722,8 @@ def test_toolchains_run_without_sys(sec_user: Any) -> None:
     try:
         with client_of(d) as c:
             sb = c.sandbox("sys")
-            r = sb.exec("echo sys=$(ls -A /sys 2>/dev/null | wc -l); java -XshowSettings:system -version 2>&1 | head -3; "
+            r = sb.exec("echo sys=$(ls -A /sys 2>/dev/null | wc -l); "
+                        "java -XshowSettings:system -version 2>&1 | head -3; "
                         "printf 'package main\\nimport (\"fmt\";\"runtime\")\\nfunc main(){"
                         "fmt.Println(\"go\", runtime.NumCPU())}\\n' > /tmp/m.go && "
                         "cd /tmp && GOCACHE=/tmp/gc go run m.go", timeout=120)
