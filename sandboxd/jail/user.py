@@ -166,12 +166,15 @@ def plan(user: str, uid: int, gid: int, *, subuid: str = "/etc/subuid",
     def fallback(reason: str) -> IdPlan:
         return IdPlan("single", uid, gid, reason=reason)
 
-    if uid == 0:
-        return fallback("the daemon runs as root: rooms map to root's uid 0 (run sandboxd as an "
-                        "unprivileged user with subordinate ids)")
     ru = subordinate_range(user, subuid) or subordinate_range(str(uid), subuid)
     rg = subordinate_range(user, subgid) or subordinate_range(str(uid), subgid)
     if ru is None or rg is None:
+        if uid == 0:
+            # The worst fallback: a room's root would be the host's root (no capabilities
+            # outside the namespace, but it owns every root-owned file it can reach).
+            return fallback("the daemon runs as root and root has no subordinate range: rooms "
+                            "map to host uid 0 (run sandboxd as an unprivileged user, or give "
+                            "root a range in /etc/subuid and /etc/subgid)")
         return fallback(f"{user} has no subordinate {'uids' if ru is None else 'gids'} "
                         f"(sandboxctl setup --user {user})")
     if not (_helper_ok("newuidmap") and _helper_ok("newgidmap")):

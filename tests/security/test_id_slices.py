@@ -80,3 +80,14 @@ def test_slices_with_leftover_processes_are_quarantined(tmp_path: Path,
     got = [plan.acquire().slice for _ in range(3)]
     assert got == [1, 2, 4]
     assert plan.describe()["slicesFree"] == 16 - 2 - 3
+
+
+def test_root_daemon_uses_roots_range_or_says_it_maps_host_root(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    monkeypatch.setattr(user, "_helper_ok", lambda name: True)
+    u, g = _files(tmp_path, "root:500000:65536\n")
+    assert user.plan("root", 0, 0, subuid=u, subgid=g).uid_start == 500000
+    u, g = _files(tmp_path, "")
+    plan = user.plan("root", 0, 0, subuid=u, subgid=g)
+    assert plan.mode == "single" and "host uid 0" in plan.reason
