@@ -15,7 +15,10 @@ Two modes, chosen once at daemon start (:func:`plan`) and reported by ``ping`` a
   rooms are two different host users: after an escape one still cannot signal, ptrace or read
   /proc/<pid>/mem of the other, nor of the daemon. uid 1000 (``user: "sandbox"``) is inside every
   slice. When every slice is taken, new rooms are refused (QUOTA_EXCEEDED) rather than made to
-  share a slice.
+  share a slice. Two daemons of the same user (other state dirs) draw from the same range, so a
+  slice is also held by an flock on ``<runtime dir>/id-slices/<start>-<k>.lock`` (a private 0700
+  directory; the kernel drops the lock when the daemon dies), and a daemon quarantines at start
+  any slice that still owns a host process.
 - ``single`` (no range, or no helpers): room uid/gid 0 -> the daemon's own uid/gid, one id. Needs
   no privilege, but setgroups must be denied first (CVE-2014-8989: otherwise an unprivileged
   mapper could drop supplementary groups that deny it access). Costs: a room's root *is* the
@@ -30,6 +33,8 @@ first host id, with its capabilities in the namespace intact (uid transitions to
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -90,13 +95,15 @@ class IdPlan:
     reason: str = ""
     held: set[int] = field(default_factory=set)  # slices of live rooms
     quarantined: set[int] = field(default_factory=set)  # slices with leftover host processes
+    lock_dir: str | None = None  # where slices are flocked against other daemons of the user
+    _locks: dict[int, int] = field(default_factory=dict)
 
     def acquire(self) -> IdMap:
         """The mapping for a new room; raises :class:`SlicesExhausted` in subordinate mode."""
         if self.mode == "single":
             return IdMap(self.uid_start, self.gid_start, 1)
         for k in range(self.slices):
-            if k not in self.held and k not in self.quarantined:
+            if k not in self.held and k not in self.quarantined and self._lock(k):
                 self.held.add(k)
                 off = k * self.slice_size
                 return IdMap(self.uid_start + off, self.gid_start + off, self.slice_size, k)
@@ -105,6 +112,23 @@ class IdPlan:
     def release(self, ids: IdMap | None) -> None:
         if ids is not None and ids.slice >= 0:
             self.held.discard(ids.slice)
+            fd = self._locks.pop(ids.slice, None)
+            if fd is not None:
+                os.close(fd)
+
+    def _lock(self, k: int) -> bool:
+        """Hold slice ``k`` against other daemons of this user (False: one of them has it)."""
+        if self.lock_dir is None:
+            return True
+        path = os.path.join(self.lock_dir, f"{self.uid_start}-{k}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._locks[k] = fd
+        return True
 
     def quarantine_busy(self, proc_root: str = "/proc") -> list[int]:
         """Mark slices that still own host processes as unusable (a restart after a crash must
@@ -133,7 +157,10 @@ class IdPlan:
         if self.mode == "subordinate":
             out.update(sliceSize=self.slice_size, slices=self.slices,
                        slicesFree=self.slices - len(self.held | self.quarantined),
-                       uidStart=self.uid_start, gidStart=self.gid_start)
+                       uidStart=self.uid_start, gidStart=self.gid_start,
+                       lockedAcrossDaemons=self.lock_dir is not None)
+            if self.reason:
+                out["reason"] = self.reason
         else:
             out.update(reason=self.reason, cost=SINGLE_COST)
         return out
@@ -160,9 +187,30 @@ def _helper_ok(name: str) -> bool:
         return False
 
 
+def private_lock_dir(uid: int) -> str | None:
+    """``$XDG_RUNTIME_DIR/sandboxd/id-slices`` (else ``/tmp/sandboxd-UID/id-slices``), created
+    0700; None when the directory is not ours alone (someone squatted it in /tmp)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxd-{uid}"
+    path = os.path.join(base, "sandboxd" if "XDG_RUNTIME_DIR" in os.environ else "",
+                        "id-slices")
+    with contextlib.suppress(OSError):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    for d in (base, path):
+        try:
+            st = os.lstat(d)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+            return None
+    return path
+
+
 def plan(user: str, uid: int, gid: int, *, subuid: str = "/etc/subuid",
-         subgid: str = "/etc/subgid", slice_size: int = SLICE_SIZE) -> IdPlan:
-    """Decide the mapping mode for a daemon running as ``user`` (``uid``/``gid``)."""
+         subgid: str = "/etc/subgid", slice_size: int = SLICE_SIZE,
+         lock_dir: str | None = "auto") -> IdPlan:
+    """Decide the mapping mode for a daemon running as ``user`` (``uid``/``gid``).
+
+    ``lock_dir`` "auto" is :func:`private_lock_dir`; None turns cross-daemon locking off."""
     def fallback(reason: str) -> IdPlan:
         return IdPlan("single", uid, gid, reason=reason)
 
@@ -185,7 +233,10 @@ def plan(user: str, uid: int, gid: int, *, subuid: str = "/etc/subuid",
     # A range that covers the daemon's own ids would hand them to a room.
     if ru[0] <= uid < ru[0] + n * slice_size or rg[0] <= gid < rg[0] + n * slice_size:
         return fallback(f"{user}'s subordinate range contains its own uid/gid")
-    return IdPlan("subordinate", ru[0], rg[0], slices=n, slice_size=slice_size)
+    locks = private_lock_dir(uid) if lock_dir == "auto" else lock_dir
+    return IdPlan("subordinate", ru[0], rg[0], slices=n, slice_size=slice_size,
+                  reason="" if locks else "no private directory for slice locks: another "
+                  "daemon of this user could hand out the same slices", lock_dir=locks)
 
 
 # --- parent side -------------------------------------------------------------------------------

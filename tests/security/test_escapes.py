@@ -733,3 +733,22 @@ def test_toolchains_run_without_sys(sec_user: Any) -> None:
             sb.destroy()
     finally:
         stop_and_check(d)
+
+
+def test_two_daemons_of_one_user_use_different_slices(sec_user: Any, rooms: Any) -> None:
+    """A second daemon of the same user (another state dir) draws from the same subordinate
+    range; the slice locks keep its rooms on host ids no room of the first daemon has."""
+    from sec_helpers import start_daemon, stop_and_check
+
+    d = start_daemon(sec_user)
+    try:
+        # Rooms of the first daemon made *after* the second started: its start-up quarantine
+        # cannot have seen them, only the locks keep the two apart.
+        first = {room_host_uid(sb) for sb in rooms(2)}
+        with client_of(d) as c:
+            second = {room_host_uid(c.sandbox(f"other-{i}")) for i in range(2)}
+            for i in range(2):
+                c.sandbox(f"other-{i}").destroy()
+    finally:
+        stop_and_check(d)
+    assert len(first) == 2 and len(second) == 2 and not first & second, (first, second)
