@@ -92,7 +92,7 @@ def bare(argv: Sequence[str], n: int) -> list[float]:
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, check=False)
+        subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                       check=False)
         out.append((time.perf_counter() - t) * 1000)
     return out

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bare, daemon, pct, table  # noqa: E402
+from common import bare, daemon, pct, table
 
-from sandboxd.client import Client  # noqa: E402
+from sandboxd.client import Client
 
 
 def timed(fn: object, n: int) -> list[float]:

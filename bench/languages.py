@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import daemon, pct, table  # noqa: E402
+from common import daemon, pct, table
 
-from sandboxd.client import Client  # noqa: E402
-from sandboxd.coderun.registry import load_registry  # noqa: E402
+from sandboxd.client import Client
+from sandboxd.coderun.registry import load_registry
 
 HARNESS = r'''
 import json, os, subprocess, sys, time

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -124,6 +125,9 @@ class Daemon:
         # Same-uid host processes must not ptrace us or read our memory and environment through
         # /proc (bubblewrap PR #114); that includes anything that ever runs as our uid.
         caps.non_dumpable()
+        # Take a socket systemd passed before anything forks, so LISTEN_* is gone from the
+        # environment of everything we start.
+        inherited = _inherited_socket()
         self._lock_state_dir()
         self.ids = _id_plan()
         if self.ids.mode == "single":
@@ -131,7 +135,12 @@ class Daemon:
         else:
             log.info("id mapping: %d slices of %d subordinate ids from uid %d", self.ids.slices,
                      self.ids.slice_size, self.ids.uid_start)
-        self.backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent)
+        # v1 rooms go under a directory of this instance (keyed by the state dir), so that a
+        # second daemon of the same user cannot reconcile them away (nor we its rooms).
+        instance = "i-" + hashlib.sha256(os.path.realpath(self.config.state_dir).encode()
+                                         ).hexdigest()[:12]
+        self.backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent,
+                                      instance=instance)
         bootstrap = getattr(self.backend, "bootstrap", None)
         if bootstrap is not None:
             bootstrap()
@@ -147,7 +156,6 @@ class Daemon:
         if busy:
             log.warning("id slices %s still own host processes: not used until restart", busy)
         api.load_all()
-        inherited = _inherited_socket()
         await self.server.start(self.config.socket, inherited, self.config.socket_group)
         reaper = asyncio.ensure_future(self.rooms.reap_idle())
         watchdog = asyncio.ensure_future(_watchdog())
@@ -162,6 +170,7 @@ class Daemon:
         reaper.cancel()
         watchdog.cancel()
         await self.rooms.shutdown()
+        self.backend.release()
         await self.server.close()
         await self.zygote.stop()
         log.info("shutdown complete in %.0f ms", (time.monotonic() - t) * 1000)

@@ -192,7 +192,8 @@ class RoomManager:
             spec = {
                 "room_id": room_id, "rootfs": self.config.rootfs, "scratch": mnt,
                 "disk_bytes": options.limits.disk_bytes, "hostname": "sandbox",
-                "cgroup_procs": room.cgroup.procs_paths(), "ids": room.ids.wire(),
+                "cgroup_procs": room.cgroup.procs_paths(),
+                "cgroup_home_by_dir": room.cgroup.joined_by_dir, "ids": room.ids.wire(),
                 "seccomp_bpf": self.seccomp_bpf,
             }
             pid, sock, pidfd = await self.zygote.spawn(spec, self.config.room_start_timeout_s)

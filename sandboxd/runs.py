@@ -213,7 +213,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         exit_fut = room.handle.expect_exit(run_id)
         await room.handle.spawn(
             run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (in_r, out_w, err_w),
-            cg.join_fds())
+            cg.join_fds(), pids_limited=spec.pids is not None)
         for fd in (in_r, out_w, err_w):
             os.close(fd)
         fds = []

@@ -160,7 +160,8 @@ class DaemonProc:
             mine = f"/{self.instance}/" in cgroups or (
                 self.proc is None and os.path.dirname(self.state_dir) in cmd)
             if mine and int(pid) != os.getpid():
-                found.append(f"process {pid}: {cmd[:80]}")
+                room = cgroups.split(f"/{self.instance}/", 1)[-1].split("/", 1)[0]
+                found.append(f"process {pid} [{room}]: {cmd[:80]}")
         return found
 
 

@@ -152,11 +152,12 @@ class RoomHandle:
 
     async def spawn(self, run: str, argv: list[str], env: dict[str, str], cwd: str, user: str,
                     rlimits: dict[str, int], stdio: tuple[int, int, int],
-                    cgroup_fds: list[int]) -> int:
+                    cgroup_fds: list[int], pids_limited: bool = False) -> int:
         """Start a payload (after :meth:`expect_exit`); return its pid in the room."""
         reply, _ = await self.request(
             {"op": "spawn", "run": run, "argv": argv, "env": env, "cwd": cwd, "user": user,
-             "rlimits": rlimits, "ncg": len(cgroup_fds)}, [*stdio, *cgroup_fds])
+             "rlimits": rlimits, "ncg": len(cgroup_fds), "pids_limited": pids_limited},
+            [*stdio, *cgroup_fds])
         if "error" in reply:
             raise JailError(f"spawn failed in room {self.room_id}: {reply['error']}")
         return int(reply["pid"])

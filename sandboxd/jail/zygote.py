@@ -68,12 +68,20 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         for lo, hi in zip(sorted(keep), [*sorted(keep)[1:], 1 << 20], strict=True):
             os.closerange(lo + 1, hi)
         caps.set_name(f"sandboxd: room {spec['room_id']} setup")
+        # Kept open for the init, which steps into a run's cgroup to start a payload there and
+        # back into its own leaf (init.Init._spawn_fast): the same kind of fd runs are joined
+        # by (cgroup.RunCgroup.join_fds) — v2: the file, opened here with the daemon's
+        # credentials outside the room's cgroup namespace; v1: the directory, so that the init
+        # opens the file with its own (possibly subordinate) uid.
+        home_fds = []
+        by_dir = bool(spec.get("cgroup_home_by_dir"))
         for path in spec.get("cgroup_procs", []):
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, b"0")
-            finally:
+            os.write(fd, b"0")
+            if by_dir:
                 os.close(fd)
+                fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            home_fds.append(fd)
         # /proc/<pid>/{uid_map,setgroups} of a non-dumpable process belong to global root, so
         # the zygote could not write our maps; we are dumpable only until the init (which
         # inherits this) turns it off again right after the maps are in place.
@@ -87,10 +95,22 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         # Only now: the scratch mount above needed the daemon's uid to reach the state dir, and
         # the maps had to exist for the tmpfs to be owned by the room's root.
         user.become_root(ids)
+        # The init's step back through home_fds must work with the ids it now has: cgroup v1
+        # lets a file opened by the daemon's uid move only tasks of that uid, so a room on a
+        # subordinate slice cannot use them. Probe (moving ourselves where we already are) and
+        # let the init take the fork path instead when they do not work.
+        try:
+            from . import cgroup
+
+            cgroup.enter(home_fds)
+        except PermissionError:
+            for fd in home_fds:
+                os.close(fd)
+            home_fds = []
         pid = os.fork()
         if pid == 0:
             sync.close()
-            room_init.main(spec, ctl, reparented)
+            room_init.main(spec, ctl, reparented, home_fds)
         sync.send(str(pid).encode())
         os._exit(0)
     except BaseException as err:  # noqa: BLE001 - nothing may unwind past fork

@@ -120,3 +120,12 @@ def test_dev_is_minimal(client: Any, room_id: str) -> None:
     assert names <= {"null", "zero", "full", "random", "urandom", "tty", "pts", "ptmx", "shm",
                      "fd", "stdin", "stdout", "stderr"}, names
     assert {"null", "zero", "urandom", "pts", "shm"} <= names
+
+
+def test_payloads_are_the_oom_killers_choice_not_the_init(client: Any, room_id: str) -> None:
+    """Regression: concurrent runs filling a room could get the init OOM-killed (room gone)."""
+    sb = client.sandbox(room_id)
+    assert sb.exec("cat /proc/self/oom_score_adj").stdout.strip() == "500"
+    assert sb.exec("cat", ["/proc/self/oom_score_adj"]).stdout.strip() == "500"
+    assert sb.exec("cat /proc/1/oom_score_adj").stdout.strip() == "0"
+    assert sb.exec("echo -1 > /proc/self/oom_score_adj").exit_code != 0  # cannot opt out
