@@ -65,10 +65,10 @@ class Daemon:
             "idMapping": self.ids.mode,  # "single" | "subordinate"
             "idSlices": self.ids.describe(),
             "seccomp": self.seccomp,
-            "limits": sorted(self._enforceable_limits()),
+            "limits": sorted(self.enforceable_limits()),
         }
 
-    def _enforceable_limits(self) -> set[str]:
+    def enforceable_limits(self) -> set[str]:
         """Wire names of the limits this host enforces (rooms and runs)."""
         have = self.backend.enforceable() if self.backend is not None else set()
         out = {"wallTimeMs", "outputBytes", "fileSizeBytes", "diskBytes"}
@@ -80,7 +80,7 @@ class Daemon:
 
     def check_run_limits(self, lim: RunLimits) -> None:
         """Fail closed: a run limit this host cannot enforce is refused, by name."""
-        have = self._enforceable_limits()
+        have = self.enforceable_limits()
         for name, value in (("cpuTimeMs", lim.cpu_time_ms), ("memoryBytes", lim.memory_bytes),
                             ("pids", lim.pids)):
             if value is not None and name not in have:

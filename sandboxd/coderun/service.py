@@ -134,7 +134,8 @@ class CodeRunService:
             compile_argv = lang.compile_argv(workdir)
             if compile_argv is not None:
                 lim = _merge_limits(lang.compile_limits, p.compile_limits,
-                                    room.options.limits.memory_bytes)
+                                    room.options.limits.memory_bytes,
+                                    ctx.daemon.enforceable_limits())
                 res = await api_exec.run_in_room(
                     ctx, room.id, compile_argv, env=env, cwd=workdir, stdin=b"", user=p.user,
                     limits=lim, timeout_ms=None, stream=False)
@@ -182,15 +183,17 @@ class CodeRunService:
         return {"results": list(results)}
 
 
-def _merge_limits(base: Any, given: protocol.RunLimits | None,
-                  room_memory: int) -> protocol.RunLimits:
-    """Per-language compile limits from the registry (capped by the room's own memory limit,
-    the real ceiling), overridden field by field by the caller."""
+def _merge_limits(base: Any, given: protocol.RunLimits | None, room_memory: int,
+                  enforceable: set[str]) -> protocol.RunLimits:
+    """Per-language compile limits from the registry — defaults, so only those this host can
+    enforce, and memory capped by the room's own limit (the real ceiling) — overridden field by
+    field by the caller, whose limits fail closed as in exec."""
     mem = getattr(base, "memory_bytes", None)
     out = protocol.RunLimits(
-        memory_bytes=None if mem is None else min(mem, room_memory),
+        memory_bytes=None if mem is None or "memoryBytes" not in enforceable
+        else min(mem, room_memory),
         wall_time_ms=getattr(base, "wall_time_ms", None),
-        cpu_time_ms=getattr(base, "cpu_time_ms", None))
+        cpu_time_ms=getattr(base, "cpu_time_ms", None) if "cpuTimeMs" in enforceable else None)
     if given is None:
         return out
     import msgspec

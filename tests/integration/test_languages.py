@@ -145,3 +145,29 @@ def test_unknown_language_lists_the_supported_ids(lang_room: Any) -> None:
                                         ("golang", "go"), ("kt", "kotlin")])
 def test_aliases(lang_room: Any, alias: str, lang: str) -> None:
     assert lang_room.run_code(alias, EXIT3[lang])["language"] == lang
+
+
+def test_compiled_languages_work_without_cgroups(test_user: Any, tmp_path: Any) -> None:
+    """Regression: the registry's default compile limits (cpuTimeMs, memoryBytes) were treated
+    as requests, so on a host without cgroups every compiled language failed LIMIT_UNAVAILABLE.
+    Defaults apply where enforceable; a caller's explicit limit still fails closed."""
+    if not os.path.isdir(os.path.join(ROOTFS, "usr")):
+        pytest.skip(f"the runtime tree is not built at {ROOTFS}")
+    from conftest import make_daemon
+
+    d = make_daemon(test_user, rootfs=ROOTFS)
+    conf = os.path.join(os.path.dirname(d.state_dir), "sandboxd.toml")
+    with open(conf, "w") as f:
+        f.write('cgroup_backend = "disabled"\n')
+    os.chmod(conf, 0o644)
+    d.extra_args = ["--config", conf]
+    d.start()
+    try:
+        with d.client(timeout=300) as c:
+            sb = c.sandbox("nocg")
+            res = sb.run_code("c", EXIT3["c"])
+            assert (res["status"], res["exitCode"]) == ("RE", 3), res
+            with pytest.raises(errors.LimitUnavailable):
+                sb.run_code("c", EXIT3["c"] + "\n", compile_limits={"cpuTimeMs": 1000})
+    finally:
+        assert d.stop() == 0, d.log()
