@@ -88,6 +88,15 @@ def write_config(d: DaemonProc, **settings: object) -> None:
     d.extra_args += ["--config", path]
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of ``pid`` (the daemon, usually), in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 def descendants(pid: int) -> set[int]:
     """Host pids below ``pid`` (the zygote, room inits and payloads of a daemon)."""
     children: dict[int, list[int]] = {}

@@ -29,14 +29,6 @@ pytestmark = [pytest.mark.security, pytest.mark.integration]
 MiB = 1024 * 1024
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def sustained(cmd: str, seconds: int = 3) -> str:
     """``cmd`` again and again for ``seconds``: pressure long enough to measure under."""
     return (f"end=$(( $(date +%s) + {seconds} )); while [ $(date +%s) -lt $end ]; do {cmd}; "
@@ -69,7 +61,7 @@ def test_memory_hog_is_contained(sec_daemon: Any, sec_client: Any, room_id: str,
                                  latency: Any) -> None:
     sb = sec_client.sandbox(f"{room_id[:40]}-hog")
     sb.get({"limits": {"memoryBytes": 128 * MiB}})
-    rss0 = _rss_kb(sec_daemon.proc.pid)
+    rss0 = h.rss_kb(sec_daemon.proc.pid)
     with latency("memory hog (memory 128 MiB)") as lat:
         r = sb.exec(sustained("python3 -c 'x = []\nwhile True: x.append(bytearray(16 << 20))'"),
                     timeout=30)
@@ -77,7 +69,7 @@ def test_memory_hog_is_contained(sec_daemon: Any, sec_client: Any, room_id: str,
     assert r.status == "ML" and r.raw.get("oomKilled"), r
     assert r.memory_peak_bytes is None or r.memory_peak_bytes <= 130 * MiB
     assert sb.exec("echo alive").stdout == "alive\n"
-    assert _rss_kb(sec_daemon.proc.pid) < rss0 + 32 * 1024
+    assert h.rss_kb(sec_daemon.proc.pid) < rss0 + 32 * 1024
     sb.destroy()
 
 
@@ -111,7 +103,7 @@ def test_disk_filler_is_contained(sec_daemon: Any, sec_client: Any, room_id: str
 def test_output_flood_is_contained(sec_daemon: Any, sec_client: Any, room_id: str,
                                    latency: Any) -> None:
     sb = sec_client.sandbox(f"{room_id[:40]}-flood")
-    rss0 = _rss_kb(sec_daemon.proc.pid)
+    rss0 = h.rss_kb(sec_daemon.proc.pid)
     chunks: list[int] = []
     with latency("output flood (outputBytes 16 MiB, streamed)") as lat:
         r = sb.exec("yes 'flood flood flood flood'", timeout=30,
@@ -122,6 +114,6 @@ def test_output_flood_is_contained(sec_daemon: Any, sec_client: Any, room_id: st
         assert res.status == "OL" and res.raw.get("outputTruncated"), res.status
         assert len(res.stdout) + len(res.stderr) <= 2 * 16 * MiB
     assert sum(chunks) <= 16 * MiB
-    assert _rss_kb(sec_daemon.proc.pid) < rss0 + 200 * 1024
+    assert h.rss_kb(sec_daemon.proc.pid) < rss0 + 200 * 1024
     assert sb.exec("echo alive").stdout == "alive\n"
     sb.destroy()

@@ -128,14 +128,6 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 @pytest.fixture(scope="module")
 def fuzz_daemon(sec_user: Any) -> Iterator[Any]:
     d = start_daemon(sec_user, max_request_bytes=1 << 20, idle_timeout_s=0)
@@ -151,7 +143,7 @@ def test_protocol_fuzz(fuzz_daemon: Any) -> None:
                            "params": {"sandboxId": "fz-a", "command": "true"}})])
     warm.close()
     time.sleep(0.2)
-    fds0, rss0 = _fds(pid), _rss_kb(pid)
+    fds0, rss0 = _fds(pid), h.rss_kb(pid)
     conn = Conn(d.socket)
     end = time.monotonic() + BUDGET_S
     count = {"n": 0}
@@ -177,7 +169,7 @@ def test_protocol_fuzz(fuzz_daemon: Any) -> None:
             c.sandbox(s.sandbox_id).destroy()
     time.sleep(0.5)
     assert _fds(pid) <= fds0 + 2, (fds0, _fds(pid))
-    assert _rss_kb(pid) < rss0 + 64 * 1024
+    assert h.rss_kb(pid) < rss0 + 64 * 1024
     assert len(descendants(pid)) == 1  # only the zygote: every room init and payload is gone
     log = d.log()
     assert "Traceback" not in log, log[max(0, log.find("Traceback") - 800):][:3000]

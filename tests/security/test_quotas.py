@@ -155,20 +155,12 @@ out = [msg['error']['data']['code'], eof]
     assert run_as_client(other, qdaemon.socket, "out = c.ping()['version']")
 
 
-def _rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def test_client_that_never_reads_is_paused_then_dropped(qdaemon: Any) -> None:
     """An output flood to a client that never reads: the run is paused at max_pending_bytes (the
     daemon's RSS stays bounded), the client is dropped after stream_stall_timeout_s and its run
     killed; a neighbour room answers throughout."""
     pid = qdaemon.proc.pid
-    rss0 = _rss_kb(pid)
+    rss0 = h.rss_kb(pid)
     marker = f"flood-{secrets.token_hex(4)}"
     lat = Latency(qdaemon, "q-neighbour", "flood to a client that never reads")
     with lat:
@@ -182,7 +174,7 @@ def test_client_that_never_reads_is_paused_then_dropped(qdaemon: Any) -> None:
         peak = 0
         t0 = time.monotonic()
         while time.monotonic() - t0 < STALL_S + 4:
-            peak = max(peak, _rss_kb(pid))
+            peak = max(peak, h.rss_kb(pid))
             time.sleep(0.1)
     lat.check()
     # Dropped: reading now drains what the kernel buffered, then EOF (or a reset).
