@@ -220,9 +220,7 @@ def test_room_root_is_a_subordinate_id(c: nspawn.Container) -> None:
     mapping = json.loads(out).get("capabilities", {}).get("idMapping")
     _, out, _ = ctl(c, "exec", "r1", "--", "cat", "/proc/self/uid_map")
     inside, outside, count = out.split()[:3]
-    if mapping == "single":
-        pytest.xfail(f"the daemon maps room root to its own uid ({outside}): subordinate ids "
-                     "from install.sh are not used yet")
+    assert mapping == "subordinate", f"room root maps to the daemon's own uid ({outside})"
     sub = re.search(r"^sandboxd:(\d+):(\d+)$", c.read("/etc/subuid"), re.M)
     assert sub, c.read("/etc/subuid")
     lo, hi = int(sub.group(1)), int(sub.group(1)) + int(sub.group(2))
