@@ -300,9 +300,10 @@ def _delegate_cgroups(user: str, uid: int, gid: int) -> list[str]:
         return ["warning: cgroup delegation skipped: this build's sandboxd.jail.cgroup has no "
                 "delegate(); rooms will have no cgroup limits until setup is re-run with one"]
     try:
-        return [f"cgroups: {line}" for line in delegate(user, uid, gid)]
+        lines = [f"cgroups: {line}" for line in delegate(user, uid, gid)]
     except OSError as err:
         raise SetupError(f"cgroup delegation for {user} failed: {err}") from err
+    return lines + [f"cgroups: {line}" for line in cgroup.favor_dynmods()]
 
 
 def setup(user: str, state_dir: str | None = None, *, subuid_path: str = SUBUID,

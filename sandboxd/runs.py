@@ -244,7 +244,12 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
             if kill_event.is_set():
                 await _kill_run(room, cg, run_id)
                 exit_msg = await exit_fut
-        wall_ms = int((time.monotonic() - started) * 1000)
+        now = time.monotonic()
+        wall_ms = int((now - started) * 1000)
+        t = exit_msg.get("t")
+        if t and t[0] and log.isEnabledFor(logging.DEBUG):
+            log.debug("run %s: spawn %.2f ms, program %.2f ms, report %.2f ms", run_id,
+                      (t[0] - started) * 1e3, (t[1] - t[0]) * 1e3, (now - t[1]) * 1e3)
         killer.cancel()
         # The program is over: so is everything it left in its cgroup (skipped, cheaply, when
         # the cgroup already counts no process).

@@ -35,6 +35,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -70,6 +71,7 @@ class Init:
         # the fast spawn path steps into a run's cgroup and back through them.
         self.home_fds = home_fds or []
         self.oom_fd = -1
+        self.started: dict[int, float] = {}
         self.runs: dict[int, tuple[str, int]] = {}  # pid -> (run id, error pipe read end)
         self.seccomp_bpf: bytes | None = spec.get("seccomp_bpf")
         self.sel = selectors.DefaultSelector()
@@ -179,6 +181,7 @@ class Init:
         self._oom(0)
         os.close(err_w)
         self.runs[pid] = (str(msg.get("run", "")), err_r)
+        self.started[pid] = time.monotonic()
         return pid
 
     def _oom(self, value: int) -> None:
@@ -232,6 +235,7 @@ class Init:
         finally:
             os.chdir("/")
         self.runs[pid] = (run, -1)
+        self.started[pid] = time.monotonic()
         return pid
 
     def _failed(self, run: str, stderr: int, stage: str, err: OSError, what: str,
@@ -292,6 +296,9 @@ class Init:
                 "op": "exit", "run": run, "status": status,
                 "rusage": {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss},
                 "failure": failure,
+                # CLOCK_MONOTONIC is one clock for the room and the daemon (no time namespace):
+                # the daemon splits a run's wall time into spawn, program and report.
+                "t": [self.started.pop(pid, 0.0), time.monotonic()],
             })
 
 

@@ -714,3 +714,40 @@ def test_fs_errors_name_the_path(tmp_path: Path) -> None:
         fs.write(str(tmp_path / "nope" / "memory.max"), "1")
     assert exc.value.context["path"].endswith("nope/memory.max")
     assert "memory.max" in exc.value.message
+
+
+# --- favordynmods (migration latency) -----------------------------------------------------------
+
+MOUNTS_OFF = ("tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0\n"
+              "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n"
+              "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0\n")
+
+
+def test_favor_dynmods_remounts_the_cgroup2_mount(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS_OFF)
+    assert cgroup.favor_dynmods_status(str(mounts)) == (False, "off on /sys/fs/cgroup/unified")
+    done: list[str] = []
+    lines = cgroup.favor_dynmods(str(mounts), remount=done.append)
+    assert done == ["/sys/fs/cgroup/unified"]
+    assert "remounted /sys/fs/cgroup/unified" in lines[0]
+
+
+def test_favor_dynmods_is_idempotent_and_reports_failures(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(MOUNTS_OFF.replace("cgroup2 rw,relatime", "cgroup2 rw,relatime,favordynmods"))
+    assert cgroup.favor_dynmods_status(str(mounts))[0] is True
+
+    def boom(target: str) -> None:
+        raise AssertionError("must not remount")
+
+    assert "already on" in cgroup.favor_dynmods(str(mounts), remount=boom)[0]
+    mounts.write_text(MOUNTS_OFF)
+
+    def fails(target: str) -> None:
+        raise OSError("bad option")
+
+    line = cgroup.favor_dynmods(str(mounts), remount=fails)[0]
+    assert "failed" in line and "grace period" in line
+    mounts.write_text("cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n")
+    assert cgroup.favor_dynmods_status(str(mounts)) == (False, "no cgroup2 mount")
