@@ -106,7 +106,9 @@ def leftovers(box: nspawn.Container) -> dict[str, list[str]]:
     uid = int(box.run(["id", "-u", "sandboxd"]).stdout)
     procs = [ln for ln in box.run(["ps", "-eo", "uid=,pid=,args="]).stdout.splitlines()
              if int(ln.split()[0]) == uid or lo <= int(ln.split()[0]) < hi]
-    cgroups = box.sh(f"[ -d {UNIT_CG} ] && find {UNIT_CG} -mindepth 1 -type d || true").stdout
+    # systemd's own ".control" leaf (where it runs ExecStartPre= of a delegated unit) is not ours.
+    cgroups = box.sh(f"[ -d {UNIT_CG} ] && find {UNIT_CG} -mindepth 1 -type d "
+                     "-not -name .control || true").stdout
     mounts = sorted(set(mount_table(box)) - set(box.baseline_mounts))  # type: ignore[attr-defined]
     # The daemon's own lock and the empty rooms/ directory may stay; nothing of any room may.
     state = box.sh(f"find {STATE} -mindepth 1 2>/dev/null || true").stdout.split()
