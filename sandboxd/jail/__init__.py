@@ -73,9 +73,7 @@ class Zygote:
 
     async def stop(self) -> None:
         if self.chan:
-            self.chan.on_close = None  # type: ignore[attr-defined]
-            self.chan._on_close = lambda: None
-            self.chan.close()
+            self.chan.close(notify=False)  # an orderly stop is not the zygote dying
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)

@@ -144,10 +144,12 @@ class AsyncChannel:
             except OSError:
                 self.close()
 
-    def close(self) -> None:
+    def close(self, notify: bool = True) -> None:
         if self.closed:
             return
         self.closed = True
+        if not notify:
+            self._on_close = lambda: None
         try:
             self._loop.remove_reader(self.sock.fileno())
         except (ValueError, OSError):
