@@ -388,8 +388,8 @@ def sh(ctx: click.Context, room: str, line: str, cwd: str | None, env: tuple[str
 def top_rows(prev: dict[str, tuple[float, int]], sample: dict[str, Any],
              now: float) -> list[tuple[str, ...]]:
     """Table rows from a ``stats`` answer; CPU % from the previous sample of each room."""
-    rows: list[tuple[str, ...]] = [("ROOM", "RUNS", "CPU%", "CPU TIME", "MEM PEAK", "MEM LIMIT",
-                                    "PIDS", "PIDS LIMIT", "OOM")]
+    rows: list[tuple[str, ...]] = [("ROOM", "RUNS", "CPU%", "CPU TIME", "MEM", "MEM PEAK",
+                                    "MEM LIMIT", "PIDS", "PIDS LIMIT", "OOM")]
     for room in sample.get("sandboxes", []):
         rid = str(room.get("sandboxId"))
         use, lim = room.get("usage") or {}, room.get("limits") or {}
@@ -401,7 +401,8 @@ def top_rows(prev: dict[str, tuple[float, int]], sample: dict[str, Any],
             prev[rid] = (now, cpu)
         rows.append((rid, str(room.get("activeRuns", "-")), pct,
                      "-" if cpu is None else f"{cpu / 1000:.1f}s",
-                     _mib(use.get("memoryPeakBytes")), _mib(lim.get("memoryBytes")),
+                     _mib(use.get("memoryCurrentBytes")), _mib(use.get("memoryPeakBytes")),
+                     _mib(lim.get("memoryBytes")),
                      _fig(use.get("pidsCurrent")), _fig(lim.get("pids")),
                      _fig(use.get("oomKills"))))
     return rows

@@ -376,6 +376,10 @@ def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: 
             res.limit_exceeded = "fileSize"  # the kernel's signal, for our RLIMIT_FSIZE
     elif res.exit_code != 0:
         res.status = "RE"
+    if res.limit_exceeded is None and getattr(stats, "pids_limit_hits", 0) > 0:
+        # The run's own pids.max refused a fork: the program saw EAGAIN and carried on (or
+        # not); its status stands, and the report names the limit it ran into.
+        res.limit_exceeded = "pids"
     return res
 
 

@@ -36,6 +36,7 @@ def _usage(room: Room) -> dict[str, Any]:
     return {
         "cpuTimeMs": int(st.cpu_usage_ns / 1e6) if known else None,
         "memoryPeakBytes": st.memory_peak_bytes,
+        "memoryCurrentBytes": st.memory_current_bytes,
         "pidsCurrent": st.pids_current if known else None,
         "pidsPeak": st.pids_peak,
         "oomKills": st.oom_kills if "memory" in enforced else None,

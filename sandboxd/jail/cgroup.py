@@ -193,6 +193,8 @@ class CgroupStats:
     pids_current: int = 0
     pids_peak: int | None = None
     oom_kills: int = 0
+    pids_limit_hits: int = 0  # forks refused by this cgroup's own pids.max (pids.events "max")
+    memory_current_bytes: int | None = None
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -874,6 +876,8 @@ class _V2Ops(_Ops):
             pids_current=cur,
             pids_peak=_ints(self.fs.read_opt(self._f(node, "pids.peak"))),
             oom_kills=self.oom_kills(node),
+            pids_limit_hits=_keyed(self.fs.read_opt(self._f(node, "pids.events")), "max") or 0,
+            memory_current_bytes=_ints(self.fs.read_opt(self._f(node, "memory.current"))),
         )
 
     def populated(self, node: _Node) -> bool:
@@ -1019,16 +1023,20 @@ class _V1Ops(_Ops):
                       "oom_kill") or 0
 
     def stats(self, node: _Node) -> CgroupStats:
-        peak = cur = ppeak = None
+        peak = cur = ppeak = mem = None
+        hits = 0
         if "memory" in node.paths:
             peak = _ints(self.fs.read_opt(self._f(node, "memory", "memory.max_usage_in_bytes")))
+            mem = _ints(self.fs.read_opt(self._f(node, "memory", "memory.usage_in_bytes")))
         if "pids" in node.paths:
             cur = _ints(self.fs.read_opt(self._f(node, "pids", "pids.current")))
             ppeak = _ints(self.fs.read_opt(self._f(node, "pids", "pids.peak")))
+            hits = _keyed(self.fs.read_opt(self._f(node, "pids", "pids.events")), "max") or 0
         if cur is None:
             cur = len(self.pids(node))
         return CgroupStats(cpu_usage_ns=self.cpu_usage_ns(node), memory_peak_bytes=peak,
-                           pids_current=cur, pids_peak=ppeak, oom_kills=self.oom_kills(node))
+                           pids_current=cur, pids_peak=ppeak, oom_kills=self.oom_kills(node),
+                           pids_limit_hits=hits, memory_current_bytes=mem)
 
     def populated(self, node: _Node) -> bool:
         return bool(self.pids(node))

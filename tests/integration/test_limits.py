@@ -178,6 +178,7 @@ def test_fork_bomb_is_contained_by_pids(client: Any, daemon: DaemonProc, room_id
                 limits={"pids": 32, "wallTimeMs": 10_000})
     assert r.stdout == "survived\n" and r.status == "OK", r.raw
     assert r.raw["pidsPeak"] is not None and 8 < r.raw["pidsPeak"] <= 32
+    assert r.raw["limitExceeded"] == "pids", r.raw  # the report names the limit it ran into
     host_ok(daemon, sb)
 
 
@@ -411,7 +412,8 @@ def test_disabled_backend_refuses_cgroup_limits_and_keeps_the_others(
         assert r.status == "RE" and r.cpu_time_ms is not None and r.memory_peak_bytes is None
         (room,) = c.call("stats", {})["sandboxes"]
         assert room["usage"] == {"cpuTimeMs": None, "memoryPeakBytes": None,
-                                 "pidsCurrent": None, "pidsPeak": None, "oomKills": None}
+                                 "memoryCurrentBytes": None, "pidsCurrent": None,
+                                 "pidsPeak": None, "oomKills": None}
         host_ok(disabled_daemon, sb)
 
 

@@ -132,3 +132,14 @@ def test_report_has_every_wire_field() -> None:
 def test_run_memory_limit(requested: int | None, room: int, enforced: set[str],
                           expected: int | None) -> None:
     assert runs.run_memory_limit(requested, room, enforced) == expected
+
+
+def test_refused_forks_name_the_pids_limit_without_changing_the_status() -> None:
+    hit = CgroupStats(cpu_usage_ns=1, pids_current=0, pids_peak=8, pids_limit_hits=3)
+    r = _verdict(_exited(2), stats=hit)
+    assert (r.status, r.exit_code, r.limit_exceeded) == ("RE", 2, "pids")
+    r = _verdict(_exited(0), stats=hit)
+    assert (r.status, r.limit_exceeded) == ("OK", "pids")
+    # A limit that ended the run is the one reported.
+    r = _verdict(_signalled(9), "wall", stats=hit)
+    assert (r.status, r.limit_exceeded) == ("TO", "wall")
