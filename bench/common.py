@@ -41,7 +41,7 @@ def daemon(rootfs: str = "host", extra: Sequence[str] = ()) -> Iterator[str]:
     if os.geteuid() != 0:
         sys.exit("run benchmarks as root: they set up an unprivileged user like the tests do")
     user = ensure_user()
-    base = tempfile.mkdtemp(prefix="sandboxd-bench-")
+    base = tempfile.mkdtemp(prefix="sandboxd-bench-", dir="/tmp")  # reachable by the daemon
     os.chmod(base, 0o755)
     os.chown(base, user.pw_uid, user.pw_gid)
     sock = f"{base}/run/sandboxd.sock"

@@ -187,7 +187,8 @@ def other_user() -> pwd.struct_passwd:
 
 def make_daemon(user: pwd.struct_passwd, rootfs: str | None = None,
                 extra_args: list[str] | None = None) -> DaemonProc:
-    base = tempfile.mkdtemp(prefix="sandboxd-test-")
+    # /tmp, not $TMPDIR: the unprivileged daemon must be able to reach it.
+    base = tempfile.mkdtemp(prefix="sandboxd-test-", dir="/tmp")
     os.chmod(base, 0o755)
     os.chown(base, user.pw_uid, user.pw_gid)
     return DaemonProc(user=user, socket=os.path.join(base, "run", "sandboxd.sock"),
