@@ -115,6 +115,12 @@ def _check_fs(fd: int, path: str) -> os.stat_result:
     return st
 
 
+def _named(err: OSError, path: str) -> OSError:
+    """The same error, naming the path the caller gave (not the dir-fd-relative name used)."""
+    num = err.errno or errno.EIO
+    return OSError(num, os.strerror(num), path)
+
+
 def _open(path: str, flags: int, *, dirfd: int = -100, mode: int = 0, resolve: int = _NO_MAGIC,
           name: str | None = None) -> int:
     """openat2 with the room's resolution rules; errors name the user-visible path."""
@@ -122,7 +128,7 @@ def _open(path: str, flags: int, *, dirfd: int = -100, mode: int = 0, resolve: i
         return sc.openat2(dirfd, name if name is not None else path, flags | os.O_CLOEXEC, mode,
                           resolve)
     except OSError as err:
-        raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO), path) from None
+        raise _named(err, path) from None
 
 
 def _dir(path: str, create: bool = False) -> int:
@@ -177,7 +183,7 @@ def open_read(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list
     try:
         pre = os.stat(path)
     except OSError as err:
-        raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO), path) from None
+        raise _named(err, path) from None
     if not stat.S_ISREG(pre.st_mode):
         raise _not_regular(pre, path)
     # O_NONBLOCK: should a FIFO be swapped in after the stat, open() returns at once.
@@ -283,8 +289,7 @@ def rename(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[in
             except OSError as err:
                 # Name the side the kernel complained about: a missing source is the usual case.
                 side = src if err.errno == errno.ENOENT else dst
-                raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO),
-                              side) from None
+                raise _named(err, side) from None
         finally:
             os.close(dfd)
     finally:
@@ -316,8 +321,7 @@ def mkdir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int
         try:
             os.mkdir(name, 0o755, dir_fd=dfd)
         except OSError as err:
-            raise OSError(err.errno or errno.EIO, os.strerror(err.errno or errno.EIO),
-                          path) from None
+            raise _named(err, path) from None
     finally:
         os.close(dfd)
     return {"path": path}, []
