@@ -59,12 +59,16 @@ class DaemonProc:
     rootfs: str
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    #: environment of the daemon beyond as_user's clean one (e.g. a PATH without newuidmap)
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
-        argv = as_user(self.user, [SANDBOXD, "--socket", self.socket, "--state-dir",
-                                   self.state_dir, "--rootfs", self.rootfs, "--log-level",
-                                   "info", *self.extra_args])
+        env = [f"{k}={v}" for k, v in self.env.items()]
+        argv = as_user(self.user, [*(["env", *env] if env else []), SANDBOXD,
+                                   "--socket", self.socket, "--state-dir", self.state_dir,
+                                   "--rootfs", self.rootfs, "--log-level", "info",
+                                   *self.extra_args])
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()

@@ -34,6 +34,7 @@ import resource
 import selectors
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -211,17 +212,20 @@ class Init:
         ncg = int(msg.get("ncg", 0))
         cwd = msg.get("cwd") or "/workspace"
         try:
-            os.chdir(cwd)
+            enter_cwd(cwd)
         except OSError as err:
             return self._failed(run, fds[2], "chdir", err, f"cwd {cwd}", 1)
         try:
+            try:
+                exe = find_executable(argv[0], env.get("PATH", os.defpath))
+            except OSError as err:
+                code = 127 if err.errno == errno.ENOENT else 126
+                return self._failed(run, fds[2], "exec", err, argv[0], code)
             cgroup.enter(fds[3:3 + ncg])  # an OSError here is the sandbox's: the caller's XX
             self._oom(PAYLOAD_OOM_SCORE_ADJ)  # inherited by the child
             try:
-                # posix_spawnp searches the *caller's* PATH: make it the payload's.
-                os.environ["PATH"] = env.get("PATH", os.defpath)
-                pid = os.posix_spawnp(
-                    argv[0], argv, env, setsid=True, setsigmask=(), setsigdef=_RESET_SIGNALS,
+                pid = os.posix_spawn(
+                    exe, argv, env, setsid=True, setsigmask=(), setsigdef=_RESET_SIGNALS,
                     file_actions=[(os.POSIX_SPAWN_DUP2, fds[i], i) for i in range(3)])
             except OSError as err:
                 if err.errno not in _EXEC_ERRNOS:
@@ -302,6 +306,58 @@ class Init:
             })
 
 
+# --- resolving a run's cwd and program inside the room ------------------------------------------
+# The init's fd table holds directories of its own cgroup leaves on the *host's* cgroupfs
+# (home_fds, opened before unshare). A plain chdir()/execvp() in the init, or in a payload child
+# before exec, resolves /proc/self/fd/N (directly or through a symlink the room planted) through
+# that table: ``cwd: /proc/self/fd/3`` put payloads on the host cgroupfs, from where ``..`` walked
+# the host's mount tree (issue 10, C1/H1), and ``/proc/self/exe`` ran the host's Python inside the
+# room (M6, the runc CVE-2019-5736 precondition). Every lookup below is openat2 with
+# RESOLVE_NO_MAGICLINKS from the room's root: no /proc/<pid>/{fd/*,cwd,root,exe} on the way.
+_AT_FDCWD = -100
+_NO_MAGIC = sc.RESOLVE_NO_MAGICLINKS
+
+
+def enter_cwd(cwd: str) -> None:
+    """chdir into ``cwd`` as resolved inside the room; fchdir checks search permission."""
+    fd = sc.openat2(_AT_FDCWD, cwd, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _NO_MAGIC)
+    try:
+        os.fchdir(fd)
+    finally:
+        os.close(fd)
+
+
+def find_executable(name: str, path_env: str) -> str:
+    """The file ``execvp(name)`` would run, looked up without magic links (see above).
+
+    Like execvp: a name with a slash is taken as it is (relative to the cwd), otherwise each
+    PATH entry in turn (an empty one is the cwd); the first regular file with an execute bit
+    wins, and EACCES is remembered over ENOENT. The kernel checks the permission itself at exec.
+    """
+    if not name:
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    candidates = [name] if "/" in name else [
+        os.path.join(d or ".", name) for d in path_env.split(":")]
+    failure: OSError | None = None
+    for cand in candidates:
+        try:
+            fd = sc.openat2(_AT_FDCWD, cand, os.O_PATH | os.O_CLOEXEC, 0, _NO_MAGIC)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENOTDIR) or failure is None:
+                failure = OSError(err.errno, os.strerror(err.errno or errno.EIO), cand)
+            continue
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111:
+            return cand
+        failure = OSError(errno.EACCES, os.strerror(errno.EACCES), cand)
+    if failure is None or failure.errno in (errno.ENOENT, errno.ENOTDIR):
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+    raise failure
+
+
 def _payload(msg: dict[str, Any], fds: list[int], err_w: int) -> None:
     """The payload child, between fork and exec. Reports a failed step on ``err_w``."""
     stage = "setsid"
@@ -339,15 +395,19 @@ def _payload(msg: dict[str, Any], fds: list[int], err_w: int) -> None:
             os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
             os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
         stage = "chdir"
-        os.chdir(msg.get("cwd") or "/workspace")
+        enter_cwd(msg.get("cwd") or "/workspace")
         stage = "privileges"
         caps.drop_privileges()
+        stage = "exec"
+        env = {str(k): str(v) for k, v in (msg.get("env") or {}).items()}
+        # Resolved while this child still holds the init's fds (CLOEXEC, gone only at exec):
+        # /proc/self/fd/N here is the init's table, so the lookup must refuse magic links.
+        exe = find_executable(argv[0], env.get("PATH", os.defpath))
         stage = "fds"
         os.closerange(3, err_w)
         os.closerange(err_w + 1, 1 << 20)
         stage = "exec"
-        env = {str(k): str(v) for k, v in (msg.get("env") or {}).items()}
-        os.execvpe(argv[0], argv, env)
+        os.execve(exe, argv, env)
     except BaseException as err:  # noqa: BLE001 - nothing may unwind past fork
         num = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
         try:
