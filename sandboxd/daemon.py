@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -250,6 +251,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every room and run holds fds in the daemon, and
+    the usual soft 1024 ran out under a few tenants' load (issue 10, H5). The zygote puts the
+    soft limit back down for rooms (zygote.main)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("RLIMIT_NOFILE soft %d -> %d", soft, hard)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -260,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_fd_limit()
     try:
         code = asyncio.run(Daemon(cfg).run())
     except errors.SandboxError as err:

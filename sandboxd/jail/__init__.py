@@ -42,9 +42,11 @@ class Zygote:
         mine, theirs = channel.pair()
         # The zygote is exec'd fresh (never a fork of this multi-threaded-capable event loop
         # process) and inherits exactly one fd: its end of the channel.
+        # -I and cwd "/": sys.path[0] would otherwise be the daemon's cwd, a directory a room's
+        # host uid might be able to write (issue 10, L3); the room inits are forks of this.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sandboxd.jail.zygote", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+            [sys.executable, "-I", "-m", "sandboxd.jail.zygote", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/")
         theirs.close()
         self.chan = channel.AsyncChannel(mine, self._event, self._closed)
         reply, _ = await self.chan.request({"op": "ping"}, timeout=30)

@@ -63,3 +63,37 @@ def drop_privileges() -> None:
 def set_rlimits(limits: dict[int, int]) -> None:
     for which, value in limits.items():
         resource.setrlimit(which, (value, value))
+
+
+# --- per-user kernel counters ------------------------------------------------------------------
+# The kernel counts pending signals, POSIX message-queue bytes, processes and locked memory per
+# user (ucounts), hierarchically: a room's charges are counted once per (room namespace, uid in
+# the room) and again for the namespace's owner — the daemon's uid — in the parent namespace.
+# Without ceilings of its own, one room holding ~96k queued signals or six message queues made
+# the same call fail in every other room and in the daemon user's host processes (issue 10, H7).
+#
+# At each level the count is checked against the rlimit of the task (room level) and then
+# against the namespace's own maximum, which the kernel copies from the creator's rlimit at
+# unshare(CLONE_NEWUSER). So: before unshare, raise the soft limits to the hard ones (the room
+# namespace's maximum is the daemon user's whole pool, not less); after it, set soft and hard
+# to one room's share (a room's root cannot raise a hard limit: that takes CAP_SYS_RESOURCE in
+# the initial namespace). What stays shared: the sum over rooms may still reach the daemon
+# user's pool when more than 1/share rooms all fill theirs (docs/security.md).
+ROOM_RLIMIT_SHARE = {resource.RLIMIT_SIGPENDING: 16, resource.RLIMIT_MSGQUEUE: 8,
+                     resource.RLIMIT_NPROC: 16, resource.RLIMIT_MEMLOCK: 8}
+
+
+def _hard(which: int) -> int:
+    hard = resource.getrlimit(which)[1]
+    return hard if hard != resource.RLIM_INFINITY else 1 << 62
+
+
+def raise_user_rlimits() -> None:
+    """Before unshare(CLONE_NEWUSER): soft = hard for the per-user counters (see above)."""
+    for which in ROOM_RLIMIT_SHARE:
+        resource.setrlimit(which, (resource.getrlimit(which)[1],) * 2)
+
+
+def room_user_rlimits() -> dict[int, int]:
+    """One room's share of each per-user counter: the hard limit divided by its share."""
+    return {which: max(1, _hard(which) // share) for which, share in ROOM_RLIMIT_SHARE.items()}

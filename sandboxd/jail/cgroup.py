@@ -674,7 +674,10 @@ class _Run(RunCgroup):
 
     def dir_fds(self) -> list[int]:
         if not self._dir_fds:
-            self._dir_fds = [self.ops.fs.open_dir(d) for d in self.node.dirs()]
+            # One at a time into the list close() empties: an EMFILE on the second hierarchy
+            # must not leak the first one's fd (issue 10, H5).
+            for d in self.node.dirs():
+                self._dir_fds.append(self.ops.fs.open_dir(d))
         return list(self._dir_fds)
 
     def join_fds(self) -> list[int]:

@@ -35,6 +35,8 @@ HOST_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl",
             "services", "gitconfig", "python3", "python3.11", "java-17-openjdk", "perl")
 ROOT_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+#: ptys one room may hold at once (its devpts instance's max=)
+PTY_MAX = 64
 # /proc files that leak host state or offer host-wide knobs (PEERS.md escape class 2).
 PROC_MASKED_FILES = ("kcore", "keys", "key-users", "timer_list", "sched_debug", "sysrq-trigger",
                      "kallsyms", "kmsg", "latency_stats", "config.gz", "vmallocinfo", "slabinfo",
@@ -46,6 +48,9 @@ PROC_READONLY = ("sys",)
 # Where a room may write (all on the room's one tmpfs budget), with their modes.
 WRITABLE_DIRS = (("workspace", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
                  ("run", 0o755), ("var/tmp", 0o1777))
+# Made inside the fresh writable dirs above, which hide what the tree had there (Debian's
+# /run/lock is where lockfile users and some test suites expect to write).
+WRITABLE_SUBDIRS = (("run/lock", 0o1777),)
 
 PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\n"
@@ -130,15 +135,23 @@ def build_root(scratch: str, rootfs: str, hostname: str) -> str:
             if os.path.lexists(f"/{name}"):
                 _mirror(f"/{name}", f"{root}/{name}")
         _host_etc(root, hostname)
-        for d, mode in (*WRITABLE_DIRS, ("proc", 0o555), ("dev", 0o755), ("home/sandbox", 0o755)):
+        for d, mode in (*WRITABLE_DIRS, *WRITABLE_SUBDIRS, ("proc", 0o555), ("dev", 0o755),
+                        ("home/sandbox", 0o755)):
             os.makedirs(f"{root}/{d}", exist_ok=True)
             os.chmod(f"{root}/{d}", mode)
         return root
     for d in ("upper", "work", "root", "rw"):
         os.mkdir(f"{scratch}/{d}", 0o755)
     root = f"{scratch}/root"
-    sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-             f"lowerdir={rootfs},upperdir={scratch}/upper,workdir={scratch}/work")
+    # The tree by fd, not by its host path: overlayfs shows the strings it was given in every
+    # room's /proc/self/mountinfo, and the host's layout is none of the room's business (M4).
+    lower = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sc.mount("overlay", root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                 f"lowerdir=/proc/self/fd/{lower},upperdir={scratch}/upper,"
+                 f"workdir={scratch}/work")
+    finally:
+        os.close(lower)
     # The runtime tree stays read-only even for the room's root: writes go to /workspace,
     # /tmp and home directories, never into the toolchains every run depends on.
     bind(f"{root}/usr", f"{root}/usr")
@@ -150,7 +163,9 @@ def build_root(scratch: str, rootfs: str, hostname: str) -> str:
         os.mkdir(src)
         os.chmod(src, mode)
         sc.mount(src, f"{root}/{d}", None, sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV)
-    os.mkdir(f"{root}/home/sandbox", 0o755)
+    for d, mode in (*WRITABLE_SUBDIRS, ("home/sandbox", 0o755)):
+        os.mkdir(f"{root}/{d}")
+        os.chmod(f"{root}/{d}", mode)
     # The runtime tree read-only as a mount, not only by ownership: a tree file that happens to be
     # world-writable (or owned by a mapped id) must not become a channel between runs.
     sc.mount(None, root, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | _locked_flags(root)
@@ -210,8 +225,10 @@ def mount_dev(root: str, shm_bytes: int) -> None:
             sc.mount(src, f"{dev}/{name}", None, sc.MS_BIND)
     os.mkdir(f"{dev}/pts")
     # A devpts of our own: PTYs made in the room are not the host's (CVE-2017-5226 class).
+    # max=: the kernel's pty pool (kernel.pty.max, 4096) is global; without a per-instance cap
+    # one room opening /dev/ptmx in a loop left every other room (and the host) with ENOSPC.
     sc.mount("devpts", f"{dev}/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
-             "newinstance,ptmxmode=0666,mode=0620")
+             f"newinstance,ptmxmode=0666,mode=0620,max={PTY_MAX}")
     os.symlink("pts/ptmx", f"{dev}/ptmx")
     os.mkdir(f"{dev}/shm")
     sc.mount("tmpfs", f"{dev}/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
@@ -219,6 +236,11 @@ def mount_dev(root: str, shm_bytes: int) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
+    # Read-only once built: room code could otherwise replace /dev/null or /dev/stdout with a
+    # file or a link of its own for every later run (issue 10, L6). The nodes, devpts and shm
+    # are mounts of their own and keep their flags.
+    sc.mount(None, dev, None, sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID
+             | sc.MS_NODEV | sc.MS_NOEXEC)
 
 
 def pivot(root: str) -> None:

@@ -298,3 +298,35 @@ def subordinate_range(user: str, path: str = "/etc/subuid") -> tuple[int, int] |
             if best is None or cand[1] > best[1]:
                 best = cand
     return best
+
+
+# --- per-namespace ceilings on user counters ---------------------------------------------------
+# inotify instances and watches, fanotify groups and marks are counted per user namespace and
+# again for its owner (the daemon's uid) in the parent, where fs.inotify.max_user_instances
+# (128 by default) is shared by every room and the daemon user's host processes: one room
+# holding 128 inotify instances made inotify_init fail everywhere else (issue 10, H7). A user
+# namespace's own maxima start at INT_MAX; the room's init (root of the room's namespace, with
+# CAP_SYS_RESOURCE there) lowers them before /proc/sys goes read-only, and payloads, without
+# capabilities, cannot raise them again. fanotify is denied outright (no toolchain needs it).
+ROOM_UCOUNTS = {
+    "max_inotify_instances": ("/proc/sys/fs/inotify/max_user_instances", 8),
+    "max_inotify_watches": ("/proc/sys/fs/inotify/max_user_watches", 8),
+    "max_fanotify_groups": (None, 0),
+    "max_fanotify_marks": (None, 0),
+}
+
+
+def cap_room_ucounts(proc: str = "/proc") -> dict[str, int]:
+    """Write the room namespace's maxima (call inside it, with its capabilities); return them."""
+    done: dict[str, int] = {}
+    for name, (host, share) in ROOM_UCOUNTS.items():
+        path = f"{proc}/sys/user/{name}"
+        if not os.path.exists(path):
+            continue  # an older kernel without this counter (fanotify: 5.13)
+        value = 0
+        if host is not None:
+            with open(f"{proc}{host[len('/proc'):]}") as f:
+                value = max(4, int(f.read()) // share)
+        _write(path, str(value))
+        done[name] = value
+    return done

@@ -29,6 +29,7 @@ The set-up process exiting is what re-parents the init to the zygote; the init w
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import socket
@@ -42,6 +43,7 @@ from . import init as room_init
 NS_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET
             | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWCGROUP)
 HANDSHAKE_TIMEOUT = 5.0
+ROOM_NOFILE = 1024
 
 
 def _expect(sock: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> bytes:
@@ -86,7 +88,11 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         # the zygote could not write our maps; we are dumpable only until the init (which
         # inherits this) turns it off again right after the maps are in place.
         caps.set_dumpable(True)
+        # The user namespace's ceilings on per-user counters are the creator's rlimits at this
+        # moment; the room's own share is set right after (caps.py, "per-user kernel counters").
+        caps.raise_user_rlimits()
         sc.unshare(NS_FLAGS)
+        caps.set_rlimits(caps.room_user_rlimits())
         sync.send(b"u")
         if _expect(sync) != b"m":
             raise OSError("bad handshake from the zygote")
@@ -228,6 +234,10 @@ def main() -> None:
 
     prctl.set_child_subreaper(True)
     caps.non_dumpable()
+    # The daemon raised its own soft fd limit for itself; rooms and their payloads start from
+    # the conventional 1024 (select()-based programs break above FD_SETSIZE).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, ROOM_NOFILE), hard))
     # Pre-import what every room needs, so forks pay nothing for it.
     from . import net  # noqa: F401
     try:
