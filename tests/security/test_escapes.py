@@ -40,6 +40,8 @@ sec_client = h.sec_client
 rooms = h.rooms
 
 pytestmark = [pytest.mark.security, pytest.mark.integration]
+# The room's users: single-id mode maps only the room's root (``sandbox`` is refused there).
+USERS = ("root", "sandbox") if h.ID_MODE == "subordinate" else ("root",)
 
 
 def py(sb: Any, code: str, user: str | None = None, timeout: float = 30) -> Any:
@@ -123,6 +125,7 @@ def init_host_pid(daemon: Any, room: str) -> int:
 # --- identities ----------------------------------------------------------------------------
 
 
+@pytest.mark.subordinate_ids
 def test_rooms_are_distinct_subordinate_host_users(sec_daemon: Any, sec_client: Any,
                                                    rooms: Any) -> None:
     a, b = rooms(2)
@@ -184,7 +187,7 @@ print(json.dumps(out))
 
 def test_seccomp_is_in_force_in_every_payload(rooms: Any) -> None:
     (sb,) = rooms(1)
-    for user in ("root", "sandbox"):
+    for user in USERS:
         r = sb.exec("grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd|CapPrm):' /proc/self/status;"
                     " sh -c 'grep ^Seccomp: /proc/self/status'", user=user)
         lines = dict(line.split(":\t") for line in r.stdout.splitlines()[:5])
@@ -275,6 +278,7 @@ def victim(sec_daemon: Any, rooms: Any) -> Iterator[tuple[Any, int, str]]:
     assert result["r"].signal == "SIGTERM", "the victim must die only at our hand"
 
 
+@pytest.mark.subordinate_ids
 def test_ptrace_of_another_room_fails(rooms: Any, victim: tuple[Any, int, str]) -> None:
     _, vpid, marker = victim
     (attacker,) = rooms(1)
@@ -300,6 +304,7 @@ print(json.dumps({{'ptrace': sysc(101, 16, {vpid}, 0, 0), 'seize': sysc(101, 0x4
     assert Path(f"/proc/{vpid}").exists()
 
 
+@pytest.mark.subordinate_ids  # single-id: the room's host uid is the daemon's (SINGLE_COST)
 def test_signals_reach_neither_daemon_init_nor_other_rooms(
         sec_daemon: Any, rooms: Any, victim: tuple[Any, int, str]) -> None:
     vroom, vpid, _ = victim
@@ -441,6 +446,7 @@ print(json.dumps(out))
                                "ptmx", "shm", "fd", "stdin", "stdout", "stderr"}, out["dev"]
 
 
+@pytest.mark.subordinate_ids
 def test_setuid_binaries_gain_nothing(rooms: Any) -> None:
     (sb,) = rooms(1)
     # Root of the room plants setuid-root copies on every writable mount...
@@ -464,7 +470,7 @@ def test_setuid_binaries_gain_nothing(rooms: Any) -> None:
 def test_runtime_tree_is_read_only(rooms: Any) -> None:
     (sb,) = rooms(1)
     marker = f"sbx-{secrets.token_hex(4)}"
-    for user in ("root", "sandbox"):
+    for user in USERS:
         r = sb.exec(f"touch /usr/bin/{marker}; echo x >> /usr/lib/os-release; "
                     f"mkdir /lib/{marker}; rm -f /usr/bin/id; echo end", user=user)
         assert r.stdout == "end\n"
@@ -599,13 +605,33 @@ def test_scratch_and_ipc_are_per_room(rooms: Any) -> None:
 def test_destroy_leaves_nothing_on_the_host(sec_daemon: Any, sec_client: Any,
                                             room_id: str) -> None:
     sb = sec_client.sandbox(f"{room_id[:40]}-gone")
-    sb.exec("sleep 100 & sleep 100 & setsid sleep 100 & echo x > /dev/shm/x", timeout=5)
+    sb.exec("echo x > /dev/shm/x")
     uid = room_host_uid(sb)
     ipid = init_host_pid(sec_daemon, sb.id)
+    # The room's processes: its host uid *and* its pid namespace (in single-id mode the uid is
+    # the daemon's own, shared with the daemon and zygote).
+    pidns = os.readlink(f"/proc/{ipid}/ns/pid")
+
+    def in_room() -> list[str]:
+        return [p for p in os.listdir("/proc") if p.isdigit() and _in_room(p, uid, pidns)]
+
+    # A run still *running* across the teardown, with children of its own (one setsid'd):
+    # a finished exec kills its leftovers itself, which would show only the init dying.
+    def busy() -> None:
+        with client_of(sec_daemon) as c, contextlib.suppress(errors.SandboxError):
+            c.sandbox(sb.id).exec("sleep 100 & setsid sleep 100 & sleep 100", timeout=60)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    deadline = time.monotonic() + 10
+    while len(in_room()) < 5 and time.monotonic() < deadline:  # init, sh, three sleeps
+        time.sleep(0.05)
+    assert len(in_room()) >= 5, in_room()
     sb.destroy()
+    t.join(30)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        left = [p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) == uid]
+        left = in_room()
         if not left:
             break
         time.sleep(0.05)
@@ -615,6 +641,13 @@ def test_destroy_leaves_nothing_on_the_host(sec_daemon: Any, sec_client: Any,
     cg = [os.path.join(r, n) for r, ds, _ in os.walk("/sys/fs/cgroup/pids/sandboxd/sbxsec")
           for n in ds if sb.id in n]
     assert cg == []
+
+
+def _in_room(pid: str, uid: int, pidns: str) -> bool:
+    try:
+        return _uid_of(pid) == uid and os.readlink(f"/proc/{pid}/ns/pid") == pidns
+    except OSError:
+        return False
 
 
 def _ppid(pid: str) -> int | None:
@@ -642,7 +675,7 @@ def test_sandbox_user_refused_with_single_mapping(room_id: str) -> None:
 
     user = _ensure_user("sbxsingle")
     _drop_subids(user.pw_name)  # useradd may have given it a range (login.defs SUB_UID_COUNT)
-    d = start_daemon(user, cgroup_backend="disabled")
+    d = start_daemon(user, id_mode="single", cgroup_backend="disabled")
     try:
         with client_of(d) as c:
             caps = c.ping()["capabilities"]
@@ -699,6 +732,7 @@ def test_dying_daemon_takes_its_rooms_down(sec_user: Any) -> None:
         stop_and_check(d)
 
 
+@pytest.mark.subordinate_ids
 def test_file_api_writes_belong_to_the_rooms_root(sec_client: Any, rooms: Any) -> None:
     """Files written through the file API are the room root's (0:0 in the room, the slice base
     on the host), so the unprivileged ``sandbox`` user cannot change them."""
@@ -736,6 +770,7 @@ def test_toolchains_run_without_sys(sec_user: Any) -> None:
         stop_and_check(d)
 
 
+@pytest.mark.subordinate_ids
 def test_two_daemons_of_one_user_use_different_slices(sec_user: Any, rooms: Any) -> None:
     """A second daemon of the same user (another state dir) draws from the same subordinate
     range; the slice locks keep its rooms on host ids no room of the first daemon has."""

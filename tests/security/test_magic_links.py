@@ -19,8 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import make_daemon
-from sec_helpers import client_of, sec_user, start_daemon, stop_and_check, write_config
+from sec_helpers import client_of, sec_user, start_daemon, stop_and_check
 
 from sandboxd.client import Client
 
@@ -39,15 +38,7 @@ def mode_daemon(request: pytest.FixtureRequest, sec_user: pwd.struct_passwd
     """A daemon with subordinate id slices, and one in single-id mode (no newuidmap on its
     PATH, as the review reproduced it): there the room's root *is* the daemon's uid, so
     nothing but path resolution stands between a payload and the daemon user's files."""
-    if request.param == "subordinate":
-        d = start_daemon(sec_user)
-    else:
-        d = make_daemon(sec_user)
-        d.env = {"PATH": "/nonexistent"}
-        write_config(d)
-        d.start()
-    with client_of(d) as c:
-        assert c.ping()["capabilities"]["idMapping"] == request.param
+    d = start_daemon(sec_user, id_mode=request.param)
     yield request.param, d
     stop_and_check(d)
 
