@@ -1,0 +1,193 @@
+"""The pure validators and verdicts, table-driven, without privileges (issue 24's mutants).
+
+Each table row is a case a wrong answer would turn into a security bug or a wrong verdict: the
+mutants that survived every other test (C01 a newline at the end of a sandbox id, C03 a '.'
+inside one, V01 an OOM-killed main process reported SG, S08 the filter installed without
+TSYNC_ESRCH, G01 the cpu-quota floor) and the path resolution of issue 10's C1/M6.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from sandboxd import errors, runs
+from sandboxd.config import check_sandbox_id
+from sandboxd.jail import _syscalls, cgroup, init, seccomp
+from sandboxd.jail.fileops import resolve
+
+# --- sandbox ids ---------------------------------------------------------------------------------
+
+GOOD_IDS = ["a", "A", "0", "_", "a-b", "a_b", "x" * 63, "room-1", "R2d2_"]
+BAD_IDS = ["", "-a", "a-", "a\n", "\na", "a.b", ".", "..", "a/b", "a b", "x" * 64, "é",
+           "a\x00", "a:b", "a\t", None, 5, ["a"]]
+
+
+@pytest.mark.parametrize("value", GOOD_IDS)
+def test_sandbox_id_accepted(value: str) -> None:
+    assert check_sandbox_id(value) == value
+
+
+@pytest.mark.parametrize("value", BAD_IDS, ids=repr)
+def test_sandbox_id_refused(value: Any) -> None:
+    with pytest.raises(errors.InvalidSandboxId):
+        check_sandbox_id(value)
+
+
+# --- user paths ----------------------------------------------------------------------------------
+
+PATHS = [("x", "/workspace/x"), ("/x", "/x"), ("a/../b", "/workspace/b"),
+         ("../../..", "/"), ("//etc", "/etc"), ("/a/./b/", "/a/b"), ("/", "/"),
+         ("workspace/..", "/workspace")]
+
+
+@pytest.mark.parametrize(("path", "want"), PATHS)
+def test_resolve_is_lexical_and_rooted(path: str, want: str) -> None:
+    assert resolve(path) == want
+
+
+@pytest.mark.parametrize("path", ["", "a\x00b", None, 3])
+def test_resolve_refuses(path: Any) -> None:
+    with pytest.raises(OSError) as err:
+        resolve(path)
+    assert err.value.errno == errno.EINVAL
+
+
+# --- argv and environment ------------------------------------------------------------------------
+
+
+def test_check_argv_bounds() -> None:
+    runs.check_argv(["x" * (runs.MAX_ARGV_ENV_BYTES - 10)], {})
+    with pytest.raises(errors.ValidationError) as err:
+        runs.check_argv(["x" * runs.MAX_ARGV_ENV_BYTES], {})
+    assert err.value.context["limit"] == "argvEnvBytes"
+    with pytest.raises(errors.ValidationError):
+        runs.check_argv(["a"], {"K": "v" * runs.MAX_ARGV_ENV_BYTES})
+    for argv, env in ((["a\x00"], {}), (["a"], {"": "v"}), (["a"], {"A=B": "v"}),
+                      (["a"], {"A": "v\x00"}), (["a"], {"A\x00": "v"})):
+        with pytest.raises(errors.ValidationError):
+            runs.check_argv(argv, env)
+
+
+# --- cwd and program lookup (issue 10, C1/M6): magic links refused ------------------------------
+
+
+def test_enter_cwd_refuses_magic_links(tmp_path: Path) -> None:
+    here = os.getcwd()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    (tmp_path / "link").symlink_to(f"/proc/self/fd/{fd}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "honest").symlink_to(tmp_path / "sub")
+    try:
+        for cwd in (f"/proc/self/fd/{fd}", "/proc/self/cwd", "/proc/self/root",
+                    str(tmp_path / "link")):
+            with pytest.raises(OSError) as err:
+                init.enter_cwd(cwd)
+            assert err.value.errno == errno.ELOOP, cwd
+        init.enter_cwd(str(tmp_path / "honest"))
+        assert os.getcwd() == str(tmp_path / "sub")
+    finally:
+        os.chdir(here)
+        os.close(fd)
+
+
+def test_find_executable_keeps_execvp_rules_and_refuses_magic_links(tmp_path: Path) -> None:
+    prog = tmp_path / "prog"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    plain.chmod(0o644)
+    (tmp_path / "exe").symlink_to("/proc/self/exe")
+    (tmp_path / "lnk").symlink_to(prog)
+    d = str(tmp_path)
+    assert init.find_executable("prog", f"/nonexistent:{d}") == f"{d}/prog"
+    assert init.find_executable("lnk", d) == f"{d}/lnk"
+    assert init.find_executable(f"{d}/prog", "") == f"{d}/prog"
+    cases = [("missing", d, errno.ENOENT), ("plain", d, errno.EACCES),
+             (f"{d}/plain", "", errno.EACCES), ("", d, errno.ENOENT),
+             (d, "", errno.EACCES),  # a directory
+             ("exe", d, errno.ELOOP), (f"{d}/exe", "", errno.ELOOP),
+             ("/proc/self/exe", "", errno.ELOOP), ("exe", "/proc/self", errno.ELOOP)]
+    for name, path, want in cases:
+        with pytest.raises(OSError) as err:
+            init.find_executable(name, path)
+        assert err.value.errno == want, (name, path, err.value)
+    # EACCES is remembered over a later ENOENT, as execvp does; a later hit still wins.
+    with pytest.raises(OSError) as err:
+        init.find_executable("plain", f"{d}:/nonexistent")
+    assert err.value.errno == errno.EACCES
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "plain").write_text("")
+    (tmp_path / "bin" / "plain").chmod(0o755)
+    assert init.find_executable("plain", f"{d}:{d}/bin") == f"{d}/bin/plain"
+
+
+# --- verdicts ------------------------------------------------------------------------------------
+
+_OUT = runs.Output(b"", False)
+
+
+def _verdict(status: int, killed: str | None = None, oom: bool = False,
+             failure: dict[str, Any] | None = None, **stats: Any) -> runs.RunResult:
+    msg = {"status": status, "rusage": {"utime": 0.0, "stime": 0.0}, "failure": failure}
+    return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, SimpleNamespace(**stats))
+
+
+def _signalled(sig: int) -> int:
+    return sig  # a wait status for "killed by sig" is the signal number itself
+
+
+VERDICTS = [
+    # (wait status, our kill, oom, failure) -> (status, exit code, limitExceeded)
+    ((0, None, False, None), ("OK", 0, None)),
+    ((3 << 8, None, False, None), ("RE", 3, None)),
+    ((137 << 8, None, False, None), ("RE", 137, None)),  # a shell reporting a kill is an exit
+    ((_signalled(signal.SIGSEGV), None, False, None), ("SG", 128 + signal.SIGSEGV, None)),
+    # V01: the main process itself OOM-killed (argv form, no shell): ML, not SG
+    ((_signalled(signal.SIGKILL), None, True, None), ("ML", 137, "memory")),
+    ((137 << 8, None, True, None), ("ML", 137, "memory")),
+    ((_signalled(signal.SIGKILL), "wall", True, None), ("TO", 124, "wall")),
+    ((_signalled(signal.SIGKILL), "cpu", False, None), ("TO", 124, "cpu")),
+    ((_signalled(signal.SIGKILL), "output", True, None), ("OL", 137, "output")),
+    ((1 << 8, None, False, {"stage": "cgroup", "errno": errno.EACCES}), ("XX", 1, None)),
+    ((127 << 8, None, False, {"stage": "exec", "errno": errno.ENOENT}), ("RE", 127, None)),
+    ((1 << 8, None, False, {"stage": "chdir", "errno": errno.ELOOP}), ("RE", 1, None)),
+]
+
+
+@pytest.mark.parametrize(("given", "want"), VERDICTS)
+def test_verdict_table(given: tuple[Any, ...], want: tuple[Any, ...]) -> None:
+    status, killed, oom, failure = given
+    r = _verdict(status, killed, oom, failure)
+    assert (r.status, r.exit_code, r.limit_exceeded) == want
+
+
+def test_pids_limit_is_named_without_changing_the_status() -> None:
+    r = _verdict(0, pids_limit_hits=2)
+    assert (r.status, r.limit_exceeded) == ("OK", "pids")
+
+
+# --- kernel-facing constants --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cpus", "quota"), [(0.0001, 1000), (0.01, 1000), (0.5, 50000),
+                                             (2.0, 200000)])
+def test_cpu_quota_floor(cpus: float, quota: int) -> None:
+    # G01: the kernel refuses quotas below 1 ms (EINVAL): the floor keeps tiny cpus valid.
+    assert cgroup._cpu_quota(cpus) == quota
+
+
+def test_seccomp_install_asks_for_tsync_esrch(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    monkeypatch.setattr(seccomp.prctl, "set_no_new_privs", lambda v: None)
+    monkeypatch.setattr(_syscalls, "seccomp_set_filter", lambda bpf, flags: seen.append(flags))
+    seccomp.install(b"\0" * 8)
+    assert seen and seen[0] & seccomp.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
+    assert seen[0] & seccomp.SECCOMP_FILTER_FLAG_TSYNC
