@@ -26,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import errno
+import fcntl
 import mimetypes
 import os
 import re
 import stat
 import time
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -45,6 +48,9 @@ MAX_READ_BYTES = 32 * 1024 * 1024
 CHUNK = 64 * 1024
 MAX_LISTING_BYTES = 64 * 1024 * 1024
 INIT_TIMEOUT_S = 30.0
+PIPE_BYTES = 1024 * 1024  # the writeFile pipe (fs.pipe-max-size's default)
+WRITE_BYTES_PER_S = 16 * 1024 * 1024  # the slowest rate a write's deadline allows for
+HEADROOM_BYTES = 8 * 1024 * 1024  # kept free of a room's memory limit by writeFile
 LIST_TIMEOUT_S = 120.0
 
 Encoding = Literal["utf-8", "utf8", "base64"]
@@ -148,11 +154,13 @@ async def _room(ctx: Context, sandbox_id: str) -> Room:
 
 
 async def init_op(room: Room, msg: dict[str, Any], path: str, nfds: int = 0,
-                  timeout: float = INIT_TIMEOUT_S) -> tuple[dict[str, Any], list[int]]:
-    """One request to the room init; its error reply raised as a wire error naming ``path``.
-    Returns exactly ``nfds`` fds (closing any other the init sent)."""
+                  timeout: float = INIT_TIMEOUT_S, fds: Sequence[int] = ()
+                  ) -> tuple[dict[str, Any], list[int]]:
+    """One request to the room init (passing ``fds``, which stay the caller's); its error reply
+    raised as a wire error naming ``path``. Returns exactly ``nfds`` fds (closing any other the
+    init sent)."""
     try:
-        reply, fds = await room.handle.request(msg, timeout=timeout)
+        reply, fds = await room.handle.request(msg, list(fds), timeout=timeout)
     except JailError as err:
         raise errors.SandboxUnavailable(f"sandbox {room.id} is gone: {err}",
                                         sandboxId=room.id) from err
@@ -242,20 +250,75 @@ async def write_file(ctx: Context, p: WriteFileParams) -> dict[str, Any]:
     path = check_path(p.path)
     data = _decode_content(p.content, p.encoding, path)
     room = await _room(ctx, p.sandbox_id)
-    reply, (fd,) = await init_op(room, {"op": "f_open_write", "path": path, "append": p.append},
-                                 path, nfds=1)
+    _check_headroom(room, len(data), path)
+    # The room init writes (fileops.FileWriter): the pages are the room's, and the target is
+    # replaced only once every byte arrived. We pour the content into a pipe; a cancelled
+    # request closes it early and the init throws the partial copy away.
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        keep = _regular(fd, path).st_size  # 0 unless appending
-        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        reply_task = asyncio.ensure_future(init_op(
+            room, {"op": "f_write", "path": path, "append": p.append, "size": len(data)},
+            path, fds=[r], timeout=INIT_TIMEOUT_S + len(data) / WRITE_BYTES_PER_S))
+        pour = asyncio.ensure_future(_pour(w, data))
         try:
-            await loop.run_in_executor(None, _write_all, fd, data, keep)
-        except OSError as err:
-            num = err.errno or errno.EIO
-            raise file_error(num, os.strerror(num), path, bytesWritten=0) from err
+            # The reply first means the init gave up (an error, or the room died): stop pouring.
+            await asyncio.wait({reply_task, pour}, return_when=asyncio.FIRST_COMPLETED)
+            if not pour.done():
+                pour.cancel()
+            with contextlib.suppress(BrokenPipeError, asyncio.CancelledError):
+                await pour
+            os.close(w)  # EOF: the init commits if every byte arrived
+            w = -1
+            reply, _ = await reply_task
+        finally:
+            for task in (pour, reply_task):
+                task.cancel()
     finally:
-        os.close(fd)
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
     return {"success": True, "path": reply.get("path", path), "bytesWritten": len(data),
             "timestamp": now()}
+
+
+async def _pour(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the non-blocking pipe ``fd``, waiting for room as needed."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view[:PIPE_BYTES]):]
+            continue
+        except BlockingIOError:
+            pass
+        ready: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fd, _set_once, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_writer(fd)
+
+
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _check_headroom(room: Room, size: int, path: str) -> None:
+    """A room's files are RAM (tmpfs) charged to its memory limit: a write that cannot fit is
+    refused up front, before it would make the kernel's OOM killer pick a victim in the room."""
+    if not size or "memory" not in room.cgroup.enforced:
+        return
+    current = room.cgroup.stats().memory_current_bytes
+    if current is None:
+        return
+    free = room.options.limits.memory_bytes - current
+    if size > free - HEADROOM_BYTES:
+        raise file_error(errno.ENOSPC, f"{size} bytes do not fit in the sandbox's memory "
+                         f"limit ({max(free, 0)} bytes free; its files are held in memory)",
+                         path, memoryBytes=room.options.limits.memory_bytes)
 
 
 @method("readFile", ReadFileParams)

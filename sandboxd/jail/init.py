@@ -38,7 +38,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import _syscalls as sc
 from . import caps, cgroup, channel, mnt, net, user
@@ -46,6 +46,22 @@ from . import caps, cgroup, channel, mnt, net, user
 Handler = Callable[[dict[str, Any], list[int]], tuple[dict[str, Any], list[int]]]
 #: init-side operations by name; other modules (files) register theirs here.
 HANDLERS: dict[str, Handler] = {}
+
+
+class Job(Protocol):
+    """An operation that takes longer than one request: the init polls ``fd`` in its loop
+    (so it keeps reaping and spawning meanwhile) and replies when :meth:`step` returns a
+    result. ``step`` raising OSError replies that error; :meth:`close` is called either way."""
+
+    fd: int
+
+    def step(self) -> dict[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+
+#: operations answered by a Job (they own their fds).
+JOBS: dict[str, Callable[[dict[str, Any], list[int]], Job]] = {}
 
 SANDBOX_UID = 1000
 # When a room as a whole runs out of memory, the kernel picks its victim inside the room: never
@@ -114,7 +130,9 @@ class Init:
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         while True:
             for key, _ in self.sel.select():
-                if key.data == "wake":
+                if isinstance(key.data, tuple):
+                    self._step_job(*key.data)
+                elif key.data == "wake":
                     try:
                         while os.read(self.wake_r, 512):
                             pass
@@ -146,6 +164,10 @@ class Init:
                 self.reply(msg, {"ok": True})
             elif op == "ping":
                 self.reply(msg, {"op": "pong", "runs": len(self.runs)})
+            elif isinstance(op, str) and op in JOBS:
+                job = JOBS[op](msg, fds)
+                fds = []  # the job's now
+                self.sel.register(job.fd, selectors.EVENT_READ, (msg, job))
             elif isinstance(op, str) and op in HANDLERS:
                 result, out_fds = HANDLERS[op](msg, fds)
                 try:
@@ -163,9 +185,26 @@ class Init:
             self.reply(msg, {"error": {"errno": errno.EIO,
                                        "message": f"{type(err).__name__}: {err}"}})
         finally:
-            if op in ("spawn", "kill", "killall", "ping"):
-                for fd in fds:
-                    os.close(fd)
+            if op in ("spawn", "kill", "killall", "ping") or op in JOBS:
+                for fd in fds:  # (a job that started owns them: fds is [] then)
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass  # a handler that closed it already must not end the room
+
+    def _step_job(self, msg: dict[str, Any], job: Job) -> None:
+        try:
+            result = job.step()
+        except OSError as err:
+            result = {"error": {"errno": err.errno or errno.EIO, "message": str(err),
+                                "filename": err.filename}}
+        except Exception as err:  # noqa: BLE001 - a bad job must never take the room down
+            result = {"error": {"errno": errno.EIO, "message": f"{type(err).__name__}: {err}"}}
+        if result is None:
+            return
+        self.sel.unregister(job.fd)
+        job.close()
+        self.reply(msg, result)
 
     def spawn(self, msg: dict[str, Any], fds: list[int]) -> int:
         if len(fds) < 3:
