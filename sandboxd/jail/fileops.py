@@ -213,7 +213,8 @@ class FileWriter:
     temporary file and a rename: a client that went away mid-request left the target truncated
     to 0 bytes; now a reader sees the old content or the new, never a torn file, also when the
     room's disk fills mid-write (the temporary file is removed and the target is untouched).
-    Appends copy the old content into the temporary file first (in the room, charged to it).
+    Appends go in place (chunked uploads stay linear) and are cut back to the old size when
+    they do not complete.
     A symlink at the target is followed (inside the room, never through a magic link), as
     open() did: the link stays a link and its target gets the content.
     """
@@ -225,7 +226,7 @@ class FileWriter:
         if len(fds) != 1:
             raise OSError(errno.EINVAL, "f_write needs one pipe fd")
         self.fd = fds[0]
-        self.out = self.dfd = -1
+        self.out = self.dfd = self.keep = -1
         self.tmp = ""
         try:
             os.set_blocking(self.fd, False)
@@ -264,6 +265,18 @@ class FileWriter:
         self.dfd, self.name, self.path = dfd, name, path
         if pre is not None and not stat.S_ISREG(pre.st_mode):
             raise _not_regular(pre, path)
+        self.keep = -1
+        if append and pre is not None:
+            # In place, so that chunked uploads (cp) stay linear; on failure the file is cut
+            # back to its old size: it ends as old or old + new, never a piece of the new.
+            # (Not O_APPEND: splice refuses append-mode targets; we seek to the end instead.)
+            self.out = _open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY,
+                             dirfd=dfd, name=name, resolve=_NO_MAGIC | sc.RESOLVE_NO_SYMLINKS)
+            st = _check_fs(self.out, path)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_regular(st, path)
+            self.keep = os.lseek(self.out, 0, os.SEEK_END)
+            return
         FileWriter._seq += 1
         self.tmp = f".{name[:180]}.sbx-write-{FileWriter._seq}"
         self.out = _open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, dirfd=dfd, name=self.tmp,
@@ -274,21 +287,6 @@ class FileWriter:
             os.fchmod(self.out, stat.S_IMODE(pre.st_mode))
         else:
             os.fchmod(self.out, 0o644)
-        if append and pre is not None:
-            src = _open(path, os.O_RDONLY | os.O_NONBLOCK, dirfd=dfd, name=name,
-                        resolve=_NO_MAGIC | sc.RESOLVE_NO_SYMLINKS)
-            try:
-                st = _check_fs(src, path)
-                if not stat.S_ISREG(st.st_mode):
-                    raise _not_regular(st, path)
-                left = st.st_size
-                while left > 0:
-                    n = os.copy_file_range(src, self.out, left)
-                    if n == 0:
-                        break
-                    left -= n
-            finally:
-                os.close(src)
 
     def step(self) -> dict[str, Any] | None:
         try:
@@ -305,13 +303,20 @@ class FileWriter:
             if self.written != self.size:
                 # The daemon closed early: its request was cancelled (the client went away).
                 raise OSError(errno.ECANCELED, "the write was cancelled", self.path)
-            os.rename(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
-            self.tmp = ""
+            if self.tmp:
+                os.rename(self.tmp, self.name, src_dir_fd=self.dfd, dst_dir_fd=self.dfd)
+                self.tmp = ""
+            self.keep = -1
         except OSError as err:
             raise _named(err, self.path) from None
         return {"path": self.path, "bytesWritten": self.written}
 
     def close(self) -> None:
+        if self.keep >= 0 and self.out >= 0:
+            try:
+                os.ftruncate(self.out, self.keep)  # an append that did not finish
+            except OSError:
+                pass
         if self.tmp and self.dfd >= 0:
             try:
                 os.unlink(self.tmp, dir_fd=self.dfd)

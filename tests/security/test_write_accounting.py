@@ -113,3 +113,24 @@ def test_write_follows_a_symlink_in_the_room_and_keeps_owner_and_mode(rooms: Any
     assert sb.read_file("/workspace/real/t").text == "b\nc\n"
     with pytest.raises(errors.SandboxError):
         sb.write_file("/workspace/magic", "x")
+
+
+def test_append_cut_off_leaves_old_or_old_plus_new(sec_daemon: Any, rooms: Any) -> None:
+    (sb,) = rooms(1)
+    sb.write_file("/workspace/log", "head\n")
+    new = "n" * (16 * MiB)
+    line = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "writeFile", "params": {
+        "sandboxId": sb.id, "path": "/workspace/log", "content": new,
+        "append": True}}).encode() + b"\n"
+    sizes = set()
+    for delay in (0.0, 0.02, 0.1):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sec_daemon.socket)
+        s.sendall(line)
+        time.sleep(delay)
+        s.close()
+        time.sleep(0.3)
+        size = int(sb.exec("stat -c %s /workspace/log").stdout)
+        assert (size - 5) % len(new) == 0, size  # whole appends only
+        sizes.add(size)
+    assert sb.exec("head -c 5 /workspace/log").stdout == "head\n"
