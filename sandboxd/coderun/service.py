@@ -4,15 +4,17 @@ Theory of operation. ``runCode`` resolves the language in the registry (``langua
 writes the sources into a directory of the room named by a hash of (language, toolchain version,
 sources, compile command), and then, in two separate runs each under its own limits:
 
-  compile   only for compiled languages, and only when that directory has no ``.compiled``
-            marker yet — a second runCode of the same source skips the compiler entirely
+  compile   only for compiled languages, and only when that directory is not a sealed, complete
+            compile yet — a second runCode of the same source skips the compiler entirely
   run       the program, with the caller's stdin, args and limits
 
 A compile that fails (non-zero exit, or killed by a compile limit) is the verdict ``CE`` with the
 compiler's report in ``compile``; the run's verdict is the ordinary one (OK RE SG TO ML OL XX).
 Both steps go through ``api.exec.run_in_room``, so they get the same cgroups, deadlines and
-reports as ``exec``. The directory lives under /tmp/.sandboxd/code in the room (the room's disk
-budget); nothing of it is ever read by the daemon.
+reports as ``exec``. The directory lives under /tmp/.sandboxd in the room (the room's disk
+budget); nothing of it is ever read by the daemon. Room code can neither change a compiled
+directory nor plant one (issue 10, M2): see "the code-run cache" in jail/fileops.py. Without a
+second mapped id (single-id mode) nothing is reused: every runCode compiles.
 
 Which toolchains exist comes from the rootfs manifest (``/etc/sandboxd/manifest.json`` in the
 tree, written by rootfs/build.sh). On the ``host`` rootfs there is no manifest: a language is
@@ -27,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -36,7 +39,7 @@ from .registry import Language, Registry, load_registry
 if TYPE_CHECKING:
     from ..api import Context
 
-CODE_DIR = "/tmp/.sandboxd/code"
+CODE_DIR = "/tmp/.sandboxd"  # jail/fileops.CODE_BASE: a mount point only the init may change
 MARKER = ".compiled"
 EXAMPLE_CONCURRENCY = 2
 HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -68,6 +71,15 @@ class CodeRunService:
         self.rootfs = rootfs
         self.manifest = read_manifest(rootfs)
         self.toolchains = {lang.id: self._toolchain(lang) for lang in self.registry}
+        self._locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = \
+            weakref.WeakValueDictionary()
+
+    @staticmethod
+    def can_seal(room: Any) -> bool:
+        """Sealing needs a second mapped id (jail/fileops.SEAL_UID): not in single-id mode."""
+        from ..jail.fileops import SEAL_UID
+
+        return room.ids is not None and bool(room.ids.maps(SEAL_UID))
 
     def _toolchain(self, lang: Language) -> Toolchain:
         if self.manifest is not None:
@@ -119,38 +131,48 @@ class CodeRunService:
                 raise errors.ValidationError(f"invalid file name {name!r} in files",
                                              field="files", name=name)
         key = self._key(lang, sources, lang.compile_argv("."))
-        workdir = f"{CODE_DIR}/{lang.id}-{key}"
+        name = f"{lang.id}-{key}"
+        workdir = f"{CODE_DIR}/{name}"
         env = dict(lang.env)
         room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id)
-        marker = await api_files.exists(ctx, api_files.PathParams(
-            sandbox_id=room.id, path=f"{workdir}/{MARKER}"))
-        cached = bool(marker["exists"])
+        lock = self._locks.setdefault((room.id, name), asyncio.Lock())
         compile_report: dict[str, Any] | None = None
-        if not cached:
-            for name, content in sources.items():
+        async with lock:
+            # Reused only when sealed (fileops, "the code-run cache"): room code cannot have
+            # changed a byte of it since the compile that made it.
+            state = await _code(ctx, room, "state", name)
+            cached = bool(state.get("sealed"))
+            if not cached:
+                await _code(ctx, room, "prepare", name, shared=p.user == "sandbox")
+                for fname, content in sources.items():
+                    await api_files.write_file(ctx, api_files.WriteFileParams(
+                        sandbox_id=room.id, path=f"{workdir}/{fname}",
+                        content=base64.b64encode(content.encode()).decode(),
+                        encoding="base64"))
+                compile_argv = lang.compile_argv(workdir)
+                if compile_argv is not None:
+                    lim = _merge_limits(lang.compile_limits, p.compile_limits,
+                                        room.options.limits.memory_bytes,
+                                        ctx.daemon.enforceable_limits())
+                    res = await api_exec.run_in_room(
+                        ctx, room.id, compile_argv, env=env, cwd=workdir, stdin=b"",
+                        user=p.user, limits=lim, timeout_ms=None, stream=False)
+                    compile_report = {"status": res.status, "exitCode": res.exit_code,
+                                      "stdout": res.stdout, "stderr": res.stderr,
+                                      "cpuTimeMs": res.cpu_time_ms,
+                                      "wallTimeMs": res.wall_time_ms,
+                                      "memoryPeakBytes": res.memory_peak_bytes,
+                                      "timedOut": res.timed_out, "oomKilled": res.oom_killed}
+                    if res.status != "OK":
+                        return {"success": False, "language": lang.id, "status": "CE",
+                                "exitCode": res.exit_code, "stdout": "", "stderr": "",
+                                "compile": compile_report, "cached": False,
+                                "cpuTimeMs": None, "wallTimeMs": None,
+                                "memoryPeakBytes": None}
                 await api_files.write_file(ctx, api_files.WriteFileParams(
-                    sandbox_id=room.id, path=f"{workdir}/{name}",
-                    content=base64.b64encode(content.encode()).decode(), encoding="base64"))
-            compile_argv = lang.compile_argv(workdir)
-            if compile_argv is not None:
-                lim = _merge_limits(lang.compile_limits, p.compile_limits,
-                                    room.options.limits.memory_bytes,
-                                    ctx.daemon.enforceable_limits())
-                res = await api_exec.run_in_room(
-                    ctx, room.id, compile_argv, env=env, cwd=workdir, stdin=b"", user=p.user,
-                    limits=lim, timeout_ms=None, stream=False)
-                compile_report = {"status": res.status, "exitCode": res.exit_code,
-                                  "stdout": res.stdout, "stderr": res.stderr,
-                                  "cpuTimeMs": res.cpu_time_ms, "wallTimeMs": res.wall_time_ms,
-                                  "memoryPeakBytes": res.memory_peak_bytes,
-                                  "timedOut": res.timed_out, "oomKilled": res.oom_killed}
-                if res.status != "OK":
-                    return {"success": False, "language": lang.id, "status": "CE",
-                            "exitCode": res.exit_code, "stdout": "", "stderr": "",
-                            "compile": compile_report, "cached": False,
-                            "cpuTimeMs": None, "wallTimeMs": None, "memoryPeakBytes": None}
-            await api_files.write_file(ctx, api_files.WriteFileParams(
-                sandbox_id=room.id, path=f"{workdir}/{MARKER}", content=""))
+                    sandbox_id=room.id, path=f"{workdir}/{MARKER}", content=""))
+                if self.can_seal(room):
+                    await _code(ctx, room, "seal", name)
         argv = lang.run_argv(workdir) + list(p.args or [])
         res = await api_exec.run_in_room(
             ctx, room.id, argv, env=env, cwd=workdir, stdin=(p.stdin or "").encode(),
@@ -181,6 +203,15 @@ class CodeRunService:
 
         results = await asyncio.gather(*(one(lang) for lang in self.registry))
         return {"results": list(results)}
+
+
+async def _code(ctx: Context, room: Any, action: str, name: str, **extra: Any
+                ) -> dict[str, Any]:
+    from ..api import files as api_files
+
+    reply, _ = await api_files.init_op(
+        room, {"op": "f_code", "action": action, "name": name, **extra}, f"{CODE_DIR}/{name}")
+    return reply
 
 
 def _merge_limits(base: Any, given: protocol.RunLimits | None, room_memory: int,

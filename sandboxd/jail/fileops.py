@@ -489,6 +489,125 @@ def list_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[
     return {"path": path, "count": len(rows), "truncated": truncated}, [mfd]
 
 
+# --- the code-run cache (issue 10, M2) -----------------------------------------------------------
+# runCode keeps each compiled submission in CODE_BASE/<hash> and reuses it for the same source.
+# Room code runs as the room's root (without capabilities), so a cache it could write would run
+# the attacker's binary as the next submission's ("cached": true). Hence: CODE_BASE is a mount
+# point (it cannot be renamed or removed) owned by SEAL_UID, a mapped id nobody runs as, mode
+# 0755, so only the init (with capabilities in the room) makes or removes entries; a workdir is
+# the payloads' own while its compile runs and is then *sealed* — every entry chowned to
+# SEAL_UID and its write bits cleared — so no payload, root or sandbox, can change it. A cached
+# workdir is trusted only when it is sealed. In single-id mode SEAL_UID is not mapped: no seal,
+# so the service never reuses a compile there.
+CODE_BASE = "/tmp/.sandboxd"
+SEAL_UID = 4000
+
+
+def seal_uid_mapped(proc: str = "/proc/self/uid_map") -> bool:
+    try:
+        with open(proc) as f:
+            rows = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+    except OSError:
+        return False
+    return any(inner <= SEAL_UID < inner + count for inner, _outer, count in rows)
+
+
+def setup_code_base(root: str) -> None:
+    """At room set-up (before pivot_root): the cache base as a self-bind-mount owned by
+    SEAL_UID when that id is mapped."""
+    base = f"{root}{CODE_BASE}"
+    os.makedirs(base, exist_ok=True)
+    sc.mount(base, base, None, sc.MS_BIND)
+    if seal_uid_mapped():
+        os.chown(base, SEAL_UID, SEAL_UID)
+    os.chmod(base, 0o755)
+
+
+def _code_dir(msg: dict[str, Any]) -> tuple[str, str]:
+    name = str(msg.get("name", ""))
+    if not name or "/" in name or name.startswith("."):
+        raise OSError(errno.EINVAL, "invalid code directory name", name)
+    return CODE_BASE, name
+
+
+def _remove_tree(dfd: int, name: str) -> None:
+    """rm -rf of ``name`` in ``dfd``, never following a link (the init has the capabilities to
+    remove what payloads made read-only)."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dfd)
+        return
+    sub = sc.openat2(dfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
+                     sc.RESOLVE_NO_SYMLINKS | _NO_MAGIC | sc.RESOLVE_NO_XDEV)
+    try:
+        os.fchmod(sub, 0o700)
+        for entry in os.listdir(sub):
+            _remove_tree(sub, entry)
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=dfd)
+
+
+def _seal_tree(fd: int) -> None:
+    for entry in os.scandir(fd):
+        st = entry.stat(follow_symlinks=False)
+        os.chown(entry.name, SEAL_UID, SEAL_UID, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        os.chmod(entry.name, stat.S_IMODE(st.st_mode) & ~0o222 & ~0o7000, dir_fd=fd)
+        if stat.S_ISDIR(st.st_mode):
+            sub = sc.openat2(fd, entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
+                             sc.RESOLVE_NO_SYMLINKS | _NO_MAGIC | sc.RESOLVE_NO_XDEV)
+            try:
+                _seal_tree(sub)
+            finally:
+                os.close(sub)
+
+
+def code_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
+    """``f_code {action, name}``: ``state`` -> {sealed}; ``prepare`` (a fresh, empty workdir
+    for a compile, replacing whatever was there); ``seal``."""
+    base, name = _code_dir(msg)
+    action = msg.get("action")
+    bfd = sc.openat2(-100, base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
+                     sc.RESOLVE_NO_SYMLINKS | _NO_MAGIC)
+    try:
+        path = f"{base}/{name}"
+        if action == "state":
+            try:
+                st = os.stat(name, dir_fd=bfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return {"path": path, "sealed": False}, []
+            sealed = (stat.S_ISDIR(st.st_mode) and st.st_uid == SEAL_UID
+                      and os.fstat(bfd).st_uid == SEAL_UID and seal_uid_mapped())
+            return {"path": path, "sealed": sealed}, []
+        if action == "prepare":
+            _remove_tree(bfd, name)
+            os.mkdir(name, 0o755, dir_fd=bfd)
+            os.chmod(name, 0o777 if msg.get("shared") else 0o755, dir_fd=bfd)
+            return {"path": path}, []
+        if action == "seal":
+            if not seal_uid_mapped():
+                raise OSError(errno.EPERM, "no id to seal with (single-id mapping)", path)
+            wfd = sc.openat2(bfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
+                             sc.RESOLVE_NO_SYMLINKS | _NO_MAGIC | sc.RESOLVE_NO_XDEV)
+            try:
+                _seal_tree(wfd)
+                os.fchown(wfd, SEAL_UID, SEAL_UID)
+                os.fchmod(wfd, 0o555)
+            finally:
+                os.close(wfd)
+            return {"path": path}, []
+        raise OSError(errno.EINVAL, f"unknown action {action!r}", path)
+    except OSError as err:
+        raise _named(err, f"{base}/{name}") from None
+    finally:
+        os.close(bfd)
+
+
 init.JOBS["f_write"] = FileWriter
 init.HANDLERS.update({
     "f_open_read": open_read,
@@ -497,4 +616,5 @@ init.HANDLERS.update({
     "f_rename": rename,
     "f_mkdir": mkdir,
     "f_list": list_dir,
+    "f_code": code_dir,
 })

@@ -257,6 +257,9 @@ def setup(scratch_fd: int, rootfs: str, disk_bytes: int, hostname: str) -> None:
     the set-up process; ``scratch_fd`` is the room tmpfs's root and is closed here)."""
     scratch = f"/proc/self/fd/{scratch_fd}"
     root = build_root(scratch, rootfs, hostname)
+    from .fileops import setup_code_base  # (fileops imports init, which imports us)
+
+    setup_code_base(root)
     mount_proc(root)
     mount_dev(root, shm_bytes=min(disk_bytes, 64 * 1024 * 1024))
     pivot(root)
