@@ -386,7 +386,7 @@ def _stdin_text(stdin: str | bytes | None) -> str | None:
 
 
 def _exec_params(sandbox_id: str, command: str, args: Sequence[str] | None, cwd: str | None,
-                 env: Mapping[str, str] | None, stdin: str | bytes | None,
+                 env: Mapping[str, str | None] | None, stdin: str | bytes | None,
                  timeout: float | None, stream: bool, limits: Any, user: str | None
                  ) -> dict[str, Any]:
     return _params(sandbox_id=sandbox_id, command=command,
@@ -678,7 +678,7 @@ class Sandbox:
         return results
 
     def exec(self, command: str, args: Sequence[str] | None = None, *, cwd: str | None = None,
-             env: Mapping[str, str] | None = None, stdin: str | bytes | None = None,
+             env: Mapping[str, str | None] | None = None, stdin: str | bytes | None = None,
              timeout: float | None = None, on_output: OutputCallback | None = None,
              limits: Any = None, user: str | None = None) -> ExecResult:
         """Run ``command`` with ``args`` (argv form) or, with ``args`` None, as a shell line.
@@ -1059,7 +1059,7 @@ class AsyncSandbox:
         return results
 
     async def exec(self, command: str, args: Sequence[str] | None = None, *,
-                   cwd: str | None = None, env: Mapping[str, str] | None = None,
+                   cwd: str | None = None, env: Mapping[str, str | None] | None = None,
                    stdin: str | bytes | None = None, timeout: float | None = None,
                    on_output: OutputCallback | None = None, limits: Any = None,
                    user: str | None = None) -> ExecResult:

@@ -136,7 +136,8 @@ class ExecParams(_Params, frozen=True):
     command: Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
     args: list[str] | None = None
     cwd: Path | None = None
-    env: dict[str, str] | None = None
+    # A null value unsets the variable (the default environment's too): Cloudflare's semantics.
+    env: dict[str, str | None] | None = None
     stdin: str | None = None
     timeout: Annotated[int, msgspec.Meta(ge=1)] | None = None  # ms
     stream: bool = False

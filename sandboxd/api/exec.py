@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +28,8 @@ def cwd_of(path: str | None) -> str:
     return path if path.startswith("/") else f"/workspace/{path}"
 
 
-async def run_in_room(ctx: Context, room_id: str, argv: list[str], *, env: dict[str, str] | None,
+async def run_in_room(ctx: Context, room_id: str, argv: list[str], *,
+                      env: Mapping[str, str | None] | None,
                       cwd: str | None, stdin: bytes, user: str, limits: protocol.RunLimits | None,
                       timeout_ms: int | None, stream: bool) -> runs.RunResult:
     """The shared path of exec (and later runCode): room, spec, quota, run."""
@@ -40,7 +42,8 @@ async def run_in_room(ctx: Context, room_id: str, argv: list[str], *, env: dict[
             "user 'sandbox' needs subordinate ids (this daemon maps a single id: "
             "sandboxctl setup --user <daemon user>, then restart sandboxd)",
             limit="user", idMapping=daemon.ids.mode)
-    full_env = {**base_env(user), **room.options.env, **(env or {})}
+    merged: dict[str, str | None] = {**base_env(user), **room.options.env, **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}
     runs.check_argv(argv, full_env)
     lim = limits or protocol.RunLimits()
     wall = lim.wall_time_ms if lim.wall_time_ms is not None else timeout_ms

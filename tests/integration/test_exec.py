@@ -164,3 +164,15 @@ def test_nul_in_argument_is_a_validation_error(client: Any, room_id: str) -> Non
     with pytest.raises(errors.ValidationError):
         client.sandbox(room_id).exec("echo", ["a\x00b"])
     assert client.sandbox(room_id).exec("echo still fine").stdout == "still fine\n"
+
+
+def test_env_null_unsets_the_variable(client: Any, room_id: str) -> None:
+    """Cloudflare's semantics: ``env: {NAME: null}`` unsets NAME (even a default one) instead of
+    failing the call (issue 10, judge fidelity)."""
+    sb = client.sandbox(room_id)
+    r = sb.exec("echo ${HOME-unset} ${LANG-unset} ${KEEP-unset}",
+                env={"HOME": None, "LANG": None, "KEEP": "kept"})
+    assert r.stdout == "unset unset kept\n", r
+    r = client.call("exec", {"sandboxId": room_id, "command": "printenv TMPDIR || echo none",
+                             "env": {"TMPDIR": None}})
+    assert r["stdout"] == "none\n"
