@@ -9,6 +9,8 @@ Placeholders (the only ones allowed, checked at load time):
     {dir}   the run's working directory inside the room (writable; the source file is written here)
     {src}   {dir}/<sourceFile>
     {out}   {dir}/<outputName>: the compiled artifact (a binary, or a jar for Kotlin)
+    {main}  the class (JVM) the program starts from: with ``entryPoint`` set, found in the
+            submission (``Language.for_source``), else ``mainClass`` (default "Main")
 
 The file is packaged data, not user input: a malformed registry is a bug in sandboxd, so every
 problem raises :class:`~sandboxd.errors.InternalError` naming the language and the key.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -32,7 +34,35 @@ from sandboxd.errors import InternalError, UnsupportedLanguage
 
 __all__ = ["Language", "Limits", "Registry", "load_registry"]
 
-PLACEHOLDERS = frozenset({"dir", "src", "out"})
+PLACEHOLDERS = frozenset({"dir", "src", "out", "main"})
+
+# --- entry points of JVM submissions -------------------------------------------------------------
+# Judges accept `public class Solution` (or no public class) where we used to insist on Main:
+# javac wants a public class in a file of its name, and `java` wants the class with main().
+# A lexical reading is enough for the submissions judges see; comments and string literals are
+# blanked first so that a "class" inside them does not count.
+_JAVA_NOISE = re.compile(r'/\*.*?\*/|//[^\n]*|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'',
+                         re.S)
+_IDENT = r"[A-Za-z_$][\w$]*"
+_JAVA_PUBLIC = re.compile(
+    rf"\bpublic\s+(?:(?:final|abstract|strictfp|sealed|non-sealed)\s+)*"
+    rf"(?:class|interface|enum|record)\s+({_IDENT})")
+_JAVA_TYPE = re.compile(rf"\b(?:class|interface|enum|record)\s+({_IDENT})")
+_JAVA_MAIN = re.compile(r"\bvoid\s+main\s*\(\s*(?:final\s+)?String\b")
+_SCALA_OBJECT = re.compile(rf"\bobject\s+({_IDENT})")
+_SCALA_MAIN = re.compile(r"\bdef\s+main\s*\(|\bextends\s+App\b")
+
+
+def _entry_of(kinds: tuple[re.Pattern[str], re.Pattern[str]], code: str) -> str | None:
+    """The name of the last type declared before the first main() (or ``extends App``)."""
+    types, main = kinds
+    clean = _JAVA_NOISE.sub(" ", code)
+    at = main.search(clean)
+    if at is None:
+        return None
+    names = [m.group(1) for m in types.finditer(clean, 0, at.start())]
+    return names[-1] if names else None
+
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _ID = re.compile(r"^[a-z][a-z0-9+#-]{0,31}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -61,6 +91,22 @@ class Language:
     env: Mapping[str, str] = field(hash=False)  # a read-only view; unhashable
     compile_limits: Limits | None
     example: str
+    main_class: str = "Main"
+    entry_point: str | None = None  # "java" or "scala": find {main} in the submission
+
+    def for_source(self, code: str) -> Language:
+        """This language as ``code`` needs it: a Java submission whose public class is
+        Solution is written as Solution.java, and its main() class is the one ``java`` starts."""
+        if self.entry_point == "java":
+            public = _JAVA_PUBLIC.search(_JAVA_NOISE.sub(" ", code))
+            main = _entry_of((_JAVA_TYPE, _JAVA_MAIN), code) or (
+                public.group(1) if public else None)
+            source = f"{public.group(1)}.{self.extension}" if public else self.source_file
+            return replace(self, source_file=source, main_class=main or self.main_class)
+        if self.entry_point == "scala":
+            main = _entry_of((_SCALA_OBJECT, _SCALA_MAIN), code)
+            return replace(self, main_class=main) if main else self
+        return self
 
     @property
     def compiled(self) -> bool:
@@ -77,6 +123,7 @@ class Language:
             "dir": directory,
             "src": f"{base}/{self.source_file}",
             "out": f"{base}/{self.output_name}",
+            "main": self.main_class,
         }
         return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in argv]
 
@@ -251,7 +298,11 @@ def _language(lang_id: str, table: _Table, env: Mapping[str, str],
         env=MappingProxyType({**env, **table.env("env")}),
         compile_limits=_limits(compile_table, limits) if compile_cmd is not None else None,
         example=table.req_string("example"),
+        main_class=table.string("mainClass", required=False) or "Main",
+        entry_point=table.string("entryPoint", required=False),
     )
+    if lang.entry_point not in (None, "java", "scala"):
+        table.fail("entryPoint", "must be java or scala")
     table.done()
     return lang
 

@@ -125,6 +125,7 @@ class CodeRunService:
             raise errors.UnsupportedLanguage(
                 f"{lang.name} is not installed in this sandbox's runtime tree",
                 language=lang.id, available=False, supported=list(self.registry.ids))
+        lang = lang.for_source(p.code)  # e.g. Java's public class and main() class
         sources = {lang.source_file: p.code, **(p.files or {})}
         for name in sources:
             if not name or name.startswith("/") or ".." in name.split("/") or "\0" in name:

@@ -171,3 +171,36 @@ def test_compiled_languages_work_without_cgroups(test_user: Any, tmp_path: Any) 
                 sb.run_code("c", EXIT3["c"] + "\n", compile_limits={"cpuTimeMs": 1000})
     finally:
         assert d.stop() == 0, d.log()
+
+
+# --- entry points as judges accept them (issue 10, judge fidelity 2 and 4) ---------------------
+
+JAVA_ENTRY = {
+    "public class Solution": 'import java.util.*;\npublic class Solution {\n  public static void '
+    'main(String[] a) { System.out.println("sol " + new Scanner(System.in).nextLine()); }\n}\n',
+    "no public class": 'class Helper { static String f() { return "helped"; } }\nclass Prog {\n'
+    '  public static void main(String[] a) { System.out.println(Helper.f()); }\n}\n',
+    "public helper, main elsewhere": '// class Fake { static void main() {} }\npublic class Api {'
+    ' static int one() { return 1; } }\nclass Runner { public static void main(String... a) {\n'
+    '  System.out.println("one=" + Api.one() + " \\"class Nope\\""); } }\n',
+}
+JAVA_OUT = {"public class Solution": "sol x\n", "no public class": "helped\n",
+            "public helper, main elsewhere": 'one=1 "class Nope"\n'}
+
+
+@pytest.mark.parametrize("case", sorted(JAVA_ENTRY))
+def test_java_runs_whatever_the_class_is_called(lang_room: Any, case: str) -> None:
+    res = lang_room.run_code("java", JAVA_ENTRY[case], stdin="x\n")
+    assert (res["status"], res["stdout"]) == ("OK", JAVA_OUT[case]), res
+    assert lang_room.run_code("java", JAVA_ENTRY[case], stdin="x\n")["cached"] is True
+
+
+def test_scala_object_need_not_be_main(lang_room: Any) -> None:
+    res = lang_room.run_code("scala", 'object Solution extends App { println("scala ok") }\n')
+    assert (res["status"], res["stdout"]) == ("OK", "scala ok\n"), res
+
+
+def test_go_package_other_than_main_is_a_compile_error(lang_room: Any) -> None:
+    res = lang_room.run_code("go", "package solution\n\nfunc F() int { return 1 }\n")
+    assert res["status"] == "CE", res
+    assert "main package" in res["compile"]["stderr"]

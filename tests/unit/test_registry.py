@@ -262,7 +262,7 @@ def test_malformed_registry_is_an_internal_error(text: str, problem: str) -> Non
 
 
 def test_placeholder_set_is_closed() -> None:
-    assert frozenset({"dir", "src", "out"}) == PLACEHOLDERS
+    assert frozenset({"dir", "src", "out", "main"}) == PLACEHOLDERS
 
 
 # --- on the real tree --------------------------------------------------------------------------
@@ -311,3 +311,30 @@ def test_example_runs_on_the_tree(registry: Registry, tmp_path: Path, lang_id: s
     res = _room(tmp_path, lang.run_argv("/workspace"), env)
     assert res.returncode == 0, res.stderr
     assert res.stdout == lang.expected_example_output
+
+
+@pytest.mark.parametrize(("code", "source", "main"), [
+    ("public class Main { public static void main(String[] a) {} }", "Main.java", "Main"),
+    ("public class Solution { public static void main(String[] a) {} }", "Solution.java",
+     "Solution"),
+    ("class A {}\nclass B { static public void main(String[] a) {} }", "Main.java", "B"),
+    ("/* public class Fake */ public final class Real {\n"
+     "  public static void main(String[] args) { String s = \"class Nope\"; } }",
+     "Real.java", "Real"),
+    ("public record Point(int x) {}\nclass Go { public static void main(String... a) {} }",
+     "Point.java", "Go"),
+    ("class NoMain {}", "Main.java", "Main"),
+])
+def test_java_entry_point_from_the_source(code: str, source: str, main: str) -> None:
+    java = load_registry().resolve("java").for_source(code)
+    assert (java.source_file, java.main_class) == (source, main)
+    assert java.run_argv("/d")[-1] == main
+    assert java.compile_argv("/d")[-1] == f"/d/{source}"
+
+
+def test_scala_entry_point_from_the_source() -> None:
+    scala = load_registry().resolve("scala")
+    assert scala.for_source("object Solution extends App { }").main_class == "Solution"
+    assert scala.for_source("object H\nobject M { def main(a: Array[String]) = () }"
+                            ).main_class == "M"
+    assert scala.for_source("val x = 1").main_class == "Main"
