@@ -278,6 +278,19 @@ def _open_dir_nofollow(parent: int, name: str) -> int:
         return os.open(name, flags, dir_fd=parent)
 
 
+def _link_stays_inside(parts: list[str], target: str) -> bool:
+    """Whether a symlink at ``parts`` (relative to the destination) pointing at ``target``
+    names something inside the destination: never an absolute target, never one whose ``..``
+    climbs above it. Links that leave the destination are not recreated on the host (issue 10,
+    L5): a later tool following them would read or write host files the room chose."""
+    import posixpath
+
+    if not target or target.startswith("/") or "\0" in target:
+        return False
+    joined = posixpath.normpath(posixpath.join(*parts[:-1], target) if parts[:-1] else target)
+    return joined != ".." and not joined.startswith("../")
+
+
 def safe_extract(fileobj: Any, dest: str) -> dict[str, int]:
     """Extract a tar stream that came out of a room into host directory ``dest``.
 
@@ -285,7 +298,8 @@ def safe_extract(fileobj: Any, dest: str) -> dict[str, int]:
     descendants): names are taken relative to ``dest`` only (absolute names and ``..`` refused),
     every directory on the way is opened with O_NOFOLLOW (a symlink in the archive, or already in
     ``dest``, is never written through), files are created O_EXCL|O_NOFOLLOW after removing what
-    was there, modes lose setuid/setgid/sticky, and hard links, devices and FIFOs are skipped.
+    was there, modes lose setuid/setgid/sticky, and hard links, devices and FIFOs are skipped,
+    and so are symlinks that would point outside ``dest`` (absolute, or climbing out with ``..``).
     This Python (3.11.2) has no tarfile extraction filters, hence the hand-written walk.
     """
     import errno
@@ -327,6 +341,9 @@ def safe_extract(fileobj: Any, dest: str) -> dict[str, int]:
                             counts["skipped"] += 1  # a symlink or a file took the name
                             continue
                         counts["directories"] += 1
+                        continue
+                    if m.issym() and not _link_stays_inside(parts, m.linkname):
+                        counts["skipped"] += 1  # the `data` filter's rule (PEP 706)
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(name, dir_fd=dfd)

@@ -341,3 +341,25 @@ def test_archives_from_a_room_are_extracted_defensively(client: Any, room_id: st
     back = tmp_path / "back"
     sb.copy_from("out", str(back))
     assert list(outside.iterdir()) == [] and (back / "out" / "evil.tar").exists()
+
+
+def test_copy_out_recreates_no_symlink_that_leaves_the_destination(client: Any, room_id: str,
+                                                                    tmp_path: Any) -> None:
+    """Issue 10, L5: ``cp ROOM:dir DEST`` recreated symlinks pointing anywhere on the host; a
+    later ``cat DEST/dir/passwd`` or an editor saving through it touched host files the room
+    chose. Links inside the copied tree stay; links that leave it are skipped (tar's ``data``
+    filter rule)."""
+    sb = client.sandbox(room_id)
+    r = sb.exec("mkdir -p /workspace/tree/sub && echo in > /workspace/tree/sub/f && cd "
+                "/workspace/tree && ln -s /etc/passwd abs && ln -s ../../../../../etc up && "
+                "ln -s sub/f ok && ln -s ../tree/sub/f ok2 && ln -s .. sub/parent && "
+                "ln -s ../../.. sub/out; true")
+    assert r.exit_code == 0, r
+    dest = tmp_path / "dest"
+    sb.copy_from("tree", str(dest))
+    tree = dest / "tree"
+    assert os.readlink(tree / "ok") == "sub/f" and (tree / "ok").read_text() == "in\n"
+    assert os.readlink(tree / "sub" / "parent") == ".."
+    assert (tree / "ok2").read_text() == "in\n"  # ../tree/sub/f: still inside DEST
+    for name in ("abs", "up", "sub/out"):
+        assert not os.path.lexists(tree / name), name
