@@ -62,7 +62,7 @@ print(json.dumps(out))
 
 def bare(tree: str, langs: list, n: int) -> dict:
     spec = [{"id": lang.id, "source": lang.source_file, "code": lang.example,
-             "env": dict(lang.env), "n": n,
+             "env": lang.env_for(f"/tmp/bare/{lang.id}"), "n": n,
              "compile": lang.compile_argv(f"/tmp/bare/{lang.id}"),
              "run": lang.run_argv(f"/tmp/bare/{lang.id}")} for lang in langs]
     with tempfile.TemporaryDirectory() as tmp:

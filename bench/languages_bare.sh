@@ -75,7 +75,7 @@ with open(work / "languages", "w") as index:
         d = work / lang.id
         d.mkdir()
         (d / lang.source_file).write_text(lang.example)
-        env = "env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in lang.env.items())
+        env = "env -i " + " ".join(shlex.quote(f"{k}={v}") for k, v in lang.env_for("/workspace").items())
         cd = "cd /workspace && "
         run = " ".join(shlex.quote(a) for a in lang.run_argv("/workspace"))
         (d / "run.sh").write_text(f"{cd}exec {env} {run}\n")

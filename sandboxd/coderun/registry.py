@@ -127,6 +127,10 @@ class Language:
         }
         return [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in argv]
 
+    def env_for(self, directory: str) -> dict[str, str]:
+        """The environment of a build or run in ``directory`` (values may use placeholders)."""
+        return dict(zip(self.env, self._fill(tuple(self.env.values()), directory), strict=True))
+
     def compile_argv(self, directory: str) -> list[str] | None:
         """The compile command for sources in ``directory``; None for interpreted languages."""
         return None if self.compile is None else self._fill(self.compile, directory)

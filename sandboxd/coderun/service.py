@@ -134,7 +134,7 @@ class CodeRunService:
         key = self._key(lang, sources, lang.compile_argv("."))
         name = f"{lang.id}-{key}"
         workdir = f"{CODE_DIR}/{name}"
-        env = dict(lang.env)
+        env = lang.env_for(workdir)
         room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id)
         lock = self._locks.setdefault((room.id, name), asyncio.Lock())
         compile_report: dict[str, Any] | None = None

@@ -204,3 +204,15 @@ def test_go_package_other_than_main_is_a_compile_error(lang_room: Any) -> None:
     res = lang_room.run_code("go", "package solution\n\nfunc F() int { return 1 }\n")
     assert res["status"] == "CE", res
     assert "main package" in res["compile"]["stderr"]
+
+
+def test_go_compiles_do_not_share_a_build_cache_room_code_can_touch(lang_room: Any) -> None:
+    """go-cacheprog reads GOCACHE before the tree's prebuilt std: a room-wide GOCACHE let room
+    code shadow or break what later compiles link. Each build has its own, sealed with it."""
+    r = lang_room.exec("for d in /tmp/.cache/go-build /tmp/go-build; do mkdir -p $d && "
+                       "for i in 0 1 2 3 4 5 6 7 8 9 a b c d e f; do mkdir -p $d/$i$i && "
+                       "echo junk > $d/$i$i/junk-a; done; chmod -R 000 $d; done; echo ok")
+    assert r.stdout == "ok\n"
+    res = lang_room.run_code("go", 'package main\n\nimport "fmt"\n\nfunc main() '
+                                   '{ fmt.Println("go unshaken") }\n')
+    assert (res["status"], res["stdout"]) == ("OK", "go unshaken\n"), res

@@ -133,8 +133,9 @@ def test_compilers_that_need_more_memory_get_it(registry: Registry) -> None:
 
 
 def test_go_uses_the_prebuilt_cache_and_never_the_network(registry: Registry) -> None:
-    env = registry.resolve("go").env
-    assert env["GOCACHE"].startswith("/tmp/")
+    # One GOCACHE per build, in its (sealed) directory: never one shared by a room's compiles.
+    env = registry.resolve("go").env_for("/tmp/.sandboxd/go-x")
+    assert env["GOCACHE"] == "/tmp/.sandboxd/go-x/.gocache"
     assert env["GOCACHEPROG"].split() == [
         "/usr/lib/sandboxd/bin/go-cacheprog", "/usr/lib/sandboxd/go-cache"]
     assert env["GOTOOLCHAIN"] == "local"
@@ -301,7 +302,7 @@ def test_example_runs_on_the_tree(registry: Registry, tmp_path: Path, lang_id: s
     lang = registry.resolve(lang_id)
     tmp_path.chmod(0o777)
     (tmp_path / lang.source_file).write_text(lang.example)
-    env = dict(lang.env)
+    env = lang.env_for("/workspace")
     comp = lang.compile_argv("/workspace")
     if comp is not None:
         res = _room(tmp_path, comp, env)
