@@ -445,10 +445,12 @@ async def exists(ctx: Context, p: PathParams) -> dict[str, Any]:
             "type": reply.get("type")}
 
 
-_rows = msgspec.msgpack.Decoder(list[tuple[str, str, str, int, float, str]])
+# (names are str, or bytes when not UTF-8: msgspec has no str | bytes union, hence Any)
+_Row = tuple[Any, Any, str, int, float, str]
+_rows = msgspec.msgpack.Decoder(list[_Row])
 
 
-def _read_listing(fd: int, path: str) -> list[tuple[str, str, str, int, float, str]]:
+def _read_listing(fd: int, path: str) -> list[_Row]:
     st = _regular(fd, path)
     if st.st_size > MAX_LISTING_BYTES:
         raise errors.InternalError(f"{path}: listing of {st.st_size} bytes is too large")
@@ -457,6 +459,24 @@ def _read_listing(fd: int, path: str) -> list[tuple[str, str, str, int, float, s
         return _rows.decode(data)
     except msgspec.DecodeError as err:
         raise errors.InternalError(f"{path}: malformed listing from the room init") from err
+
+
+def _entry(prefix: str, name: str | bytes, rel: str | bytes, kind: str, size: int,
+           mtime: float, mode: str) -> dict[str, Any]:
+    """One listing row. A name that is not UTF-8 (the init sends its bytes) is shown with
+    U+FFFD in ``name`` and exactly in ``nameBase64`` (likewise ``relativePathBase64``)."""
+    out: dict[str, Any] = {"name": _lossy(name), "absolutePath": prefix + _lossy(rel),
+                           "relativePath": _lossy(rel), "type": kind, "size": size,
+                           "modifiedAt": iso(mtime), "mode": mode}
+    if isinstance(name, bytes):
+        out["nameBase64"] = base64.b64encode(name).decode("ascii")
+    if isinstance(rel, bytes):
+        out["relativePathBase64"] = base64.b64encode(rel).decode("ascii")
+    return out
+
+
+def _lossy(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 @method("listFiles", ListFilesParams)
@@ -472,8 +492,7 @@ async def list_files(ctx: Context, p: ListFilesParams) -> dict[str, Any]:
         os.close(fd)
     base = str(reply.get("path", path))
     prefix = base.rstrip("/") + "/"
-    files = [{"name": name, "absolutePath": prefix + rel, "relativePath": rel, "type": kind,
-              "size": size, "modifiedAt": iso(mtime), "mode": mode}
+    files = [_entry(prefix, name, rel, kind, size, mtime, mode)
              for name, rel, kind, size, mtime, mode in rows]
     return {"success": True, "path": base, "count": len(files), "files": files,
             "truncated": bool(reply.get("truncated")), "timestamp": now()}

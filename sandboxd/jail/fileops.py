@@ -429,6 +429,16 @@ def mkdir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int
     return {"path": path}, []
 
 
+def _wire_name(name: str) -> str | bytes:
+    """A name as text when it is UTF-8, else its raw bytes: one file name that is not UTF-8 made
+    msgpack fail for its whole directory and every recursive listing above it (issue 10, L2)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name)
+
+
 def list_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
     """Rows ``[name, relativePath, type, size, mtime, mode]`` in a memfd (msgpack array)."""
     path = resolve(msg.get("path"))
@@ -454,8 +464,8 @@ def list_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[
             except OSError:
                 continue  # removed while we looked
             r = f"{rel}/{entry.name}" if rel else entry.name
-            rows.append([entry.name, r, _kind(st.st_mode), st.st_size, st.st_mtime,
-                         stat.filemode(st.st_mode)[1:]])
+            rows.append([_wire_name(entry.name), _wire_name(r), _kind(st.st_mode), st.st_size,
+                         st.st_mtime, stat.filemode(st.st_mode)[1:]])
             if recursive and stat.S_ISDIR(st.st_mode):
                 if depth >= LIST_MAX_DEPTH:
                     truncated = True

@@ -580,3 +580,24 @@ def test_example_code_execution_flow(daemon: Any, room_id: str) -> None:
     assert r.returncode == 1 and out["exitCode"] == 3 and not out["success"]
     with daemon.client() as c:
         assert [f.name for f in c.sandbox(room_id).list_files()] == []  # files deleted
+
+
+def test_list_files_with_names_that_are_not_utf8(client: Any, room_id: str) -> None:
+    """Issue 10, L2: one such name made listFiles fail for its directory and every recursive
+    listing above it. It is listed, lossily in ``name`` and exactly in ``nameBase64``."""
+    import base64
+
+    sb = client.sandbox(room_id)
+    r = sb.exec("mkdir -p /workspace/l2/sub && cd /workspace/l2 && touch ok.txt "
+                "\"$(printf 'bad\\377name')\" && mkdir \"$(printf 'd\\376')\" && "
+                "touch \"$(printf 'd\\376')/inner\"")
+    assert r.exit_code == 0, r
+    flat = call(client, "listFiles", room_id, path="/workspace/l2")
+    byname = {f["name"]: f for f in flat["files"]}
+    assert "ok.txt" in byname and "nameBase64" not in byname["ok.txt"]
+    bad = [f for f in flat["files"] if "nameBase64" in f]
+    assert sorted(base64.b64decode(f["nameBase64"]) for f in bad) == [b"bad\xffname", b"d\xfe"]
+    assert all("\ufffd" in f["name"] for f in bad)
+    deep = call(client, "listFiles", room_id, path="/workspace", recursive=True)
+    inner = [f for f in deep["files"] if f["name"] == "inner"]
+    assert inner and base64.b64decode(inner[0]["relativePathBase64"]) == b"l2/d\xfe/inner"
