@@ -73,6 +73,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     cgroup_backend: str = "auto"  # auto | v2 | v1 | disabled
     seccomp: bool = True  # False only by explicit choice: rooms then run without a filter
     cgroup_parent: str | None = None  # override the delegated cgroup path (per backend)
+    # A streamed readFile of a larger file is FILE_TOO_LARGE: a 100 GB sparse file costs a room
+    # nothing and a client's disk everything (issue 10, M3).
+    max_stream_read_bytes: int = 1024 * MiB
 
 
 def default_socket() -> str:

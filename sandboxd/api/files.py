@@ -330,6 +330,12 @@ async def read_file(ctx: Context, p: ReadFileParams) -> dict[str, Any]:
     try:
         st = _regular(fd, path)
         if p.stream:
+            cap = ctx.daemon.config.max_stream_read_bytes
+            if st.st_size > cap:
+                raise errors.FileTooLarge(
+                    f"{path}: {st.st_size} bytes is over the daemon's {cap}-byte limit for "
+                    f"streamed reads", path=path, size=st.st_size, limit=cap,
+                    allocatedBytes=st.st_blocks * 512)
             return await _stream(ctx, fd, st.st_size, path, reply, p.encoding)
         if st.st_size > MAX_READ_BYTES:
             raise errors.FileTooLarge(f"{path}: {st.st_size} bytes is over the "

@@ -363,3 +363,16 @@ def test_copy_out_recreates_no_symlink_that_leaves_the_destination(client: Any, 
     assert (tree / "ok2").read_text() == "in\n"  # ../tree/sub/f: still inside DEST
     for name in ("abs", "up", "sub/out"):
         assert not os.path.lexists(tree / name), name
+
+
+def test_sparse_file_cannot_flood_a_streamed_read(client: Any, room_id: str) -> None:
+    """Issue 10, M3: a 100 GB sparse file costs the room nothing; streaming it wrote 830 MB to
+    the host in 5 s. Streamed reads stop at the daemon's max_stream_read_bytes (1 GiB)."""
+    sb = client.sandbox(room_id)
+    assert sb.exec("truncate -s 100G /workspace/sparse && echo ok").stdout == "ok\n"
+    got: list[int] = []
+    with pytest.raises(errors.FileTooLarge) as err:
+        sb.read_file("/workspace/sparse", stream=lambda chunk: got.append(len(chunk)))
+    assert err.value.context["limit"] == 1 << 30
+    assert err.value.context["allocatedBytes"] < 1 << 20  # it really is (nearly) all holes
+    assert sum(got) == 0
