@@ -483,17 +483,27 @@ class RoomManager:
             except Exception:
                 log.exception("room %s: settling runs failed", room.key)
             if room.cgroup is not None:
-                try:
-                    await _blocking(room.cgroup.destroy)
-                except Exception:
-                    log.exception("room %s: removing its cgroup failed", room.key)
+                for attempt in (1, 2):
+                    try:
+                        await _blocking(room.cgroup.destroy)
+                        break
+                    except Exception as err:  # noqa: BLE001 - logged; a teardown goes on
+                        # Once more after a pause: out of fds (EMFILE), other rooms' teardowns
+                        # are closing theirs right now.
+                        if attempt == 2:
+                            log.error("room %s: removing its cgroup failed: %s", room.key, err)
+                        await asyncio.sleep(0.2)
         finally:
             # Always, whatever failed above: a room must never stay "stopping".
-            try:
-                await _blocking(_remove_dir, room.dir)
-            except Exception:  # noqa: BLE001 - the inline retry below is the handling
-                with contextlib.suppress(Exception):
-                    _remove_dir(room.dir)
+            for attempt in (1, 2):
+                try:
+                    await _blocking(_remove_dir, room.dir)
+                except Exception:  # noqa: BLE001 - retried inline below
+                    with contextlib.suppress(Exception):
+                        _remove_dir(room.dir)
+                if not os.path.lexists(room.dir) or attempt == 2:
+                    break
+                await asyncio.sleep(0.2)
             try:
                 # Only once the init is dead (or given up on: then the slice is quarantined at
                 # the next start) may another room get these host ids.
@@ -514,6 +524,15 @@ class RoomManager:
                     await asyncio.shield(room.creating)
         await asyncio.gather(*(self._teardown(r) for r in list(self.rooms.values())),
                              return_exceptions=True)
+        # What a teardown could not remove (out of fds while every room went at once) is swept
+        # now that their fds are closed: the same code as a restart after a crash.
+        try:
+            left = await _blocking(self.reconcile)
+        except Exception as err:  # noqa: BLE001 - a sweep that fails is logged, not fatal
+            log.error("final sweep of room leftovers failed: %s", err)
+        else:
+            if left:
+                log.warning("removed leftovers at shutdown: %s", ", ".join(left))
 
     def kill_all(self) -> None:
         """Last resort (a second signal, a shutdown past its deadline): SIGKILL every init."""
