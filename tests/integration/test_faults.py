@@ -174,7 +174,7 @@ def test_destroy_racing_creation_leaks_nothing_and_answers_typed(faulty: DaemonP
 
     got = asyncio.run(go())
     counts = {k: got.count(k) for k in set(got)}
-    print("race outcomes:", counts)
+    print("race outcomes:", counts, f"daemon fds {fds0} -> {_fds(d)}")
     # A create cut short by destroy says so; never INTERNAL_ERROR.
     assert set(counts) <= {"ok", "SANDBOX_UNAVAILABLE:destroyed"}, counts
     assert _fds(d) <= fds0, (fds0, _fds(d))
