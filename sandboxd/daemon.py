@@ -6,8 +6,13 @@ what a crashed instance left -> the seccomp filter -> listen (or take the socket
 -> READY=1.
 
 Shutdown on SIGTERM/SIGINT, in a fixed order: STOPPING=1 -> stop accepting -> destroy every room
--> close connections -> remove the socket -> stop the zygote -> exit 0 (within 5 s). A second
-signal forces: every room init is SIGKILLed (their pid namespaces die with them) and we exit 1.
+-> close connections -> remove the socket -> stop the zygote -> exit 0 (within 5 s). Teardowns
+that have not finished after SHUTDOWN_DEADLINE_S are cut short: every room init left is SIGKILLed
+and we exit 1. A second signal forces the same at once.
+
+The zygote dying (killed, a bug) takes the room inits it forked with it (their PDEATHSIG): their
+rooms answer SANDBOX_UNAVAILABLE (reason "killed"), and a new zygote is started for new rooms. A
+zygote that keeps dying stops the daemon with exit code 1, so Restart=on-failure applies.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ log = logging.getLogger("sandboxd")
 
 NAMESPACES = ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
 
+#: Past this, a shutdown stops waiting for room teardowns: it SIGKILLs every room init left and
+#: exits 1 (the unit's TimeoutStopSec= is 30 s; a stop must never hang).
+SHUTDOWN_DEADLINE_S = 10.0
+#: More zygote deaths than this within a minute: something is wrong with the host, not a fluke.
+ZYGOTE_RESTARTS_PER_MIN = 3
+
 
 class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
@@ -52,6 +63,9 @@ class Daemon:
         self.ids: idmaps.IdPlan = idmaps.IdPlan("single", os.getuid(), os.getgid(),
                                                 reason="not decided yet")
         self._stop = asyncio.Event()
+        self._exit_code = 0
+        self._zygote_deaths: list[float] = []
+        self._zygote_restart: asyncio.Future[None] | None = None
         self._signals = 0
         self._lock_fd = -1
         self.started = time.time()
@@ -170,12 +184,30 @@ class Daemon:
         self.server.stop_accepting()
         reaper.cancel()
         watchdog.cancel()
-        await self.rooms.shutdown()
-        self.backend.release()
-        await self.server.close()
-        await self.zygote.stop()
+        code = self._exit_code
+        try:
+            await asyncio.wait_for(self.rooms.shutdown(), SHUTDOWN_DEADLINE_S)
+        except TimeoutError:
+            # A teardown that cannot finish must not keep the service from stopping: kill what
+            # is left (the rooms' pid namespaces die with their inits) and say so.
+            log.error("rooms not destroyed within %.0f s: killing %d room(s) and exiting",
+                      SHUTDOWN_DEADLINE_S, len(self.rooms.rooms))
+            self.rooms.kill_all()
+            code = 1
+        except Exception:
+            log.exception("shutdown of the rooms failed")
+            self.rooms.kill_all()
+            code = 1
+        for step in (self.backend.release, self.server.close, self.zygote.stop):
+            try:
+                res = step()
+                if asyncio.iscoroutine(res):
+                    await asyncio.wait_for(res, 5)
+            except Exception:
+                log.exception("shutdown step %s failed", getattr(step, "__qualname__", step))
+                code = 1
         log.info("shutdown complete in %.0f ms", (time.monotonic() - t) * 1000)
-        return 0
+        return code
 
     def _on_signal(self) -> None:
         self._signals += 1
@@ -184,14 +216,35 @@ class Daemon:
             return
         log.error("second signal: forcing exit")
         if self.rooms is not None:
-            for room in list(self.rooms.rooms.values()):
-                if room.handle is not None:
-                    room.handle.kill()
+            self.rooms.kill_all()
         os._exit(1)
 
     def _zygote_died(self) -> None:
-        if not self._stop.is_set():
-            log.critical("the zygote died: no new rooms can be made; stopping")
+        """The zygote is gone (and the room inits it forked died with it: their PDEATHSIG).
+        Start a new one so new rooms can be made; if it keeps dying, stop with a non-zero code
+        so that the service manager (Restart=on-failure) takes over."""
+        if self._stop.is_set():
+            return
+        now = time.monotonic()
+        self._zygote_deaths = [t for t in self._zygote_deaths if now - t < 60] + [now]
+        if len(self._zygote_deaths) > ZYGOTE_RESTARTS_PER_MIN:
+            log.critical("the zygote died %d times within a minute: stopping",
+                         len(self._zygote_deaths))
+            self._exit_code = 1
+            self._stop.set()
+            return
+        log.error("the zygote died: its rooms are lost; starting a new one")
+        self._zygote_restart = asyncio.ensure_future(self._restart_zygote())
+
+    async def _restart_zygote(self) -> None:
+        try:
+            await self.zygote.reap()
+            await self.zygote.start()
+            self.zygote.on_death = self._zygote_died
+            log.warning("zygote restarted (generation %d)", self.zygote.generation)
+        except Exception as err:  # noqa: BLE001 - any failure to restart means: stop
+            log.critical("cannot restart the zygote (%s): stopping", err)
+            self._exit_code = 1
             self._stop.set()
 
 

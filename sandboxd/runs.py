@@ -203,6 +203,9 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
     exit_fut: asyncio.Future[dict[str, Any]] | None = None
     killed_by_us: str | None = None
     kill_event = asyncio.Event()
+    # Helper tasks, cancelled on every way out (a client gone cancels us mid-run): left pending
+    # they would be garbage-collected with "Task was destroyed but it is pending!".
+    helpers: list[asyncio.Future[Any]] = []
 
     def kill(reason: str) -> None:
         nonlocal killed_by_us
@@ -242,9 +245,11 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         err = _Stream("stderr", err_r, spec.output_bytes, spec.on_output, lambda: kill("output"))
         pumps = [asyncio.ensure_future(out.pump()), asyncio.ensure_future(err.pump())]
         feeder = asyncio.ensure_future(_feed(in_w, spec.stdin))
+        helpers += [*pumps, feeder]
 
         deadline = started + spec.wall_time_ms / 1000 if spec.wall_time_ms else None
         killer = asyncio.ensure_future(kill_event.wait())
+        helpers.append(killer)
         exit_msg: dict[str, Any] | None = None
         while exit_msg is None:
             timeout = CPU_POLL_S if spec.cpu_time_ms else None
@@ -288,6 +293,8 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
                        Output(bytes(err.buf), err.truncated), wall_ms, stats,
                        file_size_limited=spec.file_size_bytes is not None)
     finally:
+        for h in helpers:
+            h.cancel()
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -69,8 +69,7 @@ async def run_in_room(ctx: Context, room_id: str, argv: list[str], *,
     try:
         return await runs.run(room, spec)
     except JailError as err:
-        raise errors.SandboxUnavailable(f"sandbox {room.id} failed during the run: {err}",
-                                        sandboxId=room.id) from err
+        raise await daemon.rooms.lost(room, err) from err
     finally:
         room.active_runs -= 1
         room.touch()

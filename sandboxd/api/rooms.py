@@ -29,15 +29,24 @@ async def ping(ctx: Context, p: protocol.PingParams) -> dict[str, Any]:
 
 @method("getSandbox", protocol.GetSandboxParams)
 async def get_sandbox(ctx: Context, p: protocol.GetSandboxParams) -> dict[str, Any]:
-    room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id, p.options)
+    # Explicit: this is how a caller acknowledges that a room of theirs died and gets a new one.
+    room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id, p.options, explicit=True)
     return {"sandboxId": room.id, "status": room.status, "createdAt": iso(room.created_at),
-            "options": room.options_wire()}
+            "options": room.options_wire(), "incarnation": room.incarnation}
 
 
 @method("listSandboxes", protocol.ListSandboxesParams)
 async def list_sandboxes(ctx: Context, p: protocol.ListSandboxesParams) -> dict[str, Any]:
-    return {"sandboxes": [r.describe() for r in ctx.daemon.rooms.visible_rooms(ctx.uid)
-                          if r.status == "ready"]}
+    rooms = ctx.daemon.rooms
+    admin = rooms.is_admin(ctx.uid)
+    out = [r.describe(with_owner=admin) for r in rooms.visible_rooms(ctx.uid)
+           if r.status == "ready"]
+    # The caller's rooms that died and were not yet destroyed or re-made: listed, so that a
+    # listing tells what the next call on them will answer.
+    out += [{"sandboxId": rid, "status": "dead", "reason": t.reason,
+             "incarnation": t.incarnation, "diedAt": iso(t.died_at)}
+            for (owner, rid), t in rooms.dead.items() if owner == ctx.uid]
+    return {"sandboxes": out}
 
 
 @method("destroy", protocol.DestroyParams)

@@ -12,12 +12,14 @@ network, hostname, serve). ``jail`` knows nothing of JSON-RPC.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,14 +33,24 @@ class JailError(OSError):
     """The sandbox machinery failed (never the payload)."""
 
 
+#: Wait statuses of room inits the zygote reported and nobody asked for yet (bounded).
+EXIT_STATUSES_KEPT = 1024
+
+
 class Zygote:
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.chan: channel.AsyncChannel | None = None
         self._lock = asyncio.Lock()
         self.on_death: Callable[[], None] | None = None
+        #: Bumped at every (re)start: a room made by an earlier zygote lost its init with it.
+        self.generation = 0
+        self._exits: OrderedDict[int, int] = OrderedDict()
+        self._exit_waiters: dict[int, asyncio.Future[int]] = {}
+        self._up = asyncio.Event()
 
     async def start(self) -> None:
+        self.generation += 1
         mine, theirs = channel.pair()
         # The zygote is exec'd fresh (never a fork of this multi-threaded-capable event loop
         # process) and inherits exactly one fd: its end of the channel.
@@ -52,20 +64,86 @@ class Zygote:
         reply, _ = await self.chan.request({"op": "ping"}, timeout=30)
         if reply.get("op") != "pong":
             raise JailError("zygote did not answer its first ping")
+        self._up.set()
 
     def _event(self, msg: dict[str, Any], fds: list[int]) -> None:
+        # Also the replies to spawns whose caller went away: their fds are closed here.
         for fd in fds:
             os.close(fd)
+        if msg.get("op") == "exited" and isinstance(msg.get("pid"), int):
+            pid, status = int(msg["pid"]), int(msg.get("status", 0))
+            waiter = self._exit_waiters.pop(pid, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(status)
+                return
+            self._exits[pid] = status
+            while len(self._exits) > EXIT_STATUSES_KEPT:
+                self._exits.popitem(last=False)
+
+    async def exit_status(self, pid: int, timeout: float) -> int | None:
+        """The wait status of room init ``pid`` as the zygote reaped it; None if it does not
+        say within ``timeout`` (the zygote itself died, or is busy)."""
+        if pid in self._exits:
+            return self._exits.pop(pid)
+        if self.chan is None or self.chan.closed:
+            return None
+        fut = self._exit_waiters.get(pid)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._exit_waiters[pid] = fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            if self._exit_waiters.get(pid) is fut and not fut.done():
+                del self._exit_waiters[pid]
+
+    def forget(self, pid: int) -> None:
+        self._exits.pop(pid, None)
+        fut = self._exit_waiters.pop(pid, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    @property
+    def alive(self) -> bool:
+        return self.chan is not None and not self.chan.closed
 
     def _closed(self) -> None:
         log.error("zygote channel closed")
+        self._up.clear()
+        for fut in self._exit_waiters.values():
+            if not fut.done():
+                fut.cancel()
+        self._exit_waiters.clear()
         if self.on_death:
             self.on_death()
 
+    async def reap(self) -> int | None:
+        """Kill and reap the zygote process (no executor thread: this runs when resources may
+        be short); its exit code, or None if it would not go within 5 s."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        for _ in range(500):
+            code = proc.poll()
+            if code is not None:
+                return code
+            await asyncio.sleep(0.01)
+        return None
+
     async def spawn(self, spec: dict[str, Any], timeout: float) -> tuple[int, socket.socket, int]:
-        if self.chan is None or self.chan.closed:
-            raise JailError("zygote is not running")
+        if not self.alive:
+            try:  # it may be restarting (daemon._zygote_died)
+                await asyncio.wait_for(self._up.wait(), timeout)
+            except TimeoutError:
+                raise JailError("zygote is not running") from None
         async with self._lock:
+            if self.chan is None:
+                raise JailError("zygote is not running")
             reply, fds = await self.chan.request({"op": "spawn", "spec": spec}, timeout=timeout)
         if "error" in reply or len(fds) != 2:
             for fd in fds:
@@ -76,9 +154,7 @@ class Zygote:
     async def stop(self) -> None:
         if self.chan:
             self.chan.close(notify=False)  # an orderly stop is not the zygote dying
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
+        await self.reap()
 
 
 class RoomHandle:

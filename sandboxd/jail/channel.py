@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
@@ -134,6 +135,14 @@ class AsyncChannel:
             raise ChannelClosed(f"send to room init failed: {err}") from err
         try:
             return await asyncio.wait_for(fut, timeout)
+        except asyncio.CancelledError:
+            # Cancelled just as the reply came in (a destroy, a client gone): nobody will take
+            # the fds it carried (a pidfd, a file) — close them rather than leak them.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                for fd in fut.result()[1]:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            raise
         finally:
             self._pending.pop(rid, None)
 

@@ -143,6 +143,11 @@ class IdPlan:
             try:
                 with open(f"{proc_root}/{name}/status") as f:
                     for line in f:
+                        # A zombie can no longer be signalled to any effect, ptraced or read:
+                        # only a live process makes its slice dangerous to hand out (a quick
+                        # restart found dead rooms' zombies not yet reaped, issue 23 D7).
+                        if line.startswith("State:") and line.split()[1:2] in (["Z"], ["X"]):
+                            break
                         if line.startswith("Uid:"):
                             uids = [int(x) for x in line.split()[1:]]
                             busy |= {(u - lo) // self.slice_size for u in uids if lo <= u < hi}

@@ -165,17 +165,30 @@ def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket
             pass
     os.write(reparented_w, b"g")
     os.close(reparented_w)
+    _INITS.add(init_pid)
     return init_pid, ctl_daemon, pidfd
 
 
-def _reap() -> None:
+#: Host pids of the room inits we made: their wait statuses are reported to the daemon, which
+#: cannot wait for them itself (it only holds pidfds) and must tell a room's owner why it died.
+_INITS: set[int] = set()
+
+
+def _reap(sock: socket.socket | None = None) -> None:
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        if pid in _INITS:
+            _INITS.discard(pid)
+            if sock is not None:
+                try:
+                    channel.send(sock, {"op": "exited", "pid": pid, "status": status})
+                except OSError:
+                    pass
 
 
 def serve(sock: socket.socket) -> None:
@@ -193,7 +206,7 @@ def serve(sock: socket.socket) -> None:
                     pass
             except BlockingIOError:
                 pass
-            _reap()
+            _reap(sock)
         if sock.fileno() in ready:
             try:
                 msg, fds = channel.recv(sock)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from sandboxd import errors
+from sandboxd.rooms import room_key
 
 pytestmark = pytest.mark.integration
 
@@ -56,20 +57,42 @@ def test_destroy_leaves_nothing_on_the_host(client: Any, daemon: Any, room_id: s
     assert after == []
 
 
-def test_init_death_is_noticed_and_the_room_recreated(client: Any, daemon: Any,
-                                                      room_id: str) -> None:
+def test_init_death_is_reported_until_the_room_is_asked_for_again(client: Any, daemon: Any,
+                                                                  room_id: str) -> None:
+    """Issue 23 D5: a room whose init died is never silently replaced by an empty one."""
     sb = client.sandbox(room_id)
-    sb.exec("true")
-    rooms = os.path.join(daemon.state_dir, "rooms", room_id, "room.json")
+    sb.exec("echo kept > /workspace/m")
+    rooms = os.path.join(daemon.state_dir, "rooms", room_key(0, room_id), "room.json")
     with open(rooms) as f:
         pid = json.load(f)["initPid"]
+    assert client.call("getSandbox", {"sandboxId": room_id})["incarnation"] == 1
     os.kill(pid, signal.SIGKILL)
-    for _ in range(100):
-        if room_id not in {s.sandbox_id for s in client.list_sandboxes()}:
-            break
-        time.sleep(0.05)
-    assert room_id not in {s.sandbox_id for s in client.list_sandboxes()}
-    assert sb.exec("echo back").stdout == "back\n"  # lazily made again
+    with pytest.raises(errors.SandboxUnavailable) as info:
+        sb.exec("cat /workspace/m")
+    assert info.value.context["reason"] == "killed", info.value.context
+    # Still so for every method, until the caller acknowledges it.
+    with pytest.raises(errors.SandboxUnavailable):
+        client.call("readFile", {"sandboxId": room_id, "path": "/workspace/m"})
+    listed = {s.sandbox_id: s.status for s in client.list_sandboxes()}
+    assert listed.get(room_id) == "dead"
+    got = client.call("getSandbox", {"sandboxId": room_id})
+    assert got["incarnation"] == 2 and got["status"] == "ready"
+    assert sb.exec("echo back").stdout == "back\n"
+    sb.destroy()
+    # destroy clears the tombstone: the next room of that id is a first incarnation again
+    assert client.call("getSandbox", {"sandboxId": room_id})["incarnation"] == 1
+    sb.destroy()
+
+
+def test_destroy_acknowledges_a_dead_room(client: Any, daemon: Any, room_id: str) -> None:
+    sb = client.sandbox(room_id)
+    sb.exec("true")
+    with open(os.path.join(daemon.state_dir, "rooms", room_key(0, room_id), "room.json")) as f:
+        os.kill(json.load(f)["initPid"], signal.SIGKILL)
+    with pytest.raises(errors.SandboxUnavailable):
+        sb.exec("true")
+    assert client.call("destroy", {"sandboxId": room_id})["destroyed"] is True
+    assert sb.exec("echo new").stdout == "new\n"
     sb.destroy()
 
 
@@ -125,7 +148,7 @@ def test_room_processes_die_with_the_daemon(fresh_daemon: Any) -> None:
     d.start()
     with d.client() as c:
         c.sandbox("orphan").exec("true")
-    with open(os.path.join(d.state_dir, "rooms", "orphan", "room.json")) as f:
+    with open(os.path.join(d.state_dir, "rooms", room_key(0, "orphan"), "room.json")) as f:
         pid = json.load(f)["initPid"]
     d.stop(signal.SIGKILL)
     for _ in range(100):

@@ -26,6 +26,7 @@ from conftest import CGROUP_V1, SANDBOXCTL, SANDBOXD, DaemonProc, as_user, make_
 
 from sandboxd import errors
 from sandboxd.client import Client
+from sandboxd.rooms import room_key
 
 pytestmark = pytest.mark.integration
 
@@ -89,7 +90,7 @@ def run_cgroups(daemon: DaemonProc) -> list[str]:
 
 
 def room_cgroup(daemon: DaemonProc, ctl: str, room: str) -> Path:
-    return _v1_base(daemon, ctl) / f"room-{room}"
+    return _v1_base(daemon, ctl) / f"room-{room_key(0, room)}"
 
 
 def init_pid(daemon: DaemonProc, room: str) -> int:
@@ -260,7 +261,7 @@ def test_disk_filler_gets_enospc_and_the_host_is_untouched(client: Any, daemon: 
                 " echo $i", limits={"wallTimeMs": 20_000})
     assert r.status == "OK" and 900 < int(r.stdout) < 1024, r.raw  # the inode limit: 1024
     # The tmpfs lives in the room's mount namespace: the host's state dir saw none of it.
-    room_dir = Path(daemon.state_dir, "rooms", room_id)
+    room_dir = Path(daemon.state_dir, "rooms", room_key(0, room_id))
     assert sum(f.stat().st_size for f in room_dir.rglob("*") if f.is_file()) < 64 * 1024
     with open("/proc/self/mountinfo") as f:
         assert not [line for line in f if daemon.state_dir in line]

@@ -3,8 +3,8 @@ other's rooms (issue 7: clients are identified only by SO_PEERCRED).
 
 The daemon runs as its own user (``sbxsec``) with its socket in group ``sbxclients``; the two
 tenants are ``sbxtest`` and ``sbxother``, both in that group and neither the daemon's uid nor
-root (those see every room by design). Each tenant's calls run in a process of its own under its
-uid, so the only thing telling them apart is the kernel's SO_PEERCRED.
+root (those list every room, but address only their own by id). Each tenant's calls run in a
+process of its own under its uid, so the only thing telling them apart is the kernel's SO_PEERCRED.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import grp
 import json
 import os
 import pwd
+import re
 import secrets
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProc, _ensure_user, _setup_user, as_user, make_daemon
+
+from sandboxd.rooms import room_key
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +86,8 @@ def test_tenants_cannot_touch_each_others_rooms(tenants: Any) -> None:
                                 "command": f"echo {token} > /workspace/secret; echo made"})
     assert r["stdout"] == "made\n"
 
-    # Bob: not listed, no exec, no ping, no file read, no destroy — and no hint it exists.
+    # Bob: alice's room is not listed, and every call of his by that id reaches a room of his
+    # own (fresh and empty), never alice's, and gives no hint that hers exists.
     assert room not in json.dumps(call(bob, d, "listSandboxes", {}))
     attempts = {
         "exec": call(bob, d, "exec", {"sandboxId": room, "command": "cat /workspace/secret"}),
@@ -96,30 +100,57 @@ def test_tenants_cannot_touch_each_others_rooms(tenants: Any) -> None:
     }
     for name, got in attempts.items():
         assert token not in json.dumps(got), name
-        if name == "destroy":
-            # destroy is idempotent on the wire: "nothing of yours by that name" either way.
-            assert got == {"sandboxId": room, "destroyed": False}, got
-        else:
-            assert got == {"error": "SANDBOX_NOT_FOUND"}, (name, got)
+    assert attempts["exec"]["exitCode"] == 1
+    assert attempts["readFile"] == {"error": "FILE_NOT_FOUND"}
+    assert attempts["getSandbox"]["incarnation"] == 1
+    assert attempts["destroy"] == {"sandboxId": room, "destroyed": True}  # his own room
 
     # Alice's room is intact and hers; her secret unchanged.
     r = call(alice, d, "exec", {"sandboxId": room, "command": "cat /workspace/secret"})
     assert r["stdout"] == f"{token}\n"
     assert room in json.dumps(call(alice, d, "listSandboxes", {}))
-    # The daemon's own uid and root see every room (by design, documented).
+    # The daemon's own uid and root list every room, with its owner (documented in README)...
     with d.client() as c:
-        assert room in [s.sandbox_id for s in c.list_sandboxes()]
+        listed = [s.raw for s in c.list_sandboxes() if s.sandbox_id == room]
+        assert listed and listed[0]["owner"] == alice.pw_uid
+        # ... but an id names their own room: root cannot be tricked into alice's by id.
+        assert c.sandbox(room).exec("cat /workspace/secret 2>&1 || true").stdout != f"{token}\n"
+        c.sandbox(room).destroy()
     assert call(alice, d, "destroy", {"sandboxId": room}) == {"sandboxId": room, "destroyed": True}
 
 
-def test_same_room_id_for_two_tenants_is_not_shared(tenants: Any) -> None:
-    """A room id is global: the second tenant asking for a taken id is refused, never let in."""
+def test_same_room_id_for_two_tenants_is_two_rooms(tenants: Any) -> None:
+    """Room ids are per tenant (issue 10 M1): bob's "r" is his own room, not alice's and not a
+    refusal that would tell him alice has one (an existence oracle, and squatting)."""
     d, alice, bob = tenants
     room = f"shared-{secrets.token_hex(3)}"
-    assert call(alice, d, "exec", {"sandboxId": room, "command": "true"})["exitCode"] == 0
-    got = call(bob, d, "exec", {"sandboxId": room, "command": "id"})
-    assert got == {"error": "SANDBOX_NOT_FOUND"}
+    assert call(alice, d, "exec", {"sandboxId": room,
+                                   "command": "echo alice > /workspace/who"})["exitCode"] == 0
+    # Before bob has one, his answers are what any unused id gives.
+    assert call(bob, d, "destroy", {"sandboxId": room}) == {"sandboxId": room, "destroyed": False}
+    got = call(bob, d, "exec", {"sandboxId": room,
+                                "command": "cat /workspace/who 2>&1; echo bob > /workspace/who"})
+    assert "alice" not in got["stdout"] and got["exitCode"] == 0, got
+    assert call(alice, d, "readFile", {"sandboxId": room, "path": "/workspace/who"}
+                )["content"] == "alice\n"
+    assert call(bob, d, "readFile", {"sandboxId": room, "path": "/workspace/who"}
+                )["content"] == "bob\n"
+    # Different host names for the two rooms (state dirs), each naming its owner.
+    names = sorted(os.listdir(os.path.join(d.state_dir, "rooms")))
+    assert room_key(alice.pw_uid, room) in names and room_key(bob.pw_uid, room) in names
+    assert call(bob, d, "destroy", {"sandboxId": room})["destroyed"] is True
+    assert call(alice, d, "exec", {"sandboxId": room, "command": "cat /workspace/who"}
+                )["stdout"] == "alice\n"
     call(alice, d, "destroy", {"sandboxId": room})
+
+
+def test_room_keys_are_valid_bounded_and_distinct() -> None:
+    longest = "a" * 63
+    keys = {room_key(uid, rid) for uid in (0, 1000, 4294967294)
+            for rid in ("r", "r-1", longest, longest[:-1] + "b", "a" * 62)}
+    assert len(keys) == 15
+    for k in keys:
+        assert len(k) <= 63 and re.fullmatch(r"[A-Za-z0-9_-]{1,63}", k), k
 
 
 def test_unrelated_user_cannot_connect(tenants: Any) -> None:

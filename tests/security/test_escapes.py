@@ -31,6 +31,7 @@ import sec_helpers as h
 from sec_helpers import as_host_uid, client_of, daemon_pid, proc_uids, slice_range, wait_for_pids
 
 from sandboxd import errors
+from sandboxd.rooms import room_key
 
 # The suite's shared fixtures, bound by name (sec_helpers says why this is not a conftest.py).
 sec_user = h.sec_user
@@ -118,7 +119,7 @@ def room_host_uid(sb: Any, user: str | None = None) -> int:
 
 
 def init_host_pid(daemon: Any, room: str) -> int:
-    meta = json.loads(Path(daemon.state_dir, "rooms", room, "room.json").read_text())
+    meta = json.loads(Path(daemon.state_dir, "rooms", room_key(0, room), "room.json").read_text())
     return int(meta["initPid"])
 
 
@@ -637,7 +638,7 @@ def test_destroy_leaves_nothing_on_the_host(sec_daemon: Any, sec_client: Any,
         time.sleep(0.05)
     assert not left, left
     assert not Path(f"/proc/{ipid}").exists()
-    assert not Path(sec_daemon.state_dir, "rooms", sb.id).exists()
+    assert not Path(sec_daemon.state_dir, "rooms", room_key(0, sb.id)).exists()
     cg = [os.path.join(r, n) for r, ds, _ in os.walk("/sys/fs/cgroup/pids/sandboxd/sbxsec")
           for n in ds if sb.id in n]
     assert cg == []

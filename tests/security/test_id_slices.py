@@ -112,3 +112,19 @@ def test_two_daemons_of_one_user_never_share_a_slice(tmp_path: Path,
     one.release(a)
     assert two.acquire().slice == 0
     assert one.describe()["lockedAcrossDaemons"] is True
+
+
+def test_zombies_do_not_quarantine_their_slice(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23 D7: a quick restart found dead rooms' zombies (not yet reaped) and quarantined
+    their slices (253 free of 256). A zombie can be neither signalled nor ptraced to effect."""
+    monkeypatch.setattr(user, "_helper_ok", lambda name: True)
+    u, g = _files(tmp_path, "alice:100000:65536\n")
+    plan = user.plan("alice", 1001, 1001, subuid=u, subgid=g, lock_dir=None)
+    proc = tmp_path / "proc"
+    for pid, state, k in ((10, "Z (zombie)", 0), (11, "S (sleeping)", 2), (12, "X (dead)", 5)):
+        uid = 100000 + k * 4096
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "status").write_text(
+            f"Name:\tx\nState:\t{state}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    assert plan.quarantine_busy(str(proc)) == [2]

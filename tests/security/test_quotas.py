@@ -95,6 +95,33 @@ out = got
     assert out == ["ok", "ok", "QUOTA_EXCEEDED"]
 
 
+def test_rooms_per_uid_hold_for_one_batch(qdaemon: Any, client_users: Any) -> None:
+    """Issue 10 H2: one batch of getSandbox calls made a room for nearly every entry (242 of 250
+    with a quota of 64): each call passed the quota check before any room counted."""
+    _, other = client_users
+    out = run_as_client(other, qdaemon.socket, """
+import socket as so
+s = so.socket(so.AF_UNIX)
+s.connect(c.path if hasattr(c, 'path') else SOCK)
+batch = [{'jsonrpc': '2.0', 'id': i, 'method': 'getSandbox',
+          'params': {'sandboxId': f'qb-{i}'}} for i in range(40)]
+s.sendall(json.dumps(batch).encode() + b'\\n')
+buf = b''
+while not buf.endswith(b'\\n'):
+    buf += s.recv(1 << 20)
+replies = json.loads(buf)
+ok = [r['id'] for r in replies if 'result' in r]
+codes = sorted({r['error']['data']['code'] for r in replies if 'error' in r})
+listed = [x['sandboxId'] for x in c.call('listSandboxes', {})['sandboxes']]
+for i in range(40):
+    c.call('destroy', {'sandboxId': f'qb-{i}'})
+out = {'ok': len(ok), 'codes': codes, 'listed': len(listed)}
+""".replace("SOCK", repr(qdaemon.socket)), timeout=120)
+    assert out == {"ok": 2, "codes": ["QUOTA_EXCEEDED"], "listed": 2}, out
+    with client_of(qdaemon) as c:
+        assert c.ping().get("capabilities", {}).get("idSlices", {}).get("slicesFree") != 0
+
+
 def test_runs_per_room(qdaemon: Any) -> None:
     async def go() -> list[Any]:
         async with AsyncClient(qdaemon.socket) as ac:
