@@ -32,7 +32,14 @@ import msgspec
 import psutil
 
 from . import errors
-from .config import DaemonConfig, RoomLimits, RoomOptions, check_sandbox_id
+from .config import (
+    DaemonConfig,
+    RoomLimits,
+    RoomLimitsMax,
+    RoomOptions,
+    check_room_limits,
+    check_sandbox_id,
+)
 from .jail import JailError, RoomHandle, Zygote
 from .jail import cgroup as cgroups
 from .jail import user as idmaps
@@ -48,9 +55,10 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def resolve_options(raw: dict[str, Any] | None,
-                    defaults: RoomLimits) -> tuple[RoomOptions, set[str]]:
-    """Merge client options over the daemon's defaults; return them and the limits asked for."""
+def resolve_options(raw: dict[str, Any] | None, defaults: RoomLimits,
+                    ceilings: RoomLimitsMax | None = None) -> tuple[RoomOptions, set[str]]:
+    """Merge client options over the daemon's defaults; return them and the limits asked for.
+    Every room's limits pass here: the admin's ceilings are checked here and nowhere else."""
     raw = dict(raw or {})
     given = raw.get("limits") or {}
     if not isinstance(given, dict):
@@ -60,6 +68,8 @@ def resolve_options(raw: dict[str, Any] | None,
         opts = msgspec.convert({**raw, "limits": merged}, RoomOptions)
     except msgspec.ValidationError as err:
         raise errors.InvalidParams(f"invalid options: {err}") from err
+    if ceilings is not None:
+        check_room_limits(opts.limits, ceilings)
     return opts, set(given)
 
 
@@ -167,7 +177,8 @@ class RoomManager:
         old = self.rooms.get(room_id)
         if old is not None:  # its init died: clear it before reusing the id
             await self._teardown(old)
-        options, asked = resolve_options(raw_options, self.config.room_defaults)
+        options, asked = resolve_options(raw_options, self.config.room_defaults,
+                                         self.config.room_limits_max)
         enforceable = self.backend.enforceable()
         for name in sorted(asked):
             ctl = LIMIT_CONTROLLER.get(name)

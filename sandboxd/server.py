@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -32,7 +33,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import errors, protocol
+from . import config, errors, protocol
 from .api import METHODS, Context
 
 if TYPE_CHECKING:
@@ -41,6 +42,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("sandboxd.server")
 
 READ_CHUNK = 256 * 1024
+#: Methods whose reply holds a whole file (H6: 12 pipelined readFiles of 32 MiB on a connection
+#: that never reads took 1.47 GB): one line using them at a time per connection, held until its
+#: reply is written, so what waits is the request, not its reply.
+HEAVY_METHODS = frozenset({"readFile"})
+#: Host-side errnos that mean "the host ran out", not "the sandbox broke" (issue 23 D12).
+_EXHAUSTED = {errno.ENOSPC: "no space left on the host", errno.EDQUOT: "host disk quota reached",
+              errno.EMFILE: "the daemon ran out of file descriptors",
+              errno.ENFILE: "the host ran out of file descriptors",
+              errno.ENOMEM: "the host ran out of memory",
+              errno.EAGAIN: "a host resource is temporarily exhausted"}
+
+
+def _heavy(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(m := obj.get("method"), str) \
+        and m in HEAVY_METHODS
+
+
+def host_exhaustion(err: BaseException) -> errors.HostResourceExhausted | None:
+    """HOST_RESOURCE_EXHAUSTED for an OSError (or an error caused by one) that says the host ran
+    out of something; the message names the errno only, never a host path."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _EXHAUSTED:
+            return errors.HostResourceExhausted(_EXHAUSTED[seen.errno] + "; retry later",
+                                                errno=errno.errorcode.get(seen.errno, ""))
+        if isinstance(seen, errors.SandboxError) and not isinstance(seen, errors.InternalError):
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -58,6 +90,10 @@ class Connection:
         self.writer = writer
         self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight = 0  # requests being handled (a batch counts its length)
+        self.room_for_more = asyncio.Event()
+        self.room_for_more.set()
+        self.heavy = asyncio.Lock()
         self.dropped = False
         sock = writer.get_extra_info("socket")
         self.pid, self.uid, self.gid = peer_credentials(sock)
@@ -67,6 +103,18 @@ class Connection:
 
     async def send(self, message: Any) -> None:
         data = protocol.encode(message)
+        cap = self.server.daemon.config.max_reply_bytes
+        if len(data) > cap:
+            # Answered, not dropped: the client learns why (and can stream instead).
+            ids = [m.get("id") for m in (message if isinstance(message, list) else [message])
+                   if isinstance(m, dict)]
+            log.warning("reply of %d bytes to pid %d over max_reply_bytes", len(data), self.pid)
+            err = errors.RequestTooLarge(
+                f"reply of {len(data)} bytes is over this daemon's {cap}-byte limit (use "
+                "stream, or fewer requests per batch)", limit=cap, reply=True)
+            data = b"".join(protocol.encode(protocol.error_response(i, err)) for i in ids
+                            if i is not None) or protocol.encode(protocol.error_response(None, err))
+            del message
         async with self.lock:
             if self.writer.is_closing():
                 if self.dropped:
@@ -109,9 +157,13 @@ class Connection:
                     break
                 if not line.strip():
                     continue
+                self._count(1)
                 task = asyncio.ensure_future(self._handle_line(line))
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(self._done)
+                # Stop reading (the client's writes then block in the kernel) while too many
+                # requests are in flight: their work is bounded before it is even decoded.
+                await self.room_for_more.wait()
         finally:
             for task in list(self.tasks):
                 task.cancel()  # the client is gone: its runs are killed (runs.run cleans up)
@@ -123,8 +175,20 @@ class Connection:
 
     async def _read_line(self) -> bytes | None:
         limit = self.server.daemon.config.max_request_bytes
+        idle = self.server.daemon.config.connection_idle_timeout_s
         try:
-            return await self.reader.readuntil(b"\n")
+            while True:
+                try:
+                    # Idle = nothing in flight and nothing received: M5 (a connection that
+                    # sits on a half-sent line, or on nothing, is closed). A client waiting for
+                    # a long exec or a stream has a request in flight and is never idle.
+                    return await asyncio.wait_for(self.reader.readuntil(b"\n"),
+                                                  idle if idle > 0 else None)
+                except TimeoutError:
+                    if self.tasks:
+                        continue
+                    log.info("closing idle connection of pid %d uid %d", self.pid, self.uid)
+                    return None
         except asyncio.IncompleteReadError as err:
             return err.partial or None  # a last line without its newline still counts
         except asyncio.LimitOverrunError:
@@ -144,6 +208,17 @@ class Connection:
             f"request larger than {limit} bytes", limit=limit)))
         return b""
 
+    def _count(self, n: int) -> None:
+        self.inflight += n
+        if self.inflight >= self.server.daemon.config.max_inflight_requests:
+            self.room_for_more.clear()
+        else:
+            self.room_for_more.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._count(-1)  # here, not in the task: a task cancelled before it ran runs no finally
+
     async def _handle_line(self, line: bytes) -> None:
         try:
             obj = protocol.decode(line)
@@ -162,14 +237,29 @@ class Connection:
                 await self.send(protocol.error_response(
                     None, errors.InvalidRequest("empty batch")))
                 return
-            replies = await asyncio.gather(*(self._dispatch(o) for o in obj))
-            out = [r for r in replies if r is not None]
-            if out:
-                await self.send(out)
+            cap = self.server.daemon.config.max_batch_requests
+            if len(obj) > cap:
+                await self.send(protocol.error_response(None, errors.RequestTooLarge(
+                    f"batch of {len(obj)} requests is over this daemon's limit of {cap}",
+                    limit=cap, batch=len(obj))))
+                return
+            heavy = any(_heavy(o) for o in obj)
+            self._count(len(obj) - 1)
+            try:
+                async with self.heavy if heavy else contextlib.nullcontext():
+                    replies = await asyncio.gather(*(self._dispatch(o) for o in obj))
+                    out = [r for r in replies if r is not None]
+                    del replies
+                    if out:
+                        await self.send(out)
+            finally:
+                self._count(1 - len(obj))
             return
-        reply = await self._dispatch(obj)
-        if reply is not None:
-            await self.send(reply)
+        heavy = _heavy(obj)
+        async with self.heavy if heavy else contextlib.nullcontext():
+            reply = await self._dispatch(obj)
+            if reply is not None:
+                await self.send(reply)
 
     async def _dispatch(self, obj: Any) -> dict[str, Any] | None:
         req_id = obj.get("id") if isinstance(obj, dict) else None
@@ -189,10 +279,19 @@ class Connection:
         except errors.SandboxError as err:
             if is_notification and not isinstance(err, errors.InvalidRequest):
                 return None
+            if isinstance(err, errors.InternalError):
+                # An InternalError wrapping ENOSPC/EMFILE... would carry host paths in its
+                # message: the stable code instead (D12).
+                err = host_exhaustion(err) or err
             return protocol.error_response(req_id, err)
         except asyncio.CancelledError:
             raise
         except Exception as err:
+            exhausted = host_exhaustion(err)
+            if exhausted is not None:
+                log.warning("host resource exhausted handling %s: %s", obj.get("method")
+                            if isinstance(obj, dict) else "?", err)
+                return None if is_notification else protocol.error_response(req_id, exhausted)
             log.exception("internal error handling %r", obj if len(repr(obj)) < 500 else "...")
             if is_notification:
                 return None
@@ -221,6 +320,12 @@ class Server:
             return
         parent = os.path.dirname(path)
         os.makedirs(parent, mode=0o755 if group else 0o700, exist_ok=True)
+        # A directory someone else made (/tmp/sandboxd-<uid> when XDG_RUNTIME_DIR is unset) could
+        # have their socket swapped in for ours (H9): refuse it.
+        reason = config.untrusted_dir(parent)
+        if reason is not None:
+            raise errors.ValidationError(f"refusing socket directory {parent}: {reason}",
+                                         path=parent)
         if os.path.exists(path):
             if _is_live(path):
                 raise errors.ValidationError(f"another daemon is listening on {path}", path=path)
