@@ -369,9 +369,9 @@ def _params(**kwargs: Any) -> dict[str, Any]:
 def _timeout_ms(timeout: float | None) -> int | None:
     if timeout is None:
         return None
-    if not timeout > 0 or math.isinf(timeout):
-        raise errors.ValidationError("timeout must be a positive number of seconds",
-                                     field="timeout")
+    if not timeout > 0 or math.isinf(timeout) or timeout * 1000 > protocol.MAX_MS:
+        raise errors.ValidationError("timeout must be a positive number of seconds, at most "
+                                     f"{protocol.MAX_MS // 1000}", field="timeout")
     return max(1, math.ceil(timeout * 1000))
 
 
