@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import sec_helpers as h
-from conftest import as_user
+from conftest import _ensure_user, as_user
 
 sec_user = h.sec_user
 client_users = h.client_users
@@ -205,6 +205,39 @@ def test_connection_with_a_request_in_flight_is_not_idle(cdaemon: Any) -> None:
         sb.destroy()
 
 
+def test_half_sent_lines_share_one_daemon_budget(sec_user: pwd.struct_passwd) -> None:
+    """Eight connections each sitting on a 40 MB line without its newline added 320 MB: past
+    ``free_line_bytes`` each, incomplete lines draw on one daemon-wide budget, and a line that
+    finds it spent is answered REQUEST_TOO_LARGE (and skipped) instead of buffered."""
+    d = h.start_daemon(pwd.getpwnam(sec_user.pw_name), max_buffered_request_bytes=4 * MiB,
+                       free_line_bytes=256 * 1024)
+    try:
+        hog = _raw(d)
+        hog.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"' + b" " * (3 * MiB + MiB // 2))
+        line = b'{"jsonrpc":"2.0","id":2,"method":"ping"' + b" " * (3 * MiB) + b"}\n"
+        # The hog's last bytes may still sit in the kernel when the first try arrives: retry
+        # until they are charged (without the budget, every try is answered pong).
+        for _ in range(50):
+            s = _raw(d)
+            s.sendall(line)
+            reply = _read_msg(s)
+            s.close()
+            if "error" in reply:
+                break
+        assert reply["error"]["data"]["code"] == "REQUEST_TOO_LARGE", reply
+        hog.close()
+        for _ in range(50):  # the hog's bytes are released when the daemon sees it gone
+            s = _raw(d)
+            s.sendall(line)
+            reply = _read_msg(s)
+            s.close()
+            if "result" in reply:
+                break
+        assert reply["result"]["message"] == "pong", reply  # the same line, budget free again
+    finally:
+        h.stop_and_check(d)
+
+
 # --- M4: ping ----------------------------------------------------------------------------------
 
 
@@ -258,7 +291,9 @@ def _ping_as(user: pwd.struct_passwd, env: dict[str, str]) -> subprocess.Complet
 
 
 def test_planted_tmp_fallback_dir_is_refused(client_users: Any) -> None:
-    victim, attacker = client_users
+    # A victim of its own: /tmp/sandboxd-<uid> of the suites' users holds their daemons'
+    # id-slices lock dir, which other tests running in parallel rely on.
+    victim, attacker = _ensure_user("sbxvictim"), client_users[1]
     planted = f"/tmp/sandboxd-{victim.pw_uid}"
     shutil.rmtree(planted, ignore_errors=True)
     os.makedirs(os.path.join(planted, "sandboxd"), mode=0o777)
