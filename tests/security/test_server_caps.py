@@ -224,7 +224,7 @@ def test_half_sent_lines_share_one_daemon_budget(sec_user: pwd.struct_passwd) ->
             s.close()
             if "error" in reply:
                 break
-        assert reply["error"]["data"]["code"] == "REQUEST_TOO_LARGE", reply
+        assert reply.get("error", {}).get("data", {}).get("code") == "REQUEST_TOO_LARGE", d.log()[-3000:]
         hog.close()
         for _ in range(50):  # the hog's bytes are released when the daemon sees it gone
             s = _raw(d)
@@ -341,3 +341,28 @@ def test_daemon_refuses_a_socket_dir_it_does_not_own(sec_user: Any, client_users
         assert "refusing socket directory" in res.stderr, res.stderr[-2000:]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- L1: control characters in metadata --------------------------------------------------------
+
+
+def test_sandboxctl_escapes_control_characters_in_names_and_errors(cdaemon: Any) -> None:
+    """Room code names files with a newline (a forged `ls` line) and an OSC title sequence."""
+    with h.client_of(cdaemon) as c:
+        sb = c.sandbox("ctl-names")
+        sb.exec("mkdir -p /workspace/d && cd /workspace/d && "
+                "touch \"$(printf 'a\\n-rw-r--r--            0 2020 forged')\" "
+                "\"$(printf 'b\\033]0;pwned\\007')\"")
+    ctl = os.path.join(os.path.dirname(sys.executable), "sandboxctl")
+    env = {**os.environ, "SANDBOXD_SOCKET": cdaemon.socket}
+    ls = subprocess.run([ctl, "ls", "ctl-names", "/workspace/d"], capture_output=True,
+                        text=True, env=env, timeout=60, check=True)
+    lines = ls.stdout.splitlines()
+    assert len(lines) == 2, ls.stdout  # no forged third line
+    assert "\x1b" not in ls.stdout and "\x07" not in ls.stdout
+    assert "a\\x0a-rw-r--r--" in ls.stdout and "b\\x1b]0;pwned\\x07" in ls.stdout
+    bad = subprocess.run([ctl, "read", "ctl-names", "/workspace/d/no\x1b]0;x\x07pe"],
+                         capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert bad.returncode != 0 and "\x1b" not in bad.stderr and "\\x1b" in bad.stderr, bad.stderr
+    with h.client_of(cdaemon) as c:
+        c.sandbox("ctl-names").destroy()
