@@ -137,13 +137,14 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     run_limits_max: RunLimitsMax = RunLimitsMax()
     # Work one connection may ask for at once (H6): requests in one batch; requests in flight
     # (the socket is not read further until some finish); bytes of one reply (a batch's
-    # included); bytes of all connections' incomplete request lines beyond the first
-    # ``free_line_bytes`` of each (M5: lines past that wait for room in this budget).
-    max_batch_requests: int = 1000
-    max_inflight_requests: int = 1000
-    max_reply_bytes: int = 512 * MiB
-    max_buffered_request_bytes: int = 256 * MiB
-    free_line_bytes: int = 1 * MiB
+    # included).
+    max_batch_requests: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_inflight_requests: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_reply_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB)] = 512 * MiB
+    # Bytes of all connections' incomplete request lines past the first ``free_line_bytes`` of
+    # each (M5): a line that finds this spent is answered REQUEST_TOO_LARGE and skipped.
+    max_buffered_request_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 * MiB
+    free_line_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1 * MiB
     # A connection with no request in flight that sends nothing for this long is closed; 0 =
     # never. Clients reconnect on their next call.
     connection_idle_timeout_s: float = 300.0

@@ -12,7 +12,11 @@ are killed, so a client that never reads cannot hold a room's run slots forever.
 Caps on what one client can take (each answered, never silently slowed): ``max_connections`` in
 all and ``max_connections_per_uid`` per peer uid (QUOTA_EXCEEDED, then the connection is closed),
 ``max_request_bytes`` per line (REQUEST_TOO_LARGE, the connection goes on), and the pending-bytes
-cap above. Peers are identified only by SO_PEERCRED, read once at accept.
+cap above; per connection (issue 10 H6, M5) ``max_batch_requests`` per batch (REQUEST_TOO_LARGE
+before any of it runs), ``max_inflight_requests`` (the socket is not read further until some
+finish), ``max_reply_bytes`` per reply (REQUEST_TOO_LARGE for each id), one line of whole-file
+reads at a time (HEAVY_METHODS), and ``connection_idle_timeout_s`` for a connection with nothing
+in flight. Peers are identified only by SO_PEERCRED, read once at accept.
 
 This module is the only place exceptions become wire errors: SandboxError subclasses carry their
 code; anything else is an INTERNAL_ERROR, logged with its traceback, and the connection goes on.
@@ -94,6 +98,10 @@ class Connection:
         self.room_for_more = asyncio.Event()
         self.room_for_more.set()
         self.heavy = asyncio.Lock()
+        self.buf = bytearray()  # the incomplete line, read so far
+        self.scanned = 0  # bytes of buf known to hold no newline
+        self.charged = 0  # bytes of buf charged to Server.buffered
+        self.skipping: errors.RequestTooLarge | None = None  # skipping a line, to answer this
         self.dropped = False
         sock = writer.get_extra_info("socket")
         self.pid, self.uid, self.gid = peer_credentials(sock)
@@ -165,6 +173,8 @@ class Connection:
                 # requests are in flight: their work is bounded before it is even decoded.
                 await self.room_for_more.wait()
         finally:
+            self.buf.clear()
+            self._charge()
             for task in list(self.tasks):
                 task.cancel()  # the client is gone: its runs are killed (runs.run cleans up)
             if self.tasks:
@@ -174,39 +184,77 @@ class Connection:
                 await self.writer.wait_closed()
 
     async def _read_line(self) -> bytes | None:
-        limit = self.server.daemon.config.max_request_bytes
-        idle = self.server.daemon.config.connection_idle_timeout_s
-        try:
-            while True:
-                try:
-                    # Idle = nothing in flight and nothing received: M5 (a connection that
-                    # sits on a half-sent line, or on nothing, is closed). A client waiting for
-                    # a long exec or a stream has a request in flight and is never idle.
-                    return await asyncio.wait_for(self.reader.readuntil(b"\n"),
-                                                  idle if idle > 0 else None)
-                except TimeoutError:
-                    if self.tasks:
-                        continue
-                    log.info("closing idle connection of pid %d uid %d", self.pid, self.uid)
-                    return None
-        except asyncio.IncompleteReadError as err:
-            return err.partial or None  # a last line without its newline still counts
-        except asyncio.LimitOverrunError:
-            pass
-        except ConnectionError:
-            return None
-        # Too long: drop everything up to the next newline, then say so.
+        """The next line (with its newline; the last one may lack it), b"" after answering a
+        line that could not be kept, None at EOF or when the connection is idle.
+
+        Read in chunks (the StreamReader buffers at most two READ_CHUNKs): an incomplete line is
+        kept in ``self.buf`` up to ``max_request_bytes``, and past ``free_line_bytes`` its bytes
+        are charged to one daemon-wide budget, ``max_buffered_request_bytes`` (M5: eight
+        connections sitting on 40 MB lines without a newline added 320 MB). A line too long,
+        or finding the budget spent, is skipped up to its newline and answered
+        REQUEST_TOO_LARGE; the connection goes on."""
+        cfg = self.server.daemon.config
+        idle = cfg.connection_idle_timeout_s
         while True:
+            nl = self.buf.find(b"\n", self.scanned)
+            if nl >= 0:
+                line = bytes(self.buf[:nl + 1])
+                del self.buf[:nl + 1]
+                self.scanned = 0
+                self._charge()
+                if self.skipping is None:
+                    return line
+                err, self.skipping = self.skipping, None
+                await self.send(protocol.error_response(None, err))
+                return b""
+            self.scanned = len(self.buf)
+            if self.skipping is None:
+                if len(self.buf) > cfg.max_request_bytes:
+                    self.skipping = errors.RequestTooLarge(
+                        f"request larger than {cfg.max_request_bytes} bytes",
+                        limit=cfg.max_request_bytes)
+                elif not self._charge():
+                    self.skipping = errors.RequestTooLarge(
+                        "the daemon's buffer for incomplete requests is full "
+                        f"({cfg.max_buffered_request_bytes} bytes); retry", limit=len(self.buf),
+                        budget=cfg.max_buffered_request_bytes)
+            if self.skipping is not None:
+                self.buf.clear()
+                self.scanned = 0
+                self._charge()
             try:
-                await self.reader.readuntil(b"\n")
-                break
-            except asyncio.LimitOverrunError as err:
-                await self.reader.readexactly(err.consumed)
-            except (asyncio.IncompleteReadError, ConnectionError):
+                # Idle = nothing in flight and nothing received for that long: M5. A client
+                # waiting for a long exec or a stream has a request in flight; one still
+                # sending a line sends bytes.
+                chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK),
+                                               idle if idle > 0 else None)
+            except TimeoutError:
+                if self.tasks:
+                    continue
+                log.info("closing idle connection of pid %d uid %d", self.pid, self.uid)
                 return None
-        await self.send(protocol.error_response(None, errors.RequestTooLarge(
-            f"request larger than {limit} bytes", limit=limit)))
-        return b""
+            except ConnectionError:
+                return None
+            if not chunk:
+                if self.buf and self.skipping is None:
+                    line = bytes(self.buf)  # a last line without its newline still counts
+                    self.buf.clear()
+                    self._charge()
+                    return line
+                return None
+            self.buf += chunk
+
+    def _charge(self) -> bool:
+        """Charge the incomplete line's bytes past ``free_line_bytes`` to the daemon's budget;
+        False (nothing changed) when they do not fit."""
+        cfg = self.server.daemon.config
+        need = max(0, len(self.buf) - cfg.free_line_bytes)
+        delta = need - self.charged
+        if delta > 0 and self.server.buffered + delta > cfg.max_buffered_request_bytes:
+            return False
+        self.server.buffered += delta
+        self.charged = need
+        return True
 
     def _count(self, n: int) -> None:
         self.inflight += n
@@ -304,12 +352,15 @@ class Server:
         self.daemon = daemon
         self.server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
+        self.buffered = 0  # bytes of incomplete request lines charged, all connections
         self.path: str | None = None
         self._owns_path = False
 
     async def start(self, path: str, inherited: socket.socket | None = None,
                     group: str | None = None) -> None:
-        limit = self.daemon.config.max_request_bytes
+        # The reader buffers at most two chunks: lines are assembled (and bounded) by
+        # Connection._read_line.
+        limit = READ_CHUNK
         if inherited is not None:
             # systemd owns a passed socket: Python >= 3.13 would unlink its path on close, and
             # every restart of the service would then leave clients with no socket at all.

@@ -224,7 +224,8 @@ def test_half_sent_lines_share_one_daemon_budget(sec_user: pwd.struct_passwd) ->
             s.close()
             if "error" in reply:
                 break
-        assert reply.get("error", {}).get("data", {}).get("code") == "REQUEST_TOO_LARGE", d.log()[-3000:]
+        assert reply.get("error", {}).get("data", {}).get("code") == "REQUEST_TOO_LARGE", \
+            d.log()[-3000:]
         hog.close()
         for _ in range(50):  # the hog's bytes are released when the daemon sees it gone
             s = _raw(d)
