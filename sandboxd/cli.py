@@ -36,9 +36,22 @@ Exit codes:
 """
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_CONTROL[ord("\\")] = "\\\\"
+
+
+def safe(text: object) -> str:
+    """Metadata for a terminal (L1): file names, room ids, error messages come from the daemon
+    and the rooms, and a newline or an escape sequence in them would forge lines or retitle the
+    terminal. Control characters (C0, DEL, C1) become \\xNN, backslashes are doubled; program
+    output streamed by exec/sh/read is the program's own and is written raw."""
+    return str(text).translate(_CONTROL)
+
+
 def _fail(err: errors.SandboxError) -> NoReturn:
     code = err.code
-    click.echo(f"sandboxctl: error: {err.message}" + (f" [{code}]" if code else ""), err=True)
+    click.echo(f"sandboxctl: error: {safe(err.message)}" + (f" [{safe(code)}]" if code else ""),
+               err=True)
     sys.exit(EXIT_UNREACHABLE if isinstance(err, errors.DaemonUnreachable) else EXIT_ERROR)
 
 
@@ -132,8 +145,8 @@ def rooms(ctx: click.Context, as_json: bool) -> None:
             _print_json([i.raw for i in infos])
             return
         rows = [("ROOM", "STATUS", "CREATED", "LAST ACTIVITY")]
-        rows += [(i.sandbox_id, i.status, _when(i.created_at), _when(i.last_activity_at))
-                 for i in infos]
+        rows += [(safe(i.sandbox_id), safe(i.status), safe(_when(i.created_at)),
+                  safe(_when(i.last_activity_at))) for i in infos]
         widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
             click.echo("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True))
@@ -428,7 +441,8 @@ def top(ctx: click.Context, interval: float, once: bool) -> None:
                     click.echo(f"sandboxd rooms (cgroup backend {sample.get('backend')}), "
                                f"every {interval:g} s; ^C to quit")
                 for r in rows:
-                    click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
+                    click.echo("  ".join(safe(v).ljust(w)
+                                         for v, w in zip(r, widths, strict=True))
                                .rstrip())
                 if once:
                     return
@@ -471,7 +485,7 @@ def write(ctx: click.Context, room: str, path: str, src: str) -> None:
         finally:
             if stream is not sys.stdin.buffer:
                 stream.close()
-        click.echo(f"wrote {total} bytes to {r.get('path', path)}", err=True)
+        click.echo(f"wrote {total} bytes to {safe(r.get('path', path))}", err=True)
 
     _run(body)
 
@@ -518,8 +532,9 @@ def ls(ctx: click.Context, room: str, path: str, recursive: bool, hidden: bool,
             return
         kinds = {"file": "-", "directory": "d", "symlink": "l"}
         for f in files:
-            click.echo(f"{kinds.get(f.type, '?')}{f.mode} {f.size:>12} {f.modified_at} "
-                       f"{f.relative_path}{'/' if f.type == 'directory' else ''}")
+            click.echo(f"{kinds.get(f.type, '?')}{safe(f.mode)} {f.size:>12} "
+                       f"{safe(f.modified_at)} "
+                       f"{safe(f.relative_path)}{'/' if f.type == 'directory' else ''}")
 
     _run(body)
 
@@ -550,7 +565,7 @@ def mv(ctx: click.Context, room: str, src: str, dst: str) -> None:
     def body() -> None:
         with _client(ctx) as client:
             r = client.sandbox(room).move_file(src, dst)
-        click.echo(f"{r.get('path', src)} -> {r.get('newPath', dst)}", err=True)
+        click.echo(f"{safe(r.get('path', src))} -> {safe(r.get('newPath', dst))}", err=True)
 
     _run(body)
 

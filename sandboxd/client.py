@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from . import errors, protocol
-from .config import default_client_socket
+from .config import default_client_socket, fallback_socket_dir, untrusted_dir
 
 if TYPE_CHECKING:
     import asyncio  # imported where used: it would double `sandboxctl`'s start-up time
@@ -386,9 +386,9 @@ def _params(**kwargs: Any) -> dict[str, Any]:
 def _timeout_ms(timeout: float | None) -> int | None:
     if timeout is None:
         return None
-    if not timeout > 0 or math.isinf(timeout):
-        raise errors.ValidationError("timeout must be a positive number of seconds",
-                                     field="timeout")
+    if not timeout > 0 or math.isinf(timeout) or timeout * 1000 > protocol.MAX_MS:
+        raise errors.ValidationError("timeout must be a positive number of seconds, at most "
+                                     f"{protocol.MAX_MS // 1000}", field="timeout")
     return max(1, math.ceil(timeout * 1000))
 
 
@@ -476,6 +476,63 @@ def _connect_error(path: str, err: OSError) -> errors.DaemonUnreachable:
     return _unreachable(path, what, err)
 
 
+def _closed_by_peer(sock: _socket.socket) -> bool:
+    """Between calls: did the daemon close this connection (its idle timeout)?"""
+    import select
+
+    # poll first: on a socket with a timeout, recv waits for it even with MSG_DONTWAIT.
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
+        return False
+    try:
+        return sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError, TimeoutError):
+        return False
+    except OSError:
+        return True
+
+
+def check_socket_path(path: str) -> None:
+    """Before connecting (H9): a socket under the /tmp fallback directory is used only if that
+    directory and everything above it can be nobody else's (config.untrusted_dir)."""
+    import os
+
+    fallback = fallback_socket_dir()
+    if os.path.realpath(path).startswith(os.path.realpath(fallback) + "/") \
+            or path.startswith(fallback + "/"):
+        reason = untrusted_dir(os.path.dirname(path))
+        if reason is not None:
+            raise _unreachable(path, f"refusing the socket: {reason} (another user may have "
+                               "made it; set XDG_RUNTIME_DIR or SANDBOXD_SOCKET)")
+
+
+def trusted_peer_uids(path: str) -> set[int]:
+    """Uids a daemon behind ``path`` may run as: ours, root, the owner of the socket's
+    directory (the system service's user owns /run/sandboxd), and $SANDBOXD_DAEMON_UID."""
+    import os
+
+    out = {os.geteuid(), 0}
+    with contextlib.suppress(OSError):
+        out.add(os.stat(os.path.dirname(os.path.realpath(path))).st_uid)
+    with contextlib.suppress(KeyError, ValueError):
+        out.add(int(os.environ["SANDBOXD_DAEMON_UID"]))
+    return out
+
+
+def check_peer(path: str, sock: _socket.socket) -> None:
+    """After connecting: the server's SO_PEERCRED uid must be one we trust (H9: a socket planted
+    by another user answered "pong from sandboxd evil")."""
+    import struct
+
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", raw)
+    if uid not in trusted_peer_uids(path):
+        raise _unreachable(path, f"refusing the server: it runs as uid {uid}, not as you, root "
+                           "or the owner of the socket's directory (set SANDBOXD_DAEMON_UID to "
+                           "trust it)")
+
+
 # --- the blocking client -----------------------------------------------------------------------
 
 
@@ -517,16 +574,23 @@ class Client:
             sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
             sock.settimeout(self.timeout)
             try:
+                check_socket_path(self.socket_path)
                 sock.connect(self.socket_path)
+                check_peer(self.socket_path, sock)
             except OSError as err:
                 sock.close()
                 raise _connect_error(self.socket_path, err) from err
+            except errors.SandboxError:
+                sock.close()
+                raise
             self._sock = sock
         return self._sock
 
     # -- framing
 
     def _send(self, message: Any) -> None:
+        if self._sock is not None and not self._buf and _closed_by_peer(self._sock):
+            self._drop()  # the daemon closed it while we were idle: start afresh
         sock = self._connection()
         try:
             sock.sendall(protocol.encode(message))
@@ -865,6 +929,7 @@ class AsyncClient:
         async with self._connect_lock:
             if self._writer is not None:
                 return
+            check_socket_path(self.socket_path)
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_unix_connection(self.socket_path, limit=MAX_LINE), self.timeout)
@@ -872,6 +937,11 @@ class AsyncClient:
                 raise _unreachable(self.socket_path, "connect timed out") from err
             except OSError as err:
                 raise _connect_error(self.socket_path, err) from err
+            try:
+                check_peer(self.socket_path, writer.get_extra_info("socket"))
+            except errors.SandboxError:
+                writer.close()
+                raise
             self._writer = writer
             self._reader_task = asyncio.create_task(self._read_loop(reader, writer),
                                                     name=f"sandboxd-client {self.socket_path}")

@@ -33,16 +33,78 @@ def check_sandbox_id(value: object) -> str:
 
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+#: Schema bounds (issue 23 D10): every integer a client sends has an upper bound, so that no value
+#: can overflow a conversion later (a 4,000-digit timeout reached time arithmetic in runs.run).
+#: These are sanity bounds; the admin's ceilings (``room_limits_max``, ``run_limits_max``) are the
+#: real ones.
+MAX_BYTES = 1 << 50  # 1 PiB
+MAX_MS = (1 << 31) - 1  # ~24.8 days
+Bytes = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
 
 
 class RoomLimits(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
                  forbid_unknown_fields=True):
     """Limits of a whole room (its cgroup and its writable layer)."""
 
-    memory_bytes: Annotated[int, msgspec.Meta(ge=16 * MiB)] = 512 * MiB
+    memory_bytes: Annotated[int, msgspec.Meta(ge=16 * MiB, le=MAX_BYTES)] = 512 * MiB
     cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 1.0
     pids: Annotated[int, msgspec.Meta(ge=8, le=1 << 22)] = 256
-    disk_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB)] = 1 * GiB
+    disk_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB, le=MAX_BYTES)] = 1 * GiB
+
+
+def host_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 * GiB
+
+
+def host_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+class RoomLimitsMax(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
+                    forbid_unknown_fields=True):
+    """The admin's ceilings on what a client may ask of a room (H3). A field left out (None)
+    takes a default computed from the host at start-up (see :func:`load`)."""
+
+    memory_bytes: Annotated[int, msgspec.Meta(ge=16 * MiB, le=MAX_BYTES)] | None = None
+    cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] | None = None
+    pids: Annotated[int, msgspec.Meta(ge=8, le=1 << 22)] = 4096
+    disk_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB, le=MAX_BYTES)] | None = None
+
+
+class RunLimitsMax(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
+                   forbid_unknown_fields=True):
+    """The admin's ceilings on what a client may ask of one run (exec, runCode, gitCheckout).
+    ``outputBytes`` also bounds the daemon's memory: it keeps up to that much of each stream."""
+
+    output_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)] = 64 * MiB
+    wall_time_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)] = 24 * 3600 * 1000
+    cpu_time_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)] = 24 * 3600 * 1000
+    file_size_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)] | None = None
+
+
+def check_ceiling(what: str, name: str, value: float | None, ceiling: float | None) -> None:
+    """VALIDATION_FAILED naming the limit and the admin's ceiling when ``value`` is above it."""
+    if value is not None and ceiling is not None and value > ceiling:
+        raise ValidationError(f"{what}.{name} = {value} is above this daemon's maximum {ceiling}",
+                              limit=name, max=ceiling, requested=value)
+
+
+def check_room_limits(limits: RoomLimits, ceilings: RoomLimitsMax) -> None:
+    for name, value, top in (("memoryBytes", limits.memory_bytes, ceilings.memory_bytes),
+                             ("cpus", limits.cpus, ceilings.cpus),
+                             ("pids", limits.pids, ceilings.pids),
+                             ("diskBytes", limits.disk_bytes, ceilings.disk_bytes)):
+        check_ceiling("limits", name, value, top)
 
 
 class RoomOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
@@ -70,6 +132,22 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # ... and dropped (its runs killed) when that backlog has not shrunk for this long.
     stream_stall_timeout_s: float = 30.0
     max_request_bytes: int = 48 * MiB
+    # Admin ceilings on client-chosen limits (docs/security.md, "Admin limits").
+    room_limits_max: RoomLimitsMax = RoomLimitsMax()
+    run_limits_max: RunLimitsMax = RunLimitsMax()
+    # Work one connection may ask for at once (H6): requests in one batch; requests in flight
+    # (the socket is not read further until some finish); bytes of one reply (a batch's
+    # included).
+    max_batch_requests: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_inflight_requests: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    max_reply_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB)] = 512 * MiB
+    # Bytes of all connections' incomplete request lines past the first ``free_line_bytes`` of
+    # each (M5): a line that finds this spent is answered REQUEST_TOO_LARGE and skipped.
+    max_buffered_request_bytes: Annotated[int, msgspec.Meta(ge=0)] = 256 * MiB
+    free_line_bytes: Annotated[int, msgspec.Meta(ge=0)] = 1 * MiB
+    # A connection with no request in flight that sends nothing for this long is closed; 0 =
+    # never. Clients reconnect on their next call.
+    connection_idle_timeout_s: float = 300.0
     cgroup_backend: str = "auto"  # auto | v2 | v1 | disabled
     seccomp: bool = True  # False only by explicit choice: rooms then run without a filter
     cgroup_parent: str | None = None  # override the delegated cgroup path (per backend)
@@ -78,16 +156,63 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_stream_read_bytes: int = 1024 * MiB
 
 
+def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:
+    """Fill the host-dependent ceilings, and refuse defaults above them (an admin mistake that
+    would make every room fail)."""
+    ram = host_memory_bytes()
+    d = cfg.room_defaults
+    top = cfg.room_limits_max
+    top = msgspec.structs.replace(
+        top,
+        memory_bytes=top.memory_bytes or max(ram // 2, d.memory_bytes),
+        cpus=top.cpus or float(max(host_cpus(), d.cpus)),
+        disk_bytes=top.disk_bytes or max(ram // 2, d.disk_bytes))
+    try:
+        check_room_limits(d, top)
+    except ValidationError as err:
+        raise ValidationError(f"invalid config: room_defaults: {err}") from err
+    return msgspec.structs.replace(cfg, room_limits_max=top)
+
+
 def default_socket() -> str:
     if env := os.environ.get("SANDBOXD_SOCKET"):
         return env
     if os.geteuid() == 0:
         return "/run/sandboxd/sandboxd.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sandboxd-{os.geteuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or fallback_socket_dir()
     return os.path.join(runtime, "sandboxd", "sandboxd.sock")
 
 
 SYSTEM_SOCKET = "/run/sandboxd/sandboxd.sock"
+
+
+def fallback_socket_dir() -> str:
+    """The directory used when XDG_RUNTIME_DIR is unset: in /tmp, where anyone can make it."""
+    return f"/tmp/sandboxd-{os.geteuid()}"
+
+
+def untrusted_dir(path: str, uid: int | None = None) -> str | None:
+    """Why directory ``path`` could be another user's (H9), or None when it is safe to keep a
+    socket in: every component of its real path is owned by root or ``uid`` (default: ours)
+    and writable by no one else unless sticky (like /tmp); the directory itself must be ours
+    and private (a sticky dir is no help there: the socket's name is taken in it)."""
+    uid = os.geteuid() if uid is None else uid
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    for i in range(1, len(parts) + 1):
+        comp = "/".join(parts[:i]) or "/"
+        try:
+            st = os.stat(comp)
+        except FileNotFoundError:
+            return None  # not made yet: whoever makes it decides
+        except OSError as err:
+            return f"{comp}: {err.strerror}"
+        last = comp == real
+        if st.st_uid not in (0, uid) or (last and st.st_uid != uid):
+            return f"{comp} is owned by uid {st.st_uid}"
+        if st.st_mode & 0o022 and (last or not st.st_mode & 0o1000):
+            return f"{comp} is writable by other users (mode {st.st_mode & 0o7777:o})"
+    return None
 
 
 def default_client_socket() -> str:
@@ -140,6 +265,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> DaemonConfig:
         cfg = msgspec.convert(raw, DaemonConfig)
     except msgspec.ValidationError as err:
         raise ValidationError(f"invalid config: {err}") from err
+    cfg = _resolve_ceilings(cfg)
     if cfg.rootfs != "host":
         if not os.path.isdir(cfg.rootfs):
             raise ValidationError(f"rootfs {cfg.rootfs} is not a directory", rootfs=cfg.rootfs)

@@ -93,8 +93,19 @@ class Daemon:
             out.add("cpuTimeMs")  # v2 cpu.stat and v1 cpuacct.usage count CPU per cgroup
         return out
 
-    def check_run_limits(self, lim: RunLimits) -> None:
-        """Fail closed: a run limit this host cannot enforce is refused, by name."""
+    def check_run_limits(self, lim: RunLimits, wall_time_ms: int | None = None) -> None:
+        """Every run's limits pass here (``api.exec.run_in_room``): above the admin's ceiling is
+        VALIDATION_FAILED naming the limit and the ceiling; a limit this host cannot enforce is
+        refused, by name (fail closed). ``wall_time_ms`` is the effective wall limit
+        (``limits.wallTimeMs`` or the ``timeout`` param)."""
+        top = self.config.run_limits_max
+        for name, value, ceiling in (("outputBytes", lim.output_bytes, top.output_bytes),
+                                     ("wallTimeMs", wall_time_ms, top.wall_time_ms),
+                                     ("cpuTimeMs", lim.cpu_time_ms, top.cpu_time_ms),
+                                     ("fileSizeBytes", lim.file_size_bytes,
+                                      top.file_size_bytes),
+                                     ("pids", lim.pids, self.config.room_limits_max.pids)):
+            configmod.check_ceiling("limits", name, value, ceiling)
         have = self.enforceable_limits()
         for name, value in (("cpuTimeMs", lim.cpu_time_ms), ("memoryBytes", lim.memory_bytes),
                             ("pids", lim.pids)):

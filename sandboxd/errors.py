@@ -14,6 +14,7 @@
     ├── QuotaExceeded           QUOTA_EXCEEDED
     ├── RequestTooLarge         REQUEST_TOO_LARGE
     ├── ShuttingDown            SHUTTING_DOWN
+    ├── HostResourceExhausted   HOST_RESOURCE_EXHAUSTED the host ran out of fds, space, memory
     ├── FileError               (file API; subclasses carry FILE_NOT_FOUND, IS_DIRECTORY, ...)
     ├── GitError                (gitCheckout; GIT_* codes)
     ├── UnsupportedLanguage     UNSUPPORTED_LANGUAGE
@@ -108,6 +109,13 @@ class RequestTooLarge(SandboxError):
 
 class ShuttingDown(SandboxError):
     code = "SHUTTING_DOWN"
+
+
+class HostResourceExhausted(SandboxError):
+    """The daemon's host side ran out of something (ENOSPC, EMFILE...): retry later; not the
+    caller's fault and not a broken sandbox. The message never names host paths."""
+
+    code = "HOST_RESOURCE_EXHAUSTED"
 
 
 class UnsupportedLanguage(SandboxError):

@@ -98,7 +98,15 @@ class _Params(_Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown
 
 
 Path = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATH)]
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Every integer param has an upper bound (issue 23 D10: a 4,000-digit timeout passed validation
+# and overflowed in runs.run). The same bounds as config.MAX_MS / MAX_BYTES (this module imports
+# nothing of the daemon); the admin's ceilings (config.RunLimitsMax) are checked after these.
+MAX_MS = (1 << 31) - 1
+MAX_BYTES = 1 << 50
+MAX_COUNT = 1 << 22
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
+Millis = Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)]
+ByteCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
 
 
 class PingParams(_Params, frozen=True):
@@ -123,12 +131,12 @@ class DestroyParams(_Params, frozen=True):
 class RunLimits(_Params, frozen=True):
     """Per-run limits (issue "Limits"): each run gets its own child cgroup of the room."""
 
-    cpu_time_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    wall_time_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    memory_bytes: Annotated[int, msgspec.Meta(ge=1 << 20)] | None = None
-    pids: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    output_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    file_size_bytes: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    cpu_time_ms: Millis | None = None
+    wall_time_ms: Millis | None = None
+    memory_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=MAX_BYTES)] | None = None
+    pids: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] | None = None
+    output_bytes: ByteCount | None = None
+    file_size_bytes: ByteCount | None = None
 
 
 class ExecParams(_Params, frozen=True):
@@ -139,7 +147,7 @@ class ExecParams(_Params, frozen=True):
     # A null value unsets the variable (the default environment's too): Cloudflare's semantics.
     env: dict[str, str | None] | None = None
     stdin: str | None = None
-    timeout: Annotated[int, msgspec.Meta(ge=1)] | None = None  # ms
+    timeout: Millis | None = None
     stream: bool = False
     limits: RunLimits | None = None
     user: Literal["root", "sandbox"] = "root"

@@ -49,7 +49,14 @@ import msgspec
 import psutil
 
 from . import errors
-from .config import DaemonConfig, RoomLimits, RoomOptions, check_sandbox_id
+from .config import (
+    DaemonConfig,
+    RoomLimits,
+    RoomLimitsMax,
+    RoomOptions,
+    check_room_limits,
+    check_sandbox_id,
+)
 from .jail import JailError, RoomHandle, Zygote
 from .jail import cgroup as cgroups
 from .jail import user as idmaps
@@ -84,9 +91,10 @@ def room_key(uid: int, room_id: str) -> str:
     return f"{head}{room_id[:63 - len(head) - 17]}-{digest}"
 
 
-def resolve_options(raw: dict[str, Any] | None,
-                    defaults: RoomLimits) -> tuple[RoomOptions, set[str]]:
-    """Merge client options over the daemon's defaults; return them and the limits asked for."""
+def resolve_options(raw: dict[str, Any] | None, defaults: RoomLimits,
+                    ceilings: RoomLimitsMax | None = None) -> tuple[RoomOptions, set[str]]:
+    """Merge client options over the daemon's defaults; return them and the limits asked for.
+    Every room's limits pass here: the admin's ceilings are checked here and nowhere else."""
     raw = dict(raw or {})
     given = raw.get("limits") or {}
     if not isinstance(given, dict):
@@ -96,6 +104,8 @@ def resolve_options(raw: dict[str, Any] | None,
         opts = msgspec.convert({**raw, "limits": merged}, RoomOptions)
     except msgspec.ValidationError as err:
         raise errors.InvalidParams(f"invalid options: {err}") from err
+    if ceilings is not None:
+        check_room_limits(opts.limits, ceilings)
     return opts, set(given)
 
 
@@ -295,7 +305,8 @@ class RoomManager:
             incarnation = tomb.incarnation + 1
         # Everything up to registering the room is synchronous: a batch of getSandbox calls
         # cannot all pass the quota check before any of them counts (issue 10, H2).
-        opts, asked = resolve_options(options, self.config.room_defaults)
+        opts, asked = resolve_options(options, self.config.room_defaults,
+                                      self.config.room_limits_max)
         enforceable = self.backend.enforceable()
         for name in sorted(asked):
             ctl = LIMIT_CONTROLLER.get(name)

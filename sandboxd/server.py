@@ -12,7 +12,11 @@ are killed, so a client that never reads cannot hold a room's run slots forever.
 Caps on what one client can take (each answered, never silently slowed): ``max_connections`` in
 all and ``max_connections_per_uid`` per peer uid (QUOTA_EXCEEDED, then the connection is closed),
 ``max_request_bytes`` per line (REQUEST_TOO_LARGE, the connection goes on), and the pending-bytes
-cap above. Peers are identified only by SO_PEERCRED, read once at accept.
+cap above; per connection (issue 10 H6, M5) ``max_batch_requests`` per batch (REQUEST_TOO_LARGE
+before any of it runs), ``max_inflight_requests`` (the socket is not read further until some
+finish), ``max_reply_bytes`` per reply (REQUEST_TOO_LARGE for each id), one line of whole-file
+reads at a time (HEAVY_METHODS), and ``connection_idle_timeout_s`` for a connection with nothing
+in flight. Peers are identified only by SO_PEERCRED, read once at accept.
 
 This module is the only place exceptions become wire errors: SandboxError subclasses carry their
 code; anything else is an INTERNAL_ERROR, logged with its traceback, and the connection goes on.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -32,7 +37,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import errors, protocol
+from . import config, errors, protocol
 from .api import METHODS, Context
 
 if TYPE_CHECKING:
@@ -41,6 +46,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("sandboxd.server")
 
 READ_CHUNK = 256 * 1024
+#: Methods whose reply holds a whole file (H6: 12 pipelined readFiles of 32 MiB on a connection
+#: that never reads took 1.47 GB): one line using them at a time per connection, held until its
+#: reply is written, so what waits is the request, not its reply.
+HEAVY_METHODS = frozenset({"readFile"})
+#: Host-side errnos that mean "the host ran out", not "the sandbox broke" (issue 23 D12).
+_EXHAUSTED = {errno.ENOSPC: "no space left on the host", errno.EDQUOT: "host disk quota reached",
+              errno.EMFILE: "the daemon ran out of file descriptors",
+              errno.ENFILE: "the host ran out of file descriptors",
+              errno.ENOMEM: "the host ran out of memory",
+              errno.EAGAIN: "a host resource is temporarily exhausted"}
+
+
+def _heavy(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(m := obj.get("method"), str) \
+        and m in HEAVY_METHODS
+
+
+def host_exhaustion(err: BaseException) -> errors.HostResourceExhausted | None:
+    """HOST_RESOURCE_EXHAUSTED for an OSError (or an error caused by one) that says the host ran
+    out of something; the message names the errno only, never a host path."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _EXHAUSTED:
+            return errors.HostResourceExhausted(_EXHAUSTED[seen.errno] + "; retry later",
+                                                errno=errno.errorcode.get(seen.errno, ""))
+        if isinstance(seen, errors.SandboxError) and not isinstance(seen, errors.InternalError):
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -58,6 +94,14 @@ class Connection:
         self.writer = writer
         self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.inflight = 0  # requests being handled (a batch counts its length)
+        self.room_for_more = asyncio.Event()
+        self.room_for_more.set()
+        self.heavy = asyncio.Lock()
+        self.buf = bytearray()  # the incomplete line, read so far
+        self.scanned = 0  # bytes of buf known to hold no newline
+        self.charged = 0  # bytes of buf charged to Server.buffered
+        self.skipping: errors.RequestTooLarge | None = None  # skipping a line, to answer this
         self.dropped = False
         sock = writer.get_extra_info("socket")
         self.pid, self.uid, self.gid = peer_credentials(sock)
@@ -67,6 +111,18 @@ class Connection:
 
     async def send(self, message: Any) -> None:
         data = protocol.encode(message)
+        cap = self.server.daemon.config.max_reply_bytes
+        if len(data) > cap:
+            # Answered, not dropped: the client learns why (and can stream instead).
+            ids = [m.get("id") for m in (message if isinstance(message, list) else [message])
+                   if isinstance(m, dict)]
+            log.warning("reply of %d bytes to pid %d over max_reply_bytes", len(data), self.pid)
+            err = errors.RequestTooLarge(
+                f"reply of {len(data)} bytes is over this daemon's {cap}-byte limit (use "
+                "stream, or fewer requests per batch)", limit=cap, reply=True)
+            data = b"".join(protocol.encode(protocol.error_response(i, err)) for i in ids
+                            if i is not None) or protocol.encode(protocol.error_response(None, err))
+            del message
         async with self.lock:
             if self.writer.is_closing():
                 if self.dropped:
@@ -109,10 +165,16 @@ class Connection:
                     break
                 if not line.strip():
                     continue
+                self._count(1)
                 task = asyncio.ensure_future(self._handle_line(line))
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(self._done)
+                # Stop reading (the client's writes then block in the kernel) while too many
+                # requests are in flight: their work is bounded before it is even decoded.
+                await self.room_for_more.wait()
         finally:
+            self.buf.clear()
+            self._charge()
             for task in list(self.tasks):
                 task.cancel()  # the client is gone: its runs are killed (runs.run cleans up)
             if self.tasks:
@@ -122,27 +184,88 @@ class Connection:
                 await self.writer.wait_closed()
 
     async def _read_line(self) -> bytes | None:
-        limit = self.server.daemon.config.max_request_bytes
-        try:
-            return await self.reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as err:
-            return err.partial or None  # a last line without its newline still counts
-        except asyncio.LimitOverrunError:
-            pass
-        except ConnectionError:
-            return None
-        # Too long: drop everything up to the next newline, then say so.
+        """The next line (with its newline; the last one may lack it), b"" after answering a
+        line that could not be kept, None at EOF or when the connection is idle.
+
+        Read in chunks (the StreamReader buffers at most two READ_CHUNKs): an incomplete line is
+        kept in ``self.buf`` up to ``max_request_bytes``, and past ``free_line_bytes`` its bytes
+        are charged to one daemon-wide budget, ``max_buffered_request_bytes`` (M5: eight
+        connections sitting on 40 MB lines without a newline added 320 MB). A line too long,
+        or finding the budget spent, is skipped up to its newline and answered
+        REQUEST_TOO_LARGE; the connection goes on."""
+        cfg = self.server.daemon.config
+        idle = cfg.connection_idle_timeout_s
         while True:
+            nl = self.buf.find(b"\n", self.scanned)
+            if nl >= 0:
+                line = bytes(self.buf[:nl + 1])
+                del self.buf[:nl + 1]
+                self.scanned = 0
+                self._charge()
+                if self.skipping is None:
+                    return line
+                err, self.skipping = self.skipping, None
+                await self.send(protocol.error_response(None, err))
+                return b""
+            self.scanned = len(self.buf)
+            if self.skipping is None:
+                if len(self.buf) > cfg.max_request_bytes:
+                    self.skipping = errors.RequestTooLarge(
+                        f"request larger than {cfg.max_request_bytes} bytes",
+                        limit=cfg.max_request_bytes)
+                elif not self._charge():
+                    self.skipping = errors.RequestTooLarge(
+                        "the daemon's buffer for incomplete requests is full "
+                        f"({cfg.max_buffered_request_bytes} bytes); retry", limit=len(self.buf),
+                        budget=cfg.max_buffered_request_bytes)
+            if self.skipping is not None:
+                self.buf.clear()
+                self.scanned = 0
+                self._charge()
             try:
-                await self.reader.readuntil(b"\n")
-                break
-            except asyncio.LimitOverrunError as err:
-                await self.reader.readexactly(err.consumed)
-            except (asyncio.IncompleteReadError, ConnectionError):
+                # Idle = nothing in flight and nothing received for that long: M5. A client
+                # waiting for a long exec or a stream has a request in flight; one still
+                # sending a line sends bytes.
+                chunk = await asyncio.wait_for(self.reader.read(READ_CHUNK),
+                                               idle if idle > 0 else None)
+            except TimeoutError:
+                if self.tasks:
+                    continue
+                log.info("closing idle connection of pid %d uid %d", self.pid, self.uid)
                 return None
-        await self.send(protocol.error_response(None, errors.RequestTooLarge(
-            f"request larger than {limit} bytes", limit=limit)))
-        return b""
+            except ConnectionError:
+                return None
+            if not chunk:
+                if self.buf and self.skipping is None:
+                    line = bytes(self.buf)  # a last line without its newline still counts
+                    self.buf.clear()
+                    self._charge()
+                    return line
+                return None
+            self.buf += chunk
+
+    def _charge(self) -> bool:
+        """Charge the incomplete line's bytes past ``free_line_bytes`` to the daemon's budget;
+        False (nothing changed) when they do not fit."""
+        cfg = self.server.daemon.config
+        need = max(0, len(self.buf) - cfg.free_line_bytes)
+        delta = need - self.charged
+        if delta > 0 and self.server.buffered + delta > cfg.max_buffered_request_bytes:
+            return False
+        self.server.buffered += delta
+        self.charged = need
+        return True
+
+    def _count(self, n: int) -> None:
+        self.inflight += n
+        if self.inflight >= self.server.daemon.config.max_inflight_requests:
+            self.room_for_more.clear()
+        else:
+            self.room_for_more.set()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self._count(-1)  # here, not in the task: a task cancelled before it ran runs no finally
 
     async def _handle_line(self, line: bytes) -> None:
         try:
@@ -162,14 +285,29 @@ class Connection:
                 await self.send(protocol.error_response(
                     None, errors.InvalidRequest("empty batch")))
                 return
-            replies = await asyncio.gather(*(self._dispatch(o) for o in obj))
-            out = [r for r in replies if r is not None]
-            if out:
-                await self.send(out)
+            cap = self.server.daemon.config.max_batch_requests
+            if len(obj) > cap:
+                await self.send(protocol.error_response(None, errors.RequestTooLarge(
+                    f"batch of {len(obj)} requests is over this daemon's limit of {cap}",
+                    limit=cap, batch=len(obj))))
+                return
+            heavy = any(_heavy(o) for o in obj)
+            self._count(len(obj) - 1)
+            try:
+                async with self.heavy if heavy else contextlib.nullcontext():
+                    replies = await asyncio.gather(*(self._dispatch(o) for o in obj))
+                    out = [r for r in replies if r is not None]
+                    del replies
+                    if out:
+                        await self.send(out)
+            finally:
+                self._count(1 - len(obj))
             return
-        reply = await self._dispatch(obj)
-        if reply is not None:
-            await self.send(reply)
+        heavy = _heavy(obj)
+        async with self.heavy if heavy else contextlib.nullcontext():
+            reply = await self._dispatch(obj)
+            if reply is not None:
+                await self.send(reply)
 
     async def _dispatch(self, obj: Any) -> dict[str, Any] | None:
         req_id = obj.get("id") if isinstance(obj, dict) else None
@@ -189,10 +327,19 @@ class Connection:
         except errors.SandboxError as err:
             if is_notification and not isinstance(err, errors.InvalidRequest):
                 return None
+            if isinstance(err, errors.InternalError):
+                # An InternalError wrapping ENOSPC/EMFILE... would carry host paths in its
+                # message: the stable code instead (D12).
+                err = host_exhaustion(err) or err
             return protocol.error_response(req_id, err)
         except asyncio.CancelledError:
             raise
         except Exception as err:
+            exhausted = host_exhaustion(err)
+            if exhausted is not None:
+                log.warning("host resource exhausted handling %s: %s", obj.get("method")
+                            if isinstance(obj, dict) else "?", err)
+                return None if is_notification else protocol.error_response(req_id, exhausted)
             log.exception("internal error handling %r", obj if len(repr(obj)) < 500 else "...")
             if is_notification:
                 return None
@@ -205,12 +352,15 @@ class Server:
         self.daemon = daemon
         self.server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
+        self.buffered = 0  # bytes of incomplete request lines charged, all connections
         self.path: str | None = None
         self._owns_path = False
 
     async def start(self, path: str, inherited: socket.socket | None = None,
                     group: str | None = None) -> None:
-        limit = self.daemon.config.max_request_bytes
+        # The reader buffers at most two chunks: lines are assembled (and bounded) by
+        # Connection._read_line.
+        limit = READ_CHUNK
         if inherited is not None:
             # systemd owns a passed socket: Python >= 3.13 would unlink its path on close, and
             # every restart of the service would then leave clients with no socket at all.
@@ -221,6 +371,12 @@ class Server:
             return
         parent = os.path.dirname(path)
         os.makedirs(parent, mode=0o755 if group else 0o700, exist_ok=True)
+        # A directory someone else made (/tmp/sandboxd-<uid> when XDG_RUNTIME_DIR is unset) could
+        # have their socket swapped in for ours (H9): refuse it.
+        reason = config.untrusted_dir(parent)
+        if reason is not None:
+            raise errors.ValidationError(f"refusing socket directory {parent}: {reason}",
+                                         path=parent)
         if os.path.exists(path):
             if _is_live(path):
                 raise errors.ValidationError(f"another daemon is listening on {path}", path=path)

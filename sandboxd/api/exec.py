@@ -51,7 +51,7 @@ async def run_in_room(ctx: Context, room_id: str, argv: list[str], *,
         raise errors.ValidationError("limits.memoryBytes exceeds the sandbox's memory limit",
                                      limit="memoryBytes",
                                      roomMemoryBytes=room.options.limits.memory_bytes)
-    daemon.check_run_limits(lim)
+    daemon.check_run_limits(lim, wall)
 
     async def on_output(stream_name: str, data: str) -> None:
         await ctx.notify("exec.output", {"requestId": ctx.request_id, "stream": stream_name,
@@ -60,7 +60,8 @@ async def run_in_room(ctx: Context, room_id: str, argv: list[str], *,
     spec = runs.RunSpec(
         argv=argv, env=full_env, cwd=cwd_of(cwd), user=user, stdin=stdin, wall_time_ms=wall,
         cpu_time_ms=lim.cpu_time_ms, memory_bytes=lim.memory_bytes, pids=lim.pids,
-        output_bytes=runs.DEFAULT_OUTPUT_BYTES if lim.output_bytes is None else lim.output_bytes,
+        output_bytes=min(runs.DEFAULT_OUTPUT_BYTES, daemon.config.run_limits_max.output_bytes)
+        if lim.output_bytes is None else lim.output_bytes,
         file_size_bytes=lim.file_size_bytes, on_output=on_output if stream else None)
     if room.active_runs >= daemon.config.max_runs_per_room:
         raise errors.QuotaExceeded("too many concurrent runs in this sandbox",

@@ -39,8 +39,8 @@ class GitCheckoutParams(protocol._Params, frozen=True):
     repo_url: str
     branch: str | None = None
     target_dir: str | None = None
-    depth: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    timeout: Annotated[int, msgspec.Meta(ge=1)] | None = None  # ms
+    depth: Annotated[int, msgspec.Meta(ge=1, le=protocol.MAX_COUNT)] | None = None
+    timeout: protocol.Millis | None = None
 
 
 def check_url(url: str) -> str:

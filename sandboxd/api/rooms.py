@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .. import __version__, protocol
@@ -13,8 +14,12 @@ from . import Context, method
 
 @method("ping", protocol.PingParams)
 async def ping(ctx: Context, p: protocol.PingParams) -> dict[str, Any]:
-    out: dict[str, Any] = {"message": "pong", "version": __version__,
-                           "capabilities": ctx.daemon.capabilities()}
+    caps = ctx.daemon.capabilities()
+    if ctx.uid not in (0, os.getuid()):
+        # Free slices are a daemon-wide figure: to other tenants, an activity side channel (M4).
+        caps["idSlices"] = {k: v for k, v in (caps.get("idSlices") or {}).items()
+                            if k != "slicesFree"}
+    out: dict[str, Any] = {"message": "pong", "version": __version__, "capabilities": caps}
     if p.sandbox_id is not None:
         room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id)
         try:

@@ -197,7 +197,7 @@ def test_client_that_never_reads_is_paused_then_dropped(qdaemon: Any) -> None:
         _rpc(s, {"jsonrpc": "2.0", "id": 1, "method": "exec", "params": {
             "sandboxId": "q-flood", "command": f"cat /dev/zero | base64; : {marker}",
             "stream": True,
-            "limits": {"outputBytes": 1 << 30}}})
+            "limits": {"outputBytes": 64 * MiB}}})  # the default ceiling
         peak = 0
         t0 = time.monotonic()
         while time.monotonic() - t0 < STALL_S + 4:

@@ -336,9 +336,9 @@ def test_connection_dropped_by_daemon(client: Client, daemon: FakeDaemon) -> Non
     assert client.ping()
     daemon.drop_connections()
     time.sleep(0.05)
-    with pytest.raises(errors.DaemonUnreachable):
-        client.ping()
-    assert client.ping()["message"] == "pong"  # lazily reconnected
+    # Closed between calls (the daemon's idle timeout does that): nothing was in flight, so the
+    # next call reconnects instead of failing.
+    assert client.ping()["message"] == "pong"
 
 
 def test_missing_socket_is_unreachable_and_names_the_path(sockdir: str) -> None:
