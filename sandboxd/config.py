@@ -124,6 +124,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     room_start_timeout_s: float = 10.0
     max_rooms_per_uid: int = 64
     max_runs_per_room: int = 64
+    # Across all of one uid's rooms (each run holds pipes, a cgroup and fds in the daemon):
+    # without it, 64 rooms x 64 runs per tenant was the only bound (issue 10, H5).
+    max_runs_per_uid: int = 256  # root and the daemon's own uid are exempt
     max_connections: int = 256
     max_connections_per_uid: int = 32  # root and the daemon's own uid are exempt
     # A connection whose unread notifications and replies stay above this many bytes is paused

@@ -66,6 +66,11 @@ async def run_in_room(ctx: Context, room_id: str, argv: list[str], *,
     if room.active_runs >= daemon.config.max_runs_per_room:
         raise errors.QuotaExceeded("too many concurrent runs in this sandbox",
                                    limit=daemon.config.max_runs_per_room, sandboxId=room.id)
+    if not daemon.rooms.is_admin(ctx.uid):
+        mine = sum(r.active_runs for r in daemon.rooms.visible_rooms(ctx.uid))
+        if mine >= daemon.config.max_runs_per_uid:
+            raise errors.QuotaExceeded("too many concurrent runs for this user",
+                                       limit=daemon.config.max_runs_per_uid, scope="uid")
     room.active_runs += 1
     try:
         return await runs.run(room, spec)

@@ -49,7 +49,8 @@ def qdaemon(sec_user: Any, client_users: Any) -> Iterator[Any]:
 
     subprocess.run(["usermod", "-aG", CLIENT_GROUP, sec_user.pw_name], check=True)
     d = start_daemon(pwd.getpwnam(sec_user.pw_name), socket_group=CLIENT_GROUP,
-                     max_rooms_per_uid=2, max_runs_per_room=2, max_request_bytes=1 * MiB,
+                     max_rooms_per_uid=2, max_runs_per_room=2, max_runs_per_uid=3,
+                     max_request_bytes=1 * MiB,
                      max_connections_per_uid=3, max_pending_bytes=1 * MiB,
                      stream_stall_timeout_s=STALL_S)
     yield d
@@ -142,6 +143,33 @@ def test_runs_per_room(qdaemon: Any) -> None:
     third, a, b, after = asyncio.run(go())
     assert isinstance(third, errors.QuotaExceeded) and third.context.get("limit") == 2
     assert a.exit_code == b.exit_code == 0 and after.stdout == "after\n"
+
+
+def test_runs_per_uid(qdaemon: Any, client_users: Any) -> None:
+    """Issue 10, H5: runs are capped per uid across its rooms, not only per room."""
+    _, other = client_users
+    out = run_as_client(other, qdaemon.socket, """
+import asyncio
+from sandboxd.client import AsyncClient
+async def go():
+    async with AsyncClient(SOCK) as ac:
+        a, b = ac.sandbox('q-u-a'), ac.sandbox('q-u-b')
+        await a.exec('true'); await b.exec('true')
+        slow = [asyncio.ensure_future(x.exec('sleep 2')) for x in (a, a, b)]
+        await asyncio.sleep(0.7)
+        try:
+            await b.exec('echo fourth')
+            fourth = 'ran'
+        except errors.QuotaExceeded as err:
+            fourth = [err.code, err.context.get('limit'), err.context.get('scope')]
+        codes = [r.exit_code for r in await asyncio.gather(*slow)]
+        after = (await b.exec('echo after')).stdout
+        await a.destroy(); await b.destroy()
+        return {'fourth': fourth, 'codes': codes, 'after': after}
+out = asyncio.run(go())
+""".replace("SOCK", repr(qdaemon.socket)), timeout=60)
+    assert out == {"fourth": ["QUOTA_EXCEEDED", 3, "uid"], "codes": [0, 0, 0],
+                   "after": "after\n"}, out
 
 
 def test_request_size(qdaemon: Any) -> None:
