@@ -304,3 +304,32 @@ def test_dropped_clients_and_aborted_runs_log_no_errors(faulty: DaemonProc) -> N
                   "Traceback"):
         assert noise not in log, log[-3000:]
     assert " ERROR " not in log, [x for x in log.splitlines() if " ERROR " in x][:5]
+
+
+# --- a teardown that cannot finish (D2: the shutdown deadline) ----------------------------------
+
+
+def test_shutdown_deadline_kills_what_is_left_and_exits_nonzero(faulty: DaemonProc) -> None:
+    """A room whose processes cannot die (its cgroup frozen under it: SIGKILL waits for the
+    thaw) must not hold the daemon's SIGTERM forever: past SHUTDOWN_DEADLINE_S the daemon kills
+    what is left and exits 1, and once the room can die nothing of it stays."""
+    d = faulty
+    d.start()
+    with _client(d) as c:
+        c.sandbox("frozen").exec("true")
+    [meta] = list(Path(d.state_dir, "rooms").glob("*/room.json"))
+    pid = json.loads(meta.read_text())["initPid"]
+    freezer = next(line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text()
+                   .splitlines() if ":freezer:" in line)
+    state = Path("/sys/fs/cgroup/freezer" + freezer.strip(), "freezer.state")
+    state.write_text("FROZEN")
+    try:
+        t0 = time.monotonic()
+        code = d.stop(signal.SIGTERM, timeout=60)
+        took = time.monotonic() - t0
+        assert code == 1, d.log()[-3000:]
+        assert took < 40, took
+        assert "rooms not destroyed within" in d.log()
+    finally:
+        state.write_text("THAWED")
+    assert d.leftovers(settle=10.0) == []
