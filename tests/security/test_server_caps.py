@@ -242,6 +242,7 @@ def test_half_sent_lines_share_one_daemon_budget(sec_user: pwd.struct_passwd) ->
 # --- M4: ping ----------------------------------------------------------------------------------
 
 
+@pytest.mark.subordinate_ids  # single-id mode has no slices to hide
 def test_ping_hides_free_slices_from_other_tenants(cdaemon: Any, client_users: Any) -> None:
     theirs = h.run_as_client(client_users[0], cdaemon.socket,
                              "out = c.ping()['capabilities']['idSlices']")

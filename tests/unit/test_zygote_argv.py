@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 from typing import Any
 
@@ -23,8 +24,20 @@ def test_zygote_is_started_with_isolated_mode_and_root_cwd(monkeypatch: pytest.M
         seen["argv"], seen["kw"] = argv, kw
         raise Stop
 
+    made: list[socket.socket] = []
+
+    def pair() -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        made.extend((a, b))
+        return a, b
+
     monkeypatch.setattr(subprocess, "Popen", fake_popen)
-    with pytest.raises(Stop):
-        asyncio.run(jail.Zygote().start())
+    monkeypatch.setattr(jail.channel, "pair", pair)
+    try:
+        with pytest.raises(Stop):
+            asyncio.run(jail.Zygote().start())
+    finally:
+        for sock in made:  # start() never got to hand them on
+            sock.close()
     assert seen["argv"][1:3] == ["-I", "-m"]
     assert seen["kw"]["cwd"] == "/"
