@@ -56,10 +56,15 @@ class Zygote:
         # process) and inherits exactly one fd: its end of the channel.
         # -I and cwd "/": sys.path[0] would otherwise be the daemon's cwd, a directory a room's
         # host uid might be able to write (issue 10, L3); the room inits are forks of this.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "sandboxd.jail.zygote", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/")
-        theirs.close()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "sandboxd.jail.zygote", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True, cwd="/")
+        except BaseException:
+            mine.close()  # (a restart under EMFILE must not leak the pair)
+            raise
+        finally:
+            theirs.close()
         self.chan = channel.AsyncChannel(mine, self._event, self._closed)
         reply, _ = await self.chan.request({"op": "ping"}, timeout=30)
         if reply.get("op") != "pong":
