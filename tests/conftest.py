@@ -5,6 +5,18 @@ way a user runs it: the fixture (running as root) creates the user, runs ``sandb
 it, starts ``sandboxd`` under that uid with its own socket and state dir, and at the end checks
 the host side: no room process, cgroup, state file or mount of the daemon's is left behind.
 
+Every user and group the suite runs things as is created on first use by the fixture that needs
+it (``_ensure_user`` / ``_setup_user``: idempotent, serialized across concurrent pytest processes
+by a flock on ``USERS_LOCK``) and is never deleted, so parallel runs can share them:
+
+  sbxtest     the session daemon's user (``sandboxctl setup``: subordinate ids, cgroups); a client
+  sbxother    a second client user (subordinate ids from useradd's defaults)
+  sbxsec      the security suite's and tenants tests' daemon (``sandboxctl setup``)
+  sbxprobe    runs cgroup backends unprivileged against delegated parents (test_cgroup_real)
+  sbxsingle   a daemon user with NO subordinate ids (single-id mapping)
+  sbxoutsider a user outside the socket's group
+  sbxclients  the group of the security/tenant daemons' sockets (sbxtest, sbxother, sbxsec)
+
 Environment knobs:
   SANDBOXD_TEST_USER    the unprivileged user (default sbxtest; created if missing)
   SANDBOXD_TEST_ROOTFS  rootfs for the daemon (default "host"; the built tree for language tests)
@@ -12,6 +24,9 @@ Environment knobs:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import grp
 import hashlib
 import os
 import pwd
@@ -32,15 +47,83 @@ SANDBOXD = str(VENV_BIN / "sandboxd")
 SANDBOXCTL = str(VENV_BIN / "sandboxctl")
 TEST_USER = os.environ.get("SANDBOXD_TEST_USER", "sbxtest")
 OTHER_USER = "sbxother"
+PROBE_USER = "sbxprobe"
 CGROUP_V1 = "/sys/fs/cgroup"
 
 
-def _ensure_user(name: str) -> pwd.struct_passwd:
+# /run/lock is root's tmpfs on Debian (a stale lock file cannot outlive a boot); /var/lock is the
+# same directory through a symlink on current systems and a real one on older ones.
+USERS_LOCK = os.environ.get("SANDBOXD_TEST_USERS_LOCK") or (
+    "/run/lock/sandboxd-test-users.lock" if os.path.isdir("/run/lock")
+    else "/var/lock/sandboxd-test-users.lock")
+# Users that must have no subordinate ids at all (useradd would give them login.defs' default).
+NO_SUBIDS = frozenset({"sbxsingle"})
+
+
+@contextlib.contextmanager
+def _users_lock() -> Iterator[None]:
+    """Serialize user, group and subordinate-id edits across pytest processes: two runs creating
+    the same user race useradd ("already exists"), groupadd likewise, and two ``sandboxctl
+    setup`` of different users could pick the same free subordinate range."""
+    with open(USERS_LOCK, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _run(argv: list[str]) -> None:
+    res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
+
+
+def _ensure_user_locked(name: str, groups: tuple[str, ...], subids: bool | None
+                        ) -> pwd.struct_passwd:
+    from sandboxd import hostsetup
+
+    if subids is None:
+        subids = name not in NO_SUBIDS
     try:
-        return pwd.getpwnam(name)
+        pw = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", name], check=True)
-        return pwd.getpwnam(name)
+        argv = ["useradd", "--create-home", "--shell", "/bin/bash"]
+        if not subids:
+            argv += ["-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0"]
+        _run([*argv, name])
+        pw = pwd.getpwnam(name)
+    if subids:
+        # useradd's own range depends on login.defs; make sure there is one either way.
+        hostsetup.ensure_subids(name, pw.pw_uid)
+    for group in groups:
+        try:
+            members = grp.getgrnam(group).gr_mem
+        except KeyError:
+            _run(["groupadd", group])
+            members = []
+        if name not in members:
+            _run(["usermod", "--append", "--groups", group, name])
+    return pwd.getpwnam(name)
+
+
+def _ensure_user(name: str, *, groups: tuple[str, ...] = (),
+                 subids: bool | None = None) -> pwd.struct_passwd:
+    """The user ``name``, created if missing (home, bash), with subordinate ids (unless it is in
+    NO_SUBIDS or ``subids=False``) and a member of ``groups`` (created if missing). Idempotent and
+    safe to call from concurrent pytest processes; never deletes or shrinks anything."""
+    with _users_lock():
+        return _ensure_user_locked(name, groups, subids)
+
+
+def skip_unless_ci(why: str) -> None:
+    """Skip a tier whose prerequisite (the language rootfs, the nspawn tree) is missing, except
+    under CI=true: there .ci/run built it, so its absence means the build failed, and a skip
+    would keep CI green on a broken setup."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and the prerequisite is missing (its build failed?): {why}",
+                    pytrace=False)
+    pytest.skip(why)
 
 
 def as_user(user: pwd.struct_passwd, argv: list[str], **kw: object) -> list[str]:
@@ -169,10 +252,13 @@ class DaemonProc:
         return found
 
 
-def _setup_user(name: str) -> pwd.struct_passwd:
-    user = _ensure_user(name)
-    subprocess.run([SANDBOXCTL, "setup", "--user", name], check=True, capture_output=True)
-    return user
+def _setup_user(name: str, *, groups: tuple[str, ...] = ()) -> pwd.struct_passwd:
+    """``_ensure_user`` plus ``sandboxctl setup`` (its 16 x 65536 subordinate ids, delegated
+    cgroups, state and runtime dirs), under the same lock."""
+    with _users_lock():
+        _ensure_user_locked(name, groups, True)
+        _run([SANDBOXCTL, "setup", "--user", name])
+        return pwd.getpwnam(name)
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +273,14 @@ def other_user() -> pwd.struct_passwd:
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second user")
     return _ensure_user(OTHER_USER)
+
+
+@pytest.fixture(scope="session")
+def probe_user() -> pwd.struct_passwd:
+    """An unprivileged user that runs cgroup backends against parents delegated to it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create the probe user")
+    return _ensure_user(PROBE_USER)
 
 
 def make_daemon(user: pwd.struct_passwd, rootfs: str | None = None,

@@ -1,8 +1,9 @@
 """cgroup backends against the real kernel: v1 hierarchies and the hybrid cgroup2 mount.
 
-Needs root (to create a throw-away delegated parent) and the unprivileged user ``sbxprobe``. Every
-cgroup lives under a parent named ``sbxtest-<random>`` so concurrent runs never collide, and the
-``made`` fixture registers each process and directory for teardown.
+Needs root (to create a throw-away delegated parent) and the unprivileged user ``sbxprobe`` (the
+``probe_user`` fixture makes it). Every cgroup lives under a parent named ``sbxtest-<random>`` so
+concurrent runs never collide, and the ``made`` fixture registers each process and directory for
+teardown.
 """
 
 from __future__ import annotations
@@ -319,8 +320,8 @@ def test_v1_timings(v1: V1Backend, made: Made) -> None:
 # === unprivileged daemon against a delegated v1 parent ===========================================
 
 
-def test_v1_unprivileged_user_delegated(made: Made) -> None:
-    pw = pwd.getpwnam("sbxprobe")
+def test_v1_unprivileged_user_delegated(made: Made, probe_user: pwd.struct_passwd) -> None:
+    pw = probe_user
     parent = _parent(made, "sbxprobe", pw.pw_uid, pw.pw_gid)
     parent_c, child_c = socket.socketpair()
     made.fds += [parent_c.detach(), child_c.detach()]
@@ -385,12 +386,13 @@ def test_v1_unprivileged_user_delegated(made: Made) -> None:
     assert not os.path.exists(f"{V1_ROOT}/memory/{parent}/room-u1")
 
 
-def test_v1_unprivileged_cannot_use_undelegated_parent(made: Made) -> None:
+def test_v1_unprivileged_cannot_use_undelegated_parent(made: Made,
+                                                        probe_user: pwd.struct_passwd) -> None:
     top = f"sbxtest-{uuid.uuid4().hex[:10]}"
     snippet = ("from sandboxd.jail import cgroup\n"
                f"b = cgroup.detect('auto', {top + '/nobody'!r}, user='sbxprobe')\n"
                "print(b.name, b.describe().get('reason'))\n")
-    pw = pwd.getpwnam("sbxprobe")
+    pw = probe_user
     out = subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
                           "--clear-groups", sys.executable, "-c", snippet],
                          env={"PYTHONPATH": REPO}, capture_output=True, text=True, timeout=20)
@@ -458,10 +460,11 @@ def test_v2_create_join_kill_rmdir(v2: V2Backend, made: Made) -> None:
     assert not os.path.exists(room.path)
 
 
-def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made) -> None:
+def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made,
+                                             probe_user: pwd.struct_passwd) -> None:
     """The v2 delegation check uses the opener's credentials (join_fds): a process of another uid
     joins through a daemon-opened cgroup.procs, though it cannot open the file itself."""
-    pw = pwd.getpwnam("sbxprobe")
+    pw = probe_user
     base = v2.base.paths["unified"]
     for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
         os.chown(os.path.join(base, name), pw.pw_uid, pw.pw_gid)

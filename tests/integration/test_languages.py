@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import skip_unless_ci
 
 from sandboxd import errors
 
@@ -59,7 +60,8 @@ LANGS = list(UPPER)
 @pytest.fixture(scope="module")
 def lang_daemon(test_user: Any) -> Iterator[Any]:
     if not os.path.isdir(os.path.join(ROOTFS, "usr")):
-        pytest.skip(f"the runtime tree is not built at {ROOTFS} (rootfs/build.sh or .ci/rootfs.sh)")
+        skip_unless_ci(f"the runtime tree is not built at {ROOTFS} "
+                       "(rootfs/build.sh or .ci/rootfs.sh)")
     from conftest import make_daemon
 
     d = make_daemon(test_user, rootfs=ROOTFS)
@@ -152,7 +154,7 @@ def test_compiled_languages_work_without_cgroups(test_user: Any, tmp_path: Any) 
     as requests, so on a host without cgroups every compiled language failed LIMIT_UNAVAILABLE.
     Defaults apply where enforceable; a caller's explicit limit still fails closed."""
     if not os.path.isdir(os.path.join(ROOTFS, "usr")):
-        pytest.skip(f"the runtime tree is not built at {ROOTFS}")
+        skip_unless_ci(f"the runtime tree is not built at {ROOTFS}")
     from conftest import make_daemon
 
     d = make_daemon(test_user, rootfs=ROOTFS)

@@ -9,7 +9,6 @@ process of its own under its uid, so the only thing telling them apart is the ke
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
@@ -37,15 +36,9 @@ ROOT = str(Path(__file__).resolve().parents[2])
 def tenants() -> Iterator[tuple[DaemonProc, pwd.struct_passwd, pwd.struct_passwd]]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create users")
-    owner = _setup_user("sbxsec")
-    a, b = _ensure_user("sbxtest"), _ensure_user("sbxother")
-    try:
-        grp.getgrnam(GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", GROUP], check=True)
-    for u in (owner, a, b):
-        subprocess.run(["usermod", "-aG", GROUP, u.pw_name], check=True)
-    d = make_daemon(pwd.getpwnam(owner.pw_name))
+    owner = _setup_user("sbxsec", groups=(GROUP,))
+    a, b = _ensure_user("sbxtest", groups=(GROUP,)), _ensure_user("sbxother", groups=(GROUP,))
+    d = make_daemon(owner)
     cfg = os.path.join(os.path.dirname(d.state_dir), "sandboxd.toml")
     Path(cfg).write_text(f'socket_group = "{GROUP}"\n')
     os.chmod(cfg, 0o644)

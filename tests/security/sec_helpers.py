@@ -16,7 +16,6 @@ attacker after an escape" by running code under a room's host uid (setpriv).
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import os
 import pwd
@@ -67,14 +66,8 @@ def client_users() -> tuple[pwd.struct_passwd, pwd.struct_passwd]:
     """Two unprivileged client users (not the daemon's), both in the socket's group."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create users")
-    a, b = _ensure_user("sbxtest"), _ensure_user("sbxother")
-    try:
-        grp.getgrnam(CLIENT_GROUP)
-    except KeyError:
-        subprocess.run(["groupadd", CLIENT_GROUP], check=True)
-    for u in (a, b):
-        subprocess.run(["usermod", "-aG", CLIENT_GROUP, u.pw_name], check=True)
-    return pwd.getpwnam(a.pw_name), pwd.getpwnam(b.pw_name)
+    return (_ensure_user("sbxtest", groups=(CLIENT_GROUP,)),
+            _ensure_user("sbxother", groups=(CLIENT_GROUP,)))
 
 
 def write_config(d: DaemonProc, **settings: object) -> None:
