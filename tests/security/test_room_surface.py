@@ -77,8 +77,11 @@ def test_run_ids_are_per_room(rooms: Any) -> None:
 def test_mountinfo_hides_the_host_tree_path(sec_user: Any) -> None:
     tree = os.environ.get("SANDBOXD_TEST_LANG_ROOTFS")
     if not tree:
-        pytest.fail("SANDBOXD_TEST_LANG_ROOTFS is not set: scripts/test.sh sets it once the "
-                    "built tree exists (.ci/rootfs.sh)")
+        from conftest import skip_unless_ci
+
+        skip_unless_ci("SANDBOXD_TEST_LANG_ROOTFS is not set: scripts/test.sh sets it once the "
+                       "built tree exists (.ci/rootfs.sh)")
+        return
     real = os.path.realpath(tree)
     d = h.start_daemon(sec_user, rootfs=tree)
     try:
