@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import _syscalls as sc
-from . import caps, cgroup, channel, mnt, net, user
+from . import caps, cgroup, channel, mnt, net
 
 Handler = Callable[[dict[str, Any], list[int]], tuple[dict[str, Any], list[int]]]
 #: init-side operations by name; other modules (files) register theirs here.
@@ -98,9 +98,6 @@ class Init:
 
     def setup(self) -> None:
         spec = self.spec
-        # Before mnt.setup: the host's /proc is still mounted, and /proc/sys/user/* answers for
-        # the namespace of whoever opens it, i.e. the room's.
-        user.cap_room_ucounts()
         mnt.setup(spec["scratch_fd"], spec["rootfs"], spec["disk_bytes"], spec["hostname"])
         # Opened while still dumpable: afterwards /proc/self belongs to global root.
         self.oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)

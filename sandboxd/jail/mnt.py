@@ -28,6 +28,7 @@ import os
 import stat
 
 from . import _syscalls as sc
+from . import user
 
 # Host /etc entries a toolchain needs to start, bound read-only into "host" rooms.
 HOST_ETC = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl",
@@ -208,6 +209,11 @@ def mount_proc(root: str) -> None:
         if os.path.isdir(f"{proc}/{name}"):
             sc.mount("tmpfs", f"{proc}/{name}", "tmpfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
                      "size=0,mode=0555")
+    # The room's own ceilings on per-user counters (user.py), written through the room's fresh
+    # procfs before /proc/sys goes read-only: /proc/sys/user/* answers for the namespace of
+    # whoever opens it, and the host's /proc/sys may be read-only already (systemd's
+    # ProtectKernelTunables=, a container), which failed every room there.
+    user.cap_room_ucounts(proc)
     for name in PROC_READONLY:
         bind(f"{proc}/{name}", f"{proc}/{name}")
 

@@ -311,8 +311,9 @@ def subordinate_range(user: str, path: str = "/etc/subuid") -> tuple[int, int] |
 # (128 by default) is shared by every room and the daemon user's host processes: one room
 # holding 128 inotify instances made inotify_init fail everywhere else (issue 10, H7). A user
 # namespace's own maxima start at INT_MAX; the room's init (root of the room's namespace, with
-# CAP_SYS_RESOURCE there) lowers them before /proc/sys goes read-only, and payloads, without
-# capabilities, cannot raise them again. fanotify is denied outright (no toolchain needs it).
+# CAP_SYS_RESOURCE there) lowers them through the room's fresh procfs before its /proc/sys goes
+# read-only (mnt.mount_proc), and payloads, without capabilities, cannot raise them again.
+# fanotify is denied outright (no toolchain needs it).
 ROOM_UCOUNTS = {
     "max_inotify_instances": ("/proc/sys/fs/inotify/max_user_instances", 8),
     "max_inotify_watches": ("/proc/sys/fs/inotify/max_user_watches", 8),
@@ -330,7 +331,7 @@ def cap_room_ucounts(proc: str = "/proc") -> dict[str, int]:
             continue  # an older kernel without this counter (fanotify: 5.13)
         value = 0
         if host is not None:
-            with open(f"{proc}{host[len('/proc'):]}") as f:
+            with open(f"{proc}{host[len('/proc'):]}") as f:  # (the pools are global)
                 value = max(4, int(f.read()) // share)
         _write(path, str(value))
         done[name] = value
