@@ -40,7 +40,7 @@ from typing import Any, Literal
 import msgspec
 
 from .. import errors, protocol
-from ..jail import JailError
+from ..jail import JailError, channel
 from ..rooms import Room, iso
 from . import Context, method
 
@@ -177,6 +177,10 @@ async def init_op(room: Room, msg: dict[str, Any], path: str, nfds: int = 0,
         if isinstance(err_data, dict):
             num = int(err_data.get("errno") or errno.EIO)
             raise file_error(num, _message(err_data, num), path)
+        if reply.get(channel.TRUNCATED):
+            raise errors.InternalError(f"sandbox {room.id}: no fd for the reply to "
+                                       f"{msg.get('op')}", sandboxId=room.id) from OSError(
+                errno.EMFILE, "the daemon is out of file descriptors")
         raise errors.InternalError(f"sandbox {room.id}: malformed reply to {msg.get('op')}",
                                    sandboxId=room.id)
     return reply, fds

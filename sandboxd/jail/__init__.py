@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -153,6 +154,9 @@ class Zygote:
         if "error" in reply or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
+            if reply.get(channel.TRUNCATED):
+                raise JailError(errno.EMFILE, "room set-up failed: the daemon is out of file "
+                                "descriptors")
             raise JailError(f"room set-up failed: {reply.get('error', 'no channel returned')}")
         return int(reply["pid"]), socket.socket(fileno=fds[0]), fds[1]
 

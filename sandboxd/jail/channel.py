@@ -23,6 +23,8 @@ import msgspec
 
 MAX_MSG = 256 * 1024
 MAX_FDS = 16
+#: key set on a received message whose fds the kernel truncated (see AsyncChannel)
+TRUNCATED = "_fds_truncated"
 _ANC = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 _enc = msgspec.msgpack.Encoder()
@@ -107,6 +109,10 @@ class AsyncChannel:
             except (ValueError, msgspec.DecodeError):
                 self.close()  # a peer speaking garbage is a dead room
                 return
+            if _f & socket.MSG_CTRUNC:
+                # The kernel dropped fds it could not install: this process is out of fds
+                # (EMFILE). Callers say so instead of "malformed reply" (issue 23, D12).
+                msg[TRUNCATED] = True
             fut = self._pending.pop(msg.get("re", -1), None) if "re" in msg else None
             if fut is not None:
                 if not fut.done():
