@@ -60,24 +60,28 @@ def _mine(path: str, name: str) -> list[tuple[int, int]]:
 
 
 def test_concurrent_setup_of_a_new_user(fresh_name: str) -> None:
-    """Four processes run ``_setup_user`` for a user that does not exist yet, released together:
+    """Eight processes run ``_setup_user`` for a user that does not exist yet, released together:
     all succeed, and the user ends up with exactly one range of setup's size per file, shared
     with nobody, and its delegated cgroups."""
     with pytest.raises(KeyError):
         pwd.getpwnam(fresh_name)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import conftest; sys.stdin.read(); "
-            "conftest._setup_user(sys.argv[2])")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import conftest; print(flush=True); "
+            "sys.stdin.read(); conftest._setup_user(sys.argv[2])")
     procs = [subprocess.Popen([sys.executable, "-c", code, TESTS, fresh_name],
-                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    for p in procs:  # every child is started (and importing) before any may go
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    for p in procs:  # a barrier: every child has imported everything before any may go
+        assert p.stdout is not None
+        p.stdout.readline()
+    for p in procs:
         assert p.stdin is not None
         p.stdin.close()
     results = []
     for p in procs:
-        assert p.stderr is not None
-        with p.stderr:
-            results.append((p.wait(120), p.stderr.read()))
+        assert p.stdout is not None and p.stderr is not None
+        with p.stdout, p.stderr:
+            err = p.stderr.read()
+        results.append((p.wait(120), err))
     assert all(rc == 0 for rc, _ in results), results
     pw = pwd.getpwnam(fresh_name)
     for path in (SUBUID, SUBGID):
