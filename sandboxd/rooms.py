@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -136,6 +137,9 @@ class Room:
         self.cgroup: Any = None
         self.ids: idmaps.IdMap | None = None  # its own id slice (subordinate mode)
         self.active_runs = 0
+        # Run ids count per room: a daemon-wide counter showed in /proc/self/cgroup and told
+        # every room how busy the other tenants were (issue 10, M4).
+        self.run_ids = itertools.count(1)
         self._pending: set[asyncio.Future[Any]] = set()
         # Request tasks using the room (any method: a streamed readFile, a long file operation,
         # an exec): the idle reaper leaves a room alone while one is running.

@@ -30,12 +30,10 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import itertools
 import logging
 import os
 import signal
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,8 +59,6 @@ MAX_ARGV_ENV_BYTES = 128 * 1024
 INIT_RESERVE_BYTES = 32 * MiB
 DRAIN_AFTER_EXIT_S = 0.5
 READ_CHUNK = 64 * 1024
-_run_counters: weakref.WeakKeyDictionary[Room, itertools.count[int]] = \
-    weakref.WeakKeyDictionary()
 
 OutputCallback = Callable[[str, str], Awaitable[None]]
 
@@ -190,12 +186,7 @@ def _signame(num: int) -> str:
 
 async def run(room: Room, spec: RunSpec) -> RunResult:
     """Run one program in ``room`` under ``spec``'s limits and report what happened."""
-    # Numbered per room: a daemon-wide counter showed in /proc/self/cgroup and told every room
-    # how busy the other tenants were (issue 10, M4).
-    counter = _run_counters.get(room)
-    if counter is None:
-        counter = _run_counters[room] = itertools.count(1)
-    run_id = f"r{next(counter)}"
+    run_id = f"r{next(room.run_ids)}"
     memory = run_memory_limit(spec.memory_bytes, room.options.limits.memory_bytes,
                               room.cgroup.enforced)
     cg = room.cgroup.create_run(run_id, room.run_cgroup_limits(memory, spec.pids))
