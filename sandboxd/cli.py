@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import errors
+from . import errors, protocol
 from .client import Client, ExecResult
 
 # Exit codes of sandboxctl itself. `exec`/`sh` exit with the command's own code instead, so these
@@ -72,8 +72,13 @@ def _client(ctx: click.Context) -> Client:
     return Client(obj.get("socket"), obj.get("timeout"))
 
 
+def _wire_json(value: Any) -> Any:
+    """Results as the daemon sent them (unknown fields included), anything else as text."""
+    return value.raw if isinstance(value, protocol.Result) else str(value)
+
+
 def _print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=_wire_json))
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,7 +119,7 @@ def ping(ctx: click.Context, room: str | None, as_json: bool) -> None:
         version = result.get("version", "?")
         click.echo(f"{result.get('message', 'pong')} from sandboxd {version} "
                    f"at {client.socket_path} ({took:.1f} ms)")
-        caps = result.get("capabilities")
+        caps = result.raw.get("capabilities")
         if isinstance(caps, dict):
             for key in sorted(caps):
                 click.echo(f"  {key}: {json.dumps(caps[key], sort_keys=True, default=str)}")
@@ -189,9 +194,10 @@ def _parse_env(values: Sequence[str]) -> dict[str, str] | None:
 def _exit_status(result: ExecResult) -> int:
     if result.timed_out or result.status == "TO":
         return EXIT_TIMEOUT
-    sig = result.signal
-    if isinstance(sig, str):  # "SIGKILL" or "9"
-        sig = int(sig) if sig.isdigit() else getattr(signal.Signals, sig, None)
+    name = result.signal
+    sig: int | None = name if isinstance(name, int) else None
+    if isinstance(name, str):  # "SIGKILL" or "9"
+        sig = int(name) if name.isdigit() else getattr(signal.Signals, name, None)
     if isinstance(sig, int) and sig > 0 and result.exit_code < 0:
         return 128 + int(sig)
     if not isinstance(result.exit_code, int) or result.exit_code < 0:

@@ -62,7 +62,7 @@ def run(ctx: click.Context, room: str, language: str, source: str, stdin_file: A
             sys.stdout.write(res.get("stdout", ""))
             sys.stderr.write(res.get("stderr", ""))
         if report or res.get("status") == "CE":
-            click.echo(_status_line(res), err=True)
+            click.echo(_status_line(res.raw), err=True)
         return 1 if res.get("status") == "CE" else int(res.get("exitCode") or 0)
 
     _run(body)

@@ -27,7 +27,6 @@ This module imports nothing of the daemon (no server, rooms or jail), so ``sandb
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import math
 import socket as _socket
@@ -61,117 +60,48 @@ OutputCallback = Callable[[str, str], Any]
 #: ``on_notification(method, params)`` for raw calls.
 NotificationCallback = Callable[[str, dict[str, Any]], Any]
 
+#: Per-run limits: the struct, or its wire dict (``{"cpuTimeMs": 300}``).
+Limits = protocol.RunLimits | Mapping[str, Any] | None
+
 #: A response line may carry a whole file (readFile caps at 32 MiB, base64 adds a third).
 MAX_LINE = 256 * 1024 * 1024
 _RECV = 256 * 1024
 
-# --- results -----------------------------------------------------------------------------------
+# --- results ---------------------------------------------------------------------------------
+# The result types are the wire's own (``protocol``): every method's result is decoded with its
+# struct from ``protocol.METHODS`` (unknown fields ignored, and kept in ``.raw``); they read as
+# their wire dicts too (``result["exitCode"]``).
+
+ExecResult = protocol.ExecResult
+SandboxInfo = protocol.SandboxInfo
+FileInfo = protocol.FileInfo
+R = TypeVar("R", bound=protocol.Result)
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(p[:1].upper() + p[1:] for p in rest)
-
-
-_T = TypeVar("_T")
-
-
-def _build(cls: type[_T], raw: Any) -> _T:
-    """Fill a result dataclass from a wire dict: known camelCase fields, the whole dict in ``raw``.
-
-    Unknown fields are kept (in ``raw``) and never refused, so a newer daemon does not break an
-    older client; missing fields take the dataclass default.
-    """
-    if not isinstance(raw, dict):
-        raise errors.ProtocolError(f"expected an object in the result, got {type(raw).__name__}")
-    kwargs: dict[str, Any] = {"raw": raw}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name != "raw" and (key := _camel(f.name)) in raw:
-            kwargs[f.name] = raw[key]
-    return cls(**kwargs)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExecResult:
-    """The result of ``exec``. A non-zero exit is a result, not an error.
-
-    ``duration`` is in milliseconds, as on the wire. The limits report fields (``status`` OK, RE,
-    SG, TO, ML, OL, XX; ``cpu_time_ms``; ``memory_peak_bytes``; ``signal``) are None from daemons
-    that do not send them; anything newer is in ``raw``.
-    """
-
-    success: bool = False
-    exit_code: int = -1
-    stdout: str = ""
-    stderr: str = ""
-    command: str = ""
-    duration: float = 0
-    timestamp: str = ""
-    timed_out: bool = False
-    status: str | None = None
-    signal: int | str | None = None
-    cpu_time_ms: float | None = None
-    wall_time_ms: float | None = None
-    memory_peak_bytes: int | None = None
-    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> ExecResult:
-        return _build(cls, raw)
-
-
-@dataclasses.dataclass(frozen=True)
-class SandboxInfo:
-    """A room as ``getSandbox`` / ``listSandboxes`` describe it."""
-
-    sandbox_id: str = ""
-    status: str = ""
-    created_at: Any = None
-    last_activity_at: Any = None
-    options: dict[str, Any] | None = None
-    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> SandboxInfo:
-        return _build(cls, raw)
-
-
-@dataclasses.dataclass(frozen=True)
-class FileContent:
+class FileContent(protocol.ReadFileResult, frozen=True):
     """The result of ``readFile``: ``data`` is always the file's bytes (decoded from base64 when
     the daemon sent that), ``text`` its UTF-8 reading. After a streamed read into a callback or
     a file object, ``data`` is empty and ``size`` tells how much was delivered."""
 
-    path: str = ""
-    encoding: str = ""
-    is_binary: bool = False
-    size: int = 0
-    mime_type: str = ""
-    timestamp: str = ""
-    data: bytes = dataclasses.field(default=b"", repr=False)
-    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    @property
+    def data(self) -> bytes:
+        got: bytes = self.__dict__.get("_data", b"")
+        return got
 
     @property
     def text(self) -> str:
         return self.data.decode("utf-8", "replace")
 
 
-@dataclasses.dataclass(frozen=True)
-class FileInfo:
-    """One entry of ``listFiles``; ``type`` is file, directory, symlink or other."""
-
-    name: str = ""
-    absolute_path: str = ""
-    relative_path: str = ""
-    type: str = ""
-    size: int = 0
-    modified_at: str = ""
-    mode: str = ""
-    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_wire(cls, raw: Any) -> FileInfo:
-        return _build(cls, raw)
+def _result(method: str, raw: Any, shape: type[R]) -> R:
+    """``raw`` (the decoded JSON result) as ``shape``: the method's result struct in METHODS, or
+    a subclass of it (FileContent)."""
+    if not issubclass(shape, protocol.METHODS[method].result):
+        raise TypeError(f"{shape.__name__} is not the result of {method}")
+    if not isinstance(raw, dict):
+        raise errors.ProtocolError(f"expected an object in the result of {method}, "
+                                   f"got {type(raw).__name__}", method=method)
+    return protocol.convert_result(method, raw, shape)
 
 
 #: ``read_file(stream=...)``: True collects the chunks into ``data``; a callable gets each chunk's
@@ -181,13 +111,13 @@ CHUNK_UPLOAD = 4 * 1024 * 1024
 
 
 def _write_params(sandbox_id: str, path: str, content: str | bytes, encoding: str | None,
-                  append: bool) -> dict[str, Any]:
+                  append: bool) -> protocol.WriteFileParams:
     if isinstance(content, bytes):
         import base64
 
         content, encoding = base64.b64encode(content).decode("ascii"), "base64"
-    return _params(sandbox_id=sandbox_id, path=path, content=content, encoding=encoding,
-                   append=True if append else None)
+    return _build(protocol.WriteFileParams, sandbox_id=sandbox_id, path=path, content=content,
+                  encoding=encoding, append=append)
 
 
 class _Chunks:
@@ -220,22 +150,17 @@ class _Chunks:
 
 
 def _file_content(result: Any, chunks: _Chunks | None) -> FileContent:
-    if not isinstance(result, dict):
-        raise errors.ProtocolError("readFile returned no object")
+    out = _result("readFile", result, FileContent)
     if chunks is not None:
         data = bytes(chunks.buf)
-    elif result.get("encoding") == "base64":
+    elif out.encoding == "base64":
         import base64
 
-        data = base64.b64decode(result.get("content", ""))
+        data = base64.b64decode(out.content)
     else:
-        data = str(result.get("content", "")).encode("utf-8")
-    return FileContent(path=str(result.get("path", "")), encoding=str(result.get("encoding", "")),
-                       is_binary=bool(result.get("isBinary", False)),
-                       size=int(result.get("size", len(data))),
-                       mime_type=str(result.get("mimeType", "")),
-                       timestamp=str(result.get("timestamp", "")), data=data,
-                       raw={k: v for k, v in result.items() if k != "content"})
+        data = out.content.encode("utf-8")
+    out.__dict__["_data"] = data
+    return out
 
 
 # --- cp: tar archives streamed in chunks ---------------------------------------------------------
@@ -372,15 +297,25 @@ def safe_extract(fileobj: Any, dest: str) -> dict[str, int]:
 # --- params ------------------------------------------------------------------------------------
 
 
-def _wire(value: Any) -> Any:
-    """msgspec structs (RoomOptions, RunLimits) to their camelCase wire form; dicts as given."""
-    if isinstance(value, msgspec.Struct):
-        return msgspec.to_builtins(value)
-    return value
+P = TypeVar("P", bound=protocol.Params)
 
 
-def _params(**kwargs: Any) -> dict[str, Any]:
-    return {_camel(k): _wire(v) for k, v in kwargs.items() if v is not None}
+def _build(shape: type[P], **given: Any) -> P:
+    """A params struct from keyword arguments; ``None`` means "not sent" (the field's default).
+    Nested limits may be given as structs or as their wire dicts."""
+    fields = {k: v for k, v in given.items() if v is not None}
+    for key in ("limits", "compile_limits"):
+        if isinstance(fields.get(key), Mapping):
+            fields[key] = protocol.convert_params(key, dict(fields[key]), protocol.RunLimits)
+    return shape(**fields)
+
+
+def _room_options(options: Any) -> dict[str, Any] | None:
+    """getSandbox's options: a ``config.RoomOptions`` (or any struct) or its wire dict."""
+    if isinstance(options, msgspec.Struct):
+        out: dict[str, Any] = msgspec.to_builtins(options)
+        return out
+    return dict(options) if options is not None else None
 
 
 def _timeout_ms(timeout: float | None) -> int | None:
@@ -404,13 +339,21 @@ def _stdin_text(stdin: str | bytes | None) -> str | None:
 
 def _exec_params(sandbox_id: str, command: str, args: Sequence[str] | None, cwd: str | None,
                  env: Mapping[str, str | None] | None, stdin: str | bytes | None,
-                 timeout: float | None, stream: bool, limits: Any, user: str | None
-                 ) -> dict[str, Any]:
-    return _params(sandbox_id=sandbox_id, command=command,
-                   args=list(args) if args is not None else None, cwd=cwd,
-                   env=dict(env) if env is not None else None, stdin=_stdin_text(stdin),
-                   timeout=_timeout_ms(timeout), stream=True if stream else None,
-                   limits=limits, user=user)
+                 timeout: float | None, stream: bool, limits: Limits, user: str | None
+                 ) -> protocol.ExecParams:
+    return _build(protocol.ExecParams, sandbox_id=sandbox_id, command=command,
+                  args=list(args) if args is not None else None, cwd=cwd,
+                  env=dict(env) if env is not None else None, stdin=_stdin_text(stdin),
+                  timeout=_timeout_ms(timeout), stream=stream, limits=limits, user=user)
+
+
+def _code_params(sandbox_id: str, language: str, code: str, stdin: str | None,
+                 args: Sequence[str] | None, files: Mapping[str, str] | None, limits: Limits,
+                 compile_limits: Limits, user: str | None) -> protocol.RunCodeParams:
+    return _build(protocol.RunCodeParams, sandbox_id=sandbox_id, language=language, code=code,
+                  stdin=stdin, args=list(args) if args is not None else None,
+                  files=dict(files) if files is not None else None, limits=limits,
+                  compile_limits=compile_limits, user=user)
 
 
 def _output_router(on_output: OutputCallback) -> NotificationCallback:
@@ -696,19 +639,32 @@ class Client:
         out = self._exchange(reqs, set(ids), on_notification, self.timeout)
         return [out[i] for i in ids]
 
-    # -- methods
+    # -- typed methods (their params and results are protocol.METHODS')
 
-    def ping(self, sandbox_id: str | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("ping", _params(sandbox_id=sandbox_id))
-        return result
+    def request(self, method: str, params: protocol.Params, shape: type[R],
+                on_notification: NotificationCallback | None = None, *,
+                timeout: float | None = None) -> R:
+        """One typed call: ``params`` (the method's params struct) out, ``shape`` (its result
+        struct, or a subclass) back."""
+        return _result(method, self.call(method, protocol.params_to_wire(params),
+                                         on_notification, timeout=timeout), shape)
+
+    def ping(self, sandbox_id: str | None = None) -> protocol.PingResult:
+        return self.request("ping", _build(protocol.PingParams, sandbox_id=sandbox_id),
+                            protocol.PingResult)
 
     def list_sandboxes(self) -> list[SandboxInfo]:
-        result = self.call("listSandboxes", {})
-        return [SandboxInfo.from_wire(s) for s in result.get("sandboxes", [])]
+        return self.request("listSandboxes", protocol.ListSandboxesParams(),
+                            protocol.ListSandboxesResult).sandboxes
 
-    def list_languages(self) -> list[dict[str, Any]]:
-        languages: list[dict[str, Any]] = self.call("listLanguages", {})["languages"]
-        return languages
+    def list_languages(self) -> list[protocol.LanguageInfo]:
+        return self.request("listLanguages", protocol.ListLanguagesParams(),
+                            protocol.ListLanguagesResult).languages
+
+    def stats(self, sandbox_id: str | None = None) -> protocol.StatsResult:
+        """Live usage of your rooms (all of them, or ``sandbox_id``)."""
+        return self.request("stats", _build(protocol.StatsParams, sandbox_id=sandbox_id),
+                            protocol.StatsResult)
 
     def sandbox(self, sandbox_id: str) -> Sandbox:
         """A handle; nothing is sent until you use it (``exec`` creates the room on demand)."""
@@ -725,43 +681,39 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"Sandbox({self.id!r})"
 
-    def _call(self, method: str, **params: Any) -> Any:
-        return self.client.call(method, _params(sandbox_id=self.id, **params))
-
     def get(self, options: Any = None) -> SandboxInfo:
         """Get or create the room; ``options`` is a ``config.RoomOptions`` or its wire dict."""
-        return SandboxInfo.from_wire(self._call("getSandbox", options=options))
+        return self.client.request("getSandbox", _build(
+            protocol.GetSandboxParams, sandbox_id=self.id, options=_room_options(options)),
+            SandboxInfo)
 
-    def ping(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("ping")
-        return result
+    def ping(self) -> protocol.PingResult:
+        return self.client.ping(self.id)
 
-    def destroy(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("destroy")
-        return result
+    def destroy(self) -> protocol.DestroyResult:
+        return self.client.request("destroy", protocol.DestroyParams(sandbox_id=self.id),
+                                   protocol.DestroyResult)
 
     def run_code(self, language: str, code: str, *, stdin: str | None = None,
                  args: Sequence[str] | None = None, files: Mapping[str, str] | None = None,
-                 limits: Any = None, compile_limits: Any = None,
-                 user: str | None = None) -> dict[str, Any]:
-        """Compile (cached by source) and run ``code``; the wire result (``status`` OK, CE, RE,
-        SG, TO, ML, OL, XX; ``compile`` holds the compiler's report)."""
-        result: dict[str, Any] = self._call(
-            "runCode", language=language, code=code, stdin=stdin,
-            args=list(args) if args is not None else None,
-            files=dict(files) if files is not None else None, limits=limits,
-            compile_limits=compile_limits, user=user)
-        return result
+                 limits: Limits = None, compile_limits: Limits = None,
+                 user: str | None = None) -> protocol.RunCodeResult:
+        """Compile (cached by source) and run ``code``; ``status`` OK, CE, RE, SG, TO, ML, OL,
+        XX; ``compile`` holds the compiler's report."""
+        return self.client.request("runCode", _code_params(
+            self.id, language, code, stdin, args, files, limits, compile_limits, user),
+            protocol.RunCodeResult)
 
-    def run_example_code(self) -> list[dict[str, Any]]:
+    def run_example_code(self) -> list[protocol.ExampleResult]:
         """A hello world in every language; unavailable toolchains say ``available: False``."""
-        results: list[dict[str, Any]] = self._call("runExampleCode")["results"]
-        return results
+        return self.client.request("runExampleCode",
+                                   protocol.RunExamplesParams(sandbox_id=self.id),
+                                   protocol.RunExamplesResult).results
 
     def exec(self, command: str, args: Sequence[str] | None = None, *, cwd: str | None = None,
              env: Mapping[str, str | None] | None = None, stdin: str | bytes | None = None,
              timeout: float | None = None, on_output: OutputCallback | None = None,
-             limits: Any = None, user: str | None = None) -> ExecResult:
+             limits: Limits = None, user: str | None = None) -> ExecResult:
         """Run ``command`` with ``args`` (argv form) or, with ``args`` None, as a shell line.
 
         ``timeout`` is in seconds (sent as ms). With ``on_output``, output is streamed to it as
@@ -769,67 +721,68 @@ class Sandbox:
         """
         params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
                               on_output is not None, limits, user)
-        result = self.client.call(
-            "exec", params, _output_router(on_output) if on_output is not None else None,
+        return self.client.request(
+            "exec", params, ExecResult,
+            _output_router(on_output) if on_output is not None else None,
             timeout=_call_deadline(self.client.timeout, timeout))
-        return ExecResult.from_wire(result)
 
     # -- files (paths are resolved inside the room; relative ones against /workspace)
 
     def write_file(self, path: str, content: str | bytes, *, encoding: str | None = None,
-                   append: bool = False) -> dict[str, Any]:
+                   append: bool = False) -> protocol.WriteFileResult:
         """Write ``content`` (bytes are sent as base64; a str as UTF-8 unless ``encoding`` says
         it already is base64); missing parent directories are created."""
-        result: dict[str, Any] = self.client.call(
-            "writeFile", _write_params(self.id, path, content, encoding, append))
-        return result
+        return self.client.request("writeFile",
+                                   _write_params(self.id, path, content, encoding, append),
+                                   protocol.WriteFileResult)
 
     def read_file(self, path: str, *, encoding: str | None = None,
                   stream: StreamSink = False) -> FileContent:
         """Read a file (up to 32 MiB; FILE_TOO_LARGE beyond). With ``stream`` there is no cap:
         True collects the chunks, a callable or a binary file object receives them."""
         chunks = _Chunks(stream) if stream is not False else None
-        result = self.client.call(
-            "readFile", _params(sandbox_id=self.id, path=path, encoding=encoding,
-                                stream=True if chunks is not None else None), chunks)
+        params = _build(protocol.ReadFileParams, sandbox_id=self.id, path=path,
+                        encoding=encoding, stream=chunks is not None)
+        result = self.client.call("readFile", protocol.params_to_wire(params), chunks)
         return _file_content(result, chunks if stream is True else None)
 
-    def delete_file(self, path: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("deleteFile", path=path)
-        return result
+    def delete_file(self, path: str) -> protocol.DeleteFileResult:
+        return self.client.request("deleteFile", protocol.PathParams(sandbox_id=self.id,
+                                                                     path=path),
+                                   protocol.DeleteFileResult)
 
-    def rename_file(self, old_path: str, new_path: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("renameFile", old_path=old_path, new_path=new_path)
-        return result
+    def rename_file(self, old_path: str, new_path: str) -> protocol.RenameResult:
+        return self.client.request("renameFile", protocol.RenameFileParams(
+            sandbox_id=self.id, old_path=old_path, new_path=new_path), protocol.RenameResult)
 
-    def move_file(self, source_path: str, destination_path: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("moveFile", source_path=source_path,
-                                            destination_path=destination_path)
-        return result
+    def move_file(self, source_path: str, destination_path: str) -> protocol.RenameResult:
+        return self.client.request("moveFile", protocol.MoveFileParams(
+            sandbox_id=self.id, source_path=source_path, destination_path=destination_path),
+            protocol.RenameResult)
 
-    def mkdir(self, path: str, *, recursive: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("mkdir", path=path,
-                                            recursive=True if recursive else None)
-        return result
+    def mkdir(self, path: str, *, recursive: bool = False) -> protocol.MkdirResult:
+        return self.client.request("mkdir", protocol.MkdirParams(
+            sandbox_id=self.id, path=path, recursive=recursive), protocol.MkdirResult)
 
     def list_files(self, path: str | None = None, *, recursive: bool = False,
                    include_hidden: bool = False) -> list[FileInfo]:
-        result = self._call("listFiles", path=path, recursive=True if recursive else None,
-                            include_hidden=True if include_hidden else None)
-        return [FileInfo.from_wire(f) for f in result.get("files", [])]
+        return self.client.request("listFiles", _build(
+            protocol.ListFilesParams, sandbox_id=self.id, path=path, recursive=recursive,
+            include_hidden=include_hidden), protocol.ListFilesResult).files
 
     def exists(self, path: str) -> bool:
-        return bool(self._call("exists", path=path).get("exists"))
+        return self.client.request("exists", protocol.PathParams(sandbox_id=self.id, path=path),
+                                   protocol.ExistsResult).exists
 
     def git_checkout(self, repo_url: str, *, branch: str | None = None,
                      target_dir: str | None = None, depth: int | None = None,
-                     timeout: float | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = self.client.call(
-            "gitCheckout", _params(sandbox_id=self.id, repo_url=repo_url, branch=branch,
-                                   target_dir=target_dir, depth=depth,
-                                   timeout=_timeout_ms(timeout)),
+                     timeout: float | None = None) -> protocol.GitCheckoutResult:
+        return self.client.request(
+            "gitCheckout", _build(protocol.GitCheckoutParams, sandbox_id=self.id,
+                                  repo_url=repo_url, branch=branch, target_dir=target_dir,
+                                  depth=depth, timeout=_timeout_ms(timeout)),
+            protocol.GitCheckoutResult,
             timeout=_call_deadline(self.client.timeout, timeout or 600))
-        return result
 
     def copy_to(self, src: str, dest_dir: str) -> dict[str, Any]:
         """Copy host file or directory ``src`` into room directory ``dest_dir`` (created).
@@ -1084,17 +1037,28 @@ class AsyncClient:
                 raise item  # the transport failed: no call of the batch has an answer
         return out
 
-    async def ping(self, sandbox_id: str | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = await self.call("ping", _params(sandbox_id=sandbox_id))
-        return result
+    async def request(self, method: str, params: protocol.Params, shape: type[R],
+                      on_notification: NotificationCallback | None = None, *,
+                      timeout: float | None = None) -> R:
+        """As :meth:`Client.request`."""
+        return _result(method, await self.call(method, protocol.params_to_wire(params),
+                                                on_notification, timeout=timeout), shape)
+
+    async def ping(self, sandbox_id: str | None = None) -> protocol.PingResult:
+        return await self.request("ping", _build(protocol.PingParams, sandbox_id=sandbox_id),
+                                  protocol.PingResult)
 
     async def list_sandboxes(self) -> list[SandboxInfo]:
-        result = await self.call("listSandboxes", {})
-        return [SandboxInfo.from_wire(s) for s in result.get("sandboxes", [])]
+        return (await self.request("listSandboxes", protocol.ListSandboxesParams(),
+                                   protocol.ListSandboxesResult)).sandboxes
 
-    async def list_languages(self) -> list[dict[str, Any]]:
-        languages: list[dict[str, Any]] = (await self.call("listLanguages", {}))["languages"]
-        return languages
+    async def list_languages(self) -> list[protocol.LanguageInfo]:
+        return (await self.request("listLanguages", protocol.ListLanguagesParams(),
+                                   protocol.ListLanguagesResult)).languages
+
+    async def stats(self, sandbox_id: str | None = None) -> protocol.StatsResult:
+        return await self.request("stats", _build(protocol.StatsParams, sandbox_id=sandbox_id),
+                                  protocol.StatsResult)
 
     def sandbox(self, sandbox_id: str) -> AsyncSandbox:
         return AsyncSandbox(self, sandbox_id)
@@ -1116,98 +1080,97 @@ class AsyncSandbox:
     def __repr__(self) -> str:
         return f"AsyncSandbox({self.id!r})"
 
-    async def _call(self, method: str, **params: Any) -> Any:
-        return await self.client.call(method, _params(sandbox_id=self.id, **params))
-
     async def get(self, options: Any = None) -> SandboxInfo:
-        return SandboxInfo.from_wire(await self._call("getSandbox", options=options))
+        return await self.client.request("getSandbox", _build(
+            protocol.GetSandboxParams, sandbox_id=self.id, options=_room_options(options)),
+            SandboxInfo)
 
-    async def ping(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("ping")
-        return result
+    async def ping(self) -> protocol.PingResult:
+        return await self.client.ping(self.id)
 
-    async def destroy(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("destroy")
-        return result
+    async def destroy(self) -> protocol.DestroyResult:
+        return await self.client.request("destroy", protocol.DestroyParams(sandbox_id=self.id),
+                                         protocol.DestroyResult)
 
     async def run_code(self, language: str, code: str, *, stdin: str | None = None,
                        args: Sequence[str] | None = None,
-                       files: Mapping[str, str] | None = None, limits: Any = None,
-                       compile_limits: Any = None, user: str | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            "runCode", language=language, code=code, stdin=stdin,
-            args=list(args) if args is not None else None,
-            files=dict(files) if files is not None else None, limits=limits,
-            compile_limits=compile_limits, user=user)
-        return result
+                       files: Mapping[str, str] | None = None, limits: Limits = None,
+                       compile_limits: Limits = None,
+                       user: str | None = None) -> protocol.RunCodeResult:
+        return await self.client.request("runCode", _code_params(
+            self.id, language, code, stdin, args, files, limits, compile_limits, user),
+            protocol.RunCodeResult)
 
-    async def run_example_code(self) -> list[dict[str, Any]]:
-        results: list[dict[str, Any]] = (await self._call("runExampleCode"))["results"]
-        return results
+    async def run_example_code(self) -> list[protocol.ExampleResult]:
+        return (await self.client.request("runExampleCode",
+                                          protocol.RunExamplesParams(sandbox_id=self.id),
+                                          protocol.RunExamplesResult)).results
 
     async def exec(self, command: str, args: Sequence[str] | None = None, *,
                    cwd: str | None = None, env: Mapping[str, str | None] | None = None,
                    stdin: str | bytes | None = None, timeout: float | None = None,
-                   on_output: OutputCallback | None = None, limits: Any = None,
+                   on_output: OutputCallback | None = None, limits: Limits = None,
                    user: str | None = None) -> ExecResult:
         params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
                               on_output is not None, limits, user)
-        result = await self.client.call(
-            "exec", params, _output_router(on_output) if on_output is not None else None,
+        return await self.client.request(
+            "exec", params, ExecResult,
+            _output_router(on_output) if on_output is not None else None,
             timeout=_call_deadline(self.client.timeout, timeout))
-        return ExecResult.from_wire(result)
 
     # -- files (the same as Sandbox's; cp is Sandbox-only)
 
     async def write_file(self, path: str, content: str | bytes, *,
-                         encoding: str | None = None, append: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = await self.client.call(
-            "writeFile", _write_params(self.id, path, content, encoding, append))
-        return result
+                         encoding: str | None = None,
+                         append: bool = False) -> protocol.WriteFileResult:
+        return await self.client.request(
+            "writeFile", _write_params(self.id, path, content, encoding, append),
+            protocol.WriteFileResult)
 
     async def read_file(self, path: str, *, encoding: str | None = None,
                         stream: StreamSink = False) -> FileContent:
         chunks = _Chunks(stream) if stream is not False else None
-        result = await self.client.call(
-            "readFile", _params(sandbox_id=self.id, path=path, encoding=encoding,
-                                stream=True if chunks is not None else None), chunks)
+        params = _build(protocol.ReadFileParams, sandbox_id=self.id, path=path,
+                        encoding=encoding, stream=chunks is not None)
+        result = await self.client.call("readFile", protocol.params_to_wire(params), chunks)
         return _file_content(result, chunks if stream is True else None)
 
-    async def delete_file(self, path: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("deleteFile", path=path)
-        return result
+    async def delete_file(self, path: str) -> protocol.DeleteFileResult:
+        return await self.client.request(
+            "deleteFile", protocol.PathParams(sandbox_id=self.id, path=path),
+            protocol.DeleteFileResult)
 
-    async def rename_file(self, old_path: str, new_path: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("renameFile", old_path=old_path,
-                                                  new_path=new_path)
-        return result
+    async def rename_file(self, old_path: str, new_path: str) -> protocol.RenameResult:
+        return await self.client.request("renameFile", protocol.RenameFileParams(
+            sandbox_id=self.id, old_path=old_path, new_path=new_path), protocol.RenameResult)
 
-    async def move_file(self, source_path: str, destination_path: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("moveFile", source_path=source_path,
-                                                  destination_path=destination_path)
-        return result
+    async def move_file(self, source_path: str,
+                        destination_path: str) -> protocol.RenameResult:
+        return await self.client.request("moveFile", protocol.MoveFileParams(
+            sandbox_id=self.id, source_path=source_path, destination_path=destination_path),
+            protocol.RenameResult)
 
-    async def mkdir(self, path: str, *, recursive: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("mkdir", path=path,
-                                                  recursive=True if recursive else None)
-        return result
+    async def mkdir(self, path: str, *, recursive: bool = False) -> protocol.MkdirResult:
+        return await self.client.request("mkdir", protocol.MkdirParams(
+            sandbox_id=self.id, path=path, recursive=recursive), protocol.MkdirResult)
 
     async def list_files(self, path: str | None = None, *, recursive: bool = False,
                          include_hidden: bool = False) -> list[FileInfo]:
-        result = await self._call("listFiles", path=path,
-                                  recursive=True if recursive else None,
-                                  include_hidden=True if include_hidden else None)
-        return [FileInfo.from_wire(f) for f in result.get("files", [])]
+        return (await self.client.request("listFiles", _build(
+            protocol.ListFilesParams, sandbox_id=self.id, path=path, recursive=recursive,
+            include_hidden=include_hidden), protocol.ListFilesResult)).files
 
     async def exists(self, path: str) -> bool:
-        return bool((await self._call("exists", path=path)).get("exists"))
+        return (await self.client.request(
+            "exists", protocol.PathParams(sandbox_id=self.id, path=path),
+            protocol.ExistsResult)).exists
 
     async def git_checkout(self, repo_url: str, *, branch: str | None = None,
                            target_dir: str | None = None, depth: int | None = None,
-                           timeout: float | None = None) -> dict[str, Any]:
-        result: dict[str, Any] = await self.client.call(
-            "gitCheckout", _params(sandbox_id=self.id, repo_url=repo_url, branch=branch,
-                                   target_dir=target_dir, depth=depth,
-                                   timeout=_timeout_ms(timeout)),
+                           timeout: float | None = None) -> protocol.GitCheckoutResult:
+        return await self.client.request(
+            "gitCheckout", _build(protocol.GitCheckoutParams, sandbox_id=self.id,
+                                  repo_url=repo_url, branch=branch, target_dir=target_dir,
+                                  depth=depth, timeout=_timeout_ms(timeout)),
+            protocol.GitCheckoutResult,
             timeout=_call_deadline(self.client.timeout, timeout or 600))
-        return result

@@ -26,23 +26,25 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from typing import Any
 
-from . import __version__, api, errors
+from . import __version__, errors
 from . import config as configmod
+from .coderun.service import CodeRunService
 from .config import DaemonConfig
+from .context import Services
+from .facts import HostFacts
 from .jail import Zygote, caps
 from .jail import cgroup as cgroups
 from .jail import user as idmaps
-from .protocol import RunLimits
+from .jail.cgroup import CgroupBackend
 from .rooms import RoomManager
 from .server import Server
 
 log = logging.getLogger("sandboxd")
-
-NAMESPACES = ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
 
 #: Past this, a shutdown stops waiting for room teardowns: it SIGKILLs every room init left and
 #: exits 1 (the unit's TimeoutStopSec= is 30 s; a stop must never hang).
@@ -55,9 +57,10 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.zygote = Zygote()
-        self.server = Server(self)
-        self.backend: Any = None
-        self.rooms: RoomManager = None  # type: ignore[assignment]
+        self.server = Server(config)
+        self.backend: CgroupBackend | None = None
+        self.rooms: RoomManager | None = None
+        self.facts: HostFacts | None = None
         self.seccomp: dict[str, Any] = {"enabled": False}
         # How rooms are mapped (subordinate slices, or the single-id fallback): decided in run().
         self.ids: idmaps.IdPlan = idmaps.IdPlan("single", os.getuid(), os.getgid(),
@@ -69,50 +72,6 @@ class Daemon:
         self._signals = 0
         self._lock_fd = -1
         self.started = time.time()
-
-    # --- facts for ping and doctor ----------------------------------------------------------
-
-    def capabilities(self) -> dict[str, Any]:
-        return {
-            "namespaces": NAMESPACES,
-            "cgroup": self.backend.describe() if self.backend is not None else None,
-            "rootfs": self.config.rootfs,
-            "idMapping": self.ids.mode,  # "single" | "subordinate"
-            "idSlices": self.ids.describe(),
-            "seccomp": self.seccomp,
-            "limits": sorted(self.enforceable_limits()),
-        }
-
-    def enforceable_limits(self) -> set[str]:
-        """Wire names of the limits this host enforces (rooms and runs)."""
-        have = self.backend.enforceable() if self.backend is not None else set()
-        out = {"wallTimeMs", "outputBytes", "fileSizeBytes", "diskBytes"}
-        out |= {wire for wire, name in (("memoryBytes", "memory"), ("cpus", "cpus"),
-                                        ("pids", "pids")) if name in have}
-        if self.backend is not None and self.backend.name != "disabled":
-            out.add("cpuTimeMs")  # v2 cpu.stat and v1 cpuacct.usage count CPU per cgroup
-        return out
-
-    def check_run_limits(self, lim: RunLimits, wall_time_ms: int | None = None) -> None:
-        """Every run's limits pass here (``api.exec.run_in_room``): above the admin's ceiling is
-        VALIDATION_FAILED naming the limit and the ceiling; a limit this host cannot enforce is
-        refused, by name (fail closed). ``wall_time_ms`` is the effective wall limit
-        (``limits.wallTimeMs`` or the ``timeout`` param)."""
-        top = self.config.run_limits_max
-        for name, value, ceiling in (("outputBytes", lim.output_bytes, top.output_bytes),
-                                     ("wallTimeMs", wall_time_ms, top.wall_time_ms),
-                                     ("cpuTimeMs", lim.cpu_time_ms, top.cpu_time_ms),
-                                     ("fileSizeBytes", lim.file_size_bytes,
-                                      top.file_size_bytes),
-                                     ("pids", lim.pids, self.config.room_limits_max.pids)):
-            configmod.check_ceiling("limits", name, value, ceiling)
-        have = self.enforceable_limits()
-        for name, value in (("cpuTimeMs", lim.cpu_time_ms), ("memoryBytes", lim.memory_bytes),
-                            ("pids", lim.pids)):
-            if value is not None and name not in have:
-                raise errors.LimitUnavailable(
-                    f"limit {name} cannot be enforced here (cgroup backend "
-                    f"{self.backend.name})", limit=name)
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -165,25 +124,26 @@ class Daemon:
         # second daemon of the same user cannot reconcile them away (nor we its rooms).
         instance = "i-" + hashlib.sha256(os.path.realpath(self.config.state_dir).encode()
                                          ).hexdigest()[:12]
-        self.backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent,
-                                      instance=instance)
-        bootstrap = getattr(self.backend, "bootstrap", None)
-        if bootstrap is not None:
-            bootstrap()
-        log.info("cgroup backend: %s", self.backend.describe())
+        backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent,
+                                 instance=instance)
+        self.backend = backend
+        backend.bootstrap()
+        log.info("cgroup backend: %s", backend.describe())
         await self.zygote.start()
         self.zygote.on_death = self._zygote_died
-        self.rooms = RoomManager(self.config, self.backend, self.zygote, self.ids,
-                                 self._build_seccomp())
-        cleaned = self.rooms.reconcile()
+        rooms = RoomManager(self.config, backend, self.zygote, self.ids, self._build_seccomp())
+        self.rooms = rooms
+        self.facts = HostFacts(self.config, backend, self.ids, self.seccomp)
+        self.server.services = Services(rooms=rooms, config=self.config, facts=self.facts,
+                                        coderun=CodeRunService(self.config.rootfs))
+        cleaned = rooms.reconcile()
         if cleaned:
             log.warning("reconciled leftovers of a previous instance: %s", ", ".join(cleaned))
         busy = self.ids.quarantine_busy()
         if busy:
             log.warning("id slices %s still own host processes: not used until restart", busy)
-        api.load_all()
         await self.server.start(self.config.socket, inherited, self.config.socket_group)
-        reaper = asyncio.ensure_future(self.rooms.reap_idle())
+        reaper = asyncio.ensure_future(rooms.reap_idle())
         watchdog = asyncio.ensure_future(_watchdog())
         _notify("READY=1\nSTATUS=serving")
         log.info("sandboxd %s listening on %s (rootfs %s)", __version__, self.config.socket,
@@ -197,25 +157,28 @@ class Daemon:
         watchdog.cancel()
         code = self._exit_code
         try:
-            await asyncio.wait_for(self.rooms.shutdown(), SHUTDOWN_DEADLINE_S)
+            await asyncio.wait_for(rooms.shutdown(), SHUTDOWN_DEADLINE_S)
         except TimeoutError:
             # A teardown that cannot finish must not keep the service from stopping: kill what
             # is left (the rooms' pid namespaces die with their inits) and say so.
             log.error("rooms not destroyed within %.0f s: killing %d room(s) and exiting",
-                      SHUTDOWN_DEADLINE_S, len(self.rooms.rooms))
-            self.rooms.kill_all()
+                      SHUTDOWN_DEADLINE_S, len(rooms.rooms))
+            rooms.kill_all()
             code = 1
         except Exception:
             log.exception("shutdown of the rooms failed")
-            self.rooms.kill_all()
+            rooms.kill_all()
             code = 1
-        for step in (self.backend.release, self.server.close, self.zygote.stop):
+        try:
+            backend.release()
+        except Exception:
+            log.exception("shutdown step: releasing the cgroup backend failed")
+            code = 1
+        for name, step in (("server.close", self.server.close), ("zygote.stop", self.zygote.stop)):
             try:
-                res = step()
-                if asyncio.iscoroutine(res):
-                    await asyncio.wait_for(res, 5)
+                await asyncio.wait_for(step(), 5)
             except Exception:
-                log.exception("shutdown step %s failed", getattr(step, "__qualname__", step))
+                log.exception("shutdown step %s failed", name)
                 code = 1
         log.info("shutdown complete in %.0f ms", (time.monotonic() - t) * 1000)
         return code
@@ -278,7 +241,7 @@ def _notify(state: str) -> None:
     _systemd.notify(state)
 
 
-def _inherited_socket() -> Any:
+def _inherited_socket() -> socket.socket | None:
     try:
         from . import _systemd
     except ImportError:

@@ -22,12 +22,16 @@
     └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
 
 On the wire every application error is JSON-RPC code -32000 with ``data.code`` set to the class's
-``code`` and the context fields in ``data``. The server converts exceptions to wire errors in one
-place (``server.py``); the client converts them back with :func:`from_wire`.
+``code`` and the context fields in ``data``. Failures that are not SandboxErrors become wire
+errors here, in one place: :func:`room_failure` for a room's machinery failing under a call (its
+init's channel broke or it did not answer), :func:`host_exhaustion` for the host running out;
+the server answers with them (``server.py``); the client converts them back with
+:func:`from_wire`.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 from typing import Any, ClassVar
 
 APPLICATION_ERROR = -32000
@@ -192,6 +196,45 @@ class GitCloneFailed(GitError):
     code = "GIT_CLONE_FAILED"
 
 
+# --- failures that are not ours, as wire errors -------------------------------------------------
+
+#: Host-side errnos that mean "the host ran out", not "the sandbox broke" (issue 23 D12).
+_EXHAUSTED = {_errno.ENOSPC: "no space left on the host", _errno.EDQUOT: "host disk quota reached",
+              _errno.EMFILE: "the daemon ran out of file descriptors",
+              _errno.ENFILE: "the host ran out of file descriptors",
+              _errno.ENOMEM: "the host ran out of memory",
+              _errno.EAGAIN: "a host resource is temporarily exhausted"}
+
+
+def host_exhaustion(err: BaseException) -> HostResourceExhausted | None:
+    """HOST_RESOURCE_EXHAUSTED for an OSError (or an error caused by one) that says the host ran
+    out of something; the message names the errno only, never a host path."""
+    seen: BaseException | None = err
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _EXHAUSTED:
+            return HostResourceExhausted(_EXHAUSTED[seen.errno] + "; retry later",
+                                         errno=_errno.errorcode.get(seen.errno, ""))
+        if isinstance(seen, SandboxError) and not isinstance(seen, InternalError):
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def room_failure(err: BaseException, sandbox_id: str, doing: str) -> SandboxError:
+    """The wire error for a room's machinery failing under a call (never the payload's fault):
+    its init not answering ``doing`` in time is INTERNAL_ERROR; its channel breaking (a
+    ``jail.JailError``, an OSError) means the room is gone: SANDBOX_UNAVAILABLE."""
+    if isinstance(err, TimeoutError):
+        return InternalError(f"sandbox {sandbox_id}: the room init did not answer {doing}",
+                             sandboxId=sandbox_id)
+    if isinstance(err, OSError):
+        return SandboxUnavailable(f"sandbox {sandbox_id} is gone: {err}", sandboxId=sandbox_id)
+    return InternalError(f"sandbox {sandbox_id}: {doing} failed: {type(err).__name__}",
+                         sandboxId=sandbox_id)
+
+
 # --- wire mapping ------------------------------------------------------------------------------
 
 
@@ -224,4 +267,5 @@ def from_wire(error: dict[str, Any]) -> SandboxError:
 
 
 __all__ = [name for name, obj in list(globals().items())
-           if isinstance(obj, type) and issubclass(obj, SandboxError)] + ["BY_CODE", "from_wire"]
+           if isinstance(obj, type) and issubclass(obj, SandboxError)] + [
+    "BY_CODE", "from_wire", "host_exhaustion", "room_failure"]

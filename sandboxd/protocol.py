@@ -1,17 +1,21 @@
-"""The wire: newline-delimited JSON-RPC 2.0 over a Unix stream socket, and every method's params.
+"""The wire: newline-delimited JSON-RPC 2.0 over a Unix stream socket, and every method's schema.
 
 Framing: one message per line of UTF-8 JSON (a request, a notification, or a batch array); the
 server may interleave responses and notifications (``exec.output``, ``file.chunk``) in any order;
 responses match requests by ``id``. This module is shared by the server and the client and imports
 nothing of the daemon.
 
-Param shapes are msgspec structs (camelCase on the wire, snake_case in Python). Unknown fields are
-refused (-32602, naming the field) so that a misspelt option never silently does nothing.
+Every method is declared here once, in :data:`METHODS`: its params struct, its result struct and
+the notifications it may send during the call (msgspec structs: camelCase on the wire, snake_case
+in Python). Unknown params are refused (-32602, naming the field) so that a misspelt option never
+silently does nothing; unknown result fields are ignored by the client, so that a newer daemon
+never breaks an older client. Adding a method: docs/architecture.md, "The wire".
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 import msgspec
 
@@ -44,7 +48,7 @@ def error_response(req_id: Any, err: errors.SandboxError) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "id": req_id, "error": err.to_wire()}
 
 
-def notification(method: str, params: dict[str, Any]) -> dict[str, Any]:
+def notification(method: str, params: Any) -> dict[str, Any]:
     return {"jsonrpc": JSONRPC, "method": method, "params": params}
 
 
@@ -88,13 +92,91 @@ def parse_envelope(obj: Any) -> Request:
     return Request(method=method, params=params, id=req_id, is_notification=not has_id)
 
 
-# --- params ------------------------------------------------------------------------------------
+# --- the building blocks -------------------------------------------------------------------------
 
-_Struct = msgspec.Struct
+Unset = msgspec.UnsetType
+UNSET = msgspec.UNSET
+#: A request id as JSON-RPC allows it (the server echoes it in notifications as ``requestId``).
+RequestId = str | int | None
 
 
-class _Params(_Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True):
-    pass
+class Params(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
+              forbid_unknown_fields=True, omit_defaults=True):
+    """A method's params. Unknown fields are refused (-32602 naming the field); a field left at
+    its default is not sent by the client (``None`` means "not sent")."""
+
+
+
+
+class Result(msgspec.Struct, frozen=True, kw_only=True, rename="camel", dict=True):
+    """A method's result. Fields a daemon leaves out are ``UNSET`` there and absent on the wire.
+
+    Decoding ignores unknown fields (a newer daemon never breaks an older client) and keeps the
+    wire object as received in :attr:`raw`. Results read as their wire dicts too
+    (``result["exitCode"]``, ``result.get("compile")``, ``"sandbox" in result``), which is how
+    callers used them before they were typed.
+    """
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Self:
+        """A decoded JSON result object as this struct (see :func:`convert_result`)."""
+        return convert_result(cls.__name__, raw, cls)
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The wire object this result was decoded from (or would be encoded to)."""
+        got: dict[str, Any] | None = self.__dict__.get("_raw")
+        if got is None:
+            got = msgspec.to_builtins(self)
+        return got
+
+    def _attr(self, key: str) -> str | None:
+        fields = type(self).__struct_fields__
+        names = type(self).__struct_encode_fields__
+        for name, wire in zip(fields, names, strict=True):
+            if wire == key:
+                return name
+        return None
+
+    def __getitem__(self, key: str) -> Any:
+        name = self._attr(key)
+        if name is None:
+            return self.raw[key]
+        value = getattr(self, name)
+        if value is UNSET:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key, UNSET) is not UNSET
+
+    def keys(self) -> list[str]:
+        """The wire names of the fields present (so ``{**result}`` and ``dict(result)`` work)."""
+        return [k for k in self.raw if k in self]
+
+
+class Notification(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A server -> client message without an id, sent during a call and naming it."""
+
+    method: ClassVar[str]
+    request_id: RequestId
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of :data:`METHODS`: what a request carries, what its answer carries, and the
+    notifications a call may send before that answer."""
+
+    params: type[Params]
+    result: type[Result]
+    notifications: tuple[type[Notification], ...] = ()
+    summary: str = ""
 
 
 Path = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_PATH)]
@@ -107,28 +189,86 @@ MAX_COUNT = 1 << 22
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
 Millis = Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)]
 ByteCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)]
+Encoding = Literal["utf-8", "utf8", "base64"]
+User = Literal["root", "sandbox"]
 
 
-class PingParams(_Params, frozen=True):
+# --- rooms: ping, getSandbox, listSandboxes, destroy ----------------------------------------------
+
+
+class PingParams(Params, frozen=True):
     sandbox_id: str | None = None
 
 
-class GetSandboxParams(_Params, frozen=True):
+class Capabilities(Result, frozen=True):
+    """What this daemon offers (``ping``): its isolation, cgroup backend and enforceable limits."""
+
+    namespaces: list[str]
+    cgroup: dict[str, Any] | None
+    rootfs: str
+    id_mapping: str  # "single" | "subordinate"
+    id_slices: dict[str, Any]
+    seccomp: dict[str, Any]
+    limits: list[str]
+
+
+class PingSandbox(Result, frozen=True):
+    sandbox_id: str
+    init: bool
+    runs: int
+
+
+class PingResult(Result, frozen=True):
+    message: str
+    version: str
+    capabilities: Capabilities
+    sandbox: PingSandbox | Unset = UNSET  # only when the call named a sandbox
+
+
+class GetSandboxParams(Params, frozen=True):
     sandbox_id: str
     # Kept raw here: fields a client leaves out take the *daemon's* configured defaults, which
     # only rooms.py knows (see rooms.resolve_options).
     options: dict[str, Any] | None = None
 
 
-class ListSandboxesParams(_Params, frozen=True):
+class SandboxInfo(Result, frozen=True, omit_defaults=True):
+    """A room as ``getSandbox`` and ``listSandboxes`` describe it; a dead room (listed until its
+    owner destroys or re-gets it) has ``status`` "dead", its ``reason`` and ``diedAt``. Fields
+    a description does not have are None here and absent on the wire (never sent as null)."""
+
+    sandbox_id: str
+    status: str
+    created_at: str | None = None
+    last_activity_at: str | None = None  # listSandboxes
+    options: dict[str, Any] | None = None  # getSandbox
+    incarnation: int | None = None
+    owner: int | None = None  # listSandboxes, for an admin caller
+    reason: str | None = None  # dead rooms
+    died_at: str | None = None  # dead rooms
+
+
+class ListSandboxesParams(Params, frozen=True):
     pass
 
 
-class DestroyParams(_Params, frozen=True):
+class ListSandboxesResult(Result, frozen=True):
+    sandboxes: list[SandboxInfo]
+
+
+class DestroyParams(Params, frozen=True):
     sandbox_id: str
 
 
-class RunLimits(_Params, frozen=True):
+class DestroyResult(Result, frozen=True):
+    sandbox_id: str
+    destroyed: bool
+
+
+# --- exec ----------------------------------------------------------------------------------------
+
+
+class RunLimits(Params, frozen=True):
     """Per-run limits (issue "Limits"): each run gets its own child cgroup of the room."""
 
     cpu_time_ms: Millis | None = None
@@ -139,7 +279,7 @@ class RunLimits(_Params, frozen=True):
     file_size_bytes: ByteCount | None = None
 
 
-class ExecParams(_Params, frozen=True):
+class ExecParams(Params, frozen=True):
     sandbox_id: str
     command: Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
     args: list[str] | None = None
@@ -150,31 +290,405 @@ class ExecParams(_Params, frozen=True):
     timeout: Millis | None = None
     stream: bool = False
     limits: RunLimits | None = None
-    user: Literal["root", "sandbox"] = "root"
+    user: User = "root"
 
 
-PARAMS: dict[str, type[_Params]] = {
-    "ping": PingParams,
-    "getSandbox": GetSandboxParams,
-    "listSandboxes": ListSandboxesParams,
-    "destroy": DestroyParams,
-    "exec": ExecParams,
+class ExecOutput(Notification, frozen=True):
+    """A chunk of a streamed run's output (``exec`` and ``runCode`` with ``stream``)."""
+
+    method: ClassVar[str] = "exec.output"
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class RunReport(Result, frozen=True):
+    """The limits report of one run (docs/limits.md). ``status``: OK RE SG TO ML OL XX."""
+
+    status: str | None = None
+    exit_code: int = -1
+    signal: str | int | None = None  # "SIGKILL" (a daemon once sent the number)
+    timed_out: bool = False
+    limit_exceeded: str | None = None
+    oom_killed: bool = False
+    output_truncated: bool = False
+    cpu_time_ms: int | None = None
+    wall_time_ms: int | None = None
+    memory_peak_bytes: int | None = None
+    pids_peak: int | None = None
+    error: str | Unset = UNSET  # why the sandbox failed (status XX)
+
+
+class ExecResult(RunReport, frozen=True):
+    """The result of ``exec``. A non-zero exit is a result, not an error. ``duration`` is the
+    wall time in milliseconds; fields an older daemon does not send keep their defaults."""
+
+    success: bool = False
+    stdout: str = ""
+    stderr: str = ""
+    command: str = ""
+    duration: float = 0
+    timestamp: str = ""
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+class WriteFileParams(Params, frozen=True):
+    sandbox_id: str
+    path: str
+    content: str
+    encoding: Encoding | None = None
+    append: bool = False  # add to the end instead of replacing (chunked uploads, `cp`)
+
+
+class WriteFileResult(Result, frozen=True):
+    success: bool
+    path: str
+    bytes_written: int
+    timestamp: str
+
+
+class ReadFileParams(Params, frozen=True):
+    sandbox_id: str
+    path: str
+    encoding: Encoding | None = None
+    stream: bool = False
+
+
+class FileChunk(Notification, frozen=True):
+    """One piece of a streamed ``readFile``, at ``offset`` bytes into the file."""
+
+    method: ClassVar[str] = "file.chunk"
+    data: str
+    encoding: Literal["utf-8", "base64"]
+    offset: int
+
+
+class ReadFileResult(Result, frozen=True):
+    """``content`` is the file (empty after a streamed read, which says ``stream`` and how many
+    ``chunks`` it sent); ``isBinary`` tells a file that is not UTF-8 (whole reads only)."""
+
+    success: bool = True
+    path: str = ""
+    content: str = ""
+    encoding: str = ""
+    is_binary: bool | Unset = UNSET
+    stream: bool | Unset = UNSET
+    chunks: int | Unset = UNSET
+    size: int = 0
+    mime_type: str = ""
+    timestamp: str = ""
+
+
+class PathParams(Params, frozen=True):
+    sandbox_id: str
+    path: str
+
+
+class DeleteFileResult(Result, frozen=True):
+    success: bool
+    path: str
+    timestamp: str
+
+
+class RenameFileParams(Params, frozen=True):
+    sandbox_id: str
+    old_path: str
+    new_path: str
+
+
+class MoveFileParams(Params, frozen=True):
+    sandbox_id: str
+    source_path: str
+    destination_path: str
+
+
+class RenameResult(Result, frozen=True):
+    success: bool
+    path: str
+    new_path: str
+    timestamp: str
+
+
+class MkdirParams(Params, frozen=True):
+    sandbox_id: str
+    path: str
+    recursive: bool = False
+
+
+class MkdirResult(Result, frozen=True):
+    success: bool
+    path: str
+    recursive: bool
+    timestamp: str
+
+
+class ExistsResult(Result, frozen=True):
+    success: bool
+    path: str
+    exists: bool
+    type: str | None  # file, directory, symlink, other; null when it does not exist
+
+
+class ListFilesParams(Params, frozen=True):
+    sandbox_id: str
+    path: str = "/workspace"
+    recursive: bool = False
+    include_hidden: bool = False
+
+
+class FileInfo(Result, frozen=True):
+    """One entry of ``listFiles``; ``type`` is file, directory, symlink or other. A name that is
+    not UTF-8 is shown with U+FFFD and sent exactly in ``nameBase64`` (``relativePathBase64``)."""
+
+    name: str = ""
+    absolute_path: str = ""
+    relative_path: str = ""
+    type: str = ""
+    size: int = 0
+    modified_at: str = ""
+    mode: str = ""
+    name_base64: str | Unset = UNSET
+    relative_path_base64: str | Unset = UNSET
+
+
+class ListFilesResult(Result, frozen=True):
+    success: bool
+    path: str
+    count: int
+    files: list[FileInfo]
+    truncated: bool
+    timestamp: str
+
+
+# --- git -----------------------------------------------------------------------------------------
+
+
+class GitCheckoutParams(Params, frozen=True):
+    sandbox_id: str
+    repo_url: str
+    branch: str | None = None
+    target_dir: str | None = None
+    depth: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] | None = None
+    timeout: Millis | None = None
+
+
+class GitCheckoutResult(Result, frozen=True):
+    success: bool
+    repo_url: str
+    branch: str
+    target_dir: str
+
+
+# --- code: runCode, runExampleCode, listLanguages -------------------------------------------------
+
+
+class RunCodeParams(Params, frozen=True):
+    sandbox_id: str
+    language: str
+    code: str
+    stdin: str | None = None
+    args: list[str] | None = None
+    files: dict[str, str] | None = None
+    limits: RunLimits | None = None
+    compile_limits: RunLimits | None = None
+    user: User = "root"
+    stream: bool = False
+
+
+class CompileReport(Result, frozen=True):
+    status: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    cpu_time_ms: int | None
+    wall_time_ms: int | None
+    memory_peak_bytes: int | None
+    timed_out: bool
+    oom_killed: bool
+
+
+class RunCodeResult(Result, frozen=True):
+    """``status`` CE (the compile failed: its report in ``compile``, nothing ran; the run fields
+    other than the figures are then absent) or the run's verdict with its whole report."""
+
+    success: bool
+    language: str
+    exit_code: int
+    stdout: str
+    stderr: str
+    compile: CompileReport | None
+    cached: bool
+    status: str | None
+    cpu_time_ms: int | None
+    wall_time_ms: int | None
+    memory_peak_bytes: int | None
+    signal: str | Unset | None = UNSET
+    timed_out: bool | Unset = UNSET
+    limit_exceeded: str | Unset | None = UNSET
+    oom_killed: bool | Unset = UNSET
+    output_truncated: bool | Unset = UNSET
+    pids_peak: int | Unset | None = UNSET
+    error: str | Unset = UNSET
+
+
+class RunExamplesParams(Params, frozen=True):
+    sandbox_id: str
+
+
+class ExampleResult(Result, frozen=True):
+    """One language's hello world: its runCode result with ``name``, ``available`` and the
+    ``expected`` output; only the first five fields for a language without a toolchain (and
+    ``error`` when the sandbox failed)."""
+
+    language: str
+    name: str
+    available: bool
+    success: bool
+    status: str | None
+    error: str | Unset = UNSET
+    expected: str | Unset = UNSET
+    exit_code: int | Unset = UNSET
+    stdout: str | Unset = UNSET
+    stderr: str | Unset = UNSET
+    compile: CompileReport | Unset | None = UNSET
+    cached: bool | Unset = UNSET
+    cpu_time_ms: int | Unset | None = UNSET
+    wall_time_ms: int | Unset | None = UNSET
+    memory_peak_bytes: int | Unset | None = UNSET
+    signal: str | Unset | None = UNSET
+    timed_out: bool | Unset = UNSET
+    limit_exceeded: str | Unset | None = UNSET
+    oom_killed: bool | Unset = UNSET
+    output_truncated: bool | Unset = UNSET
+    pids_peak: int | Unset | None = UNSET
+
+
+class RunExamplesResult(Result, frozen=True):
+    results: list[ExampleResult]
+
+
+class ListLanguagesParams(Params, frozen=True):
+    pass
+
+
+class LanguageInfo(Result, frozen=True):
+    id: str
+    name: str
+    aliases: list[str]
+    extension: str
+    compiled: bool
+    version: str | None
+    available: bool
+
+
+class ListLanguagesResult(Result, frozen=True):
+    languages: list[LanguageInfo]
+
+
+# --- stats ---------------------------------------------------------------------------------------
+
+
+class StatsParams(Params, frozen=True):
+    sandbox_id: str | None = None
+
+
+class RoomUsage(Result, frozen=True):
+    """Live figures of a room's cgroup; null when the backend cannot tell, all absent when the
+    room is being torn down under the call."""
+
+    cpu_time_ms: int | Unset | None = UNSET
+    memory_peak_bytes: int | Unset | None = UNSET
+    memory_current_bytes: int | Unset | None = UNSET
+    pids_current: int | Unset | None = UNSET
+    pids_peak: int | Unset | None = UNSET
+    oom_kills: int | Unset | None = UNSET
+
+
+class RoomStats(Result, frozen=True):
+    sandbox_id: str
+    status: str
+    active_runs: int
+    limits: dict[str, Any]
+    usage: RoomUsage
+
+
+class StatsResult(Result, frozen=True):
+    backend: str | None
+    sandboxes: list[RoomStats]
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+#: Every wire method: the server decodes params and encodes results from here, the client builds
+#: params and decodes results from here, and tests check the handlers and the docs against it.
+METHODS: dict[str, Method] = {
+    "ping": Method(PingParams, PingResult, summary="version, capabilities; a room's init"),
+    "getSandbox": Method(GetSandboxParams, SandboxInfo, summary="get or create a room"),
+    "listSandboxes": Method(ListSandboxesParams, ListSandboxesResult,
+                            summary="the caller's rooms (dead ones too)"),
+    "destroy": Method(DestroyParams, DestroyResult, summary="tear a room down"),
+    "exec": Method(ExecParams, ExecResult, (ExecOutput,),
+                   summary="run a command (argv or shell), optionally streamed"),
+    "writeFile": Method(WriteFileParams, WriteFileResult, summary="write or append a file"),
+    "readFile": Method(ReadFileParams, ReadFileResult, (FileChunk,),
+                       summary="read a file, or stream it in chunks"),
+    "deleteFile": Method(PathParams, DeleteFileResult, summary="delete a file"),
+    "renameFile": Method(RenameFileParams, RenameResult, summary="rename a file or directory"),
+    "moveFile": Method(MoveFileParams, RenameResult, summary="move into a directory"),
+    "mkdir": Method(MkdirParams, MkdirResult, summary="make a directory"),
+    "listFiles": Method(ListFilesParams, ListFilesResult, summary="list a directory"),
+    "exists": Method(PathParams, ExistsResult, summary="whether a path exists, and its type"),
+    "gitCheckout": Method(GitCheckoutParams, GitCheckoutResult,
+                          summary="git clone inside the room"),
+    "runCode": Method(RunCodeParams, RunCodeResult, (ExecOutput,),
+                      summary="compile (cached) and run a program"),
+    "runExampleCode": Method(RunExamplesParams, RunExamplesResult,
+                             summary="a hello world in every language"),
+    "listLanguages": Method(ListLanguagesParams, ListLanguagesResult,
+                            summary="the languages and their toolchains"),
+    "stats": Method(StatsParams, StatsResult, summary="live usage of the caller's rooms"),
 }
 
+#: Every notification, by its method name.
+NOTIFICATIONS: dict[str, type[Notification]] = {
+    n.method: n for m in METHODS.values() for n in m.notifications}
 
-def register_params(method: str, shape: type[_Params]) -> None:
-    """Method families (files, processes, code) add their shapes here."""
-    PARAMS[method] = shape
 
-
-def convert_params(method: str, params: dict[str, Any], shape: type[_Params] | None = None) -> Any:
-    shape = shape or PARAMS.get(method)
+def convert_params(method: str, params: dict[str, Any],
+                   shape: type[Params] | None = None) -> Any:
+    """``params`` (a decoded JSON object) as the method's params struct; -32601 for a method
+    that does not exist, -32602 naming the field for params that do not fit."""
     if shape is None:
-        raise errors.MethodNotFound(f"method not found: {method}", method=method)
+        spec = METHODS.get(method)
+        if spec is None:
+            raise errors.MethodNotFound(f"method not found: {method}", method=method)
+        shape = spec.params
     try:
         return msgspec.convert(params, shape)
     except msgspec.ValidationError as err:
         raise errors.InvalidParams(f"invalid params for {method}: {err}", method=method) from err
+
+
+ResultT = TypeVar("ResultT", bound=Result)
+
+
+def convert_result(method: str, result: Any, shape: type[ResultT]) -> ResultT:
+    """A decoded result object as ``shape`` (client side): unknown fields ignored and kept in
+    ``raw``; a result that does not fit is a ProtocolError (the daemon broke the schema)."""
+    try:
+        out = msgspec.convert(result, shape)
+    except msgspec.ValidationError as err:
+        raise errors.ProtocolError(f"malformed result of {method}: {err}",
+                                   method=method) from err
+    out.__dict__["_raw"] = result
+    return out
+
+
+def params_to_wire(params: Params) -> dict[str, Any]:
+    """A params struct as its JSON object (fields at their defaults left out)."""
+    out: dict[str, Any] = msgspec.to_builtins(params)
+    return out
 
 
 def validate_text(value: str, what: str) -> None:

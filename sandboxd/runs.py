@@ -34,15 +34,17 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .jail import JailError
+from .jail.user import SANDBOX_UID
+from .protocol import RunLimits, validate_text
 
 if TYPE_CHECKING:
-    from .rooms import Room
+    from .rooms import Room, RoomManager
 
 log = logging.getLogger("sandboxd.runs")
 
@@ -419,3 +421,73 @@ def check_argv(argv: list[str], env: dict[str, str]) -> None:
         raise errors.ValidationError(
             f"arguments and environment take {size} bytes; at most {MAX_ARGV_ENV_BYTES}",
             limit="argvEnvBytes", maxBytes=MAX_ARGV_ENV_BYTES, bytes=size)
+
+
+# --- the shared path of exec, gitCheckout and runCode: room, spec, quota, run ------------------
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def base_env(user: str) -> dict[str, str]:
+    home = "/root" if user == "root" else "/home/sandbox"
+    return {"PATH": DEFAULT_PATH, "HOME": home, "LANG": "C.UTF-8", "USER": user,
+            "TMPDIR": "/tmp"}
+
+
+def cwd_of(path: str | None) -> str:
+    if not path:
+        return "/workspace"
+    validate_text(path, "cwd")
+    return path if path.startswith("/") else f"/workspace/{path}"
+
+
+async def run_in_room(rooms: RoomManager, uid: int, room_id: str, argv: list[str], *,
+                      check_limits: Callable[[RunLimits, int | None], None],
+                      env: Mapping[str, str | None] | None, cwd: str | None, stdin: bytes,
+                      user: str, limits: RunLimits | None, timeout_ms: int | None,
+                      on_output: OutputCallback | None) -> RunResult:
+    """Run ``argv`` in the caller's room ``room_id`` (made on demand): the environment merged
+    over the room's and the defaults, the limits checked (``check_limits``: the host's ceilings
+    and what it can enforce), the run quotas counted, and a room that fails under the run
+    answered as SANDBOX_UNAVAILABLE with the reason."""
+    room = await rooms.get_or_create(uid, room_id)
+    if user == "sandbox" and (room.ids is None or not room.ids.maps(SANDBOX_UID)):
+        # Refused up front rather than failing at setresuid in the payload (an XX verdict): the
+        # single-id fallback maps only the room's root (docs/security.md, "Identities").
+        raise errors.LimitUnavailable(
+            "user 'sandbox' needs subordinate ids (this daemon maps a single id: "
+            "sandboxctl setup --user <daemon user>, then restart sandboxd)",
+            limit="user", idMapping=rooms.ids.mode)
+    merged: dict[str, str | None] = {**base_env(user), **room.options.env, **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}
+    check_argv(argv, full_env)
+    lim = limits or RunLimits()
+    wall = lim.wall_time_ms if lim.wall_time_ms is not None else timeout_ms
+    if lim.memory_bytes is not None and lim.memory_bytes > room.options.limits.memory_bytes:
+        raise errors.ValidationError("limits.memoryBytes exceeds the sandbox's memory limit",
+                                     limit="memoryBytes",
+                                     roomMemoryBytes=room.options.limits.memory_bytes)
+    check_limits(lim, wall)
+    cfg = rooms.config
+    spec = RunSpec(
+        argv=argv, env=full_env, cwd=cwd_of(cwd), user=user, stdin=stdin, wall_time_ms=wall,
+        cpu_time_ms=lim.cpu_time_ms, memory_bytes=lim.memory_bytes, pids=lim.pids,
+        output_bytes=min(DEFAULT_OUTPUT_BYTES, cfg.run_limits_max.output_bytes)
+        if lim.output_bytes is None else lim.output_bytes,
+        file_size_bytes=lim.file_size_bytes, on_output=on_output)
+    if room.active_runs >= cfg.max_runs_per_room:
+        raise errors.QuotaExceeded("too many concurrent runs in this sandbox",
+                                   limit=cfg.max_runs_per_room, sandboxId=room.id)
+    if not rooms.is_admin(uid):
+        mine = sum(r.active_runs for r in rooms.visible_rooms(uid))
+        if mine >= cfg.max_runs_per_uid:
+            raise errors.QuotaExceeded("too many concurrent runs for this user",
+                                       limit=cfg.max_runs_per_uid, scope="uid")
+    room.active_runs += 1
+    try:
+        return await run(room, spec)
+    except JailError as err:
+        raise await rooms.lost(room, err) from err
+    finally:
+        room.active_runs -= 1
+        room.touch()

@@ -18,8 +18,12 @@ finish), ``max_reply_bytes`` per reply (REQUEST_TOO_LARGE for each id), one line
 reads at a time (HEAVY_METHODS), and ``connection_idle_timeout_s`` for a connection with nothing
 in flight. Peers are identified only by SO_PEERCRED, read once at accept.
 
-This module is the only place exceptions become wire errors: SandboxError subclasses carry their
-code; anything else is an INTERNAL_ERROR, logged with its traceback, and the connection goes on.
+Dispatch: the method's params are decoded with its struct from ``protocol.METHODS``, its handler
+(``api.HANDLERS``) gets a narrow ``context.Context`` (never the daemon) and returns the method's
+result struct, which is encoded as the reply. Exceptions are answered here: SandboxError
+subclasses carry their code; host exhaustion becomes HOST_RESOURCE_EXHAUSTED
+(``errors.host_exhaustion``); anything else is an INTERNAL_ERROR, logged with its traceback, and
+the connection goes on.
 A line longer than ``max_request_bytes`` is skipped up to its newline and answered with
 REQUEST_TOO_LARGE; a line that is not JSON gets a -32700 with id null; neither closes the
 connection.
@@ -29,19 +33,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
 import struct
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import config, errors, protocol
-from .api import METHODS, Context
+from .api import HANDLERS
+from .config import DaemonConfig
+from .context import Services
+from .errors import host_exhaustion
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
+__all__ = ["HEAVY_METHODS", "Connection", "Server", "host_exhaustion", "peer_credentials"]
 
 log = logging.getLogger("sandboxd.server")
 
@@ -50,33 +55,9 @@ READ_CHUNK = 256 * 1024
 #: that never reads took 1.47 GB): one line using them at a time per connection, held until its
 #: reply is written, so what waits is the request, not its reply.
 HEAVY_METHODS = frozenset({"readFile"})
-#: Host-side errnos that mean "the host ran out", not "the sandbox broke" (issue 23 D12).
-_EXHAUSTED = {errno.ENOSPC: "no space left on the host", errno.EDQUOT: "host disk quota reached",
-              errno.EMFILE: "the daemon ran out of file descriptors",
-              errno.ENFILE: "the host ran out of file descriptors",
-              errno.ENOMEM: "the host ran out of memory",
-              errno.EAGAIN: "a host resource is temporarily exhausted"}
-
-
 def _heavy(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(m := obj.get("method"), str) \
         and m in HEAVY_METHODS
-
-
-def host_exhaustion(err: BaseException) -> errors.HostResourceExhausted | None:
-    """HOST_RESOURCE_EXHAUSTED for an OSError (or an error caused by one) that says the host ran
-    out of something; the message names the errno only, never a host path."""
-    seen: BaseException | None = err
-    for _ in range(5):
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno in _EXHAUSTED:
-            return errors.HostResourceExhausted(_EXHAUSTED[seen.errno] + "; retry later",
-                                                errno=errno.errorcode.get(seen.errno, ""))
-        if isinstance(seen, errors.SandboxError) and not isinstance(seen, errors.InternalError):
-            return None
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -111,7 +92,7 @@ class Connection:
 
     async def send(self, message: Any) -> None:
         data = protocol.encode(message)
-        cap = self.server.daemon.config.max_reply_bytes
+        cap = self.server.config.max_reply_bytes
         if len(data) > cap:
             # Answered, not dropped: the client learns why (and can stream instead).
             ids = [m.get("id") for m in (message if isinstance(message, list) else [message])
@@ -130,12 +111,12 @@ class Connection:
                     raise ConnectionResetError("client dropped: it stopped reading")
                 return
             self.writer.write(data)
-            if self._pending() > self.server.daemon.config.max_pending_bytes:
+            if self._pending() > self.server.config.max_pending_bytes:
                 await self._drain_or_drop()
 
     async def _drain_or_drop(self) -> None:
         """Wait while the client reads; drop it once its backlog stops shrinking."""
-        stall = self.server.daemon.config.stream_stall_timeout_s
+        stall = self.server.config.stream_stall_timeout_s
         last = self._pending()
         while True:
             try:
@@ -154,8 +135,8 @@ class Connection:
             self.writer.transport.abort()
             raise ConnectionResetError("client dropped: it stopped reading")
 
-    async def notify(self, method: str, params: dict[str, Any]) -> None:
-        await self.send(protocol.notification(method, params))
+    async def notify(self, message: protocol.Notification) -> None:
+        await self.send(protocol.notification(message.method, message))
 
     async def serve(self) -> None:
         try:
@@ -193,7 +174,7 @@ class Connection:
         connections sitting on 40 MB lines without a newline added 320 MB). A line too long,
         or finding the budget spent, is skipped up to its newline and answered
         REQUEST_TOO_LARGE; the connection goes on."""
-        cfg = self.server.daemon.config
+        cfg = self.server.config
         idle = cfg.connection_idle_timeout_s
         while True:
             nl = self.buf.find(b"\n", self.scanned)
@@ -247,7 +228,7 @@ class Connection:
     def _charge(self) -> bool:
         """Charge the incomplete line's bytes past ``free_line_bytes`` to the daemon's budget;
         False (nothing changed) when they do not fit."""
-        cfg = self.server.daemon.config
+        cfg = self.server.config
         need = max(0, len(self.buf) - cfg.free_line_bytes)
         delta = need - self.charged
         if delta > 0 and self.server.buffered + delta > cfg.max_buffered_request_bytes:
@@ -258,7 +239,7 @@ class Connection:
 
     def _count(self, n: int) -> None:
         self.inflight += n
-        if self.inflight >= self.server.daemon.config.max_inflight_requests:
+        if self.inflight >= self.server.config.max_inflight_requests:
             self.room_for_more.clear()
         else:
             self.room_for_more.set()
@@ -285,7 +266,7 @@ class Connection:
                 await self.send(protocol.error_response(
                     None, errors.InvalidRequest("empty batch")))
                 return
-            cap = self.server.daemon.config.max_batch_requests
+            cap = self.server.config.max_batch_requests
             if len(obj) > cap:
                 await self.send(protocol.error_response(None, errors.RequestTooLarge(
                     f"batch of {len(obj)} requests is over this daemon's limit of {cap}",
@@ -316,13 +297,18 @@ class Connection:
         is_notification = isinstance(obj, dict) and "id" not in obj
         try:
             req = protocol.parse_envelope(obj)
-            handler = METHODS.get(req.method)
-            if handler is None:
+            spec = protocol.METHODS.get(req.method)
+            if spec is None:
                 raise errors.MethodNotFound(f"method not found: {req.method}", method=req.method)
-            params = protocol.convert_params(req.method, req.params)
-            ctx = Context(daemon=self.server.daemon, uid=self.uid, pid=self.pid,
-                          request_id=req.id, notify=self.notify)
-            result = await handler(ctx, params)
+            params = protocol.convert_params(req.method, req.params, spec.params)
+            services = self.server.services
+            if services is None:
+                raise errors.ShuttingDown("the daemon is not serving")
+            ctx = services.context(self.uid, self.pid, req.id, self.notify)
+            result = await HANDLERS[req.method](ctx, params)
+            if not isinstance(result, spec.result):
+                raise TypeError(f"{req.method} returned {type(result).__name__}, "
+                                f"not {spec.result.__name__}")
             return None if req.is_notification else protocol.response(req.id, result)
         except errors.SandboxError as err:
             if is_notification and not isinstance(err, errors.InvalidRequest):
@@ -348,8 +334,12 @@ class Connection:
 
 
 class Server:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    """The listening socket and its connections. ``services`` are what handlers reach; they are
+    set by the daemon once it made them (before :meth:`start`)."""
+
+    def __init__(self, config: DaemonConfig, services: Services | None = None) -> None:
+        self.config = config
+        self.services = services
         self.server: asyncio.AbstractServer | None = None
         self.connections: set[Connection] = set()
         self.buffered = 0  # bytes of incomplete request lines charged, all connections
@@ -403,7 +393,7 @@ class Server:
         except OSError:
             writer.close()
             return
-        cfg = self.daemon.config
+        cfg = self.config
         refusal = None
         if len(self.connections) >= cfg.max_connections:
             refusal = errors.QuotaExceeded("too many connections", limit=cfg.max_connections)

@@ -1,58 +1,45 @@
-"""Method families: one module each (rooms, exec, files, code), thin layers over RoomManager.
+"""Method handlers, one module per family (rooms, exec, files, git, code, stats): thin layers over
+the room-level calls (``rooms``, ``runs``, ``roomfiles``, the code-run service).
 
-Each handler is registered with :func:`method` under its wire name together with its params
-struct (from ``protocol``); the server looks handlers up in METHODS and converts their
-exceptions to wire errors in one place.
+:data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
+``protocol.METHODS`` (a unit test holds them equal), which says each one's params, result and
+notifications. A handler takes a :class:`~sandboxd.context.Context` and its params struct and
+returns its result struct; the server decodes, dispatches, encodes, and turns exceptions into
+wire errors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import protocol
+from ..context import Context
+from . import code, exec, files, git, rooms, stats
 
-if TYPE_CHECKING:
-    from ..daemon import Daemon
+#: A handler: (context, params struct) -> result struct. The params type differs per method,
+#: so the table can only say Any; tests check each handler's annotations against METHODS.
+Handler = Callable[[Context, Any], Awaitable[protocol.Result]]
 
-Notify = Callable[[str, dict[str, Any]], Awaitable[None]]
+HANDLERS: dict[str, Handler] = {
+    "ping": rooms.ping,
+    "getSandbox": rooms.get_sandbox,
+    "listSandboxes": rooms.list_sandboxes,
+    "destroy": rooms.destroy,
+    "exec": exec.exec_,
+    "writeFile": files.write_file,
+    "readFile": files.read_file,
+    "deleteFile": files.delete_file,
+    "renameFile": files.rename_file,
+    "moveFile": files.move_file,
+    "mkdir": files.mkdir,
+    "listFiles": files.list_files,
+    "exists": files.exists,
+    "gitCheckout": git.git_checkout,
+    "runCode": code.run_code,
+    "runExampleCode": code.run_example_code,
+    "listLanguages": code.list_languages,
+    "stats": stats.stats,
+}
 
-
-@dataclass
-class Context:
-    """Who is calling and how to talk back to them during a call."""
-
-    daemon: Daemon
-    uid: int
-    pid: int
-    request_id: Any
-    notify: Notify
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-Handler = Callable[[Context, Any], Awaitable[Any]]
-METHODS: dict[str, Handler] = {}
-
-
-def method(name: str, params: type[Any] | None = None) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        METHODS[name] = fn
-        if params is not None:
-            protocol.register_params(name, params)
-        return fn
-
-    return register
-
-
-def load_all() -> None:
-    """Import every method family so their handlers register."""
-    from . import exec as _exec  # noqa: F401
-    from . import rooms as _rooms  # noqa: F401
-
-    for optional in ("files", "git", "code", "processes", "stats"):
-        try:
-            __import__(f"{__name__}.{optional}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{optional}":
-                raise
+__all__ = ["HANDLERS", "Context", "Handler"]

@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..coderun.service import (
-    CodeRunService,
-    ListLanguagesParams,
-    RunCodeParams,
-    RunExamplesParams,
-)
-from . import Context, method
+from .. import protocol
+from ..context import Context
+from .exec import output_sender
 
 
-def service(ctx: Context) -> CodeRunService:
-    svc: CodeRunService | None = getattr(ctx.daemon, "coderun", None)
-    if svc is None:
-        svc = CodeRunService(ctx.daemon.config.rootfs)
-        ctx.daemon.coderun = svc  # type: ignore[attr-defined]
-    return svc
+async def run_code(ctx: Context, p: protocol.RunCodeParams) -> protocol.RunCodeResult:
+    return await ctx.coderun.run_code(ctx, p, output_sender(ctx) if p.stream else None)
 
 
-@method("runCode", RunCodeParams)
-async def run_code(ctx: Context, p: RunCodeParams) -> dict[str, Any]:
-    return await service(ctx).run_code(ctx, p)
+async def run_example_code(ctx: Context,
+                           p: protocol.RunExamplesParams) -> protocol.RunExamplesResult:
+    return await ctx.coderun.run_examples(ctx, p.sandbox_id)
 
 
-@method("runExampleCode", RunExamplesParams)
-async def run_example_code(ctx: Context, p: RunExamplesParams) -> dict[str, Any]:
-    return await service(ctx).run_examples(ctx, p.sandbox_id)
-
-
-@method("listLanguages", ListLanguagesParams)
-async def list_languages(ctx: Context, p: ListLanguagesParams) -> dict[str, Any]:
-    return service(ctx).list_languages()
+async def list_languages(ctx: Context,
+                         p: protocol.ListLanguagesParams) -> protocol.ListLanguagesResult:
+    return ctx.coderun.list_languages()

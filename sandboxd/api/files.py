@@ -1,24 +1,9 @@
 """files: writeFile, readFile, deleteFile, renameFile, moveFile, mkdir, listFiles, exists.
 
-Theory of operation. The daemon runs with host credentials and therefore never opens, stats or
-lists a room path itself (Judge0 CVE-2024-28185/28189 were host-side file handling of paths a
-sandbox planted). Each method sends the path to the room init (``jail/fileops.py``), which
-resolves it inside the room's mount namespace and either does the operation or hands back an
-open fd (SCM_RIGHTS):
-
-  readFile   init opens (regular files only) -> daemon reads the fd in a worker thread, at most
-             MAX_READ_BYTES + 1 bytes (a file that grows while read still hits the cap); with
-             ``stream`` it sends ``file.chunk`` notifications of CHUNK bytes, up to the size the
-             file had when opened, paced by the client (``Connection.send`` drains)
-  writeFile  init opens O_WRONLY|O_CREAT|O_TRUNC (parents created) -> daemon writes the content;
-             ENOSPC/EDQUOT/EFBIG are NO_SPACE and the file is truncated so a failed write does not
-             leave the room full
-  the rest   metadata only: the init does it and replies; listings come back in a memfd
-
-Every fd received is checked again here (fstat: a regular file, nothing else) before use, so a
-directory or O_PATH fd can never be used as a ``dir_fd`` with host credentials, and a FIFO can
-never block a worker thread. OS errors — the init's (as errno data) and our own writes' — become
-wire errors in one place: :func:`file_error`.
+Thin handlers over :mod:`sandboxd.roomfiles` (where the theory of operation is: the daemon never
+opens, stats or lists a room path itself; the room init does and hands back fds). Here: params
+to room-level calls, and their replies to result structs; ``readFile`` with ``stream`` sends
+``file.chunk`` notifications of CHUNK bytes, paced by the client (``Connection.send`` drains).
 """
 
 from __future__ import annotations
@@ -26,207 +11,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import errno
-import fcntl
 import mimetypes
 import os
-import re
-import stat
-import time
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
 
 from .. import errors, protocol
-from ..jail import JailError, channel
+from ..context import Context
+from ..roomfiles import (
+    CHUNK,
+    LIST_TIMEOUT_S,
+    MAX_LISTING_BYTES,
+    MAX_READ_BYTES,
+    _read_capped,
+    _regular,
+    check_path,
+    init_op,
+    now,
+    write,
+)
 from ..rooms import Room, iso
-from . import Context, method
-
-MAX_READ_BYTES = 32 * 1024 * 1024
-CHUNK = 64 * 1024
-MAX_LISTING_BYTES = 64 * 1024 * 1024
-INIT_TIMEOUT_S = 30.0
-PIPE_BYTES = 1024 * 1024  # the writeFile pipe (fs.pipe-max-size's default)
-WRITE_BYTES_PER_S = 16 * 1024 * 1024  # the slowest rate a write's deadline allows for
-HEADROOM_BYTES = 8 * 1024 * 1024  # kept free of a room's memory limit by writeFile
-LIST_TIMEOUT_S = 120.0
-
-Encoding = Literal["utf-8", "utf8", "base64"]
-
-# errno -> error class: the single translation of OS errors for the file API.
-_ERRNO_CLASS: dict[int, type[errors.FileError]] = {
-    errno.ENOENT: errors.FileNotFound,
-    errno.EISDIR: errors.IsDirectory,
-    errno.ENOTDIR: errors.NotDirectory,
-    errno.EEXIST: errors.FileExists,
-    errno.ENOTEMPTY: errors.FileExists,
-    errno.EACCES: errors.PermissionDenied,
-    errno.EPERM: errors.PermissionDenied,
-    errno.ELOOP: errors.PermissionDenied,  # a magic link (or a symlink loop) on the way
-    errno.EBUSY: errors.PermissionDenied,
-    errno.ENOSPC: errors.NoSpace,
-    errno.EDQUOT: errors.NoSpace,
-    errno.EFBIG: errors.NoSpace,
-    errno.EROFS: errors.ReadOnly,
-}
-_ERRNO_VALIDATION = {errno.EINVAL, errno.ENAMETOOLONG, errno.EXDEV}
-
-
-def file_error(num: int, message: str, path: str, **context: Any) -> errors.SandboxError:
-    """The wire error for an OS error ``num`` on ``path`` (the user's path, as they sent it)."""
-    if num in _ERRNO_VALIDATION:
-        return errors.ValidationError(f"{path}: {message}", path=path, errno=num, **context)
-    cls = _ERRNO_CLASS.get(num, errors.FileError)
-    return cls(f"{path}: {message}", path=path, **context)
-
-
-# --- params --------------------------------------------------------------------------------------
-
-
-class WriteFileParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    path: str
-    content: str
-    encoding: Encoding | None = None
-    append: bool = False  # add to the end instead of replacing (chunked uploads, `cp`)
-
-
-class ReadFileParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    path: str
-    encoding: Encoding | None = None
-    stream: bool = False
-
-
-class PathParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    path: str
-
-
-class RenameFileParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    old_path: str
-    new_path: str
-
-
-class MoveFileParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    source_path: str
-    destination_path: str
-
-
-class MkdirParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    path: str
-    recursive: bool = False
-
-
-class ListFilesParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    path: str = "/workspace"
-    recursive: bool = False
-    include_hidden: bool = False
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def check_path(path: str, field: str = "path") -> str:
-    """VALIDATION_FAILED for an empty path, a NUL byte, or more than MAX_PATH characters."""
-    if not path:
-        raise errors.ValidationError(f"{field} is empty", field=field, path=path)
-    if "\x00" in path:
-        raise errors.ValidationError(f"{field} contains a NUL byte", field=field, path=path)
-    if len(path) > protocol.MAX_PATH:
-        raise errors.ValidationError(f"{field} is longer than {protocol.MAX_PATH} characters",
-                                     field=field, path=path[:256] + "...")
-    return path
-
-
-def now() -> str:
-    return iso(time.time())
 
 
 async def _room(ctx: Context, sandbox_id: str) -> Room:
-    return await ctx.daemon.rooms.get_or_create(ctx.uid, sandbox_id)
-
-
-async def init_op(room: Room, msg: dict[str, Any], path: str, nfds: int = 0,
-                  timeout: float = INIT_TIMEOUT_S, fds: Sequence[int] = ()
-                  ) -> tuple[dict[str, Any], list[int]]:
-    """One request to the room init (passing ``fds``, which stay the caller's); its error reply
-    raised as a wire error naming ``path``. Returns exactly ``nfds`` fds (closing any other the
-    init sent)."""
-    try:
-        reply, fds = await room.handle.request(msg, list(fds), timeout=timeout)
-    except JailError as err:
-        raise errors.SandboxUnavailable(f"sandbox {room.id} is gone: {err}",
-                                        sandboxId=room.id) from err
-    except TimeoutError as err:
-        raise errors.InternalError(f"sandbox {room.id}: the room init did not answer "
-                                   f"{msg.get('op')} within {timeout} s",
-                                   sandboxId=room.id) from err
-    finally:
-        room.touch()
-    err_data = reply.get("error")
-    if err_data is not None or len(fds) != nfds:
-        for fd in fds:
-            os.close(fd)
-        if isinstance(err_data, dict):
-            num = int(err_data.get("errno") or errno.EIO)
-            raise file_error(num, _message(err_data, num), path)
-        if reply.get(channel.TRUNCATED):
-            raise errors.InternalError(f"sandbox {room.id}: no fd for the reply to "
-                                       f"{msg.get('op')}", sandboxId=room.id) from OSError(
-                errno.EMFILE, "the daemon is out of file descriptors")
-        raise errors.InternalError(f"sandbox {room.id}: malformed reply to {msg.get('op')}",
-                                   sandboxId=room.id)
-    return reply, fds
-
-
-def _message(err_data: dict[str, Any], num: int) -> str:
-    """The init's explanation without Python's "[Errno N] ... : 'path'" decoration."""
-    text = str(err_data.get("message") or "")
-    text = re.sub(r"^\[Errno \d+\] ", "", text)
-    filename = err_data.get("filename")
-    if filename is not None:
-        text = text.removesuffix(f": {str(filename)!r}")
-    return text or os.strerror(num)
-
-
-def _regular(fd: int, path: str) -> os.stat_result:
-    # Second fence: the init already refused anything else, but a fd that is not a regular file
-    # must never be read, written or used as a dir_fd with our credentials.
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise errors.PermissionDenied(f"{path}: not a regular file", path=path)
-    return st
-
-
-def _read_capped(fd: int, cap: int) -> bytes:
-    """Up to cap + 1 bytes from offset 0 (one more than allowed tells "too large")."""
-    out = bytearray()
-    while len(out) <= cap:
-        chunk = os.pread(fd, min(1 << 20, cap + 1 - len(out)), len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def _write_all(fd: int, data: bytes, keep: int) -> None:
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError:
-        try:
-            os.ftruncate(fd, keep)  # give the space back: a full room stays usable
-        except OSError:
-            pass
-        raise
+    return await ctx.rooms.get_or_create(ctx.uid, sandbox_id)
 
 
 def _decode_content(content: str, encoding: str | None, path: str) -> bytes:
@@ -246,87 +55,17 @@ def _mime(path: str, binary: bool) -> str:
     return "application/octet-stream" if binary else "text/plain"
 
 
-# --- methods -------------------------------------------------------------------------------------
 
-
-@method("writeFile", WriteFileParams)
-async def write_file(ctx: Context, p: WriteFileParams) -> dict[str, Any]:
+async def write_file(ctx: Context, p: protocol.WriteFileParams) -> protocol.WriteFileResult:
     path = check_path(p.path)
     data = _decode_content(p.content, p.encoding, path)
     room = await _room(ctx, p.sandbox_id)
-    _check_headroom(room, len(data), path)
-    # The room init writes (fileops.FileWriter): the pages are the room's, and the target is
-    # replaced only once every byte arrived. We pour the content into a pipe; a cancelled
-    # request closes it early and the init throws the partial copy away.
-    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        reply_task = asyncio.ensure_future(init_op(
-            room, {"op": "f_write", "path": path, "append": p.append, "size": len(data)},
-            path, fds=[r], timeout=INIT_TIMEOUT_S + len(data) / WRITE_BYTES_PER_S))
-        pour = asyncio.ensure_future(_pour(w, data))
-        try:
-            # The reply first means the init gave up (an error, or the room died): stop pouring.
-            await asyncio.wait({reply_task, pour}, return_when=asyncio.FIRST_COMPLETED)
-            if not pour.done():
-                pour.cancel()
-            with contextlib.suppress(BrokenPipeError, asyncio.CancelledError):
-                await pour
-            os.close(w)  # EOF: the init commits if every byte arrived
-            w = -1
-            reply, _ = await reply_task
-        finally:
-            for task in (pour, reply_task):
-                task.cancel()
-    finally:
-        for fd in (r, w):
-            if fd >= 0:
-                os.close(fd)
-    return {"success": True, "path": reply.get("path", path), "bytesWritten": len(data),
-            "timestamp": now()}
+    written = await write(room, path, data, append=p.append)
+    return protocol.WriteFileResult(success=True, path=written, bytes_written=len(data),
+                                    timestamp=now())
 
 
-async def _pour(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to the non-blocking pipe ``fd``, waiting for room as needed."""
-    loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view[:PIPE_BYTES]):]
-            continue
-        except BlockingIOError:
-            pass
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_writer(fd, _set_once, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_writer(fd)
-
-
-def _set_once(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _check_headroom(room: Room, size: int, path: str) -> None:
-    """A room's files are RAM (tmpfs) charged to its memory limit: a write that cannot fit is
-    refused up front, before it would make the kernel's OOM killer pick a victim in the room."""
-    if not size or "memory" not in room.cgroup.enforced:
-        return
-    current = room.cgroup.stats().memory_current_bytes
-    if current is None:
-        return
-    free = room.options.limits.memory_bytes - current
-    if size > free - HEADROOM_BYTES:
-        raise file_error(errno.ENOSPC, f"{size} bytes do not fit in the sandbox's memory "
-                         f"limit ({max(free, 0)} bytes free; its files are held in memory)",
-                         path, memoryBytes=room.options.limits.memory_bytes)
-
-
-@method("readFile", ReadFileParams)
-async def read_file(ctx: Context, p: ReadFileParams) -> dict[str, Any]:
+async def read_file(ctx: Context, p: protocol.ReadFileParams) -> protocol.ReadFileResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
     reply, (fd,) = await init_op(room, {"op": "f_open_read", "path": path}, path, nfds=1)
@@ -334,7 +73,7 @@ async def read_file(ctx: Context, p: ReadFileParams) -> dict[str, Any]:
     try:
         st = _regular(fd, path)
         if p.stream:
-            cap = ctx.daemon.config.max_stream_read_bytes
+            cap = ctx.config.max_stream_read_bytes
             if st.st_size > cap:
                 raise errors.FileTooLarge(
                     f"{path}: {st.st_size} bytes is over the daemon's {cap}-byte limit for "
@@ -362,19 +101,19 @@ async def read_file(ctx: Context, p: ReadFileParams) -> dict[str, Any]:
         # utf-8 asked for explicitly: the caller wants text, lossy if it is not (isBinary says).
         content = text if text is not None else data.decode("utf-8", "replace")
         encoding = "utf-8"
-    return {"success": True, "path": reply.get("path", path), "content": content,
-            "encoding": encoding, "isBinary": binary, "size": len(data),
-            "mimeType": _mime(path, binary), "timestamp": now()}
+    return protocol.ReadFileResult(
+        success=True, path=str(reply.get("path", path)), content=content, encoding=encoding,
+        is_binary=binary, size=len(data), mime_type=_mime(path, binary), timestamp=now())
 
 
 async def _stream(ctx: Context, fd: int, size: int, path: str, reply: dict[str, Any],
-                  encoding: str | None) -> dict[str, Any]:
+                  encoding: str | None) -> protocol.ReadFileResult:
     """``file.chunk`` notifications up to the size the file had when opened (a file the room
     keeps appending to must not make an endless stream)."""
     import codecs
 
     loop = asyncio.get_running_loop()
-    enc = "utf-8" if encoding in ("utf-8", "utf8") else "base64"
+    enc: Literal["utf-8", "base64"] = "utf-8" if encoding in ("utf-8", "utf8") else "base64"
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     offset = 0
     chunks = 0
@@ -384,31 +123,31 @@ async def _stream(ctx: Context, fd: int, size: int, path: str, reply: dict[str, 
             break  # it shrank
         text = base64.b64encode(data).decode("ascii") if enc == "base64" \
             else decoder.decode(data)
-        await ctx.notify("file.chunk", {"requestId": ctx.request_id, "data": text,
-                                        "encoding": enc, "offset": offset})
+        await ctx.notify(protocol.FileChunk(request_id=ctx.request_id, data=text, encoding=enc,
+                                            offset=offset))
         offset += len(data)
         chunks += 1
     if enc == "utf-8":
         tail = decoder.decode(b"", final=True)
         if tail:
-            await ctx.notify("file.chunk", {"requestId": ctx.request_id, "data": tail,
-                                            "encoding": enc, "offset": offset})
+            await ctx.notify(protocol.FileChunk(request_id=ctx.request_id, data=tail,
+                                                encoding=enc, offset=offset))
             chunks += 1
-    return {"success": True, "path": reply.get("path", path), "content": "", "encoding": enc,
-            "stream": True, "chunks": chunks, "size": offset,
-            "mimeType": _mime(path, enc == "base64"), "timestamp": now()}
+    return protocol.ReadFileResult(
+        success=True, path=str(reply.get("path", path)), content="", encoding=enc, stream=True,
+        chunks=chunks, size=offset, mime_type=_mime(path, enc == "base64"), timestamp=now())
 
 
-@method("deleteFile", PathParams)
-async def delete_file(ctx: Context, p: PathParams) -> dict[str, Any]:
+async def delete_file(ctx: Context, p: protocol.PathParams) -> protocol.DeleteFileResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
     reply, _ = await init_op(room, {"op": "f_delete", "path": path}, path)
-    return {"success": True, "path": reply.get("path", path), "timestamp": now()}
+    return protocol.DeleteFileResult(success=True, path=str(reply.get("path", path)),
+                                     timestamp=now())
 
 
 async def _rename(ctx: Context, sandbox_id: str, src: str, dst: str, into: bool,
-                  names: tuple[str, str]) -> dict[str, Any]:
+                  names: tuple[str, str]) -> protocol.RenameResult:
     check_path(src, names[0])
     check_path(dst, names[1])
     room = await _room(ctx, sandbox_id)
@@ -420,39 +159,37 @@ async def _rename(ctx: Context, sandbox_id: str, src: str, dst: str, into: bool,
         # we only know "src" here, so say which paths were involved.
         err.context.update({"path": src, "newPath": dst})
         raise
-    return {"success": True, "path": reply.get("path", src), "newPath": reply.get("newPath", dst),
-            "timestamp": now()}
+    return protocol.RenameResult(success=True, path=str(reply.get("path", src)),
+                                 new_path=str(reply.get("newPath", dst)), timestamp=now())
 
 
-@method("renameFile", RenameFileParams)
-async def rename_file(ctx: Context, p: RenameFileParams) -> dict[str, Any]:
+async def rename_file(ctx: Context, p: protocol.RenameFileParams) -> protocol.RenameResult:
     return await _rename(ctx, p.sandbox_id, p.old_path, p.new_path, False,
                          ("oldPath", "newPath"))
 
 
-@method("moveFile", MoveFileParams)
-async def move_file(ctx: Context, p: MoveFileParams) -> dict[str, Any]:
+async def move_file(ctx: Context, p: protocol.MoveFileParams) -> protocol.RenameResult:
     return await _rename(ctx, p.sandbox_id, p.source_path, p.destination_path, True,
                          ("sourcePath", "destinationPath"))
 
 
-@method("mkdir", MkdirParams)
-async def mkdir(ctx: Context, p: MkdirParams) -> dict[str, Any]:
+async def mkdir(ctx: Context, p: protocol.MkdirParams) -> protocol.MkdirResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
     reply, _ = await init_op(room, {"op": "f_mkdir", "path": path, "recursive": p.recursive},
                              path)
-    return {"success": True, "path": reply.get("path", path), "recursive": p.recursive,
-            "timestamp": now()}
+    return protocol.MkdirResult(success=True, path=str(reply.get("path", path)),
+                                recursive=p.recursive, timestamp=now())
 
 
-@method("exists", PathParams)
-async def exists(ctx: Context, p: PathParams) -> dict[str, Any]:
+async def exists(ctx: Context, p: protocol.PathParams) -> protocol.ExistsResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
     reply, _ = await init_op(room, {"op": "f_exists", "path": path}, path)
-    return {"success": True, "path": reply.get("path", path), "exists": bool(reply.get("exists")),
-            "type": reply.get("type")}
+    kind = reply.get("type")
+    return protocol.ExistsResult(success=True, path=str(reply.get("path", path)),
+                                 exists=bool(reply.get("exists")),
+                                 type=str(kind) if kind is not None else None)
 
 
 # (names are str, or bytes when not UTF-8: msgspec has no str | bytes union, hence Any)
@@ -472,25 +209,23 @@ def _read_listing(fd: int, path: str) -> list[_Row]:
 
 
 def _entry(prefix: str, name: str | bytes, rel: str | bytes, kind: str, size: int,
-           mtime: float, mode: str) -> dict[str, Any]:
+           mtime: float, mode: str) -> protocol.FileInfo:
     """One listing row. A name that is not UTF-8 (the init sends its bytes) is shown with
     U+FFFD in ``name`` and exactly in ``nameBase64`` (likewise ``relativePathBase64``)."""
-    out: dict[str, Any] = {"name": _lossy(name), "absolutePath": prefix + _lossy(rel),
-                           "relativePath": _lossy(rel), "type": kind, "size": size,
-                           "modifiedAt": iso(mtime), "mode": mode}
-    if isinstance(name, bytes):
-        out["nameBase64"] = base64.b64encode(name).decode("ascii")
-    if isinstance(rel, bytes):
-        out["relativePathBase64"] = base64.b64encode(rel).decode("ascii")
-    return out
+    return protocol.FileInfo(
+        name=_lossy(name), absolute_path=prefix + _lossy(rel), relative_path=_lossy(rel),
+        type=kind, size=size, modified_at=iso(mtime), mode=mode,
+        name_base64=base64.b64encode(name).decode("ascii") if isinstance(name, bytes)
+        else protocol.UNSET,
+        relative_path_base64=base64.b64encode(rel).decode("ascii") if isinstance(rel, bytes)
+        else protocol.UNSET)
 
 
 def _lossy(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-@method("listFiles", ListFilesParams)
-async def list_files(ctx: Context, p: ListFilesParams) -> dict[str, Any]:
+async def list_files(ctx: Context, p: protocol.ListFilesParams) -> protocol.ListFilesResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
     reply, (fd,) = await init_op(room, {"op": "f_list", "path": path, "recursive": p.recursive,
@@ -504,5 +239,5 @@ async def list_files(ctx: Context, p: ListFilesParams) -> dict[str, Any]:
     prefix = base.rstrip("/") + "/"
     files = [_entry(prefix, name, rel, kind, size, mtime, mode)
              for name, rel, kind, size, mtime, mode in rows]
-    return {"success": True, "path": base, "count": len(files), "files": files,
-            "truncated": bool(reply.get("truncated")), "timestamp": now()}
+    return protocol.ListFilesResult(success=True, path=base, count=len(files), files=files,
+                                    truncated=bool(reply.get("truncated")), timestamp=now())

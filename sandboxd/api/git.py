@@ -1,7 +1,7 @@
 """gitCheckout: ``git clone`` run inside the room, under the room's limits.
 
 Theory of operation. The daemon never runs git itself: the clone is an ordinary run in the room
-(``exec.run_in_room``, argv form, so no shell ever sees the URL), with the room's cgroup,
+(``runs.run_in_room``, argv form, so no shell ever sees the URL), with the room's cgroup,
 seccomp filter and a wall-clock deadline; the repository lands in the room's writable layer and
 counts against its disk budget. The daemon only validates the request (a URL that git would take
 for an option, or a transport that runs commands, never reaches git) and turns git's stderr into
@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Annotated, Any
 
-import msgspec
-
-from .. import errors, protocol
-from . import Context, method
-from .exec import run_in_room
-from .files import check_path
+from .. import errors, protocol, runs
+from ..context import Context
+from ..roomfiles import check_path
 
 CLONE_TIMEOUT_MS = 10 * 60 * 1000
 MAX_URL = 4096
@@ -32,15 +28,6 @@ _SCHEMES = ("https://", "http://", "git://", "ssh://", "file://", "git+ssh://", 
 _SCP = re.compile(r"^(?:[A-Za-z0-9._~-]+@)?[A-Za-z0-9.-]+:(?!//)[^\s]+$")
 _BRANCH_BAD = re.compile(r"(^-)|(\.\.)|([\x00-\x20\x7f~^:?*\[\\])|(@\{)|(^/)|(/$)|(\.lock$)|"
                          r"(^@$)|(//)|(\.$)")
-
-
-class GitCheckoutParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    repo_url: str
-    branch: str | None = None
-    target_dir: str | None = None
-    depth: Annotated[int, msgspec.Meta(ge=1, le=protocol.MAX_COUNT)] | None = None
-    timeout: protocol.Millis | None = None
 
 
 def check_url(url: str) -> str:
@@ -86,8 +73,8 @@ def classify(stderr: str, url: str, branch: str | None) -> errors.GitError:
     return errors.GitCloneFailed(f"git clone failed: {last}", **context)
 
 
-@method("gitCheckout", GitCheckoutParams)
-async def git_checkout(ctx: Context, p: GitCheckoutParams) -> dict[str, Any]:
+async def git_checkout(ctx: Context,
+                       p: protocol.GitCheckoutParams) -> protocol.GitCheckoutResult:
     url = check_url(p.repo_url)
     if p.branch is not None and (not p.branch or _BRANCH_BAD.search(p.branch)):
         raise errors.ValidationError(f"invalid branch name {p.branch!r}", field="branch",
@@ -103,16 +90,20 @@ async def git_checkout(ctx: Context, p: GitCheckoutParams) -> dict[str, Any]:
         argv += ["--depth", str(p.depth)]
     argv += ["--", url, target]
     env = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/false", "GIT_SSH_COMMAND": "false"}
-    res = await run_in_room(ctx, p.sandbox_id, argv, env=env, cwd=None, stdin=b"", user="root",
-                            limits=None, timeout_ms=p.timeout or CLONE_TIMEOUT_MS, stream=False)
+    res = await runs.run_in_room(ctx.rooms, ctx.uid, p.sandbox_id, argv,
+                                 check_limits=ctx.facts.check_run_limits, env=env, cwd=None,
+                                 stdin=b"", user="root", limits=None,
+                                 timeout_ms=p.timeout or CLONE_TIMEOUT_MS, on_output=None)
     if res.status == "TO":
         raise errors.GitCloneFailed(f"git clone of {url} timed out", repoUrl=url,
                                     timeout=p.timeout or CLONE_TIMEOUT_MS)
     if res.exit_code != 0:
         raise classify(res.stderr, url, p.branch)
-    head = await run_in_room(ctx, p.sandbox_id,
-                             ["git", "-C", target, "symbolic-ref", "--short", "-q", "HEAD"],
-                             env=env, cwd=None, stdin=b"", user="root", limits=None,
-                             timeout_ms=30_000, stream=False)
+    head = await runs.run_in_room(
+        ctx.rooms, ctx.uid, p.sandbox_id,
+        ["git", "-C", target, "symbolic-ref", "--short", "-q", "HEAD"],
+        check_limits=ctx.facts.check_run_limits, env=env, cwd=None, stdin=b"", user="root",
+        limits=None, timeout_ms=30_000, on_output=None)
     branch = head.stdout.strip() if head.exit_code == 0 else (p.branch or "")
-    return {"success": True, "repoUrl": url, "branch": branch, "targetDir": target}
+    return protocol.GitCheckoutResult(success=True, repo_url=url, branch=branch,
+                                      target_dir=target)

@@ -204,9 +204,11 @@ class _Table:
 
     def string(self, key: str, required: bool = True) -> str | None:
         value = self._get(key, required)
-        if value is not None and (not isinstance(value, str) or not value):
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
             self.fail(key, "must be a non-empty string")
-        return value
+        return str(value)
 
     def req_string(self, key: str) -> str:
         value = self.string(key)

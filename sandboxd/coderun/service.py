@@ -10,11 +10,13 @@ sources, compile command), and then, in two separate runs each under its own lim
 
 A compile that fails (non-zero exit, or killed by a compile limit) is the verdict ``CE`` with the
 compiler's report in ``compile``; the run's verdict is the ordinary one (OK RE SG TO ML OL XX).
-Both steps go through ``api.exec.run_in_room``, so they get the same cgroups, deadlines and
-reports as ``exec``. The directory lives under /tmp/.sandboxd in the room (the room's disk
-budget); nothing of it is ever read by the daemon. Room code can neither change a compiled
-directory nor plant one (issue 10, M2): see "the code-run cache" in jail/fileops.py. Without a
-second mapped id (single-id mode) nothing is reused: every runCode compiles.
+Both steps go through ``runs.run_in_room``, so they get the same cgroups, deadlines and
+reports as ``exec``; the sources are written with ``roomfiles.write`` (room-level calls only:
+this service never goes through ``api/``). The directory lives under /tmp/.sandboxd in the room
+(the room's disk budget); nothing of it is ever read by the daemon. Room code can neither
+change a compiled directory nor plant one (issue 10, M2): see "the code-run cache" in
+jail/fileops.py. Without a second mapped id (single-id mode) nothing is reused: every runCode
+compiles.
 
 Which toolchains exist comes from the rootfs manifest (``/etc/sandboxd/manifest.json`` in the
 tree, written by rootfs/build.sh). On the ``host`` rootfs there is no manifest: a language is
@@ -24,20 +26,22 @@ available when its commands are found on the host's /usr.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import os
 import shutil
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from .. import errors, protocol
-from .registry import Language, Registry, load_registry
+import msgspec
+
+from .. import errors, protocol, roomfiles, runs
+from .registry import Language, Limits, Registry, load_registry
 
 if TYPE_CHECKING:
-    from ..api import Context
+    from ..context import Context
+    from ..rooms import Room
 
 CODE_DIR = "/tmp/.sandboxd"  # jail/fileops.CODE_BASE: a mount point only the init may change
 MARKER = ".compiled"
@@ -75,7 +79,7 @@ class CodeRunService:
             weakref.WeakValueDictionary()
 
     @staticmethod
-    def can_seal(room: Any) -> bool:
+    def can_seal(room: Room) -> bool:
         """Sealing needs a second mapped id (jail/fileops.SEAL_UID): not in single-id mode."""
         from ..jail.fileops import SEAL_UID
 
@@ -97,13 +101,13 @@ class CodeRunService:
 
     # --- listLanguages ------------------------------------------------------------------------
 
-    def list_languages(self) -> dict[str, Any]:
-        return {"languages": [
-            {"id": lang.id, "name": lang.name, "aliases": list(lang.aliases),
-             "extension": lang.extension, "compiled": lang.compiled,
-             "version": self.toolchains[lang.id].version,
-             "available": self.toolchains[lang.id].available}
-            for lang in self.registry]}
+    def list_languages(self) -> protocol.ListLanguagesResult:
+        return protocol.ListLanguagesResult(languages=[
+            protocol.LanguageInfo(id=lang.id, name=lang.name, aliases=list(lang.aliases),
+                                  extension=lang.extension, compiled=lang.compiled,
+                                  version=self.toolchains[lang.id].version,
+                                  available=self.toolchains[lang.id].available)
+            for lang in self.registry])
 
     # --- runCode ------------------------------------------------------------------------------
 
@@ -115,10 +119,8 @@ class CodeRunService:
             h.update(b"\0")
         return h.hexdigest()[:32]
 
-    async def run_code(self, ctx: Context, p: RunCodeParams) -> dict[str, Any]:
-        from ..api import exec as api_exec
-        from ..api import files as api_files
-
+    async def run_code(self, ctx: Context, p: protocol.RunCodeParams,
+                       on_output: runs.OutputCallback | None = None) -> protocol.RunCodeResult:
         lang = self.registry.resolve(p.language)
         tool = self.toolchains[lang.id]
         if not tool.available:
@@ -135,122 +137,96 @@ class CodeRunService:
         name = f"{lang.id}-{key}"
         workdir = f"{CODE_DIR}/{name}"
         env = lang.env_for(workdir)
-        room = await ctx.daemon.rooms.get_or_create(ctx.uid, p.sandbox_id)
+        room = await ctx.rooms.get_or_create(ctx.uid, p.sandbox_id)
         lock = self._locks.setdefault((room.id, name), asyncio.Lock())
-        compile_report: dict[str, Any] | None = None
+        compile_report: protocol.CompileReport | None = None
         async with lock:
             # Reused only when sealed (fileops, "the code-run cache"): room code cannot have
             # changed a byte of it since the compile that made it.
-            state = await _code(ctx, room, "state", name)
+            state = await roomfiles.code_op(room, "state", name)
             cached = bool(state.get("sealed"))
             if not cached:
-                await _code(ctx, room, "prepare", name, shared=p.user == "sandbox")
+                await roomfiles.code_op(room, "prepare", name, shared=p.user == "sandbox")
                 for fname, content in sources.items():
-                    await api_files.write_file(ctx, api_files.WriteFileParams(
-                        sandbox_id=room.id, path=f"{workdir}/{fname}",
-                        content=base64.b64encode(content.encode()).decode(),
-                        encoding="base64"))
+                    await roomfiles.write(room, f"{workdir}/{fname}", content.encode())
                 compile_argv = lang.compile_argv(workdir)
                 if compile_argv is not None:
                     lim = _merge_limits(lang.compile_limits, p.compile_limits,
                                         room.options.limits.memory_bytes,
-                                        ctx.daemon.enforceable_limits())
-                    res = await api_exec.run_in_room(
-                        ctx, room.id, compile_argv, env=env, cwd=workdir, stdin=b"",
-                        user=p.user, limits=lim, timeout_ms=None, stream=False)
-                    compile_report = {"status": res.status, "exitCode": res.exit_code,
-                                      "stdout": res.stdout, "stderr": res.stderr,
-                                      "cpuTimeMs": res.cpu_time_ms,
-                                      "wallTimeMs": res.wall_time_ms,
-                                      "memoryPeakBytes": res.memory_peak_bytes,
-                                      "timedOut": res.timed_out, "oomKilled": res.oom_killed}
+                                        ctx.facts.enforceable_limits())
+                    res = await runs.run_in_room(
+                        ctx.rooms, ctx.uid, room.id, compile_argv,
+                        check_limits=ctx.facts.check_run_limits, env=env, cwd=workdir,
+                        stdin=b"", user=p.user, limits=lim, timeout_ms=None, on_output=None)
+                    compile_report = protocol.CompileReport(
+                        status=res.status, exit_code=res.exit_code, stdout=res.stdout,
+                        stderr=res.stderr, cpu_time_ms=res.cpu_time_ms,
+                        wall_time_ms=res.wall_time_ms, memory_peak_bytes=res.memory_peak_bytes,
+                        timed_out=res.timed_out, oom_killed=res.oom_killed)
                     if res.status != "OK":
-                        return {"success": False, "language": lang.id, "status": "CE",
-                                "exitCode": res.exit_code, "stdout": "", "stderr": "",
-                                "compile": compile_report, "cached": False,
-                                "cpuTimeMs": None, "wallTimeMs": None,
-                                "memoryPeakBytes": None}
-                await api_files.write_file(ctx, api_files.WriteFileParams(
-                    sandbox_id=room.id, path=f"{workdir}/{MARKER}", content=""))
+                        return protocol.RunCodeResult(
+                            success=False, language=lang.id, status="CE",
+                            exit_code=res.exit_code, stdout="", stderr="",
+                            compile=compile_report, cached=False, cpu_time_ms=None,
+                            wall_time_ms=None, memory_peak_bytes=None)
+                await roomfiles.write(room, f"{workdir}/{MARKER}", b"")
                 if self.can_seal(room):
-                    await _code(ctx, room, "seal", name)
+                    await roomfiles.code_op(room, "seal", name)
         argv = lang.run_argv(workdir) + list(p.args or [])
-        res = await api_exec.run_in_room(
-            ctx, room.id, argv, env=env, cwd=workdir, stdin=(p.stdin or "").encode(),
-            user=p.user, limits=p.limits, timeout_ms=None, stream=p.stream)
-        return {"success": res.status == "OK", "language": lang.id, "exitCode": res.exit_code,
-                "stdout": res.stdout, "stderr": res.stderr, "compile": compile_report,
-                "cached": cached, **res.report()}
+        res = await runs.run_in_room(
+            ctx.rooms, ctx.uid, room.id, argv, check_limits=ctx.facts.check_run_limits,
+            env=env, cwd=workdir, stdin=(p.stdin or "").encode(), user=p.user, limits=p.limits,
+            timeout_ms=None, on_output=on_output)
+        return protocol.RunCodeResult(
+            success=res.status == "OK", language=lang.id, exit_code=res.exit_code,
+            stdout=res.stdout, stderr=res.stderr, compile=compile_report, cached=cached,
+            status=res.status, signal=res.signal, timed_out=res.timed_out,
+            limit_exceeded=res.limit_exceeded, oom_killed=res.oom_killed,
+            output_truncated=res.output_truncated, cpu_time_ms=res.cpu_time_ms,
+            wall_time_ms=res.wall_time_ms, memory_peak_bytes=res.memory_peak_bytes,
+            pids_peak=res.pids_peak, error=res.error or protocol.UNSET)
 
     # --- runExampleCode -----------------------------------------------------------------------
 
-    async def run_examples(self, ctx: Context, sandbox_id: str) -> dict[str, Any]:
+    async def run_examples(self, ctx: Context, sandbox_id: str) -> protocol.RunExamplesResult:
         sem = asyncio.Semaphore(EXAMPLE_CONCURRENCY)
 
-        async def one(lang: Language) -> dict[str, Any]:
+        async def one(lang: Language) -> protocol.ExampleResult:
             if not self.toolchains[lang.id].available:
-                return {"language": lang.id, "name": lang.name, "available": False,
-                        "success": False, "status": None}
+                return protocol.ExampleResult(language=lang.id, name=lang.name,
+                                              available=False, success=False, status=None)
             async with sem:
                 try:
-                    res = await self.run_code(ctx, RunCodeParams(
+                    res = await self.run_code(ctx, protocol.RunCodeParams(
                         sandbox_id=sandbox_id, language=lang.id, code=lang.example))
                 except errors.SandboxError as err:
-                    return {"language": lang.id, "name": lang.name, "available": True,
-                            "success": False, "status": "XX", "error": err.message}
+                    return protocol.ExampleResult(language=lang.id, name=lang.name,
+                                                  available=True, success=False, status="XX",
+                                                  error=err.message)
             expected = lang.expected_example_output
-            return {**res, "name": lang.name, "available": True,
-                    "expected": expected, "success": res["success"] and res["stdout"] == expected}
+            fields = {f: getattr(res, f) for f in protocol.RunCodeResult.__struct_fields__}
+            fields.update(name=lang.name, available=True, expected=expected,
+                          success=res.success and res.stdout == expected)
+            return protocol.ExampleResult(**fields)
 
         results = await asyncio.gather(*(one(lang) for lang in self.registry))
-        return {"results": list(results)}
+        return protocol.RunExamplesResult(results=list(results))
 
 
-async def _code(ctx: Context, room: Any, action: str, name: str, **extra: Any
-                ) -> dict[str, Any]:
-    from ..api import files as api_files
-
-    reply, _ = await api_files.init_op(
-        room, {"op": "f_code", "action": action, "name": name, **extra}, f"{CODE_DIR}/{name}")
-    return reply
-
-
-def _merge_limits(base: Any, given: protocol.RunLimits | None, room_memory: int,
+def _merge_limits(base: Limits | None, given: protocol.RunLimits | None, room_memory: int,
                   enforceable: set[str]) -> protocol.RunLimits:
     """Per-language compile limits from the registry — defaults, so only those this host can
     enforce, and memory capped by the room's own limit (the real ceiling) — overridden field by
     field by the caller, whose limits fail closed as in exec."""
-    mem = getattr(base, "memory_bytes", None)
+    mem = base.memory_bytes if base is not None else None
     out = protocol.RunLimits(
         memory_bytes=None if mem is None or "memoryBytes" not in enforceable
         else min(mem, room_memory),
-        wall_time_ms=getattr(base, "wall_time_ms", None),
-        cpu_time_ms=getattr(base, "cpu_time_ms", None) if "cpuTimeMs" in enforceable else None)
+        wall_time_ms=base.wall_time_ms if base is not None else None,
+        cpu_time_ms=base.cpu_time_ms if base is not None and "cpuTimeMs" in enforceable
+        else None)
     if given is None:
         return out
-    import msgspec
-
     updates = {f: getattr(given, f) for f in given.__struct_fields__
                if getattr(given, f) is not None}
     return msgspec.structs.replace(out, **updates)
-
-
-class RunCodeParams(protocol._Params, frozen=True):
-    sandbox_id: str
-    language: str
-    code: str
-    stdin: str | None = None
-    args: list[str] | None = None
-    files: dict[str, str] | None = None
-    limits: protocol.RunLimits | None = None
-    compile_limits: protocol.RunLimits | None = None
-    user: Literal["root", "sandbox"] = "root"
-    stream: bool = False
-
-
-class RunExamplesParams(protocol._Params, frozen=True):
-    sandbox_id: str
-
-
-class ListLanguagesParams(protocol._Params, frozen=True):
-    pass

@@ -1,10 +1,12 @@
 """sandboxd.client against a small in-test JSON-RPC peer on a temporary Unix socket.
 
-``FakeDaemon`` validates every request with the real ``protocol`` shapes (so the client cannot
-drift from the wire), answers each request from its own task (so responses come back in
-completion order, not request order), and fakes ``exec`` with knobs carried in ``env``:
-DELAY (seconds before answering), EXIT (exit code), TIMEOUT (report a timeout), CHUNKS (stream
-that many chunks, one every 20 ms).
+``FakeDaemon`` validates every request's params *and* every result it sends against
+``protocol.METHODS`` (so neither the client nor this fake can drift from the wire: a result field
+the schema does not declare fails the test, except the deliberate ``futureField``), answers each
+request from its own task (so responses come back in completion order, not request order), keeps
+files in a dict, and fakes ``exec`` with knobs carried in ``env``: DELAY (seconds before
+answering), EXIT (exit code), TIMEOUT (report a timeout), CHUNKS (stream that many chunks, one
+every 20 ms).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class FakeDaemon:
         self.path = path
         self.requests: list[dict[str, Any]] = []
         self.answered: list[Any] = []  # ids, in the order responses were written
+        self.validated: set[str] = set()  # methods whose params and result passed the schema
+        self.files: dict[str, bytes] = {}
+        self.failures: list[str] = []  # results of ours the schema refused
         self.rooms: dict[str, dict[str, Any]] = {
             "alpha": {"sandboxId": "alpha", "status": "ready", "createdAt": "2026-11-26T20:00:00Z",
                       "lastActivityAt": "2026-11-26T20:05:00Z"},
@@ -122,6 +127,12 @@ class FakeDaemon:
                 raise errors.InvalidRequest("could not read the id")
             params = protocol.convert_params(req.method, req.params)
             result = await getattr(self, "m_" + req.method)(params, req.id, send)
+            try:
+                check_result(req.method, result)
+            except (AssertionError, errors.ProtocolError) as err:
+                self.failures.append(f"{req.method}: {err}")
+                raise errors.InternalError(f"the fake broke the schema: {err}") from err
+            self.validated.add(req.method)
         except errors.SandboxError as err:
             if isinstance(obj, dict) and obj.get("method") == "nullid":
                 req_id = None
@@ -133,7 +144,14 @@ class FakeDaemon:
     async def m_ping(self, p: protocol.PingParams, rid: Any, send: Any) -> dict[str, Any]:
         if p.sandbox_id is not None and p.sandbox_id not in self.rooms:
             raise errors.SandboxNotFound(f"no room {p.sandbox_id}", sandboxId=p.sandbox_id)
-        return {"message": "pong", "version": "0.0-test", "capabilities": {"cgroup": "v1"}}
+        out: dict[str, Any] = {
+            "message": "pong", "version": "0.0-test", "capabilities": {
+                "namespaces": ["user", "mnt"], "cgroup": {"version": "v1"}, "rootfs": "host",
+                "idMapping": "single", "idSlices": {"mode": "single"},
+                "seccomp": {"enabled": True}, "limits": ["wallTimeMs"]}}
+        if p.sandbox_id is not None:
+            out["sandbox"] = {"sandboxId": p.sandbox_id, "init": True, "runs": 0}
+        return out
 
     async def m_listSandboxes(self, p: Any, rid: Any, send: Any) -> dict[str, Any]:
         return {"sandboxes": list(self.rooms.values())}
@@ -141,9 +159,8 @@ class FakeDaemon:
     async def m_getSandbox(self, p: protocol.GetSandboxParams, rid: Any,
                            send: Any) -> dict[str, Any]:
         room = self.rooms.setdefault(p.sandbox_id, {
-            "sandboxId": p.sandbox_id, "status": "ready", "createdAt": 1764187200000,
-            "lastActivityAt": None})
-        return {**room, "options": {"limits": {"memoryBytes": 1 << 29}}}
+            "sandboxId": p.sandbox_id, "status": "ready", "createdAt": "2026-11-26T21:00:00Z"})
+        return {**room, "options": {"limits": {"memoryBytes": 1 << 29}}, "incarnation": 1}
 
     async def m_destroy(self, p: protocol.DestroyParams, rid: Any, send: Any) -> dict[str, Any]:
         if p.sandbox_id == "ghost":
@@ -154,27 +171,179 @@ class FakeDaemon:
     async def m_exec(self, p: protocol.ExecParams, rid: Any, send: Any) -> dict[str, Any]:
         env = p.env or {}
         self.rooms.setdefault(p.sandbox_id, {"sandboxId": p.sandbox_id, "status": "ready"})
-        await asyncio.sleep(float(env.get("DELAY", 0)))
+        await asyncio.sleep(float(env.get("DELAY") or 0))
         argv = [p.command, *(p.args or [])] if p.args is not None else ["sh", "-c", p.command]
-        chunks = int(env.get("CHUNKS", 0))
+        chunks = int(env.get("CHUNKS") or 0)
         out = []
         for i in range(chunks):
             data = f"{p.sandbox_id}:{i}\n"
             out.append(data)
             if p.stream:
                 stream = "stderr" if i % 2 else "stdout"
-                await send(protocol.notification(
-                    "exec.output", {"requestId": rid, "stream": stream, "data": data}))
+                await send(protocol.notification("exec.output", protocol.ExecOutput(
+                    request_id=rid, stream=stream, data=data)))
             await asyncio.sleep(0.02)
         stdout = " ".join(argv) + "\n" + (p.stdin or "") if not chunks else "".join(out)
         if chunks and p.stream:
             stdout = ""
         timed_out = env.get("TIMEOUT") == "1"
-        code = 124 if timed_out else int(env.get("EXIT", 0))
+        code = 124 if timed_out else int(env.get("EXIT") or 0)
         return {"success": code == 0, "exitCode": code, "stdout": stdout,
                 "stderr": "" if chunks else "err\n", "command": " ".join(argv),
                 "duration": 1.5, "timestamp": "2026-11-26T20:00:00Z", "timedOut": timed_out,
                 "futureField": {"x": 1}}
+
+    # files: kept in self.files by absolute path
+
+    @staticmethod
+    def _abs(path: str) -> str:
+        return path if path.startswith("/") else f"/workspace/{path}"
+
+    def _get(self, path: str) -> bytes:
+        full = self._abs(path)
+        if full not in self.files:
+            raise errors.FileNotFound(f"{path}: No such file or directory", path=path)
+        return self.files[full]
+
+    async def m_writeFile(self, p: protocol.WriteFileParams, rid: Any,
+                          send: Any) -> dict[str, Any]:
+        import base64
+
+        data = base64.b64decode(p.content) if p.encoding == "base64" else p.content.encode()
+        full = self._abs(p.path)
+        self.files[full] = (self.files.get(full, b"") if p.append else b"") + data
+        return {"success": True, "path": full, "bytesWritten": len(data), "timestamp": NOW}
+
+    async def m_readFile(self, p: protocol.ReadFileParams, rid: Any,
+                         send: Any) -> dict[str, Any]:
+        import base64
+
+        data = self._get(p.path)
+        enc = "utf-8" if p.encoding in ("utf-8", "utf8") else "base64"
+        if p.stream:
+            for off in range(0, len(data), 4):
+                piece = data[off:off + 4]
+                text = base64.b64encode(piece).decode() if enc == "base64" else piece.decode()
+                await send(protocol.notification("file.chunk", protocol.FileChunk(
+                    request_id=rid, data=text, encoding=enc, offset=off)))
+            return {"success": True, "path": self._abs(p.path), "content": "",
+                    "encoding": enc, "stream": True, "chunks": (len(data) + 3) // 4,
+                    "size": len(data), "mimeType": "text/plain", "timestamp": NOW}
+        content = base64.b64encode(data).decode() if enc == "base64" else data.decode()
+        return {"success": True, "path": self._abs(p.path), "content": content,
+                "encoding": enc, "isBinary": enc == "base64", "size": len(data),
+                "mimeType": "text/plain", "timestamp": NOW}
+
+    async def m_deleteFile(self, p: protocol.PathParams, rid: Any, send: Any) -> dict[str, Any]:
+        self._get(p.path)
+        del self.files[self._abs(p.path)]
+        return {"success": True, "path": self._abs(p.path), "timestamp": NOW}
+
+    def _move(self, src: str, dst: str) -> dict[str, Any]:
+        self.files[self._abs(dst)] = self._get(src)
+        del self.files[self._abs(src)]
+        return {"success": True, "path": self._abs(src), "newPath": self._abs(dst),
+                "timestamp": NOW}
+
+    async def m_renameFile(self, p: protocol.RenameFileParams, rid: Any,
+                           send: Any) -> dict[str, Any]:
+        return self._move(p.old_path, p.new_path)
+
+    async def m_moveFile(self, p: protocol.MoveFileParams, rid: Any,
+                         send: Any) -> dict[str, Any]:
+        name = p.source_path.rsplit("/", 1)[-1]
+        return self._move(p.source_path, f"{p.destination_path}/{name}")
+
+    async def m_mkdir(self, p: protocol.MkdirParams, rid: Any, send: Any) -> dict[str, Any]:
+        return {"success": True, "path": self._abs(p.path), "recursive": p.recursive,
+                "timestamp": NOW}
+
+    async def m_exists(self, p: protocol.PathParams, rid: Any, send: Any) -> dict[str, Any]:
+        found = self._abs(p.path) in self.files
+        return {"success": True, "path": self._abs(p.path), "exists": found,
+                "type": "file" if found else None}
+
+    async def m_listFiles(self, p: protocol.ListFilesParams, rid: Any,
+                          send: Any) -> dict[str, Any]:
+        base = self._abs(p.path).rstrip("/") + "/"
+        files = [{"name": k[len(base):], "absolutePath": k, "relativePath": k[len(base):],
+                  "type": "file", "size": len(v), "modifiedAt": NOW, "mode": "rw-r--r--"}
+                 for k, v in sorted(self.files.items()) if k.startswith(base)]
+        return {"success": True, "path": base.rstrip("/"), "count": len(files),
+                "files": files, "truncated": False, "timestamp": NOW}
+
+    async def m_gitCheckout(self, p: protocol.GitCheckoutParams, rid: Any,
+                            send: Any) -> dict[str, Any]:
+        return {"success": True, "repoUrl": p.repo_url, "branch": p.branch or "main",
+                "targetDir": p.target_dir or "/workspace/repo"}
+
+    async def m_runCode(self, p: protocol.RunCodeParams, rid: Any, send: Any) -> dict[str, Any]:
+        if p.language == "cobol":
+            raise errors.UnsupportedLanguage("no cobol", language="cobol")
+        if "syntax error" in p.code:
+            return {"success": False, "language": p.language, "status": "CE", "exitCode": 1,
+                    "stdout": "", "stderr": "", "compile": COMPILE_FAILED, "cached": False,
+                    "cpuTimeMs": None, "wallTimeMs": None, "memoryPeakBytes": None}
+        return {"success": True, "language": p.language, "exitCode": 0,
+                "stdout": (p.stdin or "").upper(), "stderr": "", "compile": None,
+                "cached": True, **REPORT}
+
+    async def m_runExampleCode(self, p: protocol.RunExamplesParams, rid: Any,
+                               send: Any) -> dict[str, Any]:
+        return {"results": [
+            {"language": "c", "name": "C", "available": True, "success": True, "status": "OK",
+             "exitCode": 0, "stdout": "hi\n", "stderr": "", "compile": None, "cached": False,
+             "expected": "hi\n", **REPORT},
+            {"language": "go", "name": "Go", "available": False, "success": False,
+             "status": None}]}
+
+    async def m_listLanguages(self, p: Any, rid: Any, send: Any) -> dict[str, Any]:
+        return {"languages": [{"id": "c", "name": "C", "aliases": ["gcc"], "extension": "c",
+                               "compiled": True, "version": "12", "available": True}]}
+
+    async def m_stats(self, p: protocol.StatsParams, rid: Any, send: Any) -> dict[str, Any]:
+        rooms = [r for r in self.rooms.values() if p.sandbox_id in (None, r["sandboxId"])]
+        return {"backend": "v1", "sandboxes": [
+            {"sandboxId": r["sandboxId"], "status": r["status"], "activeRuns": 0,
+             "limits": {"memoryBytes": 1 << 29},
+             "usage": {"cpuTimeMs": 5, "memoryPeakBytes": None, "memoryCurrentBytes": None,
+                       "pidsCurrent": 1, "pidsPeak": None, "oomKills": None}}
+            for r in rooms]}
+
+
+NOW = "2026-11-26T20:00:00.000Z"
+REPORT: dict[str, Any] = {
+    "status": "OK", "signal": None, "timedOut": False, "limitExceeded": None,
+    "oomKilled": False, "outputTruncated": False, "cpuTimeMs": 1, "wallTimeMs": 2,
+    "memoryPeakBytes": None, "pidsPeak": 1}
+COMPILE_FAILED: dict[str, Any] = {
+    "status": "RE", "exitCode": 1, "stdout": "", "stderr": "x.c:1: syntax error\n",
+    "cpuTimeMs": 3, "wallTimeMs": 4, "memoryPeakBytes": None, "timedOut": False,
+    "oomKilled": False}
+#: Result fields the fake sends on purpose although no schema has them (tests of leniency).
+UNDECLARED = {"futureField"}
+
+
+def check_result(method: str, result: Any) -> None:
+    """``result`` must decode as the method's result struct, and every field in it (nested
+    too) must be one the schema declares: the fake cannot answer what the daemon would not."""
+    shape = protocol.METHODS[method].result
+    decoded = protocol.convert_result(method, result, shape)
+    _declared(decoded, result, method)
+
+
+def _declared(value: Any, wire: Any, where: str) -> None:
+    if isinstance(value, protocol.Result):
+        names = set(type(value).__struct_encode_fields__)
+        extra = set(wire) - names - UNDECLARED
+        assert not extra, f"{where}: fields {extra} are not in {type(value).__name__}"
+        for field, wname in zip(type(value).__struct_fields__,
+                                type(value).__struct_encode_fields__, strict=True):
+            if wname in wire:
+                _declared(getattr(value, field), wire[wname], f"{where}.{wname}")
+    elif isinstance(value, list):
+        for i, (v, w) in enumerate(zip(value, wire, strict=True)):
+            _declared(v, w, f"{where}[{i}]")
 
 
 @pytest.fixture
@@ -191,6 +360,7 @@ def daemon(sockdir: str) -> Iterator[FakeDaemon]:
         yield fake
     finally:
         fake.stop()
+    assert not fake.failures
 
 
 @pytest.fixture
@@ -267,7 +437,7 @@ def test_get_list_destroy(client: Client) -> None:
     assert (info.sandbox_id, info.status) == ("beta", "ready")
     assert info.options == {"limits": {"memoryBytes": 1 << 29}}
     assert {s.sandbox_id for s in client.list_sandboxes()} == {"alpha", "beta"}
-    assert client.sandbox("beta").destroy() == {"sandboxId": "beta", "destroyed": True}
+    assert dict(client.sandbox("beta").destroy()) == {"sandboxId": "beta", "destroyed": True}
     assert {s.sandbox_id for s in client.list_sandboxes()} == {"alpha"}
 
 

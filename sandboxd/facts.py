@@ -1,0 +1,66 @@
+"""What this daemon's host offers and enforces, decided once at start-up: the ``ping``
+capabilities and the run limits a request may ask for.
+
+Built by the daemon after it detected the cgroup backend, planned the id mapping and built the
+seccomp filter; handlers see it through their context (``context.Context.facts``), never the
+daemon itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import config as configmod
+from . import errors, protocol
+from .config import DaemonConfig
+from .jail.cgroup import CgroupBackend
+from .jail.user import IdPlan
+
+NAMESPACES = ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
+
+
+@dataclass
+class HostFacts:
+    config: DaemonConfig
+    backend: CgroupBackend
+    ids: IdPlan
+    seccomp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+
+    def capabilities(self) -> protocol.Capabilities:
+        return protocol.Capabilities(
+            namespaces=NAMESPACES, cgroup=self.backend.describe(), rootfs=self.config.rootfs,
+            id_mapping=self.ids.mode,  # "single" | "subordinate"
+            id_slices=dict(self.ids.describe()), seccomp=self.seccomp,
+            limits=sorted(self.enforceable_limits()))
+
+    def enforceable_limits(self) -> set[str]:
+        """Wire names of the limits this host enforces (rooms and runs)."""
+        have = self.backend.enforceable()
+        out = {"wallTimeMs", "outputBytes", "fileSizeBytes", "diskBytes"}
+        out |= {wire for wire, name in (("memoryBytes", "memory"), ("cpus", "cpus"),
+                                        ("pids", "pids")) if name in have}
+        if self.backend.name != "disabled":
+            out.add("cpuTimeMs")  # v2 cpu.stat and v1 cpuacct.usage count CPU per cgroup
+        return out
+
+    def check_run_limits(self, lim: protocol.RunLimits, wall_time_ms: int | None = None) -> None:
+        """Every run's limits pass here (``runs.run_in_room``): above the admin's ceiling is
+        VALIDATION_FAILED naming the limit and the ceiling; a limit this host cannot enforce is
+        refused, by name (fail closed). ``wall_time_ms`` is the effective wall limit
+        (``limits.wallTimeMs`` or the ``timeout`` param)."""
+        top = self.config.run_limits_max
+        for name, value, ceiling in (("outputBytes", lim.output_bytes, top.output_bytes),
+                                     ("wallTimeMs", wall_time_ms, top.wall_time_ms),
+                                     ("cpuTimeMs", lim.cpu_time_ms, top.cpu_time_ms),
+                                     ("fileSizeBytes", lim.file_size_bytes,
+                                      top.file_size_bytes),
+                                     ("pids", lim.pids, self.config.room_limits_max.pids)):
+            configmod.check_ceiling("limits", name, value, ceiling)
+        have = self.enforceable_limits()
+        for name, value in (("cpuTimeMs", lim.cpu_time_ms), ("memoryBytes", lim.memory_bytes),
+                            ("pids", lim.pids)):
+            if value is not None and name not in have:
+                raise errors.LimitUnavailable(
+                    f"limit {name} cannot be enforced here (cgroup backend "
+                    f"{self.backend.name})", limit=name)
