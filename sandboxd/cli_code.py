@@ -1,6 +1,6 @@
 """sandboxctl run, languages, examples: the code-run service from the command line.
 
-Registered onto ``cli.main`` (imported at the end of cli.py); built on the client only.
+Added to ``cli.main`` by cli.py; built on the client only.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .cli import EXIT_CODES_HELP, _client, _print_json, _run, main
+from .cli_base import EXIT_CODES_HELP, _client, _print_json, _run
 
 
 def _status_line(res: dict[str, Any]) -> str:
@@ -31,7 +31,7 @@ def _status_line(res: dict[str, Any]) -> str:
     return "sandboxctl: " + ", ".join(parts)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP)
 @click.option("--room", default="default", show_default=True, help="The room to run in.")
 @click.option("--lang", "-l", "language", required=True, help="Language id or alias (py, c++, kt).")
 @click.argument("source", required=False, default="-", metavar="[FILE|-]")
@@ -68,7 +68,7 @@ def run(ctx: click.Context, room: str, language: str, source: str, stdin_file: A
     _run(body)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @click.pass_context
 def languages(ctx: click.Context, as_json: bool) -> None:
@@ -90,7 +90,7 @@ def languages(ctx: click.Context, as_json: bool) -> None:
     _run(body)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=EXIT_CODES_HELP)
 @click.option("--room", default="examples", show_default=True, help="The room to run in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.pass_context

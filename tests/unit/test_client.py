@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from sandboxd import errors, protocol
-from sandboxd.client import AsyncClient, Client, ExecResult, SandboxInfo
+from sandboxd.client import AsyncClient, Client, ExecResult, FileContent, SandboxInfo
 
 # --- the peer ----------------------------------------------------------------------------------
 
@@ -697,3 +697,96 @@ def test_importing_the_client_pulls_in_no_daemon_modules() -> None:
                              os.path.abspath(__file__)))))
     assert out.stdout.strip() == "[]"
 
+
+
+# --- every method, through the typed client ----------------------------------------------------
+
+
+def test_every_method_round_trips_through_the_schema(client: Client, daemon: FakeDaemon) -> None:
+    """Each client method sends params the schema accepts and decodes a result the schema
+    declares (the fake checks both): together they cover every method in METHODS."""
+    sb = client.sandbox("alpha")
+    assert client.ping().capabilities.id_mapping == "single"
+    assert sb.ping().sandbox.runs == 0  # type: ignore[union-attr]
+    assert sb.get().incarnation == 1
+    assert [s.sandbox_id for s in client.list_sandboxes()] == ["alpha"]
+    assert sb.exec("true", []).exit_code == 0
+    assert sb.write_file("a.txt", "héllo").bytes_written == 6
+    assert sb.write_file("a.txt", b"\x00!", append=True).path == "/workspace/a.txt"
+    got = sb.read_file("a.txt")
+    assert isinstance(got, FileContent) and got.data == "héllo".encode() + b"\x00!"
+    assert got.is_binary is True and got["isBinary"] is True
+    assert sb.read_file("a.txt", stream=True).data == got.data
+    assert sb.read_file("a.txt", encoding="utf-8").text.startswith("héllo")
+    assert sb.exists("a.txt") is True
+    assert [f.relative_path for f in sb.list_files()] == ["a.txt"]
+    assert sb.rename_file("a.txt", "b.txt").new_path == "/workspace/b.txt"
+    assert sb.mkdir("d", recursive=True).recursive is True
+    assert sb.move_file("b.txt", "d")["newPath"] == "/workspace/d/b.txt"
+    assert sb.delete_file("d/b.txt").success
+    assert sb.exists("d/b.txt") is False
+    assert sb.git_checkout("/srv/r.git", branch="dev").branch == "dev"
+    res = sb.run_code("c", "int main(){}", stdin="x", limits={"cpuTimeMs": 100},
+                      compile_limits=protocol.RunLimits(wall_time_ms=5000))
+    assert (res.status, res.stdout, res["cached"]) == ("OK", "X", True)
+    ce = sb.run_code("c", "syntax error")
+    assert ce.status == "CE" and ce.compile is not None and ce["compile"]["exitCode"] == 1
+    assert "signal" not in ce  # absent from a CE result, as on the wire
+    examples = sb.run_example_code()
+    assert [(r.language, r.available) for r in examples] == [("c", True), ("go", False)]
+    assert examples[1].get("stdout") is None
+    assert [lang.id for lang in client.list_languages()] == ["c"]
+    assert client.stats("alpha").sandboxes[0].usage.cpu_time_ms == 5
+    assert sb.destroy().destroyed is True
+    sent = next(r for r in daemon.requests if r["method"] == "runCode")["params"]
+    assert sent["limits"] == {"cpuTimeMs": 100} and sent["compileLimits"] == {"wallTimeMs": 5000}
+    assert daemon.validated == set(protocol.METHODS)
+
+
+def test_bad_limits_are_invalid_params_before_sending(client: Client,
+                                                      daemon: FakeDaemon) -> None:
+    with pytest.raises(errors.InvalidParams, match="limits"):
+        client.sandbox("r1").exec("x", [], limits={"cpuTimeMs": 0})
+    assert not exec_params(daemon)
+
+
+def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
+    async def main() -> None:
+        async with AsyncClient(daemon.path) as c:
+            sb = c.sandbox("alpha")
+            assert (await sb.ping()).sandbox
+            await sb.write_file("x", b"12345")
+            assert (await sb.read_file("x", stream=True)).data == b"12345"
+            assert (await sb.read_file("x")).data == b"12345"
+            assert await sb.exists("x")
+            assert [f.name for f in await sb.list_files()] == ["x"]
+            await sb.rename_file("x", "y")
+            await sb.mkdir("d")
+            await sb.move_file("y", "d")
+            await sb.delete_file("d/y")
+            assert (await sb.git_checkout("/r")).target_dir == "/workspace/repo"
+            assert (await sb.run_code("c", "x", stdin="a")).stdout == "A"
+            assert len(await sb.run_example_code()) == 2
+            assert (await c.list_languages())[0].compiled
+            assert (await c.stats()).backend == "v1"
+            assert (await sb.destroy()).destroyed
+
+    run(main())
+    assert daemon.validated >= set(protocol.METHODS) - {"exec", "getSandbox", "listSandboxes"}
+
+
+def test_a_result_that_breaks_the_schema_is_a_protocol_error(client: Client,
+                                                             daemon: FakeDaemon) -> None:
+    async def bad(p: Any, rid: Any, send: Any) -> dict[str, Any]:
+        return {"sandboxId": 7, "destroyed": "yes"}
+
+    daemon.m_destroy = bad  # type: ignore[method-assign]
+    with pytest.raises(errors.InternalError, match="broke the schema"):
+        client.sandbox("alpha").destroy()
+    daemon.failures.clear()  # expected here: the fake refused its own answer
+    with pytest.raises(errors.ProtocolError, match="malformed result of destroy"):
+        from sandboxd.client import _result
+
+        _result("destroy", {"sandboxId": 7}, protocol.DestroyResult)
+    with pytest.raises(TypeError):
+        _result("destroy", {}, protocol.ExecResult)
