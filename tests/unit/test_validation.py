@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from sandboxd import errors, runs
+from sandboxd import errors, protocol, runs
+from sandboxd.api import files
 from sandboxd.config import check_sandbox_id
-from sandboxd.jail import _syscalls, cgroup, init, seccomp
+from sandboxd.jail import _syscalls, cgroup, fileops, init, seccomp
 from sandboxd.jail.fileops import resolve
 
 # --- sandbox ids ---------------------------------------------------------------------------------
@@ -57,6 +58,91 @@ def test_resolve_refuses(path: Any) -> None:
     with pytest.raises(OSError) as err:
         resolve(path)
     assert err.value.errno == errno.EINVAL
+
+
+# --- the file API's path bound (A01) and errno mapping (A03) -------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, protocol.MAX_PATH - 1, protocol.MAX_PATH])
+def test_check_path_accepts_up_to_max_path(n: int) -> None:
+    # A01: exactly MAX_PATH (4096) characters is a valid path; one more is not.
+    assert files.check_path("x" * n) == "x" * n
+
+
+@pytest.mark.parametrize("path", ["", "a\x00b", "x" * (protocol.MAX_PATH + 1)], ids=len)
+def test_check_path_refuses(path: str) -> None:
+    with pytest.raises(errors.ValidationError) as err:
+        files.check_path(path, field="oldPath")
+    assert err.value.context["field"] == "oldPath"
+
+
+ERRNOS = [
+    (errno.ENOENT, errors.FileNotFound), (errno.EISDIR, errors.IsDirectory),
+    (errno.ENOTDIR, errors.NotDirectory), (errno.EEXIST, errors.FileExists),
+    (errno.ENOTEMPTY, errors.FileExists), (errno.EACCES, errors.PermissionDenied),
+    (errno.EPERM, errors.PermissionDenied),
+    # A03: a magic link (or a symlink loop) on the way is "permission denied", not a file error
+    (errno.ELOOP, errors.PermissionDenied),
+    (errno.EBUSY, errors.PermissionDenied), (errno.ENOSPC, errors.NoSpace),
+    (errno.EDQUOT, errors.NoSpace), (errno.EFBIG, errors.NoSpace), (errno.EROFS, errors.ReadOnly),
+    (errno.EINVAL, errors.ValidationError), (errno.ENAMETOOLONG, errors.ValidationError),
+    (errno.EXDEV, errors.ValidationError), (errno.EIO, errors.FileError),
+]
+
+
+@pytest.mark.parametrize(("num", "cls"), ERRNOS, ids=lambda v: getattr(v, "__name__", v))
+def test_file_error_mapping(num: int, cls: type[errors.SandboxError]) -> None:
+    err = files.file_error(num, os.strerror(num), "/w/p")
+    assert type(err) is cls
+    assert err.context["path"] == "/w/p"
+
+
+# --- regular files only: the daemon's fence (A02) and the init's after open (F04) ---------------
+
+
+def test_daemon_uses_only_regular_fds(tmp_path: Path) -> None:
+    # A02: the daemon fstat()s every fd the init hands it; anything but a regular file is refused.
+    f = tmp_path / "f"
+    f.write_bytes(b"abc")
+    fd = os.open(f, os.O_RDONLY)
+    r, w = os.pipe()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert files._regular(fd, "f").st_size == 3
+        for other in (r, dfd):
+            with pytest.raises(errors.PermissionDenied):
+                files._regular(other, "x")
+    finally:
+        for x in (fd, r, w, dfd):
+            os.close(x)
+
+
+def test_open_read_checks_the_opened_file_not_only_the_stat(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    # F04: a FIFO swapped in between the stat and the open must still be refused, by the fstat of
+    # the opened fd. The swap is played by a stat() that reports the FIFO as a regular file.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    real_stat = os.stat
+
+    def stat_(path: Any, *a: Any, **kw: Any) -> os.stat_result:
+        return real_stat(plain if str(path) == str(fifo) else path, *a, **kw)
+
+    monkeypatch.setattr(fileops.os, "stat", stat_)
+    with pytest.raises(OSError) as err:
+        reply, fds = fileops.open_read({"path": str(fifo)}, [])
+        for x in fds:
+            os.close(x)
+    assert err.value.errno == errno.EPERM
+    reply, fds = fileops.open_read({"path": str(plain)}, [])
+    try:
+        assert reply["size"] == 1 and len(fds) == 1
+    finally:
+        for x in fds:
+            os.close(x)
 
 
 # --- argv and environment ------------------------------------------------------------------------
