@@ -246,7 +246,6 @@ def test_yes_is_ol_with_output_kept_to_the_cap(client: Any, daemon: DaemonProc,
     r = sb.exec("yes", [], limits={"outputBytes": cap, "wallTimeMs": 10_000})
     assert (r.status, r.raw["outputTruncated"], r.raw["limitExceeded"]) == ("OL", True, "output")
     assert r.stdout == "y\n" * (cap // 2)
-    assert r.wall_time_ms < 2000
     host_ok(daemon, sb)
 
 
