@@ -52,6 +52,12 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
             "_ERRNO_VALIDATION = {errno.EINVAL,", "ENAMETOOLONG no longer a validation error"),
     "R01": ("sandboxd/runs.py", "        if \"\\x00\" in a:\n", "        if False:\n",
             "a NUL byte in an argument accepted"),
+    "U01": ("sandboxd/api/git.py", ' or "::" in url)', ")",
+            "remote-helper transports (ext::, fd::) accepted as git URLs"),
+    "U02": ("sandboxd/api/git.py", 'or url.startswith("-")\n', "\n",
+            "a git URL git would parse as an option accepted"),
+    "B01": ("sandboxd/api/git.py", "(^-)|(\\.\\.)|", "(\\.\\.)|",
+            "a branch name starting with '-' (an option to git) accepted"),
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from sandboxd import errors, protocol, runs
-from sandboxd.api import files
+from sandboxd.api import files, git
 from sandboxd.config import check_sandbox_id
 from sandboxd.jail import _syscalls, cgroup, fileops, init, seccomp
 from sandboxd.jail.fileops import resolve
@@ -277,3 +277,56 @@ def test_seccomp_install_asks_for_tsync_esrch(monkeypatch: pytest.MonkeyPatch) -
     seccomp.install(b"\0" * 8)
     assert seen and seen[0] & seccomp.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
     assert seen[0] & seccomp.SECCOMP_FILTER_FLAG_TSYNC
+
+
+# --- git URLs and branches ------------------------------------------------------------------------
+
+GOOD_URLS = ["https://example.com/a/b.git", "http://h/x", "git://h/x", "ssh://git@h/x",
+             "file:///srv/repo", "git+ssh://h/x", "/srv/repo", "git@github.com:o/r.git",
+             "host:path/repo", "x" * 10 + ":" + "y" * (git.MAX_URL - 11)]
+BAD_URLS = ["", "-uhttps://h/x", "-oProxyCommand=x:r", "-h:o/r", "--upload-pack=touch /tmp/p",
+            "ext::sh -c touch% /tmp/p",
+            "fd::17", "https://h/x y", "https://h/x\n", "https://h/\x7f", "relative/path",
+            "host://x", "https://h/" + "x" * git.MAX_URL, "transport::https://h/x"]
+
+
+@pytest.mark.parametrize("url", GOOD_URLS, ids=lambda u: u[:40])
+def test_git_url_accepted(url: str) -> None:
+    assert git.check_url(url) == url
+
+
+@pytest.mark.parametrize("url", BAD_URLS, ids=lambda u: repr(u[:40]))
+def test_git_url_refused(url: str) -> None:
+    with pytest.raises(errors.InvalidGitUrl):
+        git.check_url(url)
+
+
+@pytest.mark.parametrize("branch", ["main", "feature/x", "v1.2", "a-b_c", "release/2024.1"])
+def test_git_branch_accepted(branch: str) -> None:
+    assert not git._BRANCH_BAD.search(branch)
+
+
+@pytest.mark.parametrize("branch", ["-f", "a..b", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[",
+                                    "a\\b", "a@{1}", "/a", "a/", "x.lock", "@", "a//b", "a.",
+                                    "a\x00", "a\x7f"], ids=repr)
+def test_git_branch_refused(branch: str) -> None:
+    assert git._BRANCH_BAD.search(branch)
+
+
+@pytest.mark.parametrize(("url", "name"), [("https://h/o/r.git", "r"), ("https://h/o/r/", "r"),
+                                           ("git@h:o/r.git", "r"), ("/srv/r/.git", "r"),
+                                           ("https://h/..", "repo"), ("host:.git", "repo")])
+def test_git_repo_name(url: str, name: str) -> None:
+    assert git.repo_name(url) == name
+
+
+@pytest.mark.parametrize(("stderr", "cls"), [
+    ("fatal: Remote branch nope not found in upstream origin", errors.GitBranchNotFound),
+    ("fatal: repository 'https://h/x/' not found", errors.GitRepositoryNotFound),
+    ("fatal: '/srv/x' does not appear to be a git repository", errors.GitRepositoryNotFound),
+    ("fatal: transport 'ext' not allowed", errors.InvalidGitUrl),
+    ("git: 'remote-zz' is not a git command\nfatal: Unable to find remote helper for 'zz'",
+     errors.InvalidGitUrl),
+    ("fatal: early EOF", errors.GitCloneFailed), ("", errors.GitCloneFailed)])
+def test_git_errors_classified(stderr: str, cls: type[errors.SandboxError]) -> None:
+    assert type(git.classify(stderr, "u", "b")) is cls
