@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the test suite: unit, integration (a real sandboxd started as an unprivileged user),
 # security, and — when their prerequisites exist — the rootfs (13 languages) and systemd tiers.
+# A full run first measures the unit tier's coverage of sandboxd/ (the `coverage` package) and
+# prints it, total and per module; SANDBOXD_COVERAGE=0 skips that, =1 forces it for any args.
 # Needs root (to create the test users and delegate cgroups to them) and scripts/deps.sh done.
 #   ./scripts/test.sh                 everything this host can run
 #   ./scripts/test.sh tests/unit      any pytest arguments narrow it down
@@ -22,6 +24,22 @@ rootfs=${SANDBOXD_TEST_LANG_ROOTFS:-/var/lib/sandboxd/rootfs/default}
 if [ -d "$rootfs/usr" ]; then export SANDBOXD_TEST_LANG_ROOTFS=$rootfs; fi
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(tests)
+cov=${SANDBOXD_COVERAGE:-$([ $# -eq 0 ] && echo 1 || echo 0)}
+if [ "$cov" = 1 ]; then
+    # Against the installed package (what the tests import), reported with paths under sandboxd/.
+    pkg=$("$venv/bin/python" -c 'import os, sandboxd; print(os.path.dirname(sandboxd.__file__))')
+    covdata=$(mktemp); rm -f "$covdata"
+    echo "test.sh: unit tier under coverage"
+    set +e
+    COVERAGE_FILE=$covdata "$venv/bin/python" -m coverage run --branch --source="$pkg" \
+        -m pytest -p no:cacheprovider -q tests/unit
+    unit=$?
+    set -e
+    COVERAGE_FILE=$covdata "$venv/bin/python" -m coverage report --precision=1 \
+        | sed "s|$pkg/|sandboxd/|"
+    rm -f "$covdata"
+    [ $unit -eq 0 ] || { echo "test.sh: unit tier failed under coverage"; exit $unit; }
+fi
 set +e
 "$venv/bin/python" -m pytest -p no:cacheprovider "${args[@]}"
 code=$?

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -120,10 +121,22 @@ def skip_unless_ci(why: str) -> None:
     """Skip a tier whose prerequisite (the language rootfs, the nspawn tree) is missing, except
     under CI=true: there .ci/run built it, so its absence means the build failed, and a skip
     would keep CI green on a broken setup."""
-    if os.environ.get("CI", "").lower() == "true":
+    if _ci():
         pytest.fail(f"CI=true and the prerequisite is missing (its build failed?): {why}",
                     pytrace=False)
     pytest.skip(why)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI=true the runner must be root: a non-root runner would turn every integration,
+    security and root-only unit test into a skip and the run would pass."""
+    if _ci() and os.geteuid() != 0:
+        pytest.exit("CI=true and the runner is not root: the integration, security and root-only "
+                    "tests would all be skipped", returncode=1)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
 
 
 def as_user(user: pwd.struct_passwd, argv: list[str], **kw: object) -> list[str]:
@@ -144,6 +157,14 @@ class DaemonProc:
     extra_args: list[str] = field(default_factory=list)
     #: environment of the daemon beyond as_user's clean one (e.g. a PATH without newuidmap)
     env: dict[str, str] = field(default_factory=dict)
+    #: where this daemon's room cgroups live (absolute dirs; from its ping: v1 one per
+    #: controller, v2 its parent, none when disabled) and those dirs relative to their hierarchy
+    #: root, as they appear in /proc/PID/cgroup
+    room_cgroup_dirs: list[str] = field(default_factory=list)
+    room_cgroup_rel: list[str] = field(default_factory=list)
+    #: host uids seen running room processes (descendants of the daemon below its zygotes), to
+    #: find what survives the daemon itself (orphans lose their ancestry)
+    room_uids: set[int] = field(default_factory=set)
 
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
@@ -162,7 +183,8 @@ class DaemonProc:
             if os.path.exists(self.socket):
                 try:
                     with self.client() as c:  # type: ignore[attr-defined]
-                        c.ping()
+                        caps = c.ping().get("capabilities") or {}
+                    self._learn_cgroups(caps.get("cgroup") or {})
                     return
                 except Exception:  # noqa: BLE001 - not up yet
                     pass
@@ -184,6 +206,7 @@ class DaemonProc:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            self._leftovers()  # learn the rooms' host uids while their ancestry still shows
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
@@ -221,35 +244,114 @@ class DaemonProc:
                 return found
             time.sleep(0.1)
 
+    def _learn_cgroups(self, cg: dict[str, object]) -> None:
+        backend = cg.get("backend")
+        if backend == "v1":
+            dirs = [str(p) for p in (cg.get("paths") or {}).values()]  # type: ignore[attr-defined]
+        elif backend == "v2":
+            dirs = [str(cg.get("parent"))]
+        else:
+            dirs = []
+        self.room_cgroup_dirs = dirs
+        rels = set()
+        for d in dirs:
+            rel = d[len(CGROUP_V1):] if d.startswith(CGROUP_V1 + "/") else d
+            # v1: /sys/fs/cgroup/memory/sandboxd/u/i-x -> /sandboxd/u/i-x (the controller dir goes)
+            rels.add("/" + rel.lstrip("/").split("/", 1)[1] if backend == "v1" and "/" in
+                     rel.lstrip("/") else rel)
+        self.room_cgroup_rel = sorted(rels)
+
+    def _descendants(self) -> dict[int, int]:
+        """pid -> depth below the daemon (1: its zygotes) of every live descendant."""
+        if self.proc is None:
+            return {}
+        parent: dict[int, int] = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                except OSError:
+                    continue
+                parent[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])
+        depth: dict[int, int] = {}
+        for pid in parent:
+            chain, p = 0, pid
+            while p in parent and p != self.proc.pid and chain < 64:
+                p, chain = parent[p], chain + 1
+            if p == self.proc.pid and pid != self.proc.pid:
+                depth[pid] = chain
+        return depth
+
     def _leftovers(self) -> list[str]:
         found: list[str] = []
         rooms_dir = os.path.join(self.state_dir, "rooms")
         if os.path.isdir(rooms_dir):
             found += [f"state: {n}" for n in os.listdir(rooms_dir)]
-        for ctl in ("memory", "pids", "cpu", "cpuacct", "freezer"):
-            inst = os.path.join(CGROUP_V1, ctl, "sandboxd", self.user.pw_name, self.instance)
+        dirs = self.room_cgroup_dirs or [os.path.join(CGROUP_V1, ctl, "sandboxd",
+                                                      self.user.pw_name, self.instance)
+                                         for ctl in ("memory", "pids", "cpu", "cpuacct",
+                                                     "freezer")]
+        for inst in dirs:
             if os.path.isdir(inst):
                 rooms = [n for n in os.listdir(inst) if n.startswith("room-")]
-                found += [f"cgroup {ctl}: {n}" for n in rooms]
-                if self.proc is None:
-                    found.append(f"cgroup {ctl}: instance dir {inst}")
+                found += [f"cgroup {inst}: {n}" for n in rooms]
+                if self.proc is None and os.path.basename(inst) == self.instance:
+                    found.append(f"cgroup: instance dir {inst}")
+        base = os.path.dirname(self.state_dir)
         with open("/proc/self/mountinfo") as f:
-            base = os.path.dirname(self.state_dir)
             found += [f"mount: {line.split()[4]}" for line in f if base in line]
+        rels = [*self.room_cgroup_rel, f"/{self.instance}"]
+        below = self._descendants()
         for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+            if not pid.isdigit() or int(pid) == os.getpid():
                 continue
             try:
                 cgroups = Path(f"/proc/{pid}/cgroup").read_text()
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
+                uid = int(Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split()[0])
+            except (OSError, IndexError, ValueError):
                 continue
-            mine = f"/{self.instance}/" in cgroups or (
-                self.proc is None and os.path.dirname(self.state_dir) in cmd)
-            if mine and int(pid) != os.getpid():
-                room = cgroups.split(f"/{self.instance}/", 1)[-1].split("/", 1)[0]
+            in_room = next((r for r in rels if f"{r}/room-" in cgroups), None)
+            room = cgroups.split(f"{in_room}/", 1)[1].split("/", 1)[0].strip() if in_room \
+                else "?"
+            # Below a zygote (depth >= 2) is a room's; the zygotes themselves are the daemon's.
+            deep = below.get(int(pid), 0) >= 2
+            if deep and uid != self.user.pw_uid:
+                self.room_uids.add(uid)
+            mine = (in_room is not None or deep or uid in self.room_uids
+                    or (self.proc is None and base in cmd))
+            if mine:
                 found.append(f"process {pid} [{room}]: {cmd[:80]}")
         return found
+
+
+_hold_counter = iter(range(1, 1 << 20))
+
+
+def hold_payload(d: DaemonProc, sb: object, room: str, timeout: float = 30.0
+                 ) -> tuple[str, threading.Thread]:
+    """A payload kept *running* in room ``room`` (a run that never ends on its own), returned
+    once ``d.leftovers()`` sees it, as (its leftovers line, the thread waiting on its run). For
+    "teardown leaves nothing" tests: what they tear down must have had something alive in it."""
+    secs = f"{100000 + next(_hold_counter)}"
+
+    def hold() -> None:
+        with contextlib.suppress(Exception):
+            sb.exec(f"exec sleep {secs}")  # type: ignore[attr-defined]
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = [x for x in d.leftovers(settle=0)
+                if x.startswith("process ") and f"sleep {secs}" in x]
+        if seen:
+            return seen[0], t
+        if not t.is_alive():
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"the held payload in {room} never showed on the host "
+                         f"(leftovers: {d.leftovers(settle=0)})")
 
 
 def _setup_user(name: str, *, groups: tuple[str, ...] = ()) -> pwd.struct_passwd:
@@ -264,14 +366,14 @@ def _setup_user(name: str, *, groups: tuple[str, ...] = ()) -> pwd.struct_passwd
 @pytest.fixture(scope="session")
 def test_user() -> pwd.struct_passwd:
     if os.geteuid() != 0:
-        pytest.skip("integration tests need root to create the unprivileged test user")
+        skip_unless_ci("integration tests need root to create the unprivileged test user")
     return _setup_user(TEST_USER)
 
 
 @pytest.fixture(scope="session")
 def other_user() -> pwd.struct_passwd:
     if os.geteuid() != 0:
-        pytest.skip("needs root to create a second user")
+        skip_unless_ci("needs root to create a second user")
     return _ensure_user(OTHER_USER)
 
 
@@ -279,7 +381,7 @@ def other_user() -> pwd.struct_passwd:
 def probe_user() -> pwd.struct_passwd:
     """An unprivileged user that runs cgroup backends against parents delegated to it."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to create the probe user")
+        skip_unless_ci("needs root to create the probe user")
     return _ensure_user(PROBE_USER)
 
 

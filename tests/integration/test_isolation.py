@@ -91,18 +91,23 @@ def test_no_fds_leak_into_payloads(client: Any, room_id: str) -> None:
     assert sorted(int(x) for x in r.stdout.split()) == [0, 1, 2, 3]  # 3: ls's own dir fd
 
 
-def test_rooms_cannot_see_or_signal_each_other(client: Any, room_id: str) -> None:
+def test_rooms_cannot_see_or_signal_each_other(client: Any, daemon: Any, room_id: str) -> None:
     a, b = client.sandbox(f"{room_id}-a"), client.sandbox(f"{room_id}-b")
     a.exec("echo secret-of-a > /workspace/a.txt")
     b_sleep = "sleep 77.5"
     import threading
 
-    t = threading.Thread(target=lambda: b.exec(b_sleep, timeout=5))
+    # A connection of its own: the client's calls on one connection are serialized, so the
+    # sleep on `client` would only start after the checks below (they were vacuous).
+    holder = daemon.client()
+    t = threading.Thread(target=lambda: holder.sandbox(f"{room_id}-b").exec(b_sleep, timeout=5))
     t.start()
     try:
-        for _ in range(50):
+        for _ in range(200):
             if b_sleep in b.exec("ps -eo args").stdout:
                 break
+        else:
+            pytest.fail(f"{b_sleep!r} never showed in room b: the checks below would be vacuous")
         assert b_sleep not in a.exec("ps -eo args").stdout
         assert a.exec("pkill -f 'sleep 77[.]5'; echo $?").stdout.strip() == "1"  # no match
         assert b.exec("cat /workspace/a.txt").exit_code != 0
@@ -111,6 +116,7 @@ def test_rooms_cannot_see_or_signal_each_other(client: Any, room_id: str) -> Non
                                            "/var/tmp /run /dev/shm; true").stdout
     finally:
         t.join()
+        holder.close()
         a.destroy()
         b.destroy()
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from conftest import hold_payload
 
 from sandboxd import errors
 from sandboxd.rooms import room_key
@@ -48,13 +49,18 @@ def test_options_reported_and_unknown_options_refused(client: Any, room_id: str)
 
 def test_destroy_leaves_nothing_on_the_host(client: Any, daemon: Any, room_id: str) -> None:
     sb = client.sandbox(room_id)
-    sb.exec("(setsid sleep 300 &) ; dd if=/dev/zero of=/workspace/blob bs=1M count=8 2>/dev/null")
+    sb.exec("dd if=/dev/zero of=/workspace/blob bs=1M count=8 2>/dev/null")
+    held, run = hold_payload(daemon, sb, room_id)  # alive across the destroy
     before = [x for x in daemon.leftovers(settle=0) if room_id in x]
-    assert any("process" in x for x in before), "the room's processes should be on the host"
+    assert held in before, before
     assert any("cgroup" in x for x in before) and any("state" in x for x in before)
     sb.destroy()
     after = [x for x in daemon.leftovers() if room_id in x]
     assert after == []
+    held_pid = int(held.split()[1])
+    assert all(f"process {held_pid} " not in x for x in daemon.leftovers())
+    run.join(30)
+    assert not run.is_alive(), "the held run did not end with its room"
 
 
 def test_init_death_is_reported_until_the_room_is_asked_for_again(client: Any, daemon: Any,
@@ -102,12 +108,8 @@ def test_sigterm_destroys_rooms_removes_socket_exits_0_within_5s(fresh_daemon: A
     with d.client() as c:
         for i in range(4):
             c.sandbox(f"r{i}").exec("(setsid sleep 1000 &); sleep 0.01")
-        running = c.sandbox("busy")
-        import threading
-
-        t = threading.Thread(target=lambda: _swallow(lambda: running.exec("sleep 1000")))
-        t.start()
-        time.sleep(0.3)
+        _, t = hold_payload(d, c.sandbox("busy"), "busy")  # a run alive across the stop
+        assert any("cgroup" in x and "busy" in x for x in d.leftovers(settle=0))
         t0 = time.monotonic()
         code = d.stop(signal.SIGTERM, timeout=10)
         took = time.monotonic() - t0
@@ -118,22 +120,18 @@ def test_sigterm_destroys_rooms_removes_socket_exits_0_within_5s(fresh_daemon: A
     assert d.leftovers() == []
 
 
-def _swallow(fn: Any) -> None:
-    try:
-        fn()
-    except errors.SandboxError:
-        pass
-
-
 def test_crash_then_restart_reconciles_leftovers(fresh_daemon: Any) -> None:
     d = fresh_daemon
     d.start()
     with d.client() as c:
         c.sandbox("left-1").exec("true")
-        c.sandbox("left-2").exec("(setsid sleep 1000 &) ; true")
-    d.stop(signal.SIGKILL)  # no shutdown at all: rooms die with PDEATHSIG, state stays
-    time.sleep(0.5)
-    assert any("state:" in x for x in d.leftovers())
+        hold_payload(d, c.sandbox("left-2"), "left-2")  # a run alive across the crash
+        d.stop(signal.SIGKILL)  # no shutdown at all: rooms die with PDEATHSIG, state stays
+    deadline = time.monotonic() + 10
+    while any(x.startswith("process ") for x in d.leftovers(settle=0)):
+        assert time.monotonic() < deadline, f"room processes outlived the daemon: {d.leftovers()}"
+        time.sleep(0.05)
+    assert any("state:" in x for x in d.leftovers(settle=0))
     d.start()
     assert "reconciled" in d.log()
     with d.client() as c:

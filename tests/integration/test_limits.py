@@ -143,6 +143,19 @@ def test_memory_hog_is_ml(client: Any, daemon: DaemonProc, room_id: str, lang: s
     host_ok(daemon, sb)
 
 
+def test_argv_form_memory_hog_killed_by_the_kernel_is_ml(client: Any, daemon: DaemonProc,
+                                                          room_id: str) -> None:
+    # V01: no shell in between, so the OOM killer's SIGKILL reaches the run's main process
+    # itself: the verdict is ML (the kernel's kill for the memory limit), never SG.
+    sb = client.sandbox(room_id)
+    limit = 64 * MiB
+    r = sb.exec("python3", ["-c", "a=[]\nwhile True: a.append(bytearray(1 << 20))"],
+                limits={"memoryBytes": limit, "wallTimeMs": 30_000})
+    assert (r.status, r.raw["oomKilled"], r.raw["limitExceeded"]) == ("ML", True, "memory"), r.raw
+    assert (r.exit_code, r.raw["signal"]) == (137, "SIGKILL"), r.raw
+    host_ok(daemon, sb)
+
+
 def test_room_level_oom_does_not_kill_the_init(client: Any, daemon: DaemonProc,
                                                room_id: str) -> None:
     # Regression: 8 small processes of 20 MiB in a 128 MiB room with no run limit made a
@@ -233,7 +246,6 @@ def test_yes_is_ol_with_output_kept_to_the_cap(client: Any, daemon: DaemonProc,
     r = sb.exec("yes", [], limits={"outputBytes": cap, "wallTimeMs": 10_000})
     assert (r.status, r.raw["outputTruncated"], r.raw["limitExceeded"]) == ("OL", True, "output")
     assert r.stdout == "y\n" * (cap // 2)
-    assert r.wall_time_ms < 2000
     host_ok(daemon, sb)
 
 

@@ -179,9 +179,11 @@ def test_client_disconnect_mid_exec_kills_the_run(daemon: Any, room_id: str) -> 
         "sandboxId": room_id, "command": "sleep 600"}}).encode() + b"\n")
     with daemon.client() as c:
         sb = c.sandbox(room_id)
-        for _ in range(100):
+        for _ in range(200):
             if "sleep 600" in sb.exec("ps -eo args").stdout:
                 break
+        else:
+            pytest.fail("the run never started: its kill on disconnect would pass vacuously")
         r.close()
         for _ in range(100):
             if "sleep 600" not in sb.exec("ps -eo args").stdout:

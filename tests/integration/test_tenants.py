@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProc, _ensure_user, _setup_user, as_user, make_daemon
+from conftest import (
+    DaemonProc,
+    _ensure_user,
+    _setup_user,
+    as_user,
+    make_daemon,
+    skip_unless_ci,
+)
 
 from sandboxd.rooms import room_key
 
@@ -35,7 +42,7 @@ ROOT = str(Path(__file__).resolve().parents[2])
 @pytest.fixture(scope="module")
 def tenants() -> Iterator[tuple[DaemonProc, pwd.struct_passwd, pwd.struct_passwd]]:
     if os.geteuid() != 0:
-        pytest.skip("needs root to create users")
+        skip_unless_ci("needs root to create users")
     owner = _setup_user("sbxsec", groups=(GROUP,))
     a, b = _ensure_user("sbxtest", groups=(GROUP,)), _ensure_user("sbxother", groups=(GROUP,))
     d = make_daemon(owner)

@@ -37,6 +37,7 @@ from conftest import (
     _setup_user,
     as_user,
     make_daemon,
+    skip_unless_ci,
 )
 
 from sandboxd.client import Client
@@ -57,7 +58,7 @@ def client_of(d: DaemonProc, timeout: float | None = 120) -> Client:
 @pytest.fixture(scope="session")
 def sec_user() -> pwd.struct_passwd:
     if os.geteuid() != 0:
-        pytest.skip("security tests need root to create users and inspect the host")
+        skip_unless_ci("security tests need root to create users and inspect the host")
     return _setup_user(SEC_USER)
 
 
@@ -65,7 +66,7 @@ def sec_user() -> pwd.struct_passwd:
 def client_users() -> tuple[pwd.struct_passwd, pwd.struct_passwd]:
     """Two unprivileged client users (not the daemon's), both in the socket's group."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to create users")
+        skip_unless_ci("needs root to create users")
     return (_ensure_user("sbxtest", groups=(CLIENT_GROUP,)),
             _ensure_user("sbxother", groups=(CLIENT_GROUP,)))
 

@@ -279,14 +279,28 @@ def test_systemd_socket_activate_starts_a_listener(tmp_path: Path) -> None:
     proc = subprocess.Popen([*_activate_cmd(sock, f"PYTHONPATH={ROOT}"), sys.executable, "-c",
                              child], stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: os.path.exists(sock), 10, "systemd-socket-activate to listen")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            c.settimeout(10)
-            c.connect(sock)  # the connection starts the child, which accepts on fd 3
+        # The path appears at bind(), before listen(): retry the connect until it listens.
+        c = _connect_when_listening(sock, 30)
+        with c:
+            c.settimeout(30)  # the connection starts the child, which accepts on fd 3
             assert c.recv(100) == b"activated"
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _connect_when_listening(path: str, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            c.connect(path)
+            return c
+        except (FileNotFoundError, ConnectionRefusedError):
+            c.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _wait_for(cond: object, timeout: float, what: str) -> None:

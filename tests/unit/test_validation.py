@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-from sandboxd import errors, runs
+from sandboxd import errors, protocol, runs
+from sandboxd.api import files, git
 from sandboxd.config import check_sandbox_id
-from sandboxd.jail import _syscalls, cgroup, init, seccomp
+from sandboxd.jail import _syscalls, cgroup, fileops, init, seccomp
 from sandboxd.jail.fileops import resolve
 
 # --- sandbox ids ---------------------------------------------------------------------------------
@@ -57,6 +58,91 @@ def test_resolve_refuses(path: Any) -> None:
     with pytest.raises(OSError) as err:
         resolve(path)
     assert err.value.errno == errno.EINVAL
+
+
+# --- the file API's path bound (A01) and errno mapping (A03) -------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, protocol.MAX_PATH - 1, protocol.MAX_PATH])
+def test_check_path_accepts_up_to_max_path(n: int) -> None:
+    # A01: exactly MAX_PATH (4096) characters is a valid path; one more is not.
+    assert files.check_path("x" * n) == "x" * n
+
+
+@pytest.mark.parametrize("path", ["", "a\x00b", "x" * (protocol.MAX_PATH + 1)], ids=len)
+def test_check_path_refuses(path: str) -> None:
+    with pytest.raises(errors.ValidationError) as err:
+        files.check_path(path, field="oldPath")
+    assert err.value.context["field"] == "oldPath"
+
+
+ERRNOS = [
+    (errno.ENOENT, errors.FileNotFound), (errno.EISDIR, errors.IsDirectory),
+    (errno.ENOTDIR, errors.NotDirectory), (errno.EEXIST, errors.FileExists),
+    (errno.ENOTEMPTY, errors.FileExists), (errno.EACCES, errors.PermissionDenied),
+    (errno.EPERM, errors.PermissionDenied),
+    # A03: a magic link (or a symlink loop) on the way is "permission denied", not a file error
+    (errno.ELOOP, errors.PermissionDenied),
+    (errno.EBUSY, errors.PermissionDenied), (errno.ENOSPC, errors.NoSpace),
+    (errno.EDQUOT, errors.NoSpace), (errno.EFBIG, errors.NoSpace), (errno.EROFS, errors.ReadOnly),
+    (errno.EINVAL, errors.ValidationError), (errno.ENAMETOOLONG, errors.ValidationError),
+    (errno.EXDEV, errors.ValidationError), (errno.EIO, errors.FileError),
+]
+
+
+@pytest.mark.parametrize(("num", "cls"), ERRNOS, ids=lambda v: getattr(v, "__name__", v))
+def test_file_error_mapping(num: int, cls: type[errors.SandboxError]) -> None:
+    err = files.file_error(num, os.strerror(num), "/w/p")
+    assert type(err) is cls
+    assert err.context["path"] == "/w/p"
+
+
+# --- regular files only: the daemon's fence (A02) and the init's after open (F04) ---------------
+
+
+def test_daemon_uses_only_regular_fds(tmp_path: Path) -> None:
+    # A02: the daemon fstat()s every fd the init hands it; anything but a regular file is refused.
+    f = tmp_path / "f"
+    f.write_bytes(b"abc")
+    fd = os.open(f, os.O_RDONLY)
+    r, w = os.pipe()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert files._regular(fd, "f").st_size == 3
+        for other in (r, dfd):
+            with pytest.raises(errors.PermissionDenied):
+                files._regular(other, "x")
+    finally:
+        for x in (fd, r, w, dfd):
+            os.close(x)
+
+
+def test_open_read_checks_the_opened_file_not_only_the_stat(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    # F04: a FIFO swapped in between the stat and the open must still be refused, by the fstat of
+    # the opened fd. The swap is played by a stat() that reports the FIFO as a regular file.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    real_stat = os.stat
+
+    def stat_(path: Any, *a: Any, **kw: Any) -> os.stat_result:
+        return real_stat(plain if str(path) == str(fifo) else path, *a, **kw)
+
+    monkeypatch.setattr(fileops.os, "stat", stat_)
+    with pytest.raises(OSError) as err:
+        reply, fds = fileops.open_read({"path": str(fifo)}, [])
+        for x in fds:
+            os.close(x)
+    assert err.value.errno == errno.EPERM
+    reply, fds = fileops.open_read({"path": str(plain)}, [])
+    try:
+        assert reply["size"] == 1 and len(fds) == 1
+    finally:
+        for x in fds:
+            os.close(x)
 
 
 # --- argv and environment ------------------------------------------------------------------------
@@ -191,3 +277,56 @@ def test_seccomp_install_asks_for_tsync_esrch(monkeypatch: pytest.MonkeyPatch) -
     seccomp.install(b"\0" * 8)
     assert seen and seen[0] & seccomp.SECCOMP_FILTER_FLAG_TSYNC_ESRCH
     assert seen[0] & seccomp.SECCOMP_FILTER_FLAG_TSYNC
+
+
+# --- git URLs and branches ------------------------------------------------------------------------
+
+GOOD_URLS = ["https://example.com/a/b.git", "http://h/x", "git://h/x", "ssh://git@h/x",
+             "file:///srv/repo", "git+ssh://h/x", "/srv/repo", "git@github.com:o/r.git",
+             "host:path/repo", "x" * 10 + ":" + "y" * (git.MAX_URL - 11)]
+BAD_URLS = ["", "-uhttps://h/x", "-oProxyCommand=x:r", "-h:o/r", "--upload-pack=touch /tmp/p",
+            "ext::sh -c touch% /tmp/p",
+            "fd::17", "https://h/x y", "https://h/x\n", "https://h/\x7f", "relative/path",
+            "host://x", "https://h/" + "x" * git.MAX_URL, "transport::https://h/x"]
+
+
+@pytest.mark.parametrize("url", GOOD_URLS, ids=lambda u: u[:40])
+def test_git_url_accepted(url: str) -> None:
+    assert git.check_url(url) == url
+
+
+@pytest.mark.parametrize("url", BAD_URLS, ids=lambda u: repr(u[:40]))
+def test_git_url_refused(url: str) -> None:
+    with pytest.raises(errors.InvalidGitUrl):
+        git.check_url(url)
+
+
+@pytest.mark.parametrize("branch", ["main", "feature/x", "v1.2", "a-b_c", "release/2024.1"])
+def test_git_branch_accepted(branch: str) -> None:
+    assert not git._BRANCH_BAD.search(branch)
+
+
+@pytest.mark.parametrize("branch", ["-f", "a..b", "a b", "a~1", "a^", "a:b", "a?", "a*", "a[",
+                                    "a\\b", "a@{1}", "/a", "a/", "x.lock", "@", "a//b", "a.",
+                                    "a\x00", "a\x7f"], ids=repr)
+def test_git_branch_refused(branch: str) -> None:
+    assert git._BRANCH_BAD.search(branch)
+
+
+@pytest.mark.parametrize(("url", "name"), [("https://h/o/r.git", "r"), ("https://h/o/r/", "r"),
+                                           ("git@h:o/r.git", "r"), ("/srv/r/.git", "r"),
+                                           ("https://h/..", "repo"), ("host:.git", "repo")])
+def test_git_repo_name(url: str, name: str) -> None:
+    assert git.repo_name(url) == name
+
+
+@pytest.mark.parametrize(("stderr", "cls"), [
+    ("fatal: Remote branch nope not found in upstream origin", errors.GitBranchNotFound),
+    ("fatal: repository 'https://h/x/' not found", errors.GitRepositoryNotFound),
+    ("fatal: '/srv/x' does not appear to be a git repository", errors.GitRepositoryNotFound),
+    ("fatal: transport 'ext' not allowed", errors.InvalidGitUrl),
+    ("git: 'remote-zz' is not a git command\nfatal: Unable to find remote helper for 'zz'",
+     errors.InvalidGitUrl),
+    ("fatal: early EOF", errors.GitCloneFailed), ("", errors.GitCloneFailed)])
+def test_git_errors_classified(stderr: str, cls: type[errors.SandboxError]) -> None:
+    assert type(git.classify(stderr, "u", "b")) is cls
