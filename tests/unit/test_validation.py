@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from sandboxd import errors, protocol, runs
-from sandboxd.api import files, git
+from sandboxd import roomfiles as files
+from sandboxd.api import git
 from sandboxd.config import check_sandbox_id
 from sandboxd.jail import _syscalls, cgroup, fileops, init, seccomp
 from sandboxd.jail.fileops import resolve
