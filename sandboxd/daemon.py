@@ -32,6 +32,7 @@ from typing import Any
 
 from . import __version__, api, errors
 from . import config as configmod
+from . import limits as limits_table
 from .config import DaemonConfig
 from .jail import Zygote, caps
 from .jail import cgroup as cgroups
@@ -85,13 +86,9 @@ class Daemon:
 
     def enforceable_limits(self) -> set[str]:
         """Wire names of the limits this host enforces (rooms and runs)."""
-        have = self.backend.enforceable() if self.backend is not None else set()
-        out = {"wallTimeMs", "outputBytes", "fileSizeBytes", "diskBytes"}
-        out |= {wire for wire, name in (("memoryBytes", "memory"), ("cpus", "cpus"),
-                                        ("pids", "pids")) if name in have}
-        if self.backend is not None and self.backend.name != "disabled":
-            out.add("cpuTimeMs")  # v2 cpu.stat and v1 cpuacct.usage count CPU per cgroup
-        return out
+        if self.backend is None:
+            return limits_table.enforceable((), accounting=False)
+        return self.backend.enforceable_wire()
 
     def check_run_limits(self, lim: RunLimits, wall_time_ms: int | None = None) -> None:
         """Every run's limits pass here (``api.exec.run_in_room``): above the admin's ceiling is

@@ -66,10 +66,6 @@ log = logging.getLogger("sandboxd.rooms")
 
 T = TypeVar("T")
 
-# Wire names of room limits -> the cgroup backend's limit names (diskBytes is the tmpfs size,
-# enforced everywhere).
-LIMIT_CONTROLLER = {"memoryBytes": "memory", "cpus": "cpus", "pids": "pids"}
-
 #: How long a teardown waits for the room's finishing runs (their cgroups killed and removed)
 #: before it goes on without them: a teardown must always end.
 SETTLE_TIMEOUT_S = 10.0
@@ -311,13 +307,8 @@ class RoomManager:
         # cannot all pass the quota check before any of them counts (issue 10, H2).
         opts, asked = resolve_options(options, self.config.room_defaults,
                                       self.config.room_limits_max)
-        enforceable = self.backend.enforceable()
-        for name in sorted(asked):
-            ctl = LIMIT_CONTROLLER.get(name)
-            if ctl is not None and ctl not in enforceable:
-                raise errors.LimitUnavailable(
-                    f"limit {name} cannot be enforced here (cgroup backend "
-                    f"{self.backend.name} cannot enforce {ctl})", limit=name)
+        # Fail closed on an explicitly asked limit this host cannot enforce (sandboxd.limits).
+        self.backend.check_limits(opts.limits, asked)
         if not self.is_admin(uid):
             owned = sum(1 for (owner, _) in self.rooms if owner == uid)
             if owned >= self.config.max_rooms_per_uid:
