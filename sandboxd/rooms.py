@@ -130,7 +130,8 @@ class Room:
         self.last_activity_wall = self.created_at
         self.dir = os.path.join(state_dir, "rooms", self.key)
         self.handle: RoomHandle = None  # type: ignore[assignment]  # set once spawned
-        self.cgroup: Any = None
+        # Until the backend created the room's cgroup: one that holds, counts and removes nothing.
+        self.cgroup: cgroups.RoomCgroup = cgroups.unattached(self.key)
         self.ids: idmaps.IdMap | None = None  # its own id slice (subordinate mode)
         self.active_runs = 0
         # Run ids count per room: a daemon-wide counter showed in /proc/self/cgroup and told
@@ -177,7 +178,8 @@ class Room:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def run_cgroup_limits(self, memory_bytes: int | None, pids: int | None) -> Any:
+    def run_cgroup_limits(self, memory_bytes: int | None,
+                          pids: int | None) -> cgroups.RunCgroupLimits:
         return cgroups.RunCgroupLimits(memory_bytes=memory_bytes, pids=pids)
 
     def options_wire(self) -> dict[str, Any]:
@@ -213,7 +215,7 @@ async def _blocking(fn: Callable[..., T], *args: Any) -> T:
 
 
 class RoomManager:
-    def __init__(self, config: DaemonConfig, backend: Any, zygote: Zygote,
+    def __init__(self, config: DaemonConfig, backend: cgroups.CgroupBackend, zygote: Zygote,
                  ids: idmaps.IdPlan, seccomp_bpf: bytes | None = None) -> None:
         self.config = config
         self.backend = backend
@@ -409,7 +411,7 @@ class RoomManager:
         status = await self.zygote.exit_status(room.handle.pid, timeout=1.0)
         oom = 0
         with contextlib.suppress(Exception):
-            oom = int(room.cgroup.stats().oom_kills) if room.cgroup is not None else 0
+            oom = room.cgroup.stats().oom_kills
         if status is None:
             if self.zygote.generation != room.zygote_generation or not self.zygote.alive:
                 return "killed", "the daemon's zygote died and took the room's init with it"
@@ -488,17 +490,16 @@ class RoomManager:
                           SETTLE_TIMEOUT_S)
             except Exception:
                 log.exception("room %s: settling runs failed", room.key)
-            if room.cgroup is not None:
-                for attempt in (1, 2):
-                    try:
-                        await _blocking(room.cgroup.destroy)
-                        break
-                    except Exception as err:  # noqa: BLE001 - logged; a teardown goes on
-                        # Once more after a pause: out of fds (EMFILE), other rooms' teardowns
-                        # are closing theirs right now.
-                        if attempt == 2:
-                            log.error("room %s: removing its cgroup failed: %s", room.key, err)
-                        await asyncio.sleep(0.2)
+            for attempt in (1, 2):
+                try:
+                    await _blocking(room.cgroup.destroy)
+                    break
+                except Exception as err:  # noqa: BLE001 - logged; a teardown goes on
+                    # Once more after a pause: out of fds (EMFILE), other rooms' teardowns
+                    # are closing theirs right now.
+                    if attempt == 2:
+                        log.error("room %s: removing its cgroup failed: %s", room.key, err)
+                    await asyncio.sleep(0.2)
         finally:
             # Always, whatever failed above: a room must never stay "stopping".
             for attempt in (1, 2):

@@ -153,6 +153,7 @@ __all__ = [
     "detect",
     "doctor_report",
     "enter",
+    "unattached",
 ]
 
 V2_CONTROLLERS = ("memory", "pids", "cpu")
@@ -523,6 +524,12 @@ class _DisabledRoom(RoomCgroup):
 
     def destroy(self) -> None:
         pass
+
+
+def unattached(room_id: str) -> RoomCgroup:
+    """What a room has before its cgroup is created (and keeps if creation failed): nothing to
+    enforce, count, kill or remove, so callers need no ``if cgroup is None``."""
+    return _DisabledRoom(room_id)
 
 
 class DisabledBackend(CgroupBackend):
