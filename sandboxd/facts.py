@@ -35,14 +35,8 @@ class HostFacts:
             limits=sorted(self.enforceable_limits()))
 
     def enforceable_limits(self) -> set[str]:
-        """Wire names of the limits this host enforces (rooms and runs)."""
-        have = self.backend.enforceable()
-        out = {"wallTimeMs", "outputBytes", "fileSizeBytes", "diskBytes"}
-        out |= {wire for wire, name in (("memoryBytes", "memory"), ("cpus", "cpus"),
-                                        ("pids", "pids")) if name in have}
-        if self.backend.name != "disabled":
-            out.add("cpuTimeMs")  # v2 cpu.stat and v1 cpuacct.usage count CPU per cgroup
-        return out
+        """Wire names of the limits this host enforces (rooms and runs), from the limits table."""
+        return self.backend.enforceable_wire()
 
     def check_run_limits(self, lim: protocol.RunLimits, wall_time_ms: int | None = None) -> None:
         """Every run's limits pass here (``runs.run_in_room``): above the admin's ceiling is

@@ -291,16 +291,10 @@ def _write_if_changed(path: str, text: str) -> bool:
 
 
 def _delegate_cgroups(user: str, uid: int, gid: int) -> list[str]:
+    from .jail import cgroup  # only setup needs it: the CLI's other commands stay cheap
+
     try:
-        from .jail import cgroup
-    except ImportError as err:
-        return [f"warning: cgroup delegation skipped: cannot import sandboxd.jail.cgroup ({err})"]
-    delegate: Callable[[str, int, int], list[str]] | None = getattr(cgroup, "delegate", None)
-    if delegate is None:
-        return ["warning: cgroup delegation skipped: this build's sandboxd.jail.cgroup has no "
-                "delegate(); rooms will have no cgroup limits until setup is re-run with one"]
-    try:
-        lines = [f"cgroups: {line}" for line in delegate(user, uid, gid)]
+        lines = [f"cgroups: {line}" for line in cgroup.delegate(user, uid, gid)]
     except OSError as err:
         raise SetupError(f"cgroup delegation for {user} failed: {err}") from err
     return lines + [f"cgroups: {line}" for line in cgroup.favor_dynmods()]
@@ -493,34 +487,16 @@ def _check_overlay(ids: tuple[int, int] | None, who: str, rootfs: str) -> Check:
 def _check_cgroups(user: str | None) -> list[Check]:
     cost = ("no memory, pids or CPU limits and no whole-tree kill: rooms fall back to rlimits "
             "and wall-clock kills (run `sandboxctl setup --user USER` as root)")
-    try:
-        from .jail import cgroup
-        report: Callable[..., list[tuple[str, bool, str]]] | None = getattr(
-            cgroup, "doctor_report", None)
-    except ImportError as err:
-        return [Check("cgroups", False, f"cannot import sandboxd.jail.cgroup: {err}", cost)]
-    if report is None:
-        return [Check("cgroups", False, "this build's sandboxd.jail.cgroup has no "
-                      f"doctor_report(); {_cgroup_mounts()}", cost)]
+    from .jail import cgroup  # only doctor needs it: the CLI's other commands stay cheap
+
     try:
         # Each line is (check, ok, what it costs when missing).
-        lines = report(user=user) if user is not None else report()
+        lines = cgroup.doctor_report(user=user) if user is not None else cgroup.doctor_report()
         return [Check(name if name.startswith("cgroup") else f"cgroups: {name}", ok,
                       "available" if ok else "unavailable", "" if ok else missing_cost)
                 for name, ok, missing_cost in lines]
     except OSError as err:
         return [Check("cgroups", False, f"cgroup report failed: {err}", cost)]
-
-
-def _cgroup_mounts() -> str:
-    v1, v2 = [], []
-    for line in (_read("/proc/self/mounts") or "").splitlines():
-        fields = line.split()
-        if len(fields) > 3 and fields[2] == "cgroup2":
-            v2.append(fields[1])
-        elif len(fields) > 3 and fields[2] == "cgroup":
-            v1.append(fields[1])
-    return f"mounted: v2 at {', '.join(v2) or 'nowhere'}; v1 hierarchies: {len(v1)}"
 
 
 def _helper_ok(name: str) -> tuple[bool, str]:

@@ -66,10 +66,6 @@ log = logging.getLogger("sandboxd.rooms")
 
 T = TypeVar("T")
 
-# Wire names of room limits -> the cgroup backend's limit names (diskBytes is the tmpfs size,
-# enforced everywhere).
-LIMIT_CONTROLLER = {"memoryBytes": "memory", "cpus": "cpus", "pids": "pids"}
-
 #: How long a teardown waits for the room's finishing runs (their cgroups killed and removed)
 #: before it goes on without them: a teardown must always end.
 SETTLE_TIMEOUT_S = 10.0
@@ -134,7 +130,8 @@ class Room:
         self.last_activity_wall = self.created_at
         self.dir = os.path.join(state_dir, "rooms", self.key)
         self.handle: RoomHandle = None  # type: ignore[assignment]  # set once spawned
-        self.cgroup: Any = None
+        # Until the backend created the room's cgroup: one that holds, counts and removes nothing.
+        self.cgroup: cgroups.RoomCgroup = cgroups.unattached(self.key)
         self.ids: idmaps.IdMap | None = None  # its own id slice (subordinate mode)
         self.active_runs = 0
         # Run ids count per room: a daemon-wide counter showed in /proc/self/cgroup and told
@@ -181,7 +178,8 @@ class Room:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
-    def run_cgroup_limits(self, memory_bytes: int | None, pids: int | None) -> Any:
+    def run_cgroup_limits(self, memory_bytes: int | None,
+                          pids: int | None) -> cgroups.RunCgroupLimits:
         return cgroups.RunCgroupLimits(memory_bytes=memory_bytes, pids=pids)
 
     def options_wire(self) -> dict[str, Any]:
@@ -217,7 +215,7 @@ async def _blocking(fn: Callable[..., T], *args: Any) -> T:
 
 
 class RoomManager:
-    def __init__(self, config: DaemonConfig, backend: Any, zygote: Zygote,
+    def __init__(self, config: DaemonConfig, backend: cgroups.CgroupBackend, zygote: Zygote,
                  ids: idmaps.IdPlan, seccomp_bpf: bytes | None = None) -> None:
         self.config = config
         self.backend = backend
@@ -311,13 +309,8 @@ class RoomManager:
         # cannot all pass the quota check before any of them counts (issue 10, H2).
         opts, asked = resolve_options(options, self.config.room_defaults,
                                       self.config.room_limits_max)
-        enforceable = self.backend.enforceable()
-        for name in sorted(asked):
-            ctl = LIMIT_CONTROLLER.get(name)
-            if ctl is not None and ctl not in enforceable:
-                raise errors.LimitUnavailable(
-                    f"limit {name} cannot be enforced here (cgroup backend "
-                    f"{self.backend.name} cannot enforce {ctl})", limit=name)
+        # Fail closed on an explicitly asked limit this host cannot enforce (sandboxd.limits).
+        self.backend.check_limits(opts.limits, asked)
         if not self.is_admin(uid):
             owned = sum(1 for (owner, _) in self.rooms if owner == uid)
             if owned >= self.config.max_rooms_per_uid:
@@ -418,7 +411,7 @@ class RoomManager:
         status = await self.zygote.exit_status(room.handle.pid, timeout=1.0)
         oom = 0
         with contextlib.suppress(Exception):
-            oom = int(room.cgroup.stats().oom_kills) if room.cgroup is not None else 0
+            oom = room.cgroup.stats().oom_kills
         if status is None:
             if self.zygote.generation != room.zygote_generation or not self.zygote.alive:
                 return "killed", "the daemon's zygote died and took the room's init with it"
@@ -497,17 +490,16 @@ class RoomManager:
                           SETTLE_TIMEOUT_S)
             except Exception:
                 log.exception("room %s: settling runs failed", room.key)
-            if room.cgroup is not None:
-                for attempt in (1, 2):
-                    try:
-                        await _blocking(room.cgroup.destroy)
-                        break
-                    except Exception as err:  # noqa: BLE001 - logged; a teardown goes on
-                        # Once more after a pause: out of fds (EMFILE), other rooms' teardowns
-                        # are closing theirs right now.
-                        if attempt == 2:
-                            log.error("room %s: removing its cgroup failed: %s", room.key, err)
-                        await asyncio.sleep(0.2)
+            for attempt in (1, 2):
+                try:
+                    await _blocking(room.cgroup.destroy)
+                    break
+                except Exception as err:  # noqa: BLE001 - logged; a teardown goes on
+                    # Once more after a pause: out of fds (EMFILE), other rooms' teardowns
+                    # are closing theirs right now.
+                    if attempt == 2:
+                        log.error("room %s: removing its cgroup failed: %s", room.key, err)
+                    await asyncio.sleep(0.2)
         finally:
             # Always, whatever failed above: a room must never stay "stopping".
             for attempt in (1, 2):

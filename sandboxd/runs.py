@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .jail import JailError
+from .jail.cgroup import CgroupStats
 from .jail.user import SANDBOX_UID
 from .protocol import RunLimits, validate_text
 
@@ -347,7 +348,7 @@ class Output:
 
 
 def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: Output,
-            err: Output, wall_ms: int, stats: Any, *,
+            err: Output, wall_ms: int, stats: CgroupStats, *,
             file_size_limited: bool = False) -> RunResult:
     """The report of one run, from what the init, the watchdog and the cgroup saw. Pure.
 
@@ -360,19 +361,19 @@ def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: 
     status_word = int(exit_msg.get("status", 0))
     failure = exit_msg.get("failure")
     rusage = exit_msg.get("rusage") or {}
-    cpu_ns = getattr(stats, "cpu_usage_ns", None)
+    cpu_ns = stats.cpu_usage_ns
     # Without cgroup accounting (the disabled backend) the main process's rusage is all there
     # is: it includes the children it waited for, not those it left behind.
     cpu_ms = int(cpu_ns / 1e6) if cpu_ns else int(
         (rusage.get("utime", 0) + rusage.get("stime", 0)) * 1000)
     # No fallback to ru_maxrss: the payload is forked from the (Python) init, and the kernel
     # keeps the pre-exec image's RSS as the process's maximum (~30 MiB for `true`).
-    peak = getattr(stats, "memory_peak_bytes", None)
+    peak = stats.memory_peak_bytes
     res = RunResult(
         exit_code=0, status="OK", stdout=out.data.decode("utf-8", "replace"),
         stderr=err.data.decode("utf-8", "replace"), wall_time_ms=wall_ms,
         cpu_time_ms=cpu_ms, memory_peak_bytes=peak,
-        pids_peak=getattr(stats, "pids_peak", None), stdout_bytes=out.data,
+        pids_peak=stats.pids_peak, stdout_bytes=out.data,
         stderr_bytes=err.data)
     sig = os.WTERMSIG(status_word) if os.WIFSIGNALED(status_word) else None
     res.exit_code = os.WEXITSTATUS(status_word) if sig is None else 128 + sig
@@ -397,7 +398,7 @@ def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: 
             res.limit_exceeded = "fileSize"  # the kernel's signal, for our RLIMIT_FSIZE
     elif res.exit_code != 0:
         res.status = "RE"
-    if res.limit_exceeded is None and getattr(stats, "pids_limit_hits", 0) > 0:
+    if res.limit_exceeded is None and stats.pids_limit_hits > 0:
         # The run's own pids.max refused a fork: the program saw EAGAIN and carried on (or
         # not); its status stands, and the report names the limit it ran into.
         res.limit_exceeded = "pids"

@@ -134,11 +134,11 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import limits as limits_table
 from ..config import RoomLimits
 from ..errors import InternalError, LimitUnavailable, SandboxError, ValidationError
 
 __all__ = [
-    "LIMIT_NAMES",
     "CgroupBackend",
     "CgroupStats",
     "DisabledBackend",
@@ -153,10 +153,9 @@ __all__ = [
     "detect",
     "doctor_report",
     "enter",
+    "unattached",
 ]
 
-#: Limit names (as in LimitUnavailable(limit=...)) and the controller each one needs.
-LIMIT_NAMES: dict[str, str] = {"memory": "memory", "cpus": "cpu", "pids": "pids"}
 V2_CONTROLLERS = ("memory", "pids", "cpu")
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
 CPU_PERIOD_US = 100_000
@@ -168,11 +167,9 @@ KILL_WAIT_S = 2.0
 FREEZE_WAIT_S = 1.0
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
 
+#: What a room loses without each controller (the limit controllers' costs are the table's).
 _COST = {
-    "memory": "no memory limit, no peak-memory figure and no OOM verdict",
-    "cpus": "no cpus (bandwidth) limit",
-    "cpu": "no cpus (bandwidth) limit",
-    "pids": "no process-count limit: fork bombs are stopped only by RLIMIT_NPROC (per host uid)",
+    **{lim.controller: lim.cost for lim in limits_table.CGROUP_LIMITS if lim.controller},
     "cpuacct": "no CPU-time figure: CPU-time limits fall back to RLIMIT_CPU per process",
     "freezer": "v1 cannot kill a room reliably (stopped/forking processes): v1 backend unusable",
 }
@@ -437,19 +434,29 @@ class CgroupBackend(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]: ...
 
+    #: Whether runs get cgroup counters of their own (CPU time): every backend with a hierarchy.
+    accounting: bool = True
+
     def enforceable(self) -> set[str]:
-        return {lim for lim, ctrl in LIMIT_NAMES.items() if ctrl in self.controllers}
+        """Short names (``memory``, ``cpus``, ``pids``) of the room limits written to cgroups."""
+        return limits_table.cgroup_enforceable(self.controllers)
+
+    def enforceable_wire(self) -> set[str]:
+        """Wire names of every limit (rooms and runs) a daemon on this backend enforces."""
+        return limits_table.enforceable(self.controllers, self.accounting)
 
     def check_limits(self, limits: RoomLimits, requested: Collection[str] | None = None) -> None:
-        """Fail closed: raise LimitUnavailable for the first requested limit we cannot enforce."""
+        """Fail closed: raise LimitUnavailable for the first (by name) of the room limits the
+        client asked for (wire names; None: all of them) that this backend cannot enforce."""
         del limits  # every value RoomLimits accepts is writable; only the controller matters
-        names = LIMIT_NAMES if requested is None else [n for n in LIMIT_NAMES if n in requested]
-        can = self.enforceable()
-        for name in names:
-            if name not in can:
-                raise LimitUnavailable(
-                    f"the {name} limit cannot be enforced: cgroup backend {self.name!r} lacks the "
-                    f"{LIMIT_NAMES[name]} controller", limit=name, backend=self.name)
+        if requested is None:
+            requested = [lim.wire for lim in limits_table.CGROUP_LIMITS]
+        lim = limits_table.first_unenforceable(requested, self.enforceable_wire(),
+                                               limits_table.Scope.ROOM)
+        if lim is not None:
+            raise LimitUnavailable(
+                f"limit {lim.wire} cannot be enforced here (cgroup backend "
+                f"{self.name} cannot enforce {lim.cgroup_name})", limit=lim.wire)
 
     def bootstrap(self) -> list[str]:
         """Daemon start-up step, before the zygote starts; only v2 has work to do."""
@@ -519,9 +526,16 @@ class _DisabledRoom(RoomCgroup):
         pass
 
 
+def unattached(room_id: str) -> RoomCgroup:
+    """What a room has before its cgroup is created (and keeps if creation failed): nothing to
+    enforce, count, kill or remove, so callers need no ``if cgroup is None``."""
+    return _DisabledRoom(room_id)
+
+
 class DisabledBackend(CgroupBackend):
     name = "disabled"
     controllers: frozenset[str] = frozenset()
+    accounting = False
 
     def __init__(self, reason: str, tried: dict[str, str] | None = None) -> None:
         self.reason = reason
@@ -529,7 +543,8 @@ class DisabledBackend(CgroupBackend):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "disabled", "controllers": [], "reason": self.reason,
-                "tried": dict(self.tried), "missing": sorted(LIMIT_NAMES),
+                "tried": dict(self.tried),
+                "missing": sorted(str(lim.cgroup_name) for lim in limits_table.CGROUP_LIMITS),
                 "fences": "rlimits and wall-clock kills only"}
 
     def create_room(self, room_id: str, limits: RoomLimits) -> RoomCgroup:
@@ -1487,7 +1502,7 @@ def _doctor(config_backend: str, parent: str | None, v1_root: str, v2_root: str 
     if isinstance(v2, V2Backend):
         for c in V2_CONTROLLERS:
             out.append((f"cgroup2 controller {c}", c in v2.controllers,
-                        _COST["cpus" if c == "cpu" else c]))
+                        _COST[c]))
     rel, hier, have, missing = _v1_status(v1_root, parent, user, fs)
     if hier:
         for c in V1_CONTROLLERS:
@@ -1498,8 +1513,10 @@ def _doctor(config_backend: str, parent: str | None, v1_root: str, v2_root: str 
         out.append((f"cgroup backend: {chosen.name}", chosen.name != "disabled",
                     "rlimits and wall-clock kills only: no memory/cpus/pids limits, no OOM "
                     "verdict" if chosen.name == "disabled" else ""))
-        for lim in sorted(LIMIT_NAMES):
-            out.append((f"limit {lim} enforceable", lim in chosen.enforceable(), _COST[lim]))
+        can = chosen.enforceable()
+        for lim in sorted(limits_table.CGROUP_LIMITS, key=lambda lim: lim.cgroup_name or ""):
+            out.append((f"limit {lim.cgroup_name} enforceable", lim.cgroup_name in can,
+                        lim.cost))
     except (LimitUnavailable, ValidationError) as err:
         out.append((f"cgroup backend {config_backend}", False, err.message))
     return out

@@ -387,7 +387,7 @@ def test_v2_partial_controllers(v2tree: tuple[FakeKernel, Path, Path]) -> None:
     with pytest.raises(LimitUnavailable) as exc:
         b.check_limits(LIMITS)
     assert exc.value.context["limit"] == "cpus"
-    b.check_limits(LIMITS, requested={"memory", "pids"})
+    b.check_limits(LIMITS, requested={"memoryBytes", "pids", "diskBytes"})
     room = b.create_room("abc", LIMITS)
     assert room.enforced == {"memory", "pids"}
     assert (root / "svc" / "room-abc" / "cpu.max").read_text() == "max 100000\n"
@@ -594,8 +594,17 @@ def test_disabled_backend(tmp_path: Path) -> None:
     assert b.name == "disabled" and b.controllers == frozenset() and b.enforceable() == set()
     with pytest.raises(LimitUnavailable) as exc:
         b.check_limits(RoomLimits())
-    assert exc.value.context["limit"] == "memory"
+    # The first by wire name, and the message rooms answered with before check_limits was theirs.
+    assert exc.value.context == {"limit": "cpus"}
+    assert exc.value.message == ("limit cpus cannot be enforced here (cgroup backend disabled "
+                                 "cannot enforce cpus)")
+    with pytest.raises(LimitUnavailable) as exc:
+        b.check_limits(RoomLimits(), requested={"pids", "memoryBytes"})
+    assert exc.value.context["limit"] == "memoryBytes"
+    # Limits enforced without cgroups, and run-only ones, never refuse a room.
+    b.check_limits(RoomLimits(), requested={"diskBytes", "cpuTimeMs", "wallTimeMs"})
     b.check_limits(RoomLimits(), requested=())
+    assert b.enforceable_wire() == {"wallTimeMs", "outputBytes", "fileSizeBytes", "diskBytes"}
     room = b.create_room("abc", RoomLimits())
     run = room.create_run("r1", RunCgroupLimits(memory_bytes=1))
     assert room.procs_paths() == [] and run.dir_fds() == [] and run.join_fds() == []

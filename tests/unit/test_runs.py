@@ -25,7 +25,7 @@ OUT = runs.Output(b"out")
 
 
 def _verdict(status: int, killed: str | None = None, oom: bool = False, *,
-             out: runs.Output = OUT, stats: Any = None,
+             out: runs.Output = OUT, stats: CgroupStats | None = None,
              failure: dict[str, Any] | None = None, **kw: Any) -> runs.RunResult:
     msg = {"status": status, "rusage": {"utime": 0.25, "stime": 0.05, "maxrss_kb": 2048},
            "failure": failure}

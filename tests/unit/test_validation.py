@@ -12,7 +12,6 @@ import errno
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -224,7 +223,7 @@ _OUT = runs.Output(b"", False)
 def _verdict(status: int, killed: str | None = None, oom: bool = False,
              failure: dict[str, Any] | None = None, **stats: Any) -> runs.RunResult:
     msg = {"status": status, "rusage": {"utime": 0.0, "stime": 0.0}, "failure": failure}
-    return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, SimpleNamespace(**stats))
+    return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, cgroup.CgroupStats(**stats))
 
 
 def _signalled(sig: int) -> int:
