@@ -25,8 +25,6 @@ from pathlib import Path
 import pytest
 from conftest import skip_unless_ci
 
-pytestmark = pytest.mark.vm
-
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent.parent
 # A representative v2 subset: the whole integration suite under TCG on 2 shared cores would
@@ -46,6 +44,8 @@ QEMU = "qemu-system-x86_64"
 APPEND = ("root=/dev/vda rw systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all "
           "console=ttyS0 panic=-1")
 DONE_MARK = "run-tests: done"
+# pytest-timeout's 300 s would cut the session fixture (build, boot, the whole guest run) short.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(GUEST_TIMEOUT_S + 2400)]
 
 
 def _junit_key(classname: str, name: str) -> str:
@@ -112,18 +112,20 @@ def _boot(image: Path, work: Path) -> subprocess.CompletedProcess[str] | None:
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + GUEST_TIMEOUT_S + 600  # + boot and poweroff
     done_at = None
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            break
-        if done_at is None and console.exists() and DONE_MARK in console.read_text(
-                errors="replace"):
-            done_at = time.monotonic()
-        if done_at is not None and time.monotonic() - done_at > 30:
-            break  # the results are on the disk; a hung poweroff is not ours to wait for
-        time.sleep(1)
-    if proc.poll() is None:
-        proc.kill()
-    out, _ = proc.communicate()
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                break
+            if done_at is None and console.exists() and DONE_MARK in console.read_text(
+                    errors="replace"):
+                done_at = time.monotonic()
+            if done_at is not None and time.monotonic() - done_at > 30:
+                break  # the results are on the disk; a hung poweroff is not ours to wait for
+            time.sleep(1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, _ = proc.communicate()
     return subprocess.CompletedProcess(argv, proc.returncode, out, "")
 
 
