@@ -6,12 +6,9 @@
 #   util-linux procps iproute2 git                     setpriv, ps/pgrep, ip, git in host rooms
 #   mmdebstrap arch-test                               rootfs/build.sh (and the nspawn test tree)
 #   systemd-container                                  systemd-nspawn, for the service tests
-#   qemu-system-x86 e2fsprogs                          the VM tier (tests/vm: TCG guest, mke2fs -d);
-#                                                      its kernel is downloaded, not installed
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc libcap-dev libseccomp2 uidmap util-linux procps
-      iproute2 git ca-certificates mmdebstrap arch-test systemd-container
-      qemu-system-x86 e2fsprogs)
+      iproute2 git ca-certificates mmdebstrap arch-test systemd-container)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -23,7 +23,9 @@ chmod -R a+rX "$venv"
 rootfs=${SANDBOXD_TEST_LANG_ROOTFS:-/var/lib/sandboxd/rootfs/default}
 if [ -d "$rootfs/usr" ]; then export SANDBOXD_TEST_LANG_ROOTFS=$rootfs; fi
 args=("$@")
-[ ${#args[@]} -gt 0 ] || args=(tests)
+# The VM tier (tests/vm, scripts/test-vm.sh) is not part of the default run yet: its daemons do not
+# get a delegated v2 cgroup in the guest (issue 21 stays open until they do and it is green).
+[ ${#args[@]} -gt 0 ] || args=(tests --ignore=tests/vm)
 cov=${SANDBOXD_COVERAGE:-$([ $# -eq 0 ] && echo 1 || echo 0)}
 if [ "$cov" = 1 ]; then
     # Against the installed package (what the tests import), reported with paths under sandboxd/.
