@@ -1,4 +1,4 @@
-"""The project's own tooling, as a test: ruff over everything, mypy (strict defs) over the
+"""The project's own tooling, as a test: ruff over everything, mypy (--strict) over the
 package. CI runs the README's test command only, so drift shows up here."""
 
 from __future__ import annotations
