@@ -212,7 +212,10 @@ def test_wall_time_limit_is_to(client: Any, daemon: DaemonProc, room_id: str) ->
     t0 = time.monotonic()
     r = sb.exec("sleep 100", limits={"wallTimeMs": 300})
     assert (r.status, r.raw["limitExceeded"], r.timed_out) == ("TO", "wall", True), r.raw
-    assert 300 <= r.wall_time_ms < 500 and time.monotonic() - t0 < 1.5
+    # The lower bound is the contract; the upper one only shows the kill happened (the sleep
+    # would take 100 s), with room for a loaded machine. How far past the limit the kill lands
+    # is a figure for bench/limits.py, not an assertion here (issue 24).
+    assert 300 <= r.wall_time_ms < 10_000 and time.monotonic() - t0 < 20, r.raw
     assert r.cpu_time_ms < 100  # a sleeper beats no CPU limit (isolate #72): the wall one holds
     host_ok(daemon, sb)
 
