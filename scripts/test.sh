@@ -41,6 +41,8 @@ if [ "$cov" = 1 ]; then
         | sed "s|$pkg/|sandboxd/|"
     rm -f "$covdata"
     [ $unit -eq 0 ] || { echo "test.sh: unit tier failed under coverage"; exit $unit; }
+    # The unit tier just ran (and passed): the default run does not run it a second time.
+    [ $# -eq 0 ] && args+=(--ignore=tests/unit)
 fi
 set +e
 "$venv/bin/python" -m pytest -p no:cacheprovider "${args[@]}"
