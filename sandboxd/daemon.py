@@ -37,10 +37,11 @@ from .coderun.service import CodeRunService
 from .config import DaemonConfig
 from .context import Services
 from .facts import HostFacts
-from .jail import Zygote, caps
+from .jail import caps
 from .jail import cgroup as cgroups
 from .jail import user as idmaps
 from .jail.cgroup import CgroupBackend
+from .jail.handles import Zygote
 from .rooms import RoomManager
 from .server import Server
 

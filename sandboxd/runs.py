@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .jail import JailError
+from .jail import messages as jm
 from .jail.cgroup import CgroupStats
 from .jail.user import SANDBOX_UID
 from .protocol import RunLimits, validate_text
@@ -194,7 +195,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
                               room.cgroup.enforced)
     cg = room.cgroup.create_run(run_id, room.run_cgroup_limits(memory, spec.pids))
     fds: list[int] = []
-    exit_fut: asyncio.Future[dict[str, Any]] | None = None
+    exit_fut: asyncio.Future[jm.Exit] | None = None
     killed_by_us: str | None = None
     kill_event = asyncio.Event()
     # Helper tasks, cancelled on every way out (a client gone cancels us mid-run): left pending
@@ -244,7 +245,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         deadline = started + spec.wall_time_ms / 1000 if spec.wall_time_ms else None
         killer = asyncio.ensure_future(kill_event.wait())
         helpers.append(killer)
-        exit_msg: dict[str, Any] | None = None
+        exit_msg: jm.Exit | None = None
         while exit_msg is None:
             timeout = CPU_POLL_S if spec.cpu_time_ms else None
             if deadline is not None:
@@ -266,7 +267,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
                 exit_msg = await exit_fut
         now = time.monotonic()
         wall_ms = int((now - started) * 1000)
-        t = exit_msg.get("t")
+        t = exit_msg.t
         if t and t[0] and log.isEnabledFor(logging.DEBUG):
             log.debug("run %s: spawn %.2f ms, program %.2f ms, report %.2f ms", run_id,
                       (t[0] - started) * 1e3, (t[1] - t[0]) * 1e3, (now - t[1]) * 1e3)
@@ -300,7 +301,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
 
 
 async def _finish(room: Room, cg: Any, run_id: str,
-                  exit_fut: asyncio.Future[dict[str, Any]] | None) -> None:
+                  exit_fut: asyncio.Future[jm.Exit] | None) -> None:
     loop = asyncio.get_running_loop()
     try:
         if exit_fut is not None and not exit_fut.done():
@@ -347,7 +348,7 @@ class Output:
     truncated: bool = False
 
 
-def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: Output,
+def verdict(exit_msg: jm.Exit, killed_by_us: str | None, oom: bool, out: Output,
             err: Output, wall_ms: int, stats: CgroupStats, *,
             file_size_limited: bool = False) -> RunResult:
     """The report of one run, from what the init, the watchdog and the cgroup saw. Pure.
@@ -358,14 +359,14 @@ def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: 
     sandbox failure (XX) over our own kills (OL, TO) over the kernel's OOM kill (ML) over the
     program's own fate (SG, RE, OK) — a kill we made explains the signal the program died of.
     """
-    status_word = int(exit_msg.get("status", 0))
-    failure = exit_msg.get("failure")
-    rusage = exit_msg.get("rusage") or {}
+    status_word = exit_msg.status
+    failure = exit_msg.failure
+    rusage = exit_msg.rusage
     cpu_ns = stats.cpu_usage_ns
     # Without cgroup accounting (the disabled backend) the main process's rusage is all there
     # is: it includes the children it waited for, not those it left behind.
     cpu_ms = int(cpu_ns / 1e6) if cpu_ns else int(
-        (rusage.get("utime", 0) + rusage.get("stime", 0)) * 1000)
+        (rusage.utime + rusage.stime) * 1000)
     # No fallback to ru_maxrss: the payload is forked from the (Python) init, and the kernel
     # keeps the pre-exec image's RSS as the process's maximum (~30 MiB for `true`).
     peak = stats.memory_peak_bytes
@@ -380,10 +381,9 @@ def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: 
     res.signal = _signame(sig) if sig is not None else None
     res.output_truncated = out.truncated or err.truncated
     res.oom_killed = oom
-    if failure and failure.get("stage") not in ("exec", "chdir"):
+    if failure is not None and failure.stage not in ("exec", "chdir"):
         res.status = "XX"
-        res.error = f"payload set-up failed at {failure.get('stage')}: " \
-                    f"{os.strerror(int(failure.get('errno', 0)))}"
+        res.error = f"payload set-up failed at {failure.stage}: {os.strerror(failure.errno)}"
         log.error("run set-up failed: %s", res.error)
     elif killed_by_us == "output":
         res.status, res.limit_exceeded = "OL", "output"

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from sandboxd import runs
+from sandboxd.jail import messages
 from sandboxd.jail.cgroup import CgroupStats
 
 MiB = 1024 * 1024
@@ -27,8 +28,9 @@ OUT = runs.Output(b"out")
 def _verdict(status: int, killed: str | None = None, oom: bool = False, *,
              out: runs.Output = OUT, stats: CgroupStats | None = None,
              failure: dict[str, Any] | None = None, **kw: Any) -> runs.RunResult:
-    msg = {"status": status, "rusage": {"utime": 0.25, "stime": 0.05, "maxrss_kb": 2048},
-           "failure": failure}
+    msg = messages.Exit(run="1", status=status,
+                        rusage=messages.Rusage(utime=0.25, stime=0.05, maxrss_kb=2048),
+                        failure=None if failure is None else messages.Failure(**failure))
     st = stats if stats is not None else CgroupStats(
         cpu_usage_ns=512_000_000, memory_peak_bytes=10 * MiB, pids_current=0, pids_peak=3)
     return runs.verdict(msg, killed, oom, out, runs.Output(b"err"), 700, st, **kw)

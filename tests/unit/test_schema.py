@@ -198,9 +198,6 @@ def test_no_import_circles_in_sandboxd() -> None:
     assert _cycle(outside) is None, " -> ".join(_cycle(outside) or [])
 
 
-@pytest.mark.xfail(strict=True, reason="jail/fileops <-> jail/init (the init's op registry "
-                   "filled by importing fileops): the jail half of issue 12 removes it; then "
-                   "drop this marker")
 def test_no_import_circles_in_the_jail() -> None:
     graph = import_graph()
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])

@@ -20,7 +20,7 @@ from sandboxd import errors, protocol, runs
 from sandboxd import roomfiles as files
 from sandboxd.api import git
 from sandboxd.config import check_sandbox_id
-from sandboxd.jail import _syscalls, cgroup, fileops, init, seccomp
+from sandboxd.jail import _syscalls, cgroup, fileops, init, messages, seccomp
 from sandboxd.jail.fileops import resolve
 
 # --- sandbox ids ---------------------------------------------------------------------------------
@@ -133,16 +133,14 @@ def test_open_read_checks_the_opened_file_not_only_the_stat(tmp_path: Path,
 
     monkeypatch.setattr(fileops.os, "stat", stat_)
     with pytest.raises(OSError) as err:
-        reply, fds = fileops.open_read({"path": str(fifo)}, [])
-        for x in fds:
-            os.close(x)
+        _, fd = fileops.open_read(messages.OpenRead(path=str(fifo)))
+        os.close(fd)
     assert err.value.errno == errno.EPERM
-    reply, fds = fileops.open_read({"path": str(plain)}, [])
+    reply, fd = fileops.open_read(messages.OpenRead(path=str(plain)))
     try:
-        assert reply["size"] == 1 and len(fds) == 1
+        assert reply.size == 1
     finally:
-        for x in fds:
-            os.close(x)
+        os.close(fd)
 
 
 # --- argv and environment ------------------------------------------------------------------------
@@ -222,7 +220,8 @@ _OUT = runs.Output(b"", False)
 
 def _verdict(status: int, killed: str | None = None, oom: bool = False,
              failure: dict[str, Any] | None = None, **stats: Any) -> runs.RunResult:
-    msg = {"status": status, "rusage": {"utime": 0.0, "stime": 0.0}, "failure": failure}
+    msg = messages.Exit(run="1", status=status,
+                        failure=None if failure is None else messages.Failure(**failure))
     return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, cgroup.CgroupStats(**stats))
 
 
