@@ -301,6 +301,8 @@ class RoomHandle:
         self.pidfd = pidfd
         self._loop = asyncio.get_running_loop()
         self._ready: asyncio.Future[messages.Ready] = self._loop.create_future()
+        # (a handle closed during set-up whose creator went away: no "never retrieved" noise)
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._dead: asyncio.Future[None] = self._loop.create_future()
         self.exits: dict[str, asyncio.Future[messages.Exit]] = {}
         self.chan: AsyncChannel[messages.FromInit] = AsyncChannel(
