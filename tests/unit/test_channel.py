@@ -432,3 +432,35 @@ def test_zygote_exit_statuses_and_spawn_errors(pair: tuple[socket.socket, socket
     _run(main)
     b.shutdown(socket.SHUT_RDWR)
     t.join(5)
+
+
+def test_a_real_zygote_answers_in_structs_and_dies_of_garbage(tmp_path: Any) -> None:
+    """The zygote process itself (no namespaces needed for this much): its first ping, a room
+    whose set-up fails before unshare (a cgroup.procs file that does not exist) answered with the
+    one error shape, and garbage ending it (the daemon then restarts it: on_death)."""
+    async def main() -> None:
+        z = handles.Zygote()
+        await z.start()
+        try:
+            assert z.alive and z.generation == 1
+            bad = msgspec.structs.replace(SPEC, cgroup_procs=[str(tmp_path / "none")],
+                                          scratch=str(tmp_path))
+            with pytest.raises(JailError, match=r"room set-up failed: .*No such file"):
+                await z.spawn(bad, timeout=30)
+            assert z.alive  # one failed room does not end the zygote
+            deaths: list[bool] = []
+            z.on_death = lambda: deaths.append(True)
+            assert z.chan is not None
+            z.chan.sock.send(b"\xc1")
+            assert z.proc is not None
+            for _ in range(500):
+                if deaths:
+                    break
+                await asyncio.sleep(0.01)
+            assert deaths and not z.alive
+            code = await asyncio.get_running_loop().run_in_executor(None, z.proc.wait, 10)
+            assert code == 1  # it exited on the garbage itself, nobody killed it
+        finally:
+            await z.stop()
+
+    _run(main)
