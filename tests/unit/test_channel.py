@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from sandboxd import errors
 from sandboxd.jail import JailError, channel, handles, messages
 from sandboxd.jail.user import IdMap
 
@@ -464,3 +465,23 @@ def test_a_real_zygote_answers_in_structs_and_dies_of_garbage(tmp_path: Any) -> 
             await z.stop()
 
     _run(main)
+
+
+# --- the jail's failures as wire errors (errors.py, one place) ------------------------------
+
+
+def test_a_room_lost_is_sandbox_unavailable_with_its_reason() -> None:
+    tomb = errors.room_lost("r", "sandbox r died", reason="oom", incarnation=3)
+    assert isinstance(tomb, errors.SandboxUnavailable)
+    assert tomb.to_wire() == {"code": errors.APPLICATION_ERROR, "message": "sandbox r died",
+                              "data": {"code": "SANDBOX_UNAVAILABLE", "sandboxId": "r",
+                                       "reason": "oom", "incarnation": 3}}
+    back = errors.from_wire(tomb.to_wire())
+    assert type(back) is errors.RoomLost and (back.reason, back.incarnation) == ("oom", 3)
+    # A channel that broke under a call: SANDBOX_UNAVAILABLE, no reason (nothing is known yet)
+    broken = errors.room_failure(JailError("room r is gone (protocol violation)"), "r", "ping")
+    assert isinstance(broken, errors.RoomLost) and broken.reason is None
+    assert broken.to_wire()["data"] == {"code": "SANDBOX_UNAVAILABLE", "sandboxId": "r"}
+    # ... and an init that does not answer is the sandbox breaking, not the room dying
+    late = errors.room_failure(TimeoutError(), "r", "f_exists within 30 s")
+    assert type(late) is errors.InternalError
