@@ -68,6 +68,7 @@ def error_reply(err: BaseException) -> ErrorReply:
                           filename=None if err.filename is None else str(err.filename))
     return ErrorReply(errno=errno.EIO, message=f"{type(err).__name__}: {err}")
 
+
 SANDBOX_UID = 1000
 # When a room as a whole runs out of memory, the kernel picks its victim inside the room: never
 # the init (~30 MB of Python, bigger than many payloads), which would take the room down.
