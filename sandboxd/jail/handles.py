@@ -42,6 +42,8 @@ R = TypeVar("R", bound=Reply)
 
 #: The reason of a channel the daemon closed itself (a teardown, a stop).
 CLOSED_BY_US = "closed by the daemon"
+#: The reason of a channel whose peer closed its end: a room init does so only by exiting.
+PEER_CLOSED = "the peer closed the channel"
 #: Wait statuses of room inits the zygote reported and nobody asked for yet (bounded).
 EXIT_STATUSES_KEPT = 1024
 
@@ -84,7 +86,7 @@ class AsyncChannel(Generic[M]):
             try:
                 msg, fds = channel.unpack(data, anc, self._decoder)
             except channel.ChannelClosed:
-                self.close("the peer closed the channel")
+                self.close(PEER_CLOSED)
                 return
             except channel.BadMessage as err:
                 self.close(str(err))  # a peer speaking garbage is a dead room
@@ -127,6 +129,9 @@ class AsyncChannel(Generic[M]):
         except OSError as err:
             self._pending.pop(rid, None)
             raise channel.ChannelClosed(f"send failed: {err}") from err
+        except BaseException:  # (a message over MAX_MSG: ValueError)
+            self._pending.pop(rid, None)
+            raise
         try:
             reply, got = await asyncio.wait_for(fut, timeout)
         except asyncio.CancelledError:
@@ -328,9 +333,11 @@ class RoomHandle:
 
     def _closed(self, reason: str) -> None:
         if not self._dead.done():
-            # The init broke the protocol (or its channel broke): a room without its channel
-            # is a dead room, whatever the init still does. Its pidfd then reports the death.
-            if reason != CLOSED_BY_US:
+            # A room without its channel is a dead room, whatever the init still does: kill it
+            # (its pidfd then reports the death). Usually it is dying already: a teardown
+            # killed it, or it exited (EOF comes before the pidfd says so); otherwise it broke
+            # the protocol, which is worth an error in the log.
+            if reason not in (CLOSED_BY_US, PEER_CLOSED):
                 log.error("room %s: init channel closed (%s): killing the init", self.room_id,
                           reason)
             self.kill()

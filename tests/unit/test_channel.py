@@ -306,7 +306,8 @@ def _bad_reply(init: FakeInit, msg: messages.ToInit, fds: list[int]) -> None:
 @pytest.mark.parametrize("answer", [_pong_to_everything, _opened_without_fd, _garbage,
                                     _bad_event, _bad_reply], ids=lambda f: f.__name__)
 def test_a_reply_of_the_wrong_shape_is_a_dead_room(
-        answer: Callable[[FakeInit, messages.ToInit, list[int]], None]) -> None:
+        answer: Callable[[FakeInit, messages.ToInit, list[int]], None],
+        caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         room = Room(answer)
         try:
@@ -324,6 +325,8 @@ def test_a_reply_of_the_wrong_shape_is_a_dead_room(
             room.close()
 
     _run(main)
+    assert any("killing the init" in r.message for r in caplog.records
+               if r.levelname == "ERROR")
 
 
 def test_a_late_reply_is_dropped_not_fatal() -> None:
@@ -357,7 +360,7 @@ def test_a_request_that_is_not_answered_times_out_and_the_room_stays() -> None:
     _run(main)
 
 
-def test_the_init_dying_fails_what_waits_on_it() -> None:
+def test_the_init_dying_fails_what_waits_on_it(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         room = Room(lambda init, msg, fds: None)
         try:
@@ -375,6 +378,28 @@ def test_the_init_dying_fails_what_waits_on_it() -> None:
             room.close()
 
     _run(main)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a death is no error
+
+
+def test_an_init_exiting_closes_its_channel_first_and_that_is_no_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A teardown kills the init: its channel's EOF usually arrives before its pidfd says so
+    (test_faults checks the daemon logs no ERROR for that)."""
+    async def main() -> None:
+        room = Room(lambda init, msg, fds: None)
+        try:
+            room.init.sock.shutdown(socket.SHUT_RDWR)  # EOF, the process still alive
+            for _ in range(500):
+                if room.handle.chan.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert room.handle.chan.reason == handles.PEER_CLOSED
+            assert await room.dead() == -signal.SIGKILL  # killed all the same
+        finally:
+            room.close()
+
+    _run(main)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_failed_set_up_is_reported() -> None:
