@@ -19,7 +19,8 @@ INTERFACE CONTRACT (the rest of sandboxd codes against exactly this; keep it sta
                             host paths of cgroup.procs files; a process joins the room by
                             writing "0" to each (the zygote's child does this before unshare)
     RoomCgroup.create_run(run_id: str, limits: RunCgroupLimits | None) -> RunCgroup
-    RoomCgroup.stats() -> CgroupStats
+    RoomCgroup.stats() -> CgroupStats        the whole room (init and runs)
+    RoomCgroup.runs_stats() -> CgroupStats   the runs only: what counts against memoryBytes
     RoomCgroup.kill() -> None        SIGKILL every process, including stopped ones
     RoomCgroup.destroy() -> None     kill, wait until empty (bounded), rmdir everything
 
@@ -73,20 +74,49 @@ Where the cgroups live.
         the daemon there; either way bootstrap() enables memory/pids/cpu in the subtree's
         ``cgroup.subtree_control``. Rooms are siblings of the supervisor::
 
-            <own>/supervisor                daemon, zygote
-            <own>/room-<id>                 room limits (memory.max, memory.swap.max=0, cpu.max,
-                                            pids.max); subtree_control +memory +pids (+cpu)
-            <own>/room-<id>/init            the room init and its helpers (procs_paths())
-            <own>/room-<id>/run-<run>       one payload run (its own memory.max / pids.max)
+            <own>/supervisor                  daemon, zygote
+            <own>/room-<id>                   the room's cpu.max and pids.max (init included);
+                                              subtree_control +memory +pids
+            <own>/room-<id>/init              the room init and its helpers (procs_paths()); no
+                                              memory limit of its own
+            <own>/room-<id>/runs              the room's memory limit (memory.max,
+                                              memory.swap.max=0); subtree_control +memory +pids
+            <own>/room-<id>/runs/run-<run>    one payload run (its own memory.max / pids.max)
 
         ``init`` exists because a v2 cgroup with controllers enabled for its children may not hold
         processes itself; run cgroups need memory/pids enabled to carry their own limits.
     v1  (hybrid hosts): one directory per controller hierarchy (memory, pids, cpu, cpuacct,
         freezer; co-mounted hierarchies such as cpu,cpuacct are written once), under a parent that
         ``sandboxctl setup`` created and chowned to the daemon's user (default
-        ``sandboxd/<user>``)::
+        ``sandboxd/<user>``), the same tree in each::
 
-            <v1_root>/<ctrl>/<parent>/room-<id>[/init | /run-<run>]
+            <v1_root>/<ctrl>/<parent>/room-<id>[/init | /runs[/run-<run>]]
+
+        (memory.limit_in_bytes = memory.memsw.limit_in_bytes on runs, cpu and pids on room-<id>)
+
+Why the memory limit sits on ``runs``, not on the room (issue 10, L4). The kernel's OOM killer
+picks its victim among every task of the cgroup whose limit was hit, by size and oom_score_adj.
+The init raises its children's score, but any process may lower its own back to 0 (its
+oom_score_adj_min) and the init cannot go below 0 without CAP_SYS_RESOURCE in the initial
+namespace: a room of small processes whose memory is in tmpfs or /dev/shm pages (attributed to
+no process) made the ~30 MB init the biggest task, and the room died with it. With the limit on
+``runs`` the init is outside every cgroup a payload can fill, so no OOM a payload causes can
+choose it: a run's OOM picks among the run's processes (its own limit), a room-wide one among
+all runs' processes. What each cgroup is charged with:
+
+    runs        every payload's memory, and the tmpfs/shm pages payloads wrote: a page stays
+                charged to the cgroup that first wrote it, and the pages of a removed run
+                cgroup keep counting against ``runs``
+    init        the init's own memory (~6 MiB charged, ~30 MiB resident) and the pages the file
+                API writes (the init writes them, issue 10 H4): bounded by the room's tmpfs sizes
+                (diskBytes, /dev/shm), and writeFile refuses up front what would not fit in
+                memoryBytes next to what the room already holds (roomfiles._check_headroom)
+
+so a room can hold up to memoryBytes in its runs plus what the file API stored; no limit on the
+init means no OOM kill of the init either. While the init stands in a run cgroup (the fast
+spawn path, between joining and posix_spawn's return) it is inside ``runs``: the daemon takes
+the fork path instead when ``runs`` is near its limit or another run is live
+(runs.init_may_stand_in).
 
     disabled: nothing on disk; rlimits and wall-clock kills of the room's pid-namespace init are
         the only fences (doctor and ping say so).
@@ -163,6 +193,7 @@ SUPERVISOR = "supervisor"
 ROOM_PREFIX = "room-"
 RUN_PREFIX = "run-"
 INIT_LEAF = "init"
+RUNS_LEAF = "runs"
 KILL_WAIT_S = 2.0
 FREEZE_WAIT_S = 1.0
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -421,6 +452,9 @@ class RoomCgroup(abc.ABC):
     def stats(self) -> CgroupStats: ...
 
     @abc.abstractmethod
+    def runs_stats(self) -> CgroupStats: ...
+
+    @abc.abstractmethod
     def kill(self) -> None: ...
 
     @abc.abstractmethod
@@ -517,6 +551,9 @@ class _DisabledRoom(RoomCgroup):
         return _DisabledRun()
 
     def stats(self) -> CgroupStats:
+        return CgroupStats()
+
+    def runs_stats(self) -> CgroupStats:
         return CgroupStats()
 
     def kill(self) -> None:
@@ -747,7 +784,7 @@ class _Room(RoomCgroup):
         return self.ops.child_opens_procs
 
     def create_run(self, run_id: str, limits: RunCgroupLimits | None = None) -> RunCgroup:
-        node = self.node.child(RUN_PREFIX + _check_name("run", run_id))
+        node = self.node.child(RUNS_LEAF).child(RUN_PREFIX + _check_name("run", run_id))
         self.ops.mkdir(node)
         run = _Run(self.ops, node, run_id)
         try:
@@ -764,6 +801,9 @@ class _Room(RoomCgroup):
 
     def stats(self) -> CgroupStats:
         return self.ops.stats(self.node)
+
+    def runs_stats(self) -> CgroupStats:
+        return self.ops.stats(self.node.child(RUNS_LEAF))
 
     def kill(self) -> None:
         self.ops.kill(self.node)
@@ -788,12 +828,19 @@ class _TreeBackend(CgroupBackend):
         # nobody but the daemon may reach them by path.
         self.ops.mkdir(node, 0o700)
         try:
-            self.ops.write_room_limits(node, limits, enforce)
+            # CPU and processes are the room's as a whole, init included; memory is the runs'
+            # only (see "Where the cgroups live": a room-wide OOM must never be able to pick
+            # the init).
+            self.ops.write_room_limits(node, limits, enforce - {"memory"})
             self.ops.prepare_room(node)
             self.ops.mkdir(node.child(INIT_LEAF))
             # The room init steps into run cgroups and back (init._spawn_fast), so its own leaf
             # is joined the way runs are.
             self.ops.prepare_run(node.child(INIT_LEAF))
+            runs = node.child(RUNS_LEAF)
+            self.ops.mkdir(runs)
+            self.ops.write_room_limits(runs, limits, enforce & {"memory"})
+            self.ops.prepare_room(runs)
         except BaseException:
             with contextlib.suppress(Exception):
                 self.ops.destroy(node)
@@ -1035,10 +1082,12 @@ class _V1Ops(_Ops):
         return _ints(self.fs.read_opt(self._f(node, "cpuacct", "cpuacct.usage"))) or 0
 
     def oom_kills(self, node: _Node) -> int:
+        # v1 counts a kill only in the victim's own cgroup (v2's memory.events is hierarchical):
+        # a room's figure is the sum over its live cgroups (the init leaf, runs, each run).
         if "memory" not in node.paths:
             return 0
-        return _keyed(self.fs.read_opt(self._f(node, "memory", "memory.oom_control")),
-                      "oom_kill") or 0
+        return sum(_keyed(self.fs.read_opt(os.path.join(d, "memory.oom_control")), "oom_kill")
+                   or 0 for d in self._walk(node.paths["memory"]))
 
     def stats(self, node: _Node) -> CgroupStats:
         peak = cur = ppeak = mem = None

@@ -179,7 +179,7 @@ def test_v1_kill_stopped_setsid_doublefork(v1: V1Backend, made: Made) -> None:
             break
         time.sleep(0.01)
     assert grandchild in {int(x) for x in Path(
-        f"{V1_ROOT}/freezer/{v1.parent}/room-k1/run-r1/cgroup.procs").read_text().split()}
+        f"{V1_ROOT}/freezer/{v1.parent}/room-k1/runs/run-r1/cgroup.procs").read_text().split()}
     run.kill()
     assert p.wait(5) == -signal.SIGKILL
     for _ in range(200):
@@ -338,7 +338,7 @@ def test_v1_unprivileged_user_delegated(made: Made, probe_user: pwd.struct_passw
         _, fds, _, _ = socket.recv_fds(sock, 1, 1)
         assert fds, p.communicate(timeout=5)
         made.fds += fds
-        run_dir = f"{V1_ROOT}/pids/{parent}/room-u1/run-r1"
+        run_dir = f"{V1_ROOT}/pids/{parent}/room-u1/runs/run-r1"
         assert os.stat(run_dir).st_uid == pw.pw_uid  # created by the unprivileged user
         # A payload of *another* uid (a subordinate id in real rooms) joins through the dir fd,
         # opening cgroup.procs with its own credentials ...
@@ -349,7 +349,7 @@ def test_v1_unprivileged_user_delegated(made: Made, probe_user: pwd.struct_passw
                              capture_output=True, text=True, timeout=10)
         assert out.returncode == 0, out.stderr
         # (the fd names one hierarchy; which one depends on dict order: any path is fine)
-        assert f"/{parent}/room-u1/run-r1" in out.stdout
+        assert f"/{parent}/room-u1/runs/run-r1" in out.stdout
         # ... but cannot reach it by path: the room directory is 0700.
         denied = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                  "sh", "-c", f"echo 0 > {run_dir}/cgroup.procs"],
@@ -474,7 +474,7 @@ def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made,
          "import os, sys\n"
          "sys.stdin.readline()\n"
          "try:\n"
-         f"    open('{room_dir}/run-r/cgroup.procs', 'w').write('0')\n"
+         f"    open('{room_dir}/runs/run-r/cgroup.procs', 'w').write('0')\n"
          "    print('self-open ok', flush=True)\n"
          "except PermissionError:\n"
          "    print('self-open denied', flush=True)\n"
@@ -488,7 +488,7 @@ def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made,
     child.stdin.write("\n")
     child.stdin.flush()
     assert child.stdout.readline().strip() == "self-open denied"
-    assert child.stdout.readline().strip() == f"0::{v2.subtree}/room-x/run-r"
+    assert child.stdout.readline().strip() == f"0::{v2.subtree}/room-x/runs/run-r"
     child.kill()
     child.wait(5)
     a.send(b"x")

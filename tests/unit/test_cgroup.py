@@ -218,12 +218,17 @@ def test_v2_create_room_writes_limits_and_init_leaf(v2tree: tuple[FakeKernel, Pa
     k, root, proc = v2tree
     room = v2(k, root, proc).create_room("abc", LIMITS)
     d = root / "svc" / "room-abc"
-    assert (d / "memory.max").read_text() == str(64 * MiB)
-    assert (d / "memory.swap.max").read_text() == "0"
+    # The memory limit is the runs' (issue 10, L4): the init's leaf and the room carry none.
+    assert (d / "runs" / "memory.max").read_text() == str(64 * MiB)
+    assert (d / "runs" / "memory.swap.max").read_text() == "0"
+    assert (d / "memory.max").read_text() == "max\n"
+    assert (d / "init" / "memory.max").read_text() == "max\n"
     assert (d / "cpu.max").read_text() == "150000 100000"
     assert (d / "pids.max").read_text() == "100"
+    assert (d / "runs" / "pids.max").read_text() == "max\n"
     assert ("svc/room-abc/cgroup.subtree_control", "+memory +pids") in k.writes
     assert (d / "cgroup.subtree_control").read_text() == "memory pids\n"
+    assert (d / "runs" / "cgroup.subtree_control").read_text() == "memory pids\n"
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert room.procs_paths() == [str(d / "init" / "cgroup.procs")]
     assert room.enforced == {"memory", "cpus", "pids"}
@@ -233,7 +238,7 @@ def test_v2_run_limits_fds_and_enter(v2tree: tuple[FakeKernel, Path, Path]) -> N
     k, root, proc = v2tree
     room = v2(k, root, proc).create_room("abc", LIMITS)
     run = room.create_run("r1", RunCgroupLimits(memory_bytes=32 * MiB, pids=10))
-    d = root / "svc" / "room-abc" / "run-r1"
+    d = root / "svc" / "room-abc" / "runs" / "run-r1"
     assert (d / "memory.max").read_text() == str(32 * MiB)
     assert (d / "memory.swap.max").read_text() == "0"
     assert (d / "pids.max").read_text() == "10"
@@ -255,7 +260,7 @@ def test_v2_stats_parsed(v2tree: tuple[FakeKernel, Path, Path]) -> None:
     k, root, proc = v2tree
     room = v2(k, root, proc).create_room("abc", LIMITS)
     run = room.create_run("r1", None)
-    d = root / "svc" / "room-abc" / "run-r1"
+    d = root / "svc" / "room-abc" / "runs" / "run-r1"
     (d / "cpu.stat").write_text("usage_usec 1234\nuser_usec 1000\nsystem_usec 234\n")
     (d / "memory.peak").write_text("4096\n")
     (d / "pids.current").write_text("3\n")
@@ -280,9 +285,9 @@ def test_v2_kill_writes_cgroup_kill(v2tree: tuple[FakeKernel, Path, Path]) -> No
     k, root, proc = v2tree
     room = v2(k, root, proc).create_room("abc", LIMITS)
     run = room.create_run("r1", None)
-    put(root / "svc" / "room-abc" / "run-r1", 41, 42)
+    put(root / "svc" / "room-abc" / "runs" / "run-r1", 41, 42)
     run.kill()
-    assert ("svc/room-abc/run-r1/cgroup.kill", "1") in k.writes
+    assert ("svc/room-abc/runs/run-r1/cgroup.kill", "1") in k.writes
     assert k.kills == []  # the kernel does it
     room.destroy()
     assert not (root / "svc" / "room-abc").exists()
@@ -335,7 +340,7 @@ def test_v2_backend_bootstrap_moves_daemon(v2tree: tuple[FakeKernel, Path, Path]
     assert lines[-1] == f"enabled memory pids cpu in {root}/svc2/cgroup.subtree_control"
     assert b.controllers == {"memory", "pids", "cpu"} and b.missing == {}
     b.create_room("abc", LIMITS)
-    assert (root / "svc2" / "room-abc" / "memory.max").read_text() == str(64 * MiB)
+    assert (root / "svc2" / "room-abc" / "runs" / "memory.max").read_text() == str(64 * MiB)
     n = len(k.writes)
     assert b.bootstrap() == [] and len(k.writes) == n  # idempotent
 
@@ -437,8 +442,11 @@ def test_v1_create_room_and_run_limits(v1tree: tuple[FakeKernel, Path]) -> None:
     k, root = v1tree
     room = v1(k, root).create_room("abc", LIMITS)
     p = "sandboxd/alice/room-abc"
-    assert (root / "memory" / p / "memory.limit_in_bytes").read_text() == str(64 * MiB)
-    assert (root / "memory" / p / "memory.memsw.limit_in_bytes").read_text() == str(64 * MiB)
+    runs = root / "memory" / p / "runs"
+    assert (runs / "memory.limit_in_bytes").read_text() == str(64 * MiB)
+    assert (runs / "memory.memsw.limit_in_bytes").read_text() == str(64 * MiB)
+    for unlimited in (root / "memory" / p, root / "memory" / p / "init"):  # issue 10, L4
+        assert (unlimited / "memory.limit_in_bytes").read_text() == "9223372036854771712\n"
     mem_writes = [os.path.basename(w[0]) for w in k.writes if w[0].startswith("memory/")]
     assert mem_writes[:2] == ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
     assert (root / "cpu" / p / "cpu.cfs_period_us").read_text() == "100000"
@@ -447,22 +455,22 @@ def test_v1_create_room_and_run_limits(v1tree: tuple[FakeKernel, Path]) -> None:
     assert sorted(room.procs_paths()) == sorted(
         str(root / c / p / "init" / "cgroup.procs") for c in V1_FILES)
     run = room.create_run("r1", RunCgroupLimits(memory_bytes=20 * MiB, pids=9))
-    assert (root / "memory" / p / "run-r1" / "memory.limit_in_bytes").read_text() == str(20 * MiB)
-    assert (root / "pids" / p / "run-r1" / "pids.max").read_text() == "9"
+    assert (runs / "run-r1" / "memory.limit_in_bytes").read_text() == str(20 * MiB)
+    assert (root / "pids" / p / "runs" / "run-r1" / "pids.max").read_text() == "9"
     for c in V1_FILES:
-        mode = stat.S_IMODE((root / c / p / "run-r1" / "cgroup.procs").stat().st_mode)
+        mode = stat.S_IMODE((root / c / p / "runs" / "run-r1" / "cgroup.procs").stat().st_mode)
         assert mode == 0o666
         assert stat.S_IMODE((root / c / p).stat().st_mode) == 0o700
     fds = run.join_fds()
     assert len(fds) == 5 and all(stat.S_ISDIR(os.fstat(fd).st_mode) for fd in fds)
     cgroup.enter(fds)  # the child opens cgroup.procs itself
-    assert (root / "freezer" / p / "run-r1" / "cgroup.procs").read_text() == "0"
+    assert (root / "freezer" / p / "runs" / "run-r1" / "cgroup.procs").read_text() == "0"
 
 
 def test_v1_stats_parsed(v1tree: tuple[FakeKernel, Path]) -> None:
     k, root = v1tree
     run = v1(k, root).create_room("abc", LIMITS).create_run("r1", None)
-    p = root / "{}" / "sandboxd/alice/room-abc/run-r1"
+    p = root / "{}" / "sandboxd/alice/room-abc/runs/run-r1"
     Path(str(p).format("cpuacct"), "cpuacct.usage").write_text("987654321\n")
     Path(str(p).format("memory"), "memory.max_usage_in_bytes").write_text("1048576\n")
     Path(str(p).format("memory"), "memory.oom_control").write_text(
@@ -480,8 +488,8 @@ def test_v1_kill_freezer_sequence(v1tree: tuple[FakeKernel, Path]) -> None:
     room.create_run("r1", None)
     p = "sandboxd/alice/room-abc"
     put(root / "freezer" / p / "init", 10)
-    put(root / "freezer" / p / "run-r1", 20, 21)
-    put(root / "memory" / p / "run-r1", 20, 21, 22)  # 22 only made it into memory: still killed
+    put(root / "freezer" / p / "runs" / "run-r1", 20, 21)
+    put(root / "memory" / p / "runs" / "run-r1", 20, 21, 22)  # 22 only in memory: still killed
     room.kill()
     fz = [v for path, v in k.writes if path.endswith("freezer.state")]
     assert fz == ["FROZEN", "THAWED"]
@@ -524,12 +532,11 @@ def test_v1_kill_after_partial_rmdir(v1tree: tuple[FakeKernel, Path]) -> None:
     k, root = v1tree
     room = v1(k, root).create_room("abc", LIMITS)
     p = "sandboxd/alice/room-abc"
-    for leaf in ("init", ""):
+    for leaf in ("init", "runs", ""):
         for name in os.listdir(root / "freezer" / p / leaf):
             if not (root / "freezer" / p / leaf / name).is_dir():
                 (root / "freezer" / p / leaf / name).unlink()
-    (root / "freezer" / p / "init").rmdir()
-    (root / "freezer" / p).rmdir()
+        (root / "freezer" / p / leaf).rmdir()
     put(root / "memory" / p / "init", 31)
     room.kill()
     assert k.kills == [31]
@@ -638,7 +645,7 @@ def test_reconcile_removes_leftovers(v1tree: tuple[FakeKernel, Path]) -> None:
     b.create_room("live", LIMITS)
     dead = b.create_room("dead", LIMITS)
     dead.create_run("r9", None)
-    put(root / "freezer" / "sandboxd/alice/room-dead/run-r9", 77)
+    put(root / "freezer" / "sandboxd/alice/room-dead/runs/run-r9", 77)
     k.mkdir(str(root / "memory" / "sandboxd" / "alice" / "not-a-room"))
     assert b.reconcile({"live"}) == ["dead"]
     assert 77 in k.kills
