@@ -61,8 +61,10 @@ MAX_ARGV_ENV_BYTES = 128 * 1024
 #: into a run's cgroup to posix_spawn there (init._spawn_fast) but forks and lets the child join:
 #: while it stands there, the new program's exec is charged next to it, and an OOM kill at that
 #: moment chooses among the tasks of ``runs`` — the init (~30 MiB resident, at the payloads'
-#: raised oom_score_adj for the spawn) included. A room whose files fill its memory would lose
-#: its init at its next exec (issue 10, L4).
+#: raised oom_score_adj for the spawn) included (issue 10, L4). Defensive: the charges of that
+#: window are small (an exec's stack and page tables; page cache is reclaimed first), and a
+#: room whose files left 300 KiB free did not lose its init to 10 fast spawns with 120 KiB of
+#: argv and environment each; a concurrent run filling the room meanwhile is the real risk.
 SPAWN_HEADROOM_BYTES = 16 * MiB
 DRAIN_AFTER_EXIT_S = 0.5
 READ_CHUNK = 64 * 1024

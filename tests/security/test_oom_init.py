@@ -4,9 +4,8 @@ The init raises the oom_score_adj of what it starts, but any process may lower i
 (its oom_score_adj_min) and the init cannot go below 0 without CAP_SYS_RESOURCE in the initial
 namespace. Payloads that keep their processes small and their memory in tmpfs pages (attributed
 to no process) make the ~30 MB init the biggest task of the room: when the room's memory limit
-was the room's cgroup, the kernel's OOM killer chose the init and the whole room died with it.
-The same happened at the next exec of a room whose files filled its memory: the fast spawn path
-stands the init in the run's cgroup while the new program's exec is charged there.
+was the room's cgroup, the kernel's OOM killer chose the init and the whole room died with it
+(``SANDBOX_UNAVAILABLE``, "the room init was killed by SIGKILL", on the code before the fix).
 
 Now the memory limit sits on the room's ``runs`` cgroup, which holds every run and not the init,
 and the init stays out of a run's cgroup when the room's memory is nearly full.
