@@ -21,10 +21,11 @@ OL output limit · XX the sandbox failed, not the program. ``limitExceeded`` nam
 ("cpu", "wall", "memory", "output", "fileSize"); see :func:`verdict` and docs/limits.md.
 
 Memory. The room's memory limit is on its ``runs`` cgroup, which holds every run and not the
-init (jail/cgroup.py, "Why the memory limit sits on runs"), so no OOM kill a payload causes can
-pick the room init; each run's cgroup also gets a limit (:func:`run_memory_limit`) so that a
-run alone is OOM-killed among its own processes. The init stands in a run's cgroup only for the
-fast spawn path, which :func:`init_may_stand_in` allows only while that cannot expose it.
+init (jail/cgroup/__init__.py, "Why the memory limit sits on runs"), so no OOM kill a payload
+causes can pick the room init; each run's cgroup also gets a limit (:func:`run_memory_limit`)
+so that a run alone is OOM-killed among its own processes. The init stands in a run's cgroup
+only for the fast spawn path, which :func:`init_may_stand_in` allows only while that cannot
+expose it.
 Figures come from the run's own cgroup: CPU time with children, peak memory, peak pids.
 """
 
@@ -43,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .jail import JailError
-from .jail.cgroup import CgroupStats
+from .jail.cgroup.interface import CgroupStats
 from .jail.user import SANDBOX_UID
 from .protocol import RunLimits, validate_text
 

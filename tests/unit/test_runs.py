@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from sandboxd import runs
-from sandboxd.jail.cgroup import CgroupStats
+from sandboxd.jail.cgroup.interface import CgroupStats
 
 MiB = 1024 * 1024
 
