@@ -3,6 +3,7 @@ filesystem seam."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from cgroupfake import LIMITS, V1_FILES, FakeKernel, put, v1, v1tree, v2, v2tree
 from sandboxd.config import RoomLimits
 from sandboxd.errors import InternalError, LimitUnavailable, ValidationError
 from sandboxd.jail.cgroup.detect import detect
-from sandboxd.jail.cgroup.disabled import DisabledBackend
+from sandboxd.jail.cgroup.disabled import DisabledBackend, unattached
 from sandboxd.jail.cgroup.fs import Fs
 from sandboxd.jail.cgroup.interface import CgroupStats, RunCgroupLimits
 
@@ -101,3 +102,77 @@ def test_fs_errors_name_the_path(tmp_path: Path) -> None:
         fs.write(str(tmp_path / "nope" / "memory.max"), "1")
     assert exc.value.context["path"].endswith("nope/memory.max")
     assert "memory.max" in exc.value.message
+
+
+def test_unattached_room_holds_counts_and_removes_nothing() -> None:
+    room = unattached("abc")
+    assert (room.room_id, room.path, room.enforced, room.accounting) == ("abc", "", frozenset(),
+                                                                         False)
+    assert room.procs_paths() == [] and room.stats() == CgroupStats()
+    room.kill()
+    room.destroy()
+
+
+def test_the_room_init_imports_only_enter() -> None:
+    """The init and the zygote import the package for enter(): the package's __init__ must not
+    pull the backends (the daemon side) into every room."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import sandboxd.jail.init, sandboxd.jail.zygote\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('sandboxd'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(out.stdout.split())
+    assert "sandboxd.jail.cgroup" in loaded
+    # Before the split the one cgroup module also loaded the limits table and the backends.
+    assert not {m for m in loaded if m.startswith("sandboxd.jail.cgroup.")}, loaded
+    assert "sandboxd.limits" not in loaded and "sandboxd.hostsetup" not in loaded, loaded
+
+
+# --- the filesystem seam, on a real directory -------------------------------------------------
+
+
+def test_fs_reads_writes_and_lists(tmp_path: Path) -> None:
+    fs = Fs()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").write_text("3\n")
+    assert fs.read(str(tmp_path / "f")) == "3\n"
+    assert fs.read_opt(str(tmp_path / "missing")) is None
+    with pytest.raises(InternalError):
+        fs.read(str(tmp_path / "missing"))
+    with pytest.raises(InternalError):
+        fs.read_opt(str(tmp_path / "a"))  # EISDIR: not "absent"
+    fs.write(str(tmp_path / "f"), "4")
+    assert (tmp_path / "f").read_text() == "4"
+    assert fs.listdirs(str(tmp_path)) == ["a"] and fs.listdirs(str(tmp_path / "nope")) == []
+    with pytest.raises(InternalError):
+        fs.listdirs(str(tmp_path / "f"))
+    assert fs.mkdir(str(tmp_path / "b")) and not fs.mkdir(str(tmp_path / "b"))
+    with pytest.raises(InternalError):
+        fs.mkdir(str(tmp_path / "nope" / "c"))
+    fs.chmod(str(tmp_path / "b"), 0o700)
+    with pytest.raises(InternalError):
+        fs.chmod(str(tmp_path / "nope"), 0o700)
+    with pytest.raises(InternalError):
+        fs.chown(str(tmp_path / "nope"), 0, 0)
+    fd = fs.open_dir(str(tmp_path / "b"))
+    os.close(fd)
+    fd = fs.open_procs(str(tmp_path / "f"))
+    os.close(fd)
+    for opener in (fs.open_dir, fs.open_procs):
+        with pytest.raises(InternalError):
+            opener(str(tmp_path / "nope"))
+    assert fs.exists(str(tmp_path / "f")) and fs.isdir(str(tmp_path / "a"))
+    assert fs.access(str(tmp_path / "f"), os.R_OK)
+    fs.rmdir(str(tmp_path / "b"))
+    fs.sleep(0)
+    fs.kill(2 ** 22 + 1, 0)  # a pid that does not exist: nothing to kill is no error
+
+
+@pytest.mark.parametrize(("text", "want"), [("12\n", 12), ("max\n", None), ("x", None),
+                                            (None, None)])
+def test_fs_ints(text: str | None, want: int | None) -> None:
+    from sandboxd.jail.cgroup.fs import ints, keyed
+
+    assert ints(text) == want
+    assert keyed(None, "a") is None and keyed("a 1\nb 2\n", "b") == 2 and keyed("a 1", "z") is None

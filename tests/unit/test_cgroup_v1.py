@@ -18,6 +18,7 @@ from sandboxd.jail.cgroup.detect import detect
 from sandboxd.jail.cgroup.disabled import DisabledBackend
 from sandboxd.jail.cgroup.fs import Fs
 from sandboxd.jail.cgroup.interface import CgroupStats, RunCgroupLimits
+from sandboxd.jail.cgroup.v1 import V1Backend
 
 # the fixtures, bound by name
 fixtures = (v1tree, v2tree)
@@ -182,3 +183,56 @@ def test_v1_comounted_cpu_cpuacct(tmp_path: Path) -> None:
     room.destroy()
     lines = hcg.delegate("bob", 1001, 1001, str(root), fs=k)
     assert len(lines) == 4
+
+
+# --- the runs subtree (issue 10, L4), instances, figures --------------------------------------
+
+
+def test_v1_room_oom_kills_sum_its_cgroups(v1tree: tuple[FakeKernel, Path]) -> None:
+    """v1 counts a kill only in the victim's own cgroup: the room's figure (what the daemon
+    reads when a room's init died) is the sum over the init leaf, runs and each run."""
+    k, root = v1tree
+    room = v1(k, root).create_room("abc", LIMITS)
+    room.create_run("r1", None)
+    mem = root / "memory" / "sandboxd/alice/room-abc"
+    for leaf, n in (("init", 1), ("runs/run-r1", 2)):
+        (mem / leaf / "memory.oom_control").write_text(
+            f"oom_kill_disable 0\nunder_oom 0\noom_kill {n}\n")
+    (mem / "runs" / "memory.usage_in_bytes").write_text(str(7 * MiB))
+    assert room.stats().oom_kills == 3
+    assert room.runs_stats().oom_kills == 2
+    assert room.runs_stats().memory_current_bytes == 7 * MiB
+    assert room.joined_by_dir and room.accounting
+
+
+def test_v1_instance_directories_and_release(v1tree: tuple[FakeKernel, Path]) -> None:
+    k, root = v1tree
+    b = detect("v1", None, str(root), None, "/nonexistent", user="alice", fs=k, instance="i-1")
+    assert isinstance(b, V1Backend) and b.parent == "sandboxd/alice/i-1"
+    room = b.create_room("abc", LIMITS)
+    assert room.path == str(root / "memory" / "sandboxd/alice/i-1/room-abc")
+    room.destroy()
+    b.release()
+    for c in V1_FILES:
+        assert not (root / c / "sandboxd/alice/i-1").exists()
+        assert (root / c / "sandboxd/alice").exists()  # never the delegated parent itself
+    plain = v1(k, root)
+    plain.release()
+    assert (root / "memory" / "sandboxd/alice").exists()
+
+
+def test_v1_explicit_backend_that_cannot_work_fails_loudly(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    with pytest.raises(LimitUnavailable) as exc:
+        detect("v1", None, str(tmp_path), None, "/x", user="alice", fs=k)
+    assert exc.value.context == {"limit": "cgroup", "backend": "v1"}
+
+
+def test_v1_parent_not_writable_is_named(v1tree: tuple[FakeKernel, Path],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    k, root = v1tree
+    mem = str(root / "memory" / "sandboxd" / "alice")
+    real = k.access
+    monkeypatch.setattr(k, "access", lambda p, m: False if p == mem else real(p, m))
+    b = v1(k, root)
+    assert "not writable" in b.missing["memory"] and b.enforceable() == {"cpus", "pids"}

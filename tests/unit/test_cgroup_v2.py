@@ -242,3 +242,122 @@ def test_hybrid_unified_found_under_v1_root(tmp_path: Path) -> None:
     b = detect("v2", "/svc", str(root), None, "/nonexistent", fs=k)
     assert isinstance(b, V2Backend) and b.root == str(root / "unified")
     assert b.controllers == frozenset()  # hybrid: no controllers, but kill and cpu.stat work
+
+
+# --- the runs subtree (issue 10, L4) and the rest of the v2 paths ---------------------------------
+
+
+def test_v2_runs_hold_the_memory_limit_and_their_own_figures(
+        v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    d = root / "svc" / "room-abc"
+    run = room.create_run("r1", RunCgroupLimits(memory_bytes=64 * MiB))
+    assert run.path == str(d / "runs" / "run-r1")
+    (d / "runs" / "memory.current").write_text(str(40 * MiB))
+    (d / "memory.current").write_text(str(46 * MiB))
+    (d / "memory.events").write_text("oom 1\noom_kill 1\n")  # hierarchical on v2
+    assert room.runs_stats().memory_current_bytes == 40 * MiB
+    assert room.stats().memory_current_bytes == 46 * MiB and room.stats().oom_kills == 1
+    # The init's leaf is no run: it is never under runs/, whatever the layout above it.
+    assert not str(room.procs_paths()[0]).startswith(str(d / "runs"))
+    assert room.accounting and not room.joined_by_dir
+
+
+def test_v2_run_limit_without_its_controller_fails_before_mkdir(
+        v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    (root / "svc" / "cgroup.subtree_control").write_text("memory\n")
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    with pytest.raises(LimitUnavailable) as exc:
+        room.create_run("r1", RunCgroupLimits(pids=4))
+    assert exc.value.context == {"limit": "pids", "backend": "v2"}
+    assert not (root / "svc" / "room-abc" / "runs" / "run-r1").exists()
+
+
+def test_v2_populated_follows_cgroup_events(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    run = room.create_run("r1", None)
+    assert isinstance(run, tree.Run)
+    assert not run.ops.populated(run.node)
+    put(Path(run.path), 5)
+    assert run.ops.populated(run.node)
+    k.immortal.add(5)
+    with pytest.raises(InternalError):
+        run.ops.rmtree(run.node)  # EBUSY names the first directory
+    k.immortal.clear()
+    run.destroy()
+    assert not run.ops.populated(run.node)  # gone: not populated
+
+
+def test_v2_explicit_backend_that_cannot_work_fails_loudly(tmp_path: Path) -> None:
+    k = FakeKernel(tmp_path)
+    with pytest.raises(LimitUnavailable) as exc:
+        detect("v2", None, str(tmp_path), None, str(tmp_path), fs=k)
+    assert exc.value.context == {"limit": "cgroup", "backend": "v2"}
+    assert cg_v2.probe(str(tmp_path), None, None, str(tmp_path), k) == \
+        "no cgroup2 hierarchy mounted"
+
+
+@pytest.mark.parametrize(("own", "why"), [
+    (None, "cannot read the daemon's cgroup"),
+    ("0::/supervisor\n", "the root cgroup2 is not delegated"),
+    ("0::/nope/supervisor\n", "does not exist"),
+])
+def test_v2_probe_says_why_not(v2tree: tuple[FakeKernel, Path, Path], own: str | None,
+                               why: str) -> None:
+    k, root, proc = v2tree
+    if own is None:
+        (proc / "self" / "cgroup").unlink()
+    else:
+        (proc / "self" / "cgroup").write_text(own)
+    got = cg_v2.probe(str(root), None, None, str(proc), k)
+    assert isinstance(got, str) and why in got, got
+
+
+def test_v2_probe_needs_a_writable_subtree(v2tree: tuple[FakeKernel, Path, Path],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    k, root, proc = v2tree
+    monkeypatch.setattr(k, "access", lambda p, m: not p.endswith("cgroup.subtree_control"))
+    got = cg_v2.probe(str(root), None, None, str(proc), k)
+    assert isinstance(got, str) and "not writable" in got
+
+
+def test_v2_move_tolerates_processes_that_exited(v2tree: tuple[FakeKernel, Path, Path],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    k, root, _ = v2tree
+    k.mkdir(str(root / "svc2"))
+    put(root / "svc2", 500, 501)
+    real = k.write
+
+    def write(path: str, value: str) -> None:
+        if value == "500":
+            raise InternalError("gone", path=path, errno=errno.ESRCH)
+        if value == "501":
+            raise InternalError("denied", path=path, errno=errno.EACCES)
+        real(path, value)
+
+    monkeypatch.setattr(k, "write", write)
+    with pytest.raises(InternalError) as exc:
+        cg_v2.move_to_supervisor(str(root / "svc2"), k)
+    assert exc.value.context["errno"] == errno.EACCES  # only ESRCH is "exited meanwhile"
+
+
+def test_v2_module_bootstrap_without_cgroup2_or_delegation(
+        v2tree: tuple[FakeKernel, Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    k, root, proc = v2tree
+    assert cg_v2.bootstrap(None, str(tmp_path / "none"), str(proc), fs=k) == [
+        "no cgroup2 hierarchy: nothing to bootstrap"]
+    (proc / "self" / "cgroup").write_text("0::/svc\n")
+    monkeypatch.setattr(k, "access", lambda p, m: False)
+    assert cg_v2.bootstrap(None, str(root), str(proc), fs=k)[0].endswith(": nothing moved")
+
+
+def test_v2_describe_without_cgroup_kill(v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    k, root, proc = v2tree
+    (root / "svc" / "cgroup.kill").unlink()
+    assert v2(k, root, proc).describe()["kill"] == "freeze"
