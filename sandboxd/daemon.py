@@ -38,9 +38,9 @@ from .config import DaemonConfig
 from .context import Services
 from .facts import HostFacts
 from .jail import caps
-from .jail import cgroup as cgroups
 from .jail import user as idmaps
-from .jail.cgroup import CgroupBackend
+from .jail.cgroup.detect import detect as detect_cgroups
+from .jail.cgroup.interface import CgroupBackend
 from .jail.handles import Zygote
 from .rooms import RoomManager
 from .server import Server
@@ -125,8 +125,8 @@ class Daemon:
         # second daemon of the same user cannot reconcile them away (nor we its rooms).
         instance = "i-" + hashlib.sha256(os.path.realpath(self.config.state_dir).encode()
                                          ).hexdigest()[:12]
-        backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent,
-                                 instance=instance)
+        backend = detect_cgroups(self.config.cgroup_backend, parent=self.config.cgroup_parent,
+                                  instance=instance)
         self.backend = backend
         backend.bootstrap()
         log.info("cgroup backend: %s", backend.describe())

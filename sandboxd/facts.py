@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from . import config as configmod
-from . import errors, protocol
+from . import errors, limits, protocol
 from .config import DaemonConfig
-from .jail.cgroup import CgroupBackend
+from .jail.cgroup.interface import CgroupBackend
 from .jail.user import IdPlan
 
 NAMESPACES = ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
@@ -51,10 +53,9 @@ class HostFacts:
                                       top.file_size_bytes),
                                      ("pids", lim.pids, self.config.room_limits_max.pids)):
             configmod.check_ceiling("limits", name, value, ceiling)
-        have = self.enforceable_limits()
-        for name, value in (("cpuTimeMs", lim.cpu_time_ms), ("memoryBytes", lim.memory_bytes),
-                            ("pids", lim.pids)):
-            if value is not None and name not in have:
-                raise errors.LimitUnavailable(
-                    f"limit {name} cannot be enforced here (cgroup backend "
-                    f"{self.backend.name})", limit=name)
+        asked = [name for name, value in msgspec.to_builtins(lim).items() if value is not None]
+        refused = limits.first_unenforceable(asked, self.enforceable_limits(), limits.Scope.RUN)
+        if refused is not None:
+            raise errors.LimitUnavailable(
+                f"limit {refused.wire} cannot be enforced here (cgroup backend "
+                f"{self.backend.name})", limit=refused.wire)

@@ -59,8 +59,9 @@ from .config import (
     check_sandbox_id,
 )
 from .jail import JailError
-from .jail import cgroup as cgroups
 from .jail import user as idmaps
+from .jail.cgroup.disabled import unattached
+from .jail.cgroup.interface import CgroupBackend, RoomCgroup, RunCgroupLimits
 from .jail.handles import RoomHandle, Zygote
 from .jail.messages import RoomSpec
 
@@ -133,7 +134,7 @@ class Room:
         self.dir = os.path.join(state_dir, "rooms", self.key)
         self.handle: RoomHandle = None  # type: ignore[assignment]  # set once spawned
         # Until the backend created the room's cgroup: one that holds, counts and removes nothing.
-        self.cgroup: cgroups.RoomCgroup = cgroups.unattached(self.key)
+        self.cgroup: RoomCgroup = unattached(self.key)
         self.ids: idmaps.IdMap | None = None  # its own id slice (subordinate mode)
         self.active_runs = 0
         # Run ids count per room: a daemon-wide counter showed in /proc/self/cgroup and told
@@ -181,8 +182,8 @@ class Room:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
     def run_cgroup_limits(self, memory_bytes: int | None,
-                          pids: int | None) -> cgroups.RunCgroupLimits:
-        return cgroups.RunCgroupLimits(memory_bytes=memory_bytes, pids=pids)
+                          pids: int | None) -> RunCgroupLimits:
+        return RunCgroupLimits(memory_bytes=memory_bytes, pids=pids)
 
     def options_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self.options)
@@ -217,7 +218,7 @@ async def _blocking(fn: Callable[..., T], *args: Any) -> T:
 
 
 class RoomManager:
-    def __init__(self, config: DaemonConfig, backend: cgroups.CgroupBackend, zygote: Zygote,
+    def __init__(self, config: DaemonConfig, backend: CgroupBackend, zygote: Zygote,
                  ids: idmaps.IdPlan, seccomp_bpf: bytes | None = None) -> None:
         self.config = config
         self.backend = backend

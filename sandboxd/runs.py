@@ -20,9 +20,13 @@ CPU or wall limit · ML out of memory (from the cgroup's OOM counter, never gues
 OL output limit · XX the sandbox failed, not the program. ``limitExceeded`` names the limit
 ("cpu", "wall", "memory", "output", "fileSize"); see :func:`verdict` and docs/limits.md.
 
-Memory. Every run's cgroup gets a memory limit below the room's (:func:`run_memory_limit`), so
-that an OOM kill happens in the run's cgroup, among the run's processes, and never picks the room
-init. Figures come from the run's own cgroup: CPU time with children, peak memory, peak pids.
+Memory. The room's memory limit is on its ``runs`` cgroup, which holds every run and not the
+init (jail/cgroup/__init__.py, "Why the memory limit sits on runs"), so no OOM kill a payload
+causes can pick the room init; each run's cgroup also gets a limit (:func:`run_memory_limit`)
+so that a run alone is OOM-killed among its own processes. The init stands in a run's cgroup
+only for the fast spawn path, which :func:`init_may_stand_in` allows only while that cannot
+expose it.
+Figures come from the run's own cgroup: CPU time with children, peak memory, peak pids.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from . import errors
 from .jail import JailError
 from .jail import messages as jm
-from .jail.cgroup import CgroupStats
+from .jail.cgroup.interface import CgroupStats
 from .jail.user import SANDBOX_UID
 from .protocol import RunLimits, validate_text
 
@@ -55,12 +59,15 @@ CPU_POLL_S = 0.02  # the issue asks for <= 50 ms; isolate and go-judge poll ever
 DEFAULT_OUTPUT_BYTES = 16 * MiB
 #: argv + environment of one run (the init channel carries at most 256 KiB per message)
 MAX_ARGV_ENV_BYTES = 128 * 1024
-#: Room memory no run may take: the room init (PID 1, a Python process charged ~6 MiB to the
-#: room, ~30 MiB RSS) lives in the room's cgroup too. A run whose own limit is below the room's
-#: hits *its* limit first, so the OOM killer picks among the run's processes only; a run allowed
-#: the whole room makes the OOM a room-level one, where the init (its RSS counts, not its charge)
-#: can be the victim — and the room dies with it (seen with 8 x 20 MiB processes in a 128 MiB room).
-INIT_RESERVE_BYTES = 32 * MiB
+#: Free memory under the room's limit (its ``runs`` cgroup) below which the init does not step
+#: into a run's cgroup to posix_spawn there (init._spawn_fast) but forks and lets the child join:
+#: while it stands there, the new program's exec is charged next to it, and an OOM kill at that
+#: moment chooses among the tasks of ``runs`` — the init (~30 MiB resident, at the payloads'
+#: raised oom_score_adj for the spawn) included (issue 10, L4). Defensive: the charges of that
+#: window are small (an exec's stack and page tables; page cache is reclaimed first), and a
+#: room whose files left 300 KiB free did not lose its init to 10 fast spawns with 120 KiB of
+#: argv and environment each; a concurrent run filling the room meanwhile is the real risk.
+SPAWN_HEADROOM_BYTES = 16 * MiB
 DRAIN_AFTER_EXIT_S = 0.5
 READ_CHUNK = 64 * 1024
 
@@ -225,9 +232,11 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         cpu_start = cg.cpu_usage_ns()
         exit_fut = room.handle.expect_exit(run_id)
         try:
+            # ``pids_limited`` is the init's "do not stand in this run's cgroup" (a pids-limited
+            # run would count the init; a nearly full room could OOM-kill it there).
             await room.handle.spawn(
                 run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (in_r, out_w, err_w),
-                cg.join_fds(), pids_limited=spec.pids is not None)
+                cg.join_fds(), pids_limited=spec.pids is not None or not init_may_stand_in(room))
         except JailError:
             # The init answered that nothing was started: no exit to wait for in _finish.
             room.handle.forget(run_id)
@@ -328,16 +337,33 @@ def _destroy_quietly(cg: Any) -> None:
 
 def run_memory_limit(requested: int | None, room_bytes: int,
                      enforced: Collection[str]) -> int | None:
-    """The memory limit written on a run's cgroup: never above the room's minus the init's share.
+    """The memory limit written on a run's cgroup: never above the room's.
 
     Without a memory controller there is nothing to write (the caller refused explicit memory
-    limits already); a requested limit is honoured up to that cap, and a run that asked for none
-    still gets the cap, so that its OOM kill stays inside its own cgroup (see INIT_RESERVE_BYTES).
+    limits already); a requested limit is honoured up to the room's, and a run that asked for
+    none gets the room's, so that a run alone is OOM-killed inside its own cgroup. (The init is
+    not under this limit: a run may use all of the room's memory.)
     """
     if "memory" not in enforced:
         return requested
-    cap = room_bytes - min(INIT_RESERVE_BYTES, room_bytes // 4)
-    return cap if requested is None else min(requested, cap)
+    return room_bytes if requested is None else min(requested, room_bytes)
+
+
+def init_may_stand_in(room: Room) -> bool:
+    """Whether the init may step into this run's cgroup to spawn it (the fast path).
+
+    Not while another run of the room is live (its processes can fill ``runs`` during the
+    spawn), nor while ``runs`` has less than SPAWN_HEADROOM_BYTES free; without a memory limit
+    there is nothing to fear.
+    """
+    if "memory" not in room.cgroup.enforced:
+        return True
+    if room.active_runs > 1:
+        return False
+    current = room.cgroup.runs_stats().memory_current_bytes
+    if current is None:
+        return False
+    return room.options.limits.memory_bytes - current >= SPAWN_HEADROOM_BYTES
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def _v1_base(daemon: DaemonProc, ctl: str) -> Path:
 def run_cgroups(daemon: DaemonProc) -> list[str]:
     """Run cgroups still on the host, in any room of the daemon's v1 instance."""
     return [str(p) for ctl in ("memory", "pids", "freezer")
-            for p in _v1_base(daemon, ctl).glob("room-*/run-*")]
+            for p in _v1_base(daemon, ctl).glob("room-*/runs/run-*")]
 
 
 def room_cgroup(daemon: DaemonProc, ctl: str, room: str) -> Path:
@@ -159,8 +159,9 @@ def test_argv_form_memory_hog_killed_by_the_kernel_is_ml(client: Any, daemon: Da
 def test_room_level_oom_does_not_kill_the_init(client: Any, daemon: DaemonProc,
                                                room_id: str) -> None:
     # Regression: 8 small processes of 20 MiB in a 128 MiB room with no run limit made a
-    # room-level OOM whose biggest task was the init (~30 MiB RSS): the room died. Runs now get
-    # the room's limit minus a reserve, so the OOM stays inside the run's cgroup.
+    # room-level OOM whose biggest task was the init (~30 MiB RSS): the room died. The room's
+    # limit is now its runs' cgroup's, which the init is not in (issue 10, L4), and each run gets
+    # the room's limit, so the OOM stays inside the run's cgroup.
     sb = client.sandbox(room_id)
     sb.get({"limits": {"memoryBytes": 128 * MiB}})
     init = init_pid(daemon, room_id)
@@ -169,7 +170,7 @@ def test_room_level_oom_does_not_kill_the_init(client: Any, daemon: DaemonProc,
     def watch() -> None:
         deadline = time.monotonic() + 5
         while not run_limit and time.monotonic() < deadline:
-            for d in room_cgroup(daemon, "memory", room_id).glob("run-*"):
+            for d in room_cgroup(daemon, "memory", room_id).glob("runs/run-*"):
                 with contextlib.suppress(OSError):
                     value = int((d / "memory.limit_in_bytes").read_text())
                     if value < 1 << 62:  # not the moment between mkdir and the limit's write
@@ -183,7 +184,7 @@ def test_room_level_oom_does_not_kill_the_init(client: Any, daemon: DaemonProc,
                 limits={"wallTimeMs": 8000})
     t.join()
     assert r.raw["oomKilled"] and r.status == "ML", r.raw
-    assert run_limit and run_limit[0] == 96 * MiB  # 128 MiB minus the init's 32 MiB
+    assert run_limit and run_limit[0] == 128 * MiB  # the room's: the init is not under it
     assert psutil.pid_exists(init) and init_pid(daemon, room_id) == init
     host_ok(daemon, sb)
 
@@ -325,7 +326,7 @@ def test_room_limits_are_written_at_creation(client: Any, daemon: DaemonProc,
                               "diskBytes": 32 * MiB}})
     assert info.options["limits"] == {"memoryBytes": 200 * MiB, "cpus": 0.5, "pids": 50,
                                       "diskBytes": 32 * MiB}
-    mem = room_cgroup(daemon, "memory", room_id)
+    mem = room_cgroup(daemon, "memory", room_id) / "runs"  # not the init's (issue 10, L4)
     assert int((mem / "memory.limit_in_bytes").read_text()) == 200 * MiB
     memsw = mem / "memory.memsw.limit_in_bytes"
     if memsw.exists():
@@ -359,13 +360,13 @@ def test_run_limits_go_to_the_run_cgroup(client: Any, daemon: DaemonProc, room_i
     seen: dict[str, str] = {}
     # The previous run's cgroup is removed in the background after its result: not ours.
     before = {d.name for ctl in ("memory", "pids")
-              for d in room_cgroup(daemon, ctl, room_id).glob("run-*")}
+              for d in room_cgroup(daemon, ctl, room_id).glob("runs/run-*")}
 
     def watch() -> None:
         deadline = time.monotonic() + 5
         while len(seen) < 2 and time.monotonic() < deadline:
             for ctl, f in (("memory", "memory.limit_in_bytes"), ("pids", "pids.max")):
-                for d in room_cgroup(daemon, ctl, room_id).glob("run-*"):
+                for d in room_cgroup(daemon, ctl, room_id).glob("runs/run-*"):
                     if d.name in before:
                         continue
                     with contextlib.suppress(OSError):
@@ -511,7 +512,7 @@ def test_v2_backend_kills_whole_runs_and_counts_cpu(v2_daemon: DaemonProc) -> No
         assert "cpuTimeMs" in caps["limits"] and "memoryBytes" not in caps["limits"]
         sb = c.sandbox("v2")
         r = sb.exec("cat /proc/self/cgroup")
-        assert "0::/../run-r" in r.stdout, r.raw  # seen from the init leaf's namespace
+        assert "0::/../runs/run-r" in r.stdout, r.raw  # seen from the init leaf's namespace
         r = sb.exec("while :; do :; done", limits={"cpuTimeMs": 300, "wallTimeMs": 10_000})
         assert (r.status, r.raw["limitExceeded"]) == ("TO", "cpu")
         assert 300 <= r.raw["cpuTimeMs"] <= 450, r.raw

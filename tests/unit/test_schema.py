@@ -198,6 +198,27 @@ def test_no_import_circles_in_sandboxd() -> None:
     assert _cycle(outside) is None, " -> ".join(_cycle(outside) or [])
 
 
+def test_cgroup_package_layers() -> None:
+    """jail/cgroup/ (issue 12): its __init__ is enter() alone (the room init imports it), the
+    backends sit on the interface and never on the daemon's layers above, and the root-only
+    host side (hostsetup) is imported by no daemon-side module at module level."""
+    graph = import_graph()
+    pkg = "sandboxd.jail.cgroup"
+    mods = {n for n in graph if n == pkg or n.startswith(pkg + ".")}
+    assert mods >= {f"{pkg}.{m}" for m in
+                    ("interface", "fs", "tree", "v1", "v2", "disabled", "detect")}, mods
+    assert graph[pkg] == set(), graph[pkg]
+    above = {"sandboxd.rooms", "sandboxd.runs", "sandboxd.daemon", "sandboxd.server",
+             "sandboxd.api", "sandboxd.hostsetup", "sandboxd.jail.init", "sandboxd.jail.zygote"}
+    for m in mods:
+        assert not graph[m] & above, (m, graph[m] & above)
+    for m, deps in graph.items():
+        if not m.startswith(("sandboxd.hostsetup", "sandboxd.cli")):
+            assert "sandboxd.hostsetup.cgroups" not in deps, m
+    for user in ("sandboxd.jail.init", "sandboxd.jail.zygote"):
+        assert not {d for d in graph[user] if d.startswith(pkg + ".")}, graph[user]
+
+
 def test_no_import_circles_in_the_jail() -> None:
     graph = import_graph()
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])

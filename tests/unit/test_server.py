@@ -25,7 +25,7 @@ from sandboxd.coderun.service import CodeRunService
 from sandboxd.context import Services
 from sandboxd.facts import HostFacts
 from sandboxd.jail import JailError, messages
-from sandboxd.jail.cgroup import DisabledBackend
+from sandboxd.jail.cgroup.disabled import DisabledBackend
 from sandboxd.jail.user import IdPlan
 from sandboxd.server import Server
 

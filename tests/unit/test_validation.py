@@ -20,7 +20,9 @@ from sandboxd import errors, protocol, runs
 from sandboxd import roomfiles as files
 from sandboxd.api import git
 from sandboxd.config import check_sandbox_id
-from sandboxd.jail import _syscalls, cgroup, fileops, init, messages, seccomp
+from sandboxd.jail import _syscalls, fileops, init, messages, seccomp
+from sandboxd.jail.cgroup import tree
+from sandboxd.jail.cgroup.interface import CgroupStats
 from sandboxd.jail.fileops import resolve
 
 # --- sandbox ids ---------------------------------------------------------------------------------
@@ -222,7 +224,7 @@ def _verdict(status: int, killed: str | None = None, oom: bool = False,
              failure: dict[str, Any] | None = None, **stats: Any) -> runs.RunResult:
     msg = messages.Exit(run="1", status=status,
                         failure=None if failure is None else messages.Failure(**failure))
-    return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, cgroup.CgroupStats(**stats))
+    return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, CgroupStats(**stats))
 
 
 def _signalled(sig: int) -> int:
@@ -266,7 +268,7 @@ def test_pids_limit_is_named_without_changing_the_status() -> None:
                                              (2.0, 200000)])
 def test_cpu_quota_floor(cpus: float, quota: int) -> None:
     # G01: the kernel refuses quotas below 1 ms (EINVAL): the floor keeps tiny cpus valid.
-    assert cgroup._cpu_quota(cpus) == quota
+    assert tree.cpu_quota(cpus) == quota
 
 
 def test_seccomp_install_asks_for_tsync_esrch(monkeypatch: pytest.MonkeyPatch) -> None:

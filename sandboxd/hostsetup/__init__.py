@@ -6,8 +6,8 @@
    SUB_UID_MIN=100000, never overlapping another entry), so rooms' root maps to ids that are not
    the daemon's own and each room gets a slice of its own (newuidmap/newgidmap then let USER map
    them; see jail/user.py);
-2. cgroups: ``sandboxd.jail.cgroup.delegate`` hands USER a subtree (v2) or per-controller
-   directories (v1);
+2. cgroups: :func:`sandboxd.hostsetup.cgroups.delegate` hands USER a subtree (v2) or
+   per-controller directories (v1);
 3. the state directory (default ``~USER/.local/state/sandboxd``, 0700, owned by USER);
 4. the socket's runtime directory when ``/run/user/UID`` is absent: the daemon then listens under
    ``/tmp/sandboxd-UID``, which we create (0700, USER) so that nobody else can squat it, plus a
@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import config, errors
+from .. import config, errors
 
 SUBID_COUNT = 65536
 # What `setup` gives: 256 per-room slices of 4096 ids (jail/user.py SLICE_SIZE), so that every
@@ -291,13 +291,13 @@ def _write_if_changed(path: str, text: str) -> bool:
 
 
 def _delegate_cgroups(user: str, uid: int, gid: int) -> list[str]:
-    from .jail import cgroup  # only setup needs it: the CLI's other commands stay cheap
+    from . import cgroups  # only setup needs it: the CLI's other commands stay cheap
 
     try:
-        lines = [f"cgroups: {line}" for line in cgroup.delegate(user, uid, gid)]
+        lines = [f"cgroups: {line}" for line in cgroups.delegate(user, uid, gid)]
     except OSError as err:
         raise SetupError(f"cgroup delegation for {user} failed: {err}") from err
-    return lines + [f"cgroups: {line}" for line in cgroup.favor_dynmods()]
+    return lines + [f"cgroups: {line}" for line in cgroups.favor_dynmods()]
 
 
 def setup(user: str, state_dir: str | None = None, *, subuid_path: str = SUBUID,
@@ -417,14 +417,14 @@ def _read(path: str) -> str | None:
 
 
 def _userns_probe() -> None:
-    from .jail import _syscalls
+    from ..jail import _syscalls
 
     _syscalls.unshare(_syscalls.CLONE_NEWUSER)
 
 
 def _overlay_probe(scratch: str, lower: str) -> Callable[[], None]:
     def probe() -> None:
-        from .jail import _syscalls as sc
+        from ..jail import _syscalls as sc
 
         uid, gid = os.geteuid(), os.getegid()
         sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
@@ -487,11 +487,11 @@ def _check_overlay(ids: tuple[int, int] | None, who: str, rootfs: str) -> Check:
 def _check_cgroups(user: str | None) -> list[Check]:
     cost = ("no memory, pids or CPU limits and no whole-tree kill: rooms fall back to rlimits "
             "and wall-clock kills (run `sandboxctl setup --user USER` as root)")
-    from .jail import cgroup  # only doctor needs it: the CLI's other commands stay cheap
+    from . import cgroups  # only doctor needs it: the CLI's other commands stay cheap
 
     try:
         # Each line is (check, ok, what it costs when missing).
-        lines = cgroup.doctor_report(user=user) if user is not None else cgroup.doctor_report()
+        lines = cgroups.doctor_report(user=user) if user is not None else cgroups.doctor_report()
         return [Check(name if name.startswith("cgroup") else f"cgroups: {name}", ok,
                       "available" if ok else "unavailable", "" if ok else missing_cost)
                 for name, ok, missing_cost in lines]
@@ -531,7 +531,7 @@ def _check_subids(user: str, uid: int, subuid_path: str, subgid_path: str) -> Ch
         return Check("subordinate ids", False,
                      f"{user} has {', '.join(found)} but " + "; ".join(d for _, d in helpers),
                      cost)
-    from .jail.user import SLICE_SIZE
+    from ..jail.user import SLICE_SIZE
 
     slices = min(max(e.count for e in ranges_of(read_subids(p), user, uid))
                  for p in (subuid_path, subgid_path)) // SLICE_SIZE
@@ -569,7 +569,7 @@ def _check_rootfs(rootfs: str) -> Check:
 
 
 def _check_daemon(socket: str | None) -> Check:
-    from .client import Client
+    from ..client import Client
 
     try:
         with Client(socket, timeout=2.0) as client:
