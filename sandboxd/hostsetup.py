@@ -2,10 +2,11 @@
 
 ``setup(user)`` makes the host ready for USER to run sandboxd without root, and is idempotent:
 
-1. subordinate ids: a 16 x 65536-id range in /etc/subuid and /etc/subgid (first fit from
+1. subordinate ids: one range of SUBID_COUNT ids in /etc/subuid and /etc/subgid (first fit from
    SUB_UID_MIN=100000, never overlapping another entry), so rooms' root maps to ids that are not
    the daemon's own and each room gets a slice of its own (newuidmap/newgidmap then let USER map
-   them; see jail/user.py);
+   them; see jail/user.py). :func:`ensure_subids` is the only code that sizes and places it:
+   scripts/install.sh calls it too, so one set-up gives one range;
 2. cgroups: ``sandboxd.jail.cgroup.delegate`` hands USER a subtree (v2) or per-controller
    directories (v1);
 3. the state directory (default ``~USER/.local/state/sandboxd``, 0700, owned by USER);
@@ -44,10 +45,15 @@ from typing import Any
 
 from . import config, errors
 
-SUBID_COUNT = 65536
-# What `setup` gives: 256 per-room slices of 4096 ids (jail/user.py SLICE_SIZE), so that every
-# room can be a different host user.
-SETUP_SUBID_COUNT = 16 * SUBID_COUNT
+# The one size of a daemon user's subordinate range, given by both `sandboxctl setup` and
+# scripts/install.sh (issue 22: they used to give 1 Mi and 64 Ki ids, two ranges for one user).
+# Every room takes a slice of SLICE_IDS ids (jail/user.py SLICE_SIZE; a unit test holds the two
+# equal) so that each room is a different host user; the Performance issue (18) asks for at least
+# 1,000 rooms with the default set-up, where 1 Mi ids stopped at 256.
+ROOM_SLICES = 1024
+SLICE_IDS = 4096
+SUBID_COUNT = ROOM_SLICES * SLICE_IDS  # 4,194,304 ids
+SETUP_SUBID_COUNT = SUBID_COUNT  # the name tests and older callers use
 SUB_ID_MIN = 100000  # login.defs SUB_UID_MIN / SUB_GID_MIN defaults
 SUB_ID_MAX = 600100000
 SUBUID = "/etc/subuid"
@@ -149,16 +155,22 @@ def _append_entry(path: str, line: str) -> None:
         raise
 
 
-def ensure_subids(user: str, uid: int, *, subuid_path: str = SUBUID, subgid_path: str = SUBGID,
-                  count: int = SUBID_COUNT, use_usermod: bool | None = None) -> list[str]:
-    """Give ``user`` ``count`` subordinate uids and gids unless it already has that many.
+def ensure_subids(user: str, uid: int, *, subuid_path: str | None = None,
+                  subgid_path: str | None = None, count: int = SUBID_COUNT,
+                  use_usermod: bool | None = None) -> list[str]:
+    """Give ``user`` ``count`` subordinate uids and gids unless it already has that many: the
+    one owner of the daemon user's range and its size (``setup`` and scripts/install.sh both
+    call it with the default ``count``).
 
     When both are missing, one start free in both files is chosen, so uid and gid ranges match.
-    ``usermod --add-subuids`` (which takes shadow's locks) is used on the real files when present;
-    otherwise, and for other paths, the file is edited directly.
+    ``usermod --add-subuids`` (which takes shadow's locks) is used on /etc/subuid and /etc/subgid
+    when present; otherwise, and for other paths, the file is edited directly. The paths default
+    to SUBUID and SUBGID as they are when called.
     """
+    subuid_path = subuid_path or SUBUID
+    subgid_path = subgid_path or SUBGID
     if use_usermod is None:
-        use_usermod = (subuid_path, subgid_path) == (SUBUID, SUBGID) and bool(
+        use_usermod = (subuid_path, subgid_path) == ("/etc/subuid", "/etc/subgid") and bool(
             shutil.which("usermod"))
     files = {"uid": (subuid_path, read_subids(subuid_path)),
              "gid": (subgid_path, read_subids(subgid_path))}
@@ -172,8 +184,10 @@ def ensure_subids(user: str, uid: int, *, subuid_path: str = SUBUID, subgid_path
                            f"{have.end - 1} in {path}")
         else:
             if mine:
-                actions.append(f"warning: {user}'s subordinate {kind}s in {path} are fewer than "
-                               f"{count}; adding a full range")
+                best = max(mine, key=lambda e: e.count)
+                actions.append(f"warning: {user}'s largest subordinate {kind} range in {path} "
+                               f"({best.start}-{best.end - 1}) holds fewer than {count} ids; "
+                               f"adding one that does (the daemon uses the largest)")
             missing.append(kind)
     if not missing:
         return actions
@@ -300,8 +314,8 @@ def _delegate_cgroups(user: str, uid: int, gid: int) -> list[str]:
     return lines + [f"cgroups: {line}" for line in cgroup.favor_dynmods()]
 
 
-def setup(user: str, state_dir: str | None = None, *, subuid_path: str = SUBUID,
-          subgid_path: str = SUBGID, tmp_root: str = "/tmp", run_user_root: str = "/run/user",
+def setup(user: str, state_dir: str | None = None, *, subuid_path: str | None = None,
+          subgid_path: str | None = None, tmp_root: str = "/tmp", run_user_root: str = "/run/user",
           tmpfiles_dir: str | None = TMPFILES_DIR, cgroups: bool = True) -> list[str]:
     """Prepare the host for ``user`` to run sandboxd rootless (see the module docstring).
     Must run as root; returns one line per thing checked or done."""
@@ -315,8 +329,7 @@ def setup(user: str, state_dir: str | None = None, *, subuid_path: str = SUBUID,
     if pw.pw_uid == 0:
         raise SetupError("root needs no set-up: sandboxd run as root maps ids directly")
     uid, gid, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
-    actions = ensure_subids(user, uid, subuid_path=subuid_path, subgid_path=subgid_path,
-                            count=SETUP_SUBID_COUNT)
+    actions = ensure_subids(user, uid, subuid_path=subuid_path, subgid_path=subgid_path)
     if cgroups:
         actions += _delegate_cgroups(user, uid, gid)
     target = state_dir or os.path.join(home, ".local", "state", "sandboxd")
