@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from .cli_base import (  # noqa: F401 - re-exported: commands and tests use them as cli.*
+    EXEC_EXIT_CODES_HELP,
     EXIT_CODES_HELP,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -141,6 +142,9 @@ def _parse_env(values: Sequence[str]) -> dict[str, str] | None:
 
 
 def _exit_status(result: ExecResult) -> int:
+    """The exit code of exec/sh for a result: EXEC_EXIT_CODES_HELP, one line per verdict."""
+    if result.status == "XX":
+        return EXIT_ERROR  # the sandbox failed: the exit code the program never had means nothing
     if result.timed_out or result.status == "TO":
         return EXIT_TIMEOUT
     name = result.signal
@@ -197,6 +201,44 @@ def _fig(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _bytes(n: int) -> str:
+    """64 MiB, 1 GiB, 512 KiB, 1000 bytes: the unit the value is a whole number of."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def killed_line(result: ExecResult, limits: dict[str, int] | None,
+                timeout: float | None) -> str | None:
+    """The one stderr line saying which limit or timeout ended the command (issue 22: an exec
+    that hit --memory exited 137 and printed nothing: a limit looked like a crash); None when
+    the command ended by itself. Sizes and times are the ones the command line asked for."""
+    asked = limits or {}
+    status, which = result.status, result.limit_exceeded
+    if status == "XX":
+        why = safe(result.get("error", "no reason given"))
+        return f"sandboxctl: the sandbox failed, not the command: {why} (XX)"
+    if status == "ML" or (status is None and result.oom_killed):
+        size = asked.get("memoryBytes")
+        return (f"sandboxctl: killed: memory limit{f' {_bytes(size)}' if size else ''} "
+                f"exceeded (ML)")
+    if status == "OL" or (status is None and which == "output"):
+        size = asked.get("outputBytes")
+        return (f"sandboxctl: killed: output limit{f' {_bytes(size)}' if size is not None else ''}"
+                f" exceeded (OL)")
+    if status == "TO" or result.timed_out:
+        if which == "cpu":
+            ms = asked.get("cpuTimeMs")
+            return (f"sandboxctl: killed: CPU time limit{f' {ms / 1000:g} s' if ms else ''} "
+                    f"exceeded (TO)")
+        return (f"sandboxctl: killed: timed out after {timeout:g} s (TO)" if timeout
+                else "sandboxctl: killed: wall-time limit exceeded (TO)")
+    if which == "fileSize":
+        return "sandboxctl: killed: file size limit exceeded (SG)"
+    return None
+
+
 def report_line(raw: dict[str, Any]) -> str:
     """``--report``: status, exit/signal, cpu, wall, peak memory (and the limit hit) on one line."""
     parts = [f"status={raw.get('status', '?')}"]
@@ -237,8 +279,8 @@ def _exec(ctx: click.Context, room: str, command: str, args: list[str] | None, c
             # A daemon that does not stream still returns the whole output at the end.
             _stream("stdout", result.stdout)
             _stream("stderr", result.stderr)
-        if result.timed_out and not as_json and not report:
-            click.echo(f"sandboxctl: timed out after {timeout} s", err=True)
+        if not as_json and (line := killed_line(result, limits, timeout)) is not None:
+            click.echo(line, err=True)  # with or without --report, which adds its own line
         if report:
             click.echo(report_line(result.raw), err=True)
         return _exit_status(result)
@@ -311,7 +353,7 @@ def _separate(args: list[str], params: Sequence[click.Parameter]) -> list[str]:
     return args
 
 
-@main.command("exec", cls=_ArgvCommand, epilog=EXIT_CODES_HELP)
+@main.command("exec", cls=_ArgvCommand, epilog=EXEC_EXIT_CODES_HELP)
 @click.argument("room")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
 @_exec_options
@@ -332,7 +374,7 @@ def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
           _limits(cpu_time, memory, pids, output_limit), report)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command(epilog=EXEC_EXIT_CODES_HELP)
 @click.argument("room")
 @click.argument("line")
 @_exec_options

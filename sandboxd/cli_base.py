@@ -34,6 +34,19 @@ Exit codes:
   exec/sh otherwise exit with the command's own exit code (128+N if killed by signal N).
 """
 
+#: exec and sh: the exit code of each verdict (docs/limits.md, "Exit codes").
+EXEC_EXIT_CODES_HELP = EXIT_CODES_HELP + f"""
+\b
+Exit codes of exec/sh by verdict (a line on stderr names the limit that ended it):
+  OK  0
+  RE  the command's own code
+  SG  128+N, N the signal (SIGSEGV: 139)
+  TO  {EXIT_TIMEOUT}, for --timeout and --cpu-time
+  ML  137 (the OOM killer's SIGKILL; a shell whose child it killed: 137 too)
+  OL  137 (killed at the cap), or 141 / the command's code if EPIPE stopped it first
+  XX  {EXIT_ERROR} (the sandbox failed, not the command)
+"""
+
 
 _CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
 _CONTROL[ord("\\")] = "\\\\"
