@@ -669,27 +669,39 @@ def setup(user: str, state_dir: str | None) -> None:
 
 @main.command(epilog="Exits 0 when the essential checks pass, 1 otherwise.")
 @click.option("--user", "user", metavar="USER",
-              help="As root: run the namespace probes as USER, and check USER's ids.")
+              help="Diagnose USER (default: the user the daemon at the socket runs as, else "
+                   "you); as root, the probes run as USER.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @click.pass_context
 def doctor(ctx: click.Context, user: str | None, as_json: bool) -> None:
-    """Check what this host offers sandboxd, and what each missing piece costs."""
+    """Check what this host offers the daemon's user, and what each missing piece costs.
+
+    The first line names the user and the daemon the report is about. Host-wide checks, root's
+    to fix (and probes only root can run as another user), are listed apart, last."""
     from . import hostsetup
 
     def body() -> int:
-        checks = hostsetup.doctor(user=user, socket=ctx.ensure_object(dict).get("socket"))
+        subject = hostsetup.find_subject(user, ctx.ensure_object(dict).get("socket"))
+        checks = hostsetup.doctor(user=user, socket=subject.socket, subject=subject)
+        essential_ok = all(c.ok for c in checks if c.essential)
         if as_json:
             _print_json([c.as_dict() for c in checks])
-        else:
-            for c in checks:
-                mark = "✓" if c.ok else ("✗" if c.essential else "!")
-                click.echo(f"{mark} {c.name}: {c.detail}")
+            return EXIT_OK if essential_ok else EXIT_ERROR
+        click.echo(safe(subject.headline()))
+        sections = [("", [c for c in checks if c.scope != "host"]),
+                    ("host-wide, root's to fix (sandboxctl setup, sysctls):",
+                     [c for c in checks if c.scope == "host"])]
+        for title, part in sections:
+            if title and part:
+                click.echo(title)
+            for c in part:
+                mark = "-" if c.skipped else "✓" if c.ok else ("✗" if c.essential else "!")
+                click.echo(f"{'  ' if title else ''}{mark} {c.name}: {c.detail}")
                 if not c.ok and c.cost:
-                    click.echo(f"    cost: {c.cost}")
-        essential_ok = all(c.ok for c in checks if c.essential)
-        if not as_json:
-            click.echo("essential checks pass" if essential_ok
-                       else "essential checks FAIL: sandboxd cannot run rooms here")
+                    click.echo(f"{'  ' if title else ''}    cost: {c.cost}")
+        click.echo(f"essential checks pass for {subject.user}" if essential_ok
+                   else f"essential checks FAIL: sandboxd cannot run rooms here as "
+                        f"{subject.user}")
         return EXIT_OK if essential_ok else EXIT_ERROR
 
     _run(body)

@@ -463,9 +463,9 @@ def trusted_peer_uids(path: str) -> set[int]:
     return out
 
 
-def check_peer(path: str, sock: _socket.socket) -> None:
+def check_peer(path: str, sock: _socket.socket) -> int:
     """After connecting: the server's SO_PEERCRED uid must be one we trust (H9: a socket planted
-    by another user answered "pong from sandboxd evil")."""
+    by another user answered "pong from sandboxd evil"). Returns that uid."""
     import struct
 
     raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -474,6 +474,7 @@ def check_peer(path: str, sock: _socket.socket) -> None:
         raise _unreachable(path, f"refusing the server: it runs as uid {uid}, not as you, root "
                            "or the owner of the socket's directory (set SANDBOXD_DAEMON_UID to "
                            "trust it)")
+    return int(uid)
 
 
 # --- the blocking client -----------------------------------------------------------------------
@@ -491,6 +492,8 @@ class Client:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside _exchange
+        #: The uid the daemon runs as (SO_PEERCRED), once connected: whom `doctor` diagnoses.
+        self.server_uid: int | None = None
 
     # -- context manager / lifecycle
 
@@ -519,7 +522,7 @@ class Client:
             try:
                 check_socket_path(self.socket_path)
                 sock.connect(self.socket_path)
-                check_peer(self.socket_path, sock)
+                self.server_uid = check_peer(self.socket_path, sock)
             except OSError as err:
                 sock.close()
                 raise _connect_error(self.socket_path, err) from err

@@ -367,6 +367,10 @@ class Check:
     detail: str
     cost: str = ""  # what sandboxd loses when this check fails
     essential: bool = False  # rooms cannot run at all without it
+    # "user": about the user the report is for (the daemon's); "host": host-wide, root's to fix
+    # (the kernel, the cgroup2 mount options, probes only root can run as another user).
+    scope: str = "user"
+    skipped: bool = False  # not run (only root can); neither a pass nor a failure
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -538,7 +542,8 @@ def _check_subids(user: str, uid: int, subuid_path: str, subgid_path: str) -> Ch
         if not mine:
             return Check("subordinate ids", False, f"{user} has no subordinate {kind}s in {path}",
                          cost + f" (fix: sandboxctl setup --user {user})")
-        found.append(f"{kind}s {mine[0].start}-{mine[0].end - 1}")
+        best = max(mine, key=lambda e: e.count)  # the range the daemon uses (jail/user.py)
+        found.append(f"{kind}s {best.start}-{best.end - 1}")
     helpers = [_helper_ok("newuidmap"), _helper_ok("newgidmap")]
     if not all(ok for ok, _ in helpers):
         return Check("subordinate ids", False,
@@ -548,8 +553,10 @@ def _check_subids(user: str, uid: int, subuid_path: str, subgid_path: str) -> Ch
 
     slices = min(max(e.count for e in ranges_of(read_subids(p), user, uid))
                  for p in (subuid_path, subgid_path)) // SLICE_SIZE
+    fewer = (f"; at most {slices} rooms at once: `sandboxctl setup --user {user}` adds a range "
+             f"for {ROOM_SLICES}") if slices < ROOM_SLICES else ""
     return Check("subordinate ids", True, f"{user} has {', '.join(found)} ({slices} room slices "
-                 f"of {SLICE_SIZE} ids: each room its own host users); "
+                 f"of {SLICE_SIZE} ids: each room its own host users{fewer}); "
                  + "; ".join(d for _, d in helpers))
 
 
@@ -581,24 +588,28 @@ def _check_rootfs(rootfs: str) -> Check:
     return Check("rootfs", True, detail)
 
 
-def _check_daemon(socket: str | None) -> Check:
-    from .client import Client
-
-    try:
-        with Client(socket, timeout=2.0) as client:
-            result = client.ping()
-    except errors.SandboxError as err:
-        return Check("daemon", False, err.message,
-                     "nothing serves rooms yet: start sandboxd (as the user it was set up for)")
+def _check_daemon(subject: Subject) -> Check:
+    cost = "nothing serves rooms yet: start sandboxd (as the user it was set up for)"
+    result = subject.ping
+    if result is None:
+        return Check("daemon", False, subject.unreachable or f"no daemon at {subject.socket}",
+                     cost)
     ids = (result.get("capabilities") or {}).get("idSlices") or {}
+    where = f"sandboxd {result.get('version', '?')} answers at {subject.socket}"
+    if subject.daemon_uid is not None and subject.daemon_uid != subject.uid:
+        return Check("daemon", False, f"{where} but runs as uid {subject.daemon_uid}, not "
+                     f"{subject.user}", f"this report is not about that daemon (try --user "
+                     f"{_user_name(subject.daemon_uid)})")
     if ids.get("mode") == "single":
-        return Check("daemon", False, f"sandboxd {result.get('version', '?')} answers at "
-                     f"{client.socket_path}; id mapping: single ({ids.get('reason', '?')})",
+        return Check("daemon", False, f"{where}; id mapping: single ({ids.get('reason', '?')})",
                      str(ids.get("cost", "")))
     mapping = (f"; id mapping: subordinate, {ids.get('slicesFree', '?')}/{ids.get('slices', '?')}"
                f" room slices of {ids.get('sliceSize', '?')} ids free") if ids else ""
-    return Check("daemon", True, f"sandboxd {result.get('version', '?')} answers at "
-                 f"{client.socket_path}{mapping}")
+    backend = _daemon_backend(subject)
+    limits = (result.get("capabilities") or {}).get("limits") or []
+    cgroups = (f"; cgroup backend {backend}, limits: {', '.join(map(str, limits)) or 'none'}"
+               if backend else "")
+    return Check("daemon", True, where + mapping + cgroups)
 
 
 def _user_socket(uid: int, run_user_root: str = "/run/user", tmp_root: str = "/tmp") -> str:
@@ -609,38 +620,152 @@ def _user_socket(uid: int, run_user_root: str = "/run/user", tmp_root: str = "/t
     return os.path.join(runtime, "sandboxd", "sandboxd.sock")
 
 
-def doctor(user: str | None = None, socket: str | None = None, *, subuid_path: str = SUBUID,
-           subgid_path: str = SUBGID, daemon: bool = True) -> list[Check]:
-    """What this host offers sandboxd. ``user`` (root only): probe as that user instead."""
-    ids: tuple[int, int] | None = None
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """Whom ``doctor`` diagnoses, and why (issue 22: as root it diagnosed root, while the daemon
+    that scripts/run.sh started runs as ``sandboxd``): the user ``--user`` names, else the user
+    the daemon at the socket runs as (its SO_PEERCRED uid when it answers ``ping``), else the
+    caller."""
+
+    user: str
+    uid: int
+    gid: int
+    socket: str  # the daemon's socket (asked, or where that user's daemon listens)
+    why: str  # "--user" | "daemon" | "you"
+    ping: Any = None  # the daemon's ping result (protocol.PingResult) when one answered
+    daemon_uid: int | None = None  # the uid the answering daemon runs as
+    unreachable: str = ""  # why no daemon answered
+
+    @property
+    def rootfs(self) -> str:
+        """The daemon's rootfs when it told us; else where one would be for the caller."""
+        caps = self.ping.get("capabilities") if self.ping is not None else None
+        got = caps.get("rootfs") if caps is not None else None
+        return str(got) if got else config.default_rootfs()
+
+    def headline(self) -> str:
+        """The first line of the report: which user and which daemon it is about."""
+        who = f"sandboxctl doctor: user {self.user} (uid {self.uid}"
+        if self.ping is not None and self.daemon_uid == self.uid:
+            daemon = f"sandboxd {self.ping.get('version', '?')} at {self.socket}"
+            how = {"daemon": f"the user {daemon} runs as",
+                   "--user": f"as --user says; {daemon} runs as it"}.get(
+                       self.why, f"you; {daemon} runs as you")
+            return f"{who}), {how}"
+        asked = ", as --user says" if self.why == "--user" else ", you"
+        if self.ping is not None:
+            return (f"{who}{asked}); the daemon at {self.socket} runs as "
+                    f"{_user_name(self.daemon_uid or 0)} instead")
+        hint = "" if self.why == "--user" else " (start it, or name its user with --user)"
+        return f"{who}{asked}); no daemon answers at {self.socket}{hint}"
+
+
+def _ping(socket: str) -> tuple[Any, int | None, str]:
+    """(ping result, the daemon's uid, "") or (None, None, why not)."""
+    from .client import Client
+
+    try:
+        with Client(socket, timeout=2.0) as client:
+            result = client.ping()
+            return result, client.server_uid, ""
+    except errors.SandboxError as err:
+        return None, None, err.message
+
+
+def find_subject(user: str | None = None, socket: str | None = None, *,
+                 ping: bool = True) -> Subject:
+    """Whom to diagnose (see :class:`Subject`); ``ping`` False asks no daemon."""
+    me = os.geteuid()
     if user is not None:
         try:
             pw = pwd.getpwnam(user)
         except KeyError as err:
             raise errors.ValidationError(f"no such user: {user}", user=user) from err
-        if pw.pw_uid != os.geteuid():
-            if os.geteuid() != 0:
-                raise errors.ValidationError("only root can probe as another user")
-            ids = (pw.pw_uid, pw.pw_gid)
-        name, uid = user, pw.pw_uid
-    else:
-        uid = os.geteuid()
+        candidates = [socket] if socket else list(dict.fromkeys(
+            [config.default_client_socket(), _user_socket(pw.pw_uid)]))
+        subject = Subject(user, pw.pw_uid, pw.pw_gid, candidates[0], "--user")
+        if not ping:
+            return subject
+        first: Subject | None = None
+        for path in candidates:
+            result, uid, why = _ping(path)
+            found = dataclasses.replace(subject, socket=path, ping=result, daemon_uid=uid,
+                                        unreachable=why)
+            if result is not None and uid == pw.pw_uid:
+                return found
+            first = first or found
+        return first or subject
+    try:
+        pw = pwd.getpwuid(me)
+        name, gid = pw.pw_name, pw.pw_gid
+    except KeyError:
+        name, gid = str(me), os.getegid()
+    path = socket or config.default_client_socket()
+    you = Subject(name, me, gid, path, "you")
+    if not ping:
+        return you
+    result, uid, why = _ping(path)
+    if result is None:
+        return dataclasses.replace(you, unreachable=why)
+    if uid is not None and uid != me:
         try:
-            name = pwd.getpwuid(uid).pw_name
+            dpw = pwd.getpwuid(uid)
+            return Subject(dpw.pw_name, uid, dpw.pw_gid, path, "daemon", result, uid)
         except KeyError:
-            name = str(uid)
-    who = name if uid else "root (try --user USER for the daemon's user)"
-    rootfs = config.default_rootfs()
-    checks = [
-        Check("kernel", True, f"{os.uname().sysname} {os.uname().release}"),
-        _check_userns(ids, who),
-        _check_overlay(ids, who, rootfs),
-        *_check_cgroups(user),
-        _check_subids(name, uid, subuid_path, subgid_path),
-        _check_rootfs(rootfs),
-    ]
+            return Subject(str(uid), uid, uid, path, "daemon", result, uid)
+    return dataclasses.replace(you, ping=result, daemon_uid=uid)
+
+
+HOST_CHECKS = ("kernel", "cgroup migrations fast", "cgroup2 mounted")
+# Checks that only matter for the backend the answering daemon does not use.
+_OTHER_BACKEND = {"v1": "cgroup2 delegated", "v2": "cgroup v1 "}
+
+
+def _daemon_backend(subject: Subject) -> str | None:
+    caps = subject.ping.get("capabilities") if subject.ping is not None else None
+    cg = caps.get("cgroup") if caps is not None else None
+    backend = cg.get("backend") if isinstance(cg, dict) else None
+    return str(backend) if backend and subject.daemon_uid == subject.uid else None
+
+
+def doctor(user: str | None = None, socket: str | None = None, *,
+           subuid_path: str | None = None, subgid_path: str | None = None, daemon: bool = True,
+           subject: Subject | None = None) -> list[Check]:
+    """What this host offers the daemon's user (``subject``: by default :func:`find_subject`
+    of ``user`` and ``socket``; ``daemon`` False asks no daemon and checks none). Checks of
+    ``scope`` "host" are host-wide and root's to fix; the others are about the subject."""
+    if subject is None:
+        subject = find_subject(user, socket, ping=daemon)
+    me = os.geteuid()
+    ids = (subject.uid, subject.gid) if subject.uid != me else None
+    who = subject.user if subject.uid else "root"
+    rootfs = subject.rootfs
+    checks = [Check("kernel", True, f"{os.uname().sysname} {os.uname().release}", scope="host")]
+    if ids is not None and me != 0:
+        checks += [Check(name, True, f"not probed: only root can run the probe as "
+                         f"{subject.user} (sudo sandboxctl doctor)", essential=True,
+                         scope="host", skipped=True)
+                   for name in ("user namespaces", "overlayfs in a user namespace")]
+    else:
+        checks += [_check_userns(ids, who), _check_overlay(ids, who, rootfs)]
+    backend = _daemon_backend(subject)
+    for c in _check_cgroups(subject.user if ids is not None else None):
+        if c.name.startswith(HOST_CHECKS):
+            c = dataclasses.replace(c, scope="host")
+        elif not c.ok and backend and c.name.startswith(_OTHER_BACKEND.get(backend, "-")):
+            # The probe looks at this process's cgroup; the daemon told us what it uses.
+            c = dataclasses.replace(c, ok=True, skipped=True, cost="",
+                                    detail=f"not needed: the daemon uses the {backend} backend")
+        checks.append(c)
+    checks += [_check_subids(subject.user, subject.uid, subuid_path or SUBUID,
+                             subgid_path or SUBGID), _check_rootfs(rootfs)]
     if daemon:
-        if socket is None and ids is not None:
-            socket = _user_socket(uid)
-        checks.append(_check_daemon(socket))
+        checks.append(_check_daemon(subject))
     return checks
