@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from . import protocol
 from .cli_base import (  # noqa: F401 - re-exported: commands and tests use them as cli.*
     EXEC_EXIT_CODES_HELP,
     EXIT_CODES_HELP,
@@ -21,6 +22,7 @@ from .cli_base import (  # noqa: F401 - re-exported: commands and tests use them
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    Progress,
     _client,
     _fail,
     _print_json,
@@ -395,21 +397,21 @@ def sh(ctx: click.Context, room: str, line: str, cwd: str | None, env: tuple[str
 # --- top ---------------------------------------------------------------------------------------
 
 
-def top_rows(prev: dict[str, tuple[float, int]], sample: dict[str, Any],
+def top_rows(prev: dict[str, tuple[float, int]], sample: protocol.StatsResult,
              now: float) -> list[tuple[str, ...]]:
     """Table rows from a ``stats`` answer; CPU % from the previous sample of each room."""
     rows: list[tuple[str, ...]] = [("ROOM", "RUNS", "CPU%", "CPU TIME", "MEM", "MEM PEAK",
                                     "MEM LIMIT", "PIDS", "PIDS LIMIT", "OOM")]
-    for room in sample.get("sandboxes", []):
-        rid = str(room.get("sandboxId"))
-        use, lim = room.get("usage") or {}, room.get("limits") or {}
+    for room in sample.sandboxes:
+        rid = room.sandbox_id
+        use, lim = room.usage, room.limits  # usage figures may be absent: .get gives None
         cpu = use.get("cpuTimeMs")
         pct = "-"
         if cpu is not None and rid in prev and now > prev[rid][0]:
             pct = f"{100 * (cpu - prev[rid][1]) / ((now - prev[rid][0]) * 1000):.0f}"
         if cpu is not None:
             prev[rid] = (now, cpu)
-        rows.append((rid, str(room.get("activeRuns", "-")), pct,
+        rows.append((rid, str(room.active_runs), pct,
                      "-" if cpu is None else f"{cpu / 1000:.1f}s",
                      _mib(use.get("memoryCurrentBytes")), _mib(use.get("memoryPeakBytes")),
                      _mib(lim.get("memoryBytes")),
@@ -430,12 +432,12 @@ def top(ctx: click.Context, interval: float, once: bool) -> None:
         prev: dict[str, tuple[float, int]] = {}
         with _client(ctx) as client:
             while True:
-                sample = client.call("stats", {})
+                sample = client.stats()
                 rows = top_rows(prev, sample, time.monotonic())
                 widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
                 if not once:
                     click.clear()
-                    click.echo(f"sandboxd rooms (cgroup backend {sample.get('backend')}), "
+                    click.echo(f"sandboxd rooms (cgroup backend {sample.backend}), "
                                f"every {interval:g} s; ^C to quit")
                 for r in rows:
                     click.echo("  ".join(safe(v).ljust(w)
@@ -603,22 +605,26 @@ def cp(ctx: click.Context, src: str, dest: str) -> None:
 
     The destination is a directory the source is placed in (created if missing). Archives from
     a room are extracted defensively: no absolute names, no "..", never through a symlink, no
-    devices, no setuid bits."""
+    devices, no setuid bits. On a terminal, stderr shows the archive bytes moved and the rate
+    as they go."""
     s, d = _room_path(src), _room_path(dest)
     if (s is None) == (d is None):
         raise click.UsageError("exactly one of SRC and DEST must be ROOM:PATH")
 
     def body() -> None:
+        progress = Progress("cp")  # bytes and rate on stderr when it is a terminal
         with _client(ctx) as client:
             if d is not None:
-                r = client.sandbox(d[0]).copy_to(src, d[1])
-                click.echo(f"copied {r['bytes']} bytes of archive into {d[0]}:{d[1]}", err=True)
+                up = client.sandbox(d[0]).copy_to(src, d[1], progress=progress)
+                progress.finish()
+                click.echo(f"copied {up.bytes} bytes of archive into {d[0]}:{d[1]}", err=True)
             elif s is not None:
-                r = client.sandbox(s[0]).copy_from(s[1], dest)
-                click.echo(f"copied {r['files']} files, {r['directories']} directories, "
-                           f"{r['symlinks']} symlinks ({r['bytes']} bytes) to {dest}"
-                           + (f"; skipped {r['skipped']} unsafe entries" if r["skipped"] else ""),
-                           err=True)
+                down = client.sandbox(s[0]).copy_from(s[1], dest, progress=progress)
+                progress.finish()
+                click.echo(f"copied {down.files} files, {down.directories} directories, "
+                           f"{down.symlinks} symlinks ({down.bytes} bytes) to {dest}"
+                           + (f"; skipped {down.skipped} unsafe entries" if down.skipped
+                              else ""), err=True)
 
     _run(body)
 

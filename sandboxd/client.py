@@ -47,10 +47,14 @@ __all__ = [
     "AsyncClient",
     "AsyncSandbox",
     "Client",
+    "CopyFromResult",
+    "CopyToResult",
     "ExecResult",
     "FileContent",
     "FileInfo",
     "OutputCallback",
+    "ProgressCallback",
+    "RunCodeResult",
     "Sandbox",
     "SandboxInfo",
 ]
@@ -73,9 +77,35 @@ _RECV = 256 * 1024
 # their wire dicts too (``result["exitCode"]``).
 
 ExecResult = protocol.ExecResult
+RunCodeResult = protocol.RunCodeResult
 SandboxInfo = protocol.SandboxInfo
 FileInfo = protocol.FileInfo
 R = TypeVar("R", bound=protocol.Result)
+
+#: ``progress(done)`` of the long operations (``copy_to``/``copy_from``): bytes moved so far.
+ProgressCallback = Callable[[int], Any]
+
+
+class CopyToResult(protocol.Result, frozen=True):
+    """``Sandbox.copy_to`` (client-side: writeFile in pieces, then ``tar -x`` in the room):
+    ``bytes`` of archive uploaded. Reads as a dict too (``r["bytes"]``), as it used to be."""
+
+    source: str
+    destination: str
+    bytes: int
+
+
+class CopyFromResult(protocol.Result, frozen=True):
+    """``Sandbox.copy_from`` (``tar -c`` in the room, streamed out, extracted defensively):
+    what was extracted, and how many unsafe entries were ``skipped``."""
+
+    source: str
+    destination: str
+    files: int
+    directories: int
+    symlinks: int
+    skipped: int
+    bytes: int
 
 
 class FileContent(protocol.ReadFileResult, frozen=True):
@@ -170,12 +200,14 @@ class _Uploader:
     """A write-only file object for ``tarfile`` (mode "w|"): every CHUNK_UPLOAD bytes become one
     ``writeFile(append)`` of a temporary archive in the room, so memory stays bounded."""
 
-    def __init__(self, sandbox: Sandbox, path: str) -> None:
+    def __init__(self, sandbox: Sandbox, path: str,
+                 progress: ProgressCallback | None = None) -> None:
         self.sandbox = sandbox
         self.path = path
         self.buf = bytearray()
         self.sent = 0
         self.first = True
+        self.progress = progress
 
     def write(self, data: bytes) -> int:
         self.buf += data
@@ -189,6 +221,23 @@ class _Uploader:
             self.sent += len(self.buf)
             self.buf.clear()
             self.first = False
+            if self.progress is not None:
+                self.progress(self.sent)
+
+
+class _Counted:
+    """A binary sink that reports the bytes written through it so far to ``progress``."""
+
+    def __init__(self, sink: Any, progress: ProgressCallback) -> None:
+        self.sink = sink
+        self.progress = progress
+        self.done = 0
+
+    def write(self, data: bytes) -> int:
+        self.sink.write(data)
+        self.done += len(data)
+        self.progress(self.done)
+        return len(data)
 
 
 def _open_dir_nofollow(parent: int, name: str) -> int:
@@ -787,17 +836,19 @@ class Sandbox:
             protocol.GitCheckoutResult,
             timeout=_call_deadline(self.client.timeout, timeout or 600))
 
-    def copy_to(self, src: str, dest_dir: str) -> dict[str, Any]:
+    def copy_to(self, src: str, dest_dir: str, *,
+                progress: ProgressCallback | None = None) -> CopyToResult:
         """Copy host file or directory ``src`` into room directory ``dest_dir`` (created).
 
         A tar stream is uploaded in CHUNK_UPLOAD pieces to a temporary archive in the room and
-        extracted there by ``tar`` (so the room's disk briefly holds both)."""
+        extracted there by ``tar`` (so the room's disk briefly holds both). ``progress`` gets
+        the archive bytes uploaded so far after each piece."""
         import os
         import secrets
         import tarfile
 
         tmp = f"/tmp/.sandboxd-cp-{secrets.token_hex(8)}.tar"
-        up = _Uploader(self, tmp)
+        up = _Uploader(self, tmp, progress)
         sink: Any = up  # write-only: tarfile's stream mode needs nothing more
         try:
             with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tf:
@@ -811,13 +862,15 @@ class Sandbox:
         finally:
             with contextlib.suppress(errors.SandboxError):
                 self.delete_file(tmp)
-        return {"source": src, "destination": dest_dir, "bytes": up.sent}
+        return CopyToResult(source=src, destination=dest_dir, bytes=up.sent)
 
-    def copy_from(self, src: str, dest_dir: str) -> dict[str, Any]:
+    def copy_from(self, src: str, dest_dir: str, *,
+                  progress: ProgressCallback | None = None) -> CopyFromResult:
         """Copy room file or directory ``src`` into host directory ``dest_dir`` (created).
 
         ``tar`` archives it in the room; the archive is streamed out through a host temporary
-        file (memory stays bounded) and extracted by :func:`safe_extract`."""
+        file (memory stays bounded) and extracted by :func:`safe_extract`. ``progress`` gets
+        the archive bytes received so far after each chunk."""
         import posixpath
         import secrets
         import tempfile
@@ -830,13 +883,14 @@ class Sandbox:
             if r.exit_code != 0:
                 raise errors.FileNotFound(f"cannot archive {src}: {r.stderr.strip()}", path=src)
             with tempfile.TemporaryFile() as spool:
-                self.read_file(tmp, stream=spool)
+                self.read_file(tmp, stream=spool if progress is None
+                               else _Counted(spool, progress))
                 spool.seek(0)
                 counts = safe_extract(spool, dest_dir)
         finally:
             with contextlib.suppress(errors.SandboxError):
                 self.delete_file(tmp)
-        return {"source": src, "destination": dest_dir, **counts}
+        return CopyFromResult(source=src, destination=dest_dir, **counts)
 
 
 # --- the asyncio client ------------------------------------------------------------------------
