@@ -125,3 +125,18 @@ def test_json_carries_scope_and_ends_with_a_newline(monkeypatch: pytest.MonkeyPa
     checks = json.loads(r.stdout)
     assert {c["scope"] for c in checks} == {"user", "host"}
     assert next(c for c in checks if c["name"] == "kernel")["scope"] == "host"
+
+
+def test_the_readme_first_screen_is_two_commands_then_what_you_see() -> None:
+    """Issue 22's "done": a newcomer's first screen (24 lines) is the two commands to type and
+    what they do, and the doctor and exit-code notes live further down."""
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(readme) as f:
+        screen = f.read().splitlines()[:24]
+    fences = [i for i, line in enumerate(screen) if line.startswith("```")]
+    assert len(fences) >= 2, screen
+    block = screen[fences[0] + 1:fences[1]]
+    assert block == ["./scripts/run.sh", "./scripts/test.sh"]
+    after = " ".join(screen[fences[1] + 1:])
+    assert "The first sets everything up" in after and "The second runs the test suite" in after
+    assert "doctor" not in " ".join(screen)
