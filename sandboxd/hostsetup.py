@@ -19,9 +19,12 @@ a symlink attack: ``~/.local/state -> /etc`` would make a naive ``chown -R`` han
 So directories are walked one component at a time with O_NOFOLLOW, following only symlinks that
 root owns in directories only root can write (``/home -> /usr/home``), and chowned by fd.
 
-``doctor()`` forks short-lived probe children (optionally dropping to USER first) for what can only
-be known by trying: unsharing a user namespace, mounting overlayfs inside one. Every check says what
-is missing and what that costs.
+``doctor()`` diagnoses one user (:class:`Subject`): the one ``--user`` names, else the one the
+daemon at the socket runs as (its SO_PEERCRED uid when it answers ``ping``), else the caller. It
+forks short-lived probe children (as that user, when root runs it) for what can only be known by
+trying: unsharing a user namespace, mounting overlayfs inside one. Every check says what is
+missing and what that costs; host-wide checks (scope "host": the kernel, the cgroup2 mount,
+probes only root can run as another user) are root's to fix and are reported apart.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import config, errors
+from . import config, errors, protocol
 
 # The one size of a daemon user's subordinate range, given by both `sandboxctl setup` and
 # scripts/install.sh (issue 22: they used to give 1 Mi and 64 Ki ids, two ranges for one user).
@@ -639,7 +642,7 @@ class Subject:
     gid: int
     socket: str  # the daemon's socket (asked, or where that user's daemon listens)
     why: str  # "--user" | "daemon" | "you"
-    ping: Any = None  # the daemon's ping result (protocol.PingResult) when one answered
+    ping: protocol.PingResult | None = None  # the daemon's answer, when one answered
     daemon_uid: int | None = None  # the uid the answering daemon runs as
     unreachable: str = ""  # why no daemon answered
 
@@ -667,7 +670,7 @@ class Subject:
         return f"{who}{asked}); no daemon answers at {self.socket}{hint}"
 
 
-def _ping(socket: str) -> tuple[Any, int | None, str]:
+def _ping(socket: str) -> tuple[protocol.PingResult | None, int | None, str]:
     """(ping result, the daemon's uid, "") or (None, None, why not)."""
     from .client import Client
 
