@@ -95,9 +95,11 @@ def test_public_names_are_pinned() -> None:
     from sandboxd import client
 
     assert sorted(client.__all__) == sorted([
-        "AsyncClient", "AsyncSandbox", "Client", "ExecResult", "FileContent", "FileInfo",
-        "OutputCallback", "Sandbox", "SandboxInfo"])
+        "AsyncClient", "AsyncSandbox", "Client", "CopyFromResult", "CopyToResult", "ExecResult",
+        "FileContent", "FileInfo", "OutputCallback", "ProgressCallback", "RunCodeResult",
+        "Sandbox", "SandboxInfo"])
     assert client.ExecResult is protocol.ExecResult
+    assert client.RunCodeResult is protocol.RunCodeResult
     assert issubclass(client.FileContent, protocol.METHODS["readFile"].result)
 
 
