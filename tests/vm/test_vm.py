@@ -38,6 +38,9 @@ GUEST_SELECTION = [
     "tests/security/test_escapes.py::test_proc_does_not_reach_the_host",
     "tests/security/test_escapes.py::test_signals_reach_neither_daemon_init_nor_other_rooms",
     "tests/security/test_escapes.py::test_nested_userns_and_mount_fail",
+    # The service under the guest's systemd: Delegate=yes/DelegateSubgroup=, hardening, restart,
+    # `systemctl kill -s KILL` + reconcile (the nspawn tier's tests, on real v2 controllers).
+    "tests/systemd/test_service.py",
 ]
 GUEST_TIMEOUT_S = int(os.environ.get("SANDBOXD_VM_TIMEOUT", "1500"))
 QEMU = "qemu-system-x86_64"
