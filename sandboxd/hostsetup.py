@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import config, errors
+from . import config, errors, kernel
 
 SUBID_COUNT = 65536
 # What `setup` gives: 256 per-room slices of 4096 ids (jail/user.py SLICE_SIZE), so that every
@@ -596,6 +596,15 @@ def _user_socket(uid: int, run_user_root: str = "/run/user", tmp_root: str = "/t
     return os.path.join(runtime, "sandboxd", "sandboxd.sock")
 
 
+def _check_kernel_features() -> list[Check]:
+    """The interfaces newer than Debian 12's baseline that sandboxd uses (sandboxd.kernel)."""
+    return [Check(f"kernel interface {f.name}", f.present,
+                  f"present (since {f.since})" if f.present
+                  else f"missing (since {f.since}){': ' + f.detail if f.detail else ''}",
+                  cost=f.cost, essential=f.required)
+            for f in kernel.probe()]
+
+
 def doctor(user: str | None = None, socket: str | None = None, *, subuid_path: str = SUBUID,
            subgid_path: str = SUBGID, daemon: bool = True) -> list[Check]:
     """What this host offers sandboxd. ``user`` (root only): probe as that user instead."""
@@ -620,6 +629,7 @@ def doctor(user: str | None = None, socket: str | None = None, *, subuid_path: s
     rootfs = config.default_rootfs()
     checks = [
         Check("kernel", True, f"{os.uname().sysname} {os.uname().release}"),
+        *_check_kernel_features(),
         _check_userns(ids, who),
         _check_overlay(ids, who, rootfs),
         *_check_cgroups(user),
