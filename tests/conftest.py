@@ -171,6 +171,8 @@ class DaemonProc:
     #: controller, v2 its parent, none when disabled) and those dirs relative to their hierarchy
     #: root, as they appear in /proc/PID/cgroup
     room_cgroup_dirs: list[str] = field(default_factory=list)
+    #: the daemon's cgroup backend as its ping reports it: "v1" | "v2" | "disabled"
+    cgroup_backend: str = ""
     room_cgroup_rel: list[str] = field(default_factory=list)
     #: host uids seen running room processes (descendants of the daemon below its zygotes), to
     #: find what survives the daemon itself (orphans lose their ancestry)
@@ -207,9 +209,10 @@ class DaemonProc:
         raise RuntimeError(f"sandboxd did not come up:\n{self.log()}")
 
     def v2_cgroup(self) -> str | None:
-        """On a pure cgroup v2 host, this daemon's own delegated cgroup (created and chowned to
-        its user on first use, below the ``sandboxctl setup`` parent ``sandboxd/<user>``); None
-        on hybrid and v1 hosts, where the daemon finds its v1 parents itself."""
+        """On a pure cgroup v2 host, the cgroup this daemon starts in: the ``supervisor`` leaf of
+        its own delegated cgroup (created and chowned to its user on first use, below the
+        ``sandboxctl setup`` parent ``sandboxd/<user>``); None on hybrid and v1 hosts, where the
+        daemon finds its v1 parents itself."""
         if not _pure_v2():
             return None
         parent = os.path.join(CGROUP_V2_PURE, "sandboxd", self.user.pw_name)
@@ -223,10 +226,17 @@ class DaemonProc:
             Path(parent, "cgroup.subtree_control").write_text(
                 " ".join("+" + c for c in sorted(want - have)))
         cg = os.path.join(parent, self.instance)
-        os.makedirs(cg, exist_ok=True)
-        for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
-            os.chown(os.path.join(cg, name) if name else cg, self.user.pw_uid, self.user.pw_gid)
-        return cg
+        # The daemon starts in the instance's "supervisor" leaf, as systemd >= 254 starts a unit
+        # with DelegateSubgroup=supervisor: the instance itself may hold no process once its
+        # controllers are enabled for rooms (cgroup v2's no-internal-process rule), which would
+        # make a restart after a crash fail to enter it.
+        leaf = os.path.join(cg, "supervisor")
+        os.makedirs(leaf, exist_ok=True)
+        for d in (cg, leaf):
+            for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+                os.chown(os.path.join(d, name) if name else d, self.user.pw_uid,
+                         self.user.pw_gid)
+        return leaf
 
     def remove_v2_cgroup(self) -> None:
         """rmdir this daemon's delegated v2 cgroup (children first) once it is empty; what is
@@ -296,6 +306,7 @@ class DaemonProc:
 
     def _learn_cgroups(self, cg: dict[str, object]) -> None:
         backend = cg.get("backend")
+        self.cgroup_backend = str(backend)
         if backend == "v1":
             dirs = [str(p) for p in (cg.get("paths") or {}).values()]  # type: ignore[attr-defined]
         elif backend == "v2":
