@@ -243,8 +243,7 @@ def test_wall_time_limit_is_to(client: Any, daemon: DaemonProc, room_id: str) ->
     # starting a shell and sleep(1) (measured alongside: ~2 ms here, ~100x that under the VM
     # tier's emulation), never the wall time it sat there.
     ref = sb.exec("sleep 0")
-    assert r.cpu_time_ms <= 2 * ref.cpu_time_ms + 50 and r.cpu_time_ms < r.wall_time_ms / 2, (
-        r.raw, ref.raw)
+    assert r.cpu_time_ms <= 2 * ref.cpu_time_ms + 50, (r.raw, ref.raw)
     host_ok(daemon, sb)
 
 
@@ -577,14 +576,17 @@ def test_stats_reports_room_usage(client: Any, daemon: DaemonProc, room_id: str)
     sb.get({"limits": {"memoryBytes": 256 * MiB}})
     before = client.call("stats", {"sandboxId": room_id})["sandboxes"][0]["usage"]["cpuTimeMs"]
     burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"
-    sb.exec("python3", ["-c", burn])
+    r = sb.exec("python3", ["-c", burn])
     out = client.call("stats", {"sandboxId": room_id})
     assert out["backend"] == daemon.cgroup_backend and out["backend"] in ("v1", "v2")
     (room,) = out["sandboxes"]
     assert (room["sandboxId"], room["activeRuns"], room["limits"]["memoryBytes"]) == (
         room_id, 0, 256 * MiB)
     use = room["usage"]
-    assert 300 <= use["cpuTimeMs"] - before <= 450, use
+    # The room's CPU time grew by the run's (which burned 300 ms, plus what starting python
+    # costs here: ~30 ms, over a second under the VM tier's emulation), give or take the init.
+    assert r.cpu_time_ms >= 300, r.raw
+    assert r.cpu_time_ms - 50 <= use["cpuTimeMs"] - before <= r.cpu_time_ms + 150, (use, r.raw)
     assert use["pidsCurrent"] >= 1 and use["memoryPeakBytes"] > 0 and use["oomKills"] == 0
     listed = {s["sandboxId"] for s in client.call("stats", {})["sandboxes"]}
     assert room_id in listed
