@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from . import __version__, errors
+from . import __version__, errors, kernel
 from . import config as configmod
 from .coderun.service import CodeRunService
 from .config import DaemonConfig
@@ -134,7 +134,13 @@ class Daemon:
         self.zygote.on_death = self._zygote_died
         rooms = RoomManager(self.config, backend, self.zygote, self.ids, self._build_seccomp())
         self.rooms = rooms
-        self.facts = HostFacts(self.config, backend, self.ids, self.seccomp)
+        features = kernel.probe()
+        for f in features:
+            if not f.present:
+                log.log(logging.ERROR if f.required else logging.WARNING,
+                        "kernel lacks %s (since %s): %s", f.name, f.since, f.cost)
+        self.facts = HostFacts(self.config, backend, self.ids, self.seccomp,
+                               kernel=kernel.summary(features))
         self.server.services = Services(rooms=rooms, config=self.config, facts=self.facts,
                                         coderun=CodeRunService(self.config.rootfs))
         cleaned = rooms.reconcile()

@@ -28,13 +28,15 @@ class HostFacts:
     backend: CgroupBackend
     ids: IdPlan
     seccomp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+    #: what the kernel offers of the interfaces newer than Debian 12's (sandboxd.kernel.summary)
+    kernel: dict[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> protocol.Capabilities:
         return protocol.Capabilities(
             namespaces=NAMESPACES, cgroup=self.backend.describe(), rootfs=self.config.rootfs,
             id_mapping=self.ids.mode,  # "single" | "subordinate"
             id_slices=dict(self.ids.describe()), seccomp=self.seccomp,
-            limits=sorted(self.enforceable_limits()))
+            limits=sorted(self.enforceable_limits()), kernel=self.kernel)
 
     def enforceable_limits(self) -> set[str]:
         """Wire names of the limits this host enforces (rooms and runs), from the limits table."""

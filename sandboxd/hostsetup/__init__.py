@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .. import config, errors, protocol
+from .. import config, errors, kernel, protocol
 
 # The one size of a daemon user's subordinate range, given by both `sandboxctl setup` and
 # scripts/install.sh (issue 22: they used to give 1 Mi and 64 Ki ids, two ranges for one user).
@@ -623,6 +623,15 @@ def _user_socket(uid: int, run_user_root: str = "/run/user", tmp_root: str = "/t
     return os.path.join(runtime, "sandboxd", "sandboxd.sock")
 
 
+def _check_kernel_features() -> list[Check]:
+    """The interfaces newer than Debian 12's baseline that sandboxd uses (sandboxd.kernel)."""
+    return [Check(f"kernel interface {f.name}", f.present,
+                  f"present (since {f.since})" if f.present
+                  else f"missing (since {f.since}){': ' + f.detail if f.detail else ''}",
+                  cost=f.cost, essential=f.required, scope="host")
+            for f in kernel.probe()]
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -750,7 +759,8 @@ def doctor(user: str | None = None, socket: str | None = None, *,
     ids = (subject.uid, subject.gid) if subject.uid != me else None
     who = subject.user if subject.uid else "root"
     rootfs = subject.rootfs
-    checks = [Check("kernel", True, f"{os.uname().sysname} {os.uname().release}", scope="host")]
+    checks = [Check("kernel", True, f"{os.uname().sysname} {os.uname().release}", scope="host"),
+              *_check_kernel_features()]
     if ids is not None and me != 0:
         checks += [Check(name, True, f"not probed: only root can run the probe as "
                          f"{subject.user} (sudo sandboxctl doctor)", essential=True,
