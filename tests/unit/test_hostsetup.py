@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd import hostsetup
+from sandboxd import hostsetup, kernel
 from sandboxd.hostsetup import SubIdRange, allocate, ensure_subids, parse_subids
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
@@ -210,8 +210,12 @@ def test_doctor_returns_checks() -> None:
         assert expected in names
     assert any(n.startswith("cgroup") for n in names)
     assert all(isinstance(c, hostsetup.Check) and c.detail for c in checks)
+    # Essential: the two namespace probes and the kernel interfaces a room cannot work without
+    # (sandboxd.kernel's required ones), nothing else (a cgroup or rootfs problem only degrades).
+    required = {f"kernel interface {f.name}" for f in kernel.probe() if f.required}
+    assert required, "openat2 and pidfd_open are required"
     assert {c.name for c in checks if c.essential} == {"user namespaces",
-                                                       "overlayfs in a user namespace"}
+                                                       "overlayfs in a user namespace"} | required
     assert all(c.cost for c in checks if not c.ok)
 
 
