@@ -394,6 +394,135 @@ def sh(ctx: click.Context, room: str, line: str, cwd: str | None, env: tuple[str
           _limits(cpu_time, memory, pids, output_limit), report)
 
 
+# --- background processes: start / ps / logs / kill ----------------------------------------------
+
+
+@main.command(cls=_ArgvCommand, epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
+@click.option("--name", "process_id", metavar="ID",
+              help="The process's id (1-63 of A-Z a-z 0-9 _ . -; default: generated).")
+@click.option("--cwd", metavar="DIR", help="Working directory (default: /workspace).")
+@click.option("--env", "-e", multiple=True, metavar="KEY=VALUE",
+              help="Set an environment variable (repeatable).")
+@click.option("--user", "-u", type=click.Choice(["root", "sandbox"]),
+              help="Run as the room's root (default) or its unprivileged user.")
+@click.option("--json", "as_json", is_flag=True, help="Print the process's record as JSON.")
+@click.pass_context
+def start(ctx: click.Context, room: str, argv: tuple[str, ...], process_id: str | None,
+          cwd: str | None, env: tuple[str, ...], user: str | None, as_json: bool) -> None:
+    """Start CMD in ROOM in the background and print its id; it keeps running after this
+    command exits (see `ps`, `logs`, `kill`). A lone CMD with no ARG is a shell line.
+
+    \b
+    Example: sandboxctl start r1 --name web -- python3 -m http.server 8000
+             sandboxctl start r1 'while sleep 1; do date; done'
+    """
+    command, args = (argv[0], None) if len(argv) == 1 else (argv[0], list(argv[1:]))
+
+    def body() -> None:
+        with _client(ctx) as client:
+            proc = client.sandbox(room).start_process(
+                command, args, process_id=process_id, cwd=cwd, env=_parse_env(env), user=user)
+        if as_json:
+            _print_json(proc.record.raw)
+        elif proc.record.status == "running":
+            click.echo(f"{proc.id} pid {proc.pid}")
+        else:
+            click.echo(f"{proc.id} {proc.record.status}: {proc.record.get('error', '')}",
+                       err=True)
+            raise SystemExit(EXIT_ERROR)
+
+    _run(body)
+
+
+def process_rows(records: Sequence[protocol.ProcessInfo]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [("ID", "PID", "STATUS", "EXIT", "STARTED", "COMMAND")]
+    for r in records:
+        code = r.get("exitCode")
+        rows.append((safe(r.process_id), str(r.pid), safe(r.status),
+                     "-" if code is None else str(code), safe(_when(r.started_at)),
+                     safe(r.command)))
+    return rows
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+@click.pass_context
+def ps(ctx: click.Context, room: str, as_json: bool) -> None:
+    """List ROOM's background processes, running and ended."""
+
+    def body() -> None:
+        with _client(ctx) as client:
+            records = client.sandbox(room).list_processes()
+        if as_json:
+            _print_json([r.raw for r in records])
+            return
+        rows = process_rows(records)
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        for r in rows:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+    _run(body)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("process_id", metavar="ID")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing new output until the process ends.")
+@click.option("--stdout-offset", type=click.IntRange(min=0), metavar="N",
+              help="Start at byte N of stdout (resume where an earlier read stopped).")
+@click.option("--stderr-offset", type=click.IntRange(min=0), metavar="N",
+              help="Start at byte N of stderr.")
+@click.pass_context
+def logs(ctx: click.Context, room: str, process_id: str, follow: bool,
+         stdout_offset: int | None, stderr_offset: int | None) -> None:
+    """Print process ID's buffered output (stdout and stderr); with -f, follow it. On stderr
+    a last line says where to resume (the offsets) and, once it ended, how it ended."""
+
+    def body() -> int:
+        with _client(ctx) as client:
+            sb = client.sandbox(room)
+            if follow:
+                rec = sb.stream_process_logs(process_id, _stream, stdout_offset=stdout_offset,
+                                             stderr_offset=stderr_offset)
+                click.echo(f"sandboxctl: {process_id} {rec.status}"
+                           + (f", exit {rec.get('exitCode')}" if "exitCode" in rec else ""),
+                           err=True)
+                return EXIT_OK
+            got = sb.process_logs(process_id, stdout_offset=stdout_offset,
+                                  stderr_offset=stderr_offset)
+        _stream("stdout", got.stdout)
+        _stream("stderr", got.stderr)
+        note = " (older output was dropped)" if got.truncated else ""
+        click.echo(f"sandboxctl: --stdout-offset {got.stdout_offset} --stderr-offset "
+                   f"{got.stderr_offset}{note}", err=True)
+        return EXIT_OK
+
+    _run(body)
+
+
+@main.command("kill", epilog=EXIT_CODES_HELP)
+@click.argument("room")
+@click.argument("process_id", metavar="ID")
+@click.option("--signal", "-s", "sig", default=None, metavar="SIG",
+              help="Signal name or number (default TERM); whatever is left 2 s later is killed.")
+@click.pass_context
+def kill_(ctx: click.Context, room: str, process_id: str, sig: str | None) -> None:
+    """Kill process ID's whole tree in ROOM (everything it started, however detached)."""
+
+    def body() -> None:
+        signal_arg: int | str | None = int(sig) if sig is not None and sig.isdigit() else sig
+        with _client(ctx) as client:
+            rec = client.sandbox(room).kill_process(process_id, signal_arg)
+        click.echo(f"{process_id} {rec.status}"
+                   + (f" ({rec.get('signal')})" if rec.get("signal") else ""))
+
+    _run(body)
+
+
 # --- top ---------------------------------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncClient",
+    "AsyncProcess",
     "AsyncSandbox",
     "Client",
     "CopyFromResult",
@@ -53,6 +54,7 @@ __all__ = [
     "FileContent",
     "FileInfo",
     "OutputCallback",
+    "Process",
     "ProgressCallback",
     "RunCodeResult",
     "Sandbox",
@@ -895,6 +897,68 @@ class Sandbox:
 
 # --- the asyncio client ------------------------------------------------------------------------
 
+    # -- background processes (docs/processes.md)
+
+    def start_process(self, command: str, args: Sequence[str] | None = None, *,
+                      process_id: str | None = None, cwd: str | None = None,
+                      env: Mapping[str, str | None] | None = None, limits: Limits = None,
+                      user: str | None = None) -> Process:
+        """Start ``command`` (argv form with ``args``, else a shell line) in the background;
+        the returned handle reads its logs, follows it, waits for it and kills it. It keeps
+        running after this client goes, until it exits, is killed or the room goes."""
+        rec = self.client.request("startProcess", _start_params(
+            self.id, command, args, process_id, cwd, env, limits, user), protocol.ProcessInfo)
+        return Process(self, rec)
+
+    def process(self, process_id: str) -> Process:
+        """A handle on an existing process (reconnecting: another client may have started it)."""
+        return Process(self, self.get_process(process_id))
+
+    def get_process(self, process_id: str) -> protocol.ProcessInfo:
+        return self.client.request("getProcess", protocol.ProcessParams(
+            sandbox_id=self.id, process_id=process_id), protocol.ProcessInfo)
+
+    def list_processes(self) -> list[protocol.ProcessInfo]:
+        return self.client.request("listProcesses", protocol.ListProcessesParams(
+            sandbox_id=self.id), protocol.ListProcessesResult).processes
+
+    def process_logs(self, process_id: str, *, stdout_offset: int | None = None,
+                     stderr_offset: int | None = None) -> protocol.ProcessLogs:
+        """Buffered output from the offsets (absolute bytes); pass back the offsets you got."""
+        return self.client.request("getProcessLogs", _build(
+            protocol.ProcessLogsParams, sandbox_id=self.id, process_id=process_id,
+            stdout_offset=stdout_offset, stderr_offset=stderr_offset), protocol.ProcessLogs)
+
+    def stream_process_logs(self, process_id: str, on_output: OutputCallback, *,
+                            stdout_offset: int | None = None,
+                            stderr_offset: int | None = None) -> protocol.ProcessInfo:
+        """Replay the buffered output from the offsets, then follow it live into
+        ``on_output(stream, text)``; returns the final record once the process ended."""
+        return self.client.request("streamProcessLogs", _build(
+            protocol.ProcessLogsParams, sandbox_id=self.id, process_id=process_id,
+            stdout_offset=stdout_offset, stderr_offset=stderr_offset), protocol.ProcessInfo,
+            _process_output_router(on_output))
+
+    def kill_process(self, process_id: str,
+                     signal: int | str | None = None) -> protocol.ProcessInfo:
+        """``signal`` (default SIGTERM) to the whole tree, SIGKILL 2 s later for what is left."""
+        return self.client.request("killProcess", _build(
+            protocol.KillProcessParams, sandbox_id=self.id, process_id=process_id,
+            signal=signal), protocol.ProcessInfo)
+
+    def kill_all_processes(self) -> int:
+        return self.client.request("killAllProcesses", protocol.KillAllProcessesParams(
+            sandbox_id=self.id), protocol.KillAllProcessesResult).killed
+
+    def wait_for_log(self, process_id: str, pattern: str, *, regex: bool = False,
+                     timeout: float | None = None) -> str:
+        """The first line (buffered or new) containing ``pattern``."""
+        return self.client.request("waitForLog", _build(
+            protocol.WaitForLogParams, sandbox_id=self.id, process_id=process_id,
+            pattern=pattern, regex=regex, timeout=_timeout_ms(timeout)),
+            protocol.WaitForLogResult,
+            timeout=_call_deadline(self.client.timeout, timeout)).line
+
 
 class _Pending:
     __slots__ = ("future", "on_notification")
@@ -1231,3 +1295,207 @@ class AsyncSandbox:
                                   depth=depth, timeout=_timeout_ms(timeout)),
             protocol.GitCheckoutResult,
             timeout=_call_deadline(self.client.timeout, timeout or 600))
+
+
+    # -- background processes (the same as Sandbox's)
+
+    async def start_process(self, command: str, args: Sequence[str] | None = None, *,
+                            process_id: str | None = None, cwd: str | None = None,
+                            env: Mapping[str, str | None] | None = None, limits: Limits = None,
+                            user: str | None = None) -> AsyncProcess:
+        rec = await self.client.request("startProcess", _start_params(
+            self.id, command, args, process_id, cwd, env, limits, user), protocol.ProcessInfo)
+        return AsyncProcess(self, rec)
+
+    async def process(self, process_id: str) -> AsyncProcess:
+        return AsyncProcess(self, await self.get_process(process_id))
+
+    async def get_process(self, process_id: str) -> protocol.ProcessInfo:
+        return await self.client.request("getProcess", protocol.ProcessParams(
+            sandbox_id=self.id, process_id=process_id), protocol.ProcessInfo)
+
+    async def list_processes(self) -> list[protocol.ProcessInfo]:
+        return (await self.client.request("listProcesses", protocol.ListProcessesParams(
+            sandbox_id=self.id), protocol.ListProcessesResult)).processes
+
+    async def process_logs(self, process_id: str, *, stdout_offset: int | None = None,
+                           stderr_offset: int | None = None) -> protocol.ProcessLogs:
+        return await self.client.request("getProcessLogs", _build(
+            protocol.ProcessLogsParams, sandbox_id=self.id, process_id=process_id,
+            stdout_offset=stdout_offset, stderr_offset=stderr_offset), protocol.ProcessLogs)
+
+    async def stream_process_logs(self, process_id: str, on_output: OutputCallback, *,
+                                  stdout_offset: int | None = None,
+                                  stderr_offset: int | None = None) -> protocol.ProcessInfo:
+        """``on_output`` may be a coroutine function."""
+        return await self.client.request("streamProcessLogs", _build(
+            protocol.ProcessLogsParams, sandbox_id=self.id, process_id=process_id,
+            stdout_offset=stdout_offset, stderr_offset=stderr_offset), protocol.ProcessInfo,
+            _process_output_router(on_output))
+
+    async def kill_process(self, process_id: str,
+                           signal: int | str | None = None) -> protocol.ProcessInfo:
+        return await self.client.request("killProcess", _build(
+            protocol.KillProcessParams, sandbox_id=self.id, process_id=process_id,
+            signal=signal), protocol.ProcessInfo)
+
+    async def kill_all_processes(self) -> int:
+        return (await self.client.request("killAllProcesses", protocol.KillAllProcessesParams(
+            sandbox_id=self.id), protocol.KillAllProcessesResult)).killed
+
+    async def wait_for_log(self, process_id: str, pattern: str, *, regex: bool = False,
+                           timeout: float | None = None) -> str:
+        return (await self.client.request("waitForLog", _build(
+            protocol.WaitForLogParams, sandbox_id=self.id, process_id=process_id,
+            pattern=pattern, regex=regex, timeout=_timeout_ms(timeout)),
+            protocol.WaitForLogResult,
+            timeout=_call_deadline(self.client.timeout, timeout))).line
+
+
+# --- background processes: params and handles ----------------------------------------------------
+
+#: Ended statuses of a process record (``running`` is the only other one).
+PROCESS_ENDED = frozenset({"completed", "failed", "killed", "error"})
+#: How often ``wait()`` asks for a record (the wire has no "wait for exit" of its own).
+_WAIT_POLL_S = (0.02, 0.25)
+
+
+def _start_params(sandbox_id: str, command: str, args: Sequence[str] | None,
+                  process_id: str | None, cwd: str | None,
+                  env: Mapping[str, str | None] | None, limits: Limits,
+                  user: str | None) -> protocol.StartProcessParams:
+    return _build(protocol.StartProcessParams, sandbox_id=sandbox_id, command=command,
+                  args=list(args) if args is not None else None, process_id=process_id,
+                  cwd=cwd, env=dict(env) if env is not None else None, limits=limits, user=user)
+
+
+def _process_output_router(on_output: OutputCallback) -> NotificationCallback:
+    def route(method: str, params: dict[str, Any]) -> Any:
+        if method == "process.output":
+            return on_output(str(params.get("stream", "stdout")), str(params.get("data", "")))
+        return None
+    return route
+
+
+def _port_params(process_id: str, port: int, mode: str | None, path: str | None,
+                 timeout: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"port": port, "processId": process_id}
+    for key, value in (("mode", mode), ("path", path), ("timeout", _timeout_ms(timeout))):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+class Process:
+    """A background process of a :class:`Sandbox` (``start_process``, ``process``)."""
+
+    def __init__(self, sandbox: Sandbox, record: protocol.ProcessInfo) -> None:
+        self.sandbox = sandbox
+        self.record = record  # as of the last call that returned one
+        self.id = record.process_id
+        self.pid = record.pid
+        self.command = record.command
+
+    def __repr__(self) -> str:
+        return f"Process({self.sandbox.id!r}, {self.id!r})"
+
+    def info(self) -> protocol.ProcessInfo:
+        self.record = self.sandbox.get_process(self.id)
+        return self.record
+
+    def logs(self, *, stdout_offset: int | None = None,
+             stderr_offset: int | None = None) -> protocol.ProcessLogs:
+        return self.sandbox.process_logs(self.id, stdout_offset=stdout_offset,
+                                         stderr_offset=stderr_offset)
+
+    def stream(self, on_output: OutputCallback, *, stdout_offset: int | None = None,
+               stderr_offset: int | None = None) -> protocol.ProcessInfo:
+        self.record = self.sandbox.stream_process_logs(
+            self.id, on_output, stdout_offset=stdout_offset, stderr_offset=stderr_offset)
+        return self.record
+
+    def wait_for_log(self, pattern: str, *, regex: bool = False,
+                     timeout: float | None = None) -> str:
+        return self.sandbox.wait_for_log(self.id, pattern, regex=regex, timeout=timeout)
+
+    def wait_for_port(self, port: int, *, mode: str | None = None, path: str | None = None,
+                      timeout: float | None = None) -> Any:
+        """``waitForPort`` for this process (PROCESS_EXITED_BEFORE_READY if it ends first)."""
+        return self.sandbox.client.call(
+            "waitForPort", {"sandboxId": self.sandbox.id,
+                            **_port_params(self.id, port, mode, path, timeout)},
+            timeout=_call_deadline(self.sandbox.client.timeout, timeout))
+
+    def wait(self, timeout: float | None = None) -> protocol.ProcessInfo:
+        """Until the process ended (its final record); TimeoutError past ``timeout`` s."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _WAIT_POLL_S[0]
+        while (rec := self.info()).status not in PROCESS_ENDED:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"process {self.id} still running after {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, _WAIT_POLL_S[1])
+        return rec
+
+    def kill(self, signal: int | str | None = None) -> protocol.ProcessInfo:
+        self.record = self.sandbox.kill_process(self.id, signal)
+        return self.record
+
+
+class AsyncProcess:
+    """A background process of an :class:`AsyncSandbox`; the same methods as :class:`Process`."""
+
+    def __init__(self, sandbox: AsyncSandbox, record: protocol.ProcessInfo) -> None:
+        self.sandbox = sandbox
+        self.record = record
+        self.id = record.process_id
+        self.pid = record.pid
+        self.command = record.command
+
+    def __repr__(self) -> str:
+        return f"AsyncProcess({self.sandbox.id!r}, {self.id!r})"
+
+    async def info(self) -> protocol.ProcessInfo:
+        self.record = await self.sandbox.get_process(self.id)
+        return self.record
+
+    async def logs(self, *, stdout_offset: int | None = None,
+                   stderr_offset: int | None = None) -> protocol.ProcessLogs:
+        return await self.sandbox.process_logs(self.id, stdout_offset=stdout_offset,
+                                               stderr_offset=stderr_offset)
+
+    async def stream(self, on_output: OutputCallback, *, stdout_offset: int | None = None,
+                     stderr_offset: int | None = None) -> protocol.ProcessInfo:
+        self.record = await self.sandbox.stream_process_logs(
+            self.id, on_output, stdout_offset=stdout_offset, stderr_offset=stderr_offset)
+        return self.record
+
+    async def wait_for_log(self, pattern: str, *, regex: bool = False,
+                           timeout: float | None = None) -> str:
+        return await self.sandbox.wait_for_log(self.id, pattern, regex=regex, timeout=timeout)
+
+    async def wait_for_port(self, port: int, *, mode: str | None = None,
+                            path: str | None = None, timeout: float | None = None) -> Any:
+        return await self.sandbox.client.call(
+            "waitForPort", {"sandboxId": self.sandbox.id,
+                            **_port_params(self.id, port, mode, path, timeout)},
+            timeout=_call_deadline(self.sandbox.client.timeout, timeout))
+
+    async def wait(self, timeout: float | None = None) -> protocol.ProcessInfo:
+        import asyncio
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _WAIT_POLL_S[0]
+        while (rec := await self.info()).status not in PROCESS_ENDED:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"process {self.id} still running after {timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _WAIT_POLL_S[1])
+        return rec
+
+    async def kill(self, signal: int | str | None = None) -> protocol.ProcessInfo:
+        self.record = await self.sandbox.kill_process(self.id, signal)
+        return self.record

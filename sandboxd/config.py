@@ -157,6 +157,15 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # A streamed readFile of a larger file is FILE_TOO_LARGE: a 100 GB sparse file costs a room
     # nothing and a client's disk everything (issue 10, M3).
     max_stream_read_bytes: int = 1024 * MiB
+    # Background processes (startProcess; docs/processes.md). Live ones count as runs too
+    # (max_runs_per_room, max_runs_per_uid); these bound what they keep in the daemon.
+    max_processes_per_room: Annotated[int, msgspec.Meta(ge=0)] = 16  # live ones
+    # Each stream's ring (stdout, stderr): the newest bytes kept, the older ones dropped.
+    process_log_bytes: Annotated[int, msgspec.Meta(ge=1024, le=MAX_BYTES)] = 1 * MiB
+    # What one room's process records may hold in all: a live process reserves two full rings,
+    # an ended one what it still holds; the oldest ended records are dropped to make room.
+    max_process_log_bytes_per_room: Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)] = 64 * MiB
+    max_ended_processes_per_room: Annotated[int, msgspec.Meta(ge=0)] = 64  # oldest dropped
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

@@ -20,6 +20,7 @@
     ├── FileError               (file API; subclasses carry FILE_NOT_FOUND, IS_DIRECTORY, ...)
     ├── GitError                (gitCheckout; GIT_* codes)
     ├── UnsupportedLanguage     UNSUPPORTED_LANGUAGE
+    ├── ProcessError            (background processes; PROCESS_* codes)
     ├── DaemonUnreachable       DAEMON_UNREACHABLE (client side only: no socket / refused)
     └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
 
@@ -213,6 +214,37 @@ class InvalidGitUrl(GitError):
 
 class GitCloneFailed(GitError):
     code = "GIT_CLONE_FAILED"
+
+
+# --- background processes ----------------------------------------------------------------------
+
+
+class ProcessError(SandboxError):
+    code = "PROCESS_ERROR"
+
+
+class ProcessExists(ProcessError):
+    """startProcess: a live process of the room already has this processId."""
+
+    code = "PROCESS_EXISTS"
+
+
+class ProcessNotFound(ProcessError):
+    """No process (live, or an ended record still kept) of the room has this processId."""
+
+    code = "PROCESS_NOT_FOUND"
+
+
+class ProcessExitedBeforeReady(ProcessError):
+    """waitForLog / waitForPort: the process ended first (``exitCode``, ``status``)."""
+
+    code = "PROCESS_EXITED_BEFORE_READY"
+
+
+class ProcessReadyTimeout(ProcessError):
+    """waitForLog / waitForPort: not ready within ``timeout`` ms."""
+
+    code = "PROCESS_READY_TIMEOUT"
 
 
 # --- failures that are not ours, as wire errors -------------------------------------------------

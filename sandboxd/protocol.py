@@ -332,6 +332,121 @@ class ExecResult(RunReport, frozen=True):
     timestamp: str = ""
 
 
+# --- background processes (docs/processes.md) ----------------------------------------------------
+
+#: 1-63 characters of [A-Za-z0-9_.-] (a generated one when startProcess names none)
+ProcessId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
+
+
+class StartProcessParams(Params, frozen=True):
+    sandbox_id: str
+    command: Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
+    args: list[str] | None = None
+    process_id: ProcessId | None = None
+    cwd: Path | None = None
+    env: dict[str, str | None] | None = None  # as exec's: null unsets
+    user: User = "root"
+    limits: RunLimits | None = None
+    #: accepted for the Cloudflare SDK's sake; a room is one session
+    session_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class ProcessInfo(Result, frozen=True):
+    """One process record (startProcess, getProcess, listProcesses, killProcess, the answer
+    of streamProcessLogs). ``status``: running, completed (exit 0), failed (another exit),
+    killed (killProcess, killAllProcesses, a limit, the room going), error (could not start).
+    Once it ended: ``endedAt``, ``exitCode``, ``signal`` and exec's report, its verdict as
+    ``verdict`` (OK RE SG TO ML OL XX)."""
+
+    process_id: str
+    pid: int
+    command: str
+    status: str
+    started_at: str
+    ended_at: str | Unset = UNSET
+    exit_code: int | Unset = UNSET
+    signal: str | Unset | None = UNSET
+    verdict: str | Unset = UNSET
+    timed_out: bool | Unset = UNSET
+    limit_exceeded: str | Unset | None = UNSET
+    oom_killed: bool | Unset = UNSET
+    output_truncated: bool | Unset = UNSET
+    cpu_time_ms: int | Unset | None = UNSET
+    wall_time_ms: int | Unset | None = UNSET
+    memory_peak_bytes: int | Unset | None = UNSET
+    pids_peak: int | Unset | None = UNSET
+    error: str | Unset = UNSET
+
+
+class ProcessParams(Params, frozen=True):
+    sandbox_id: str
+    process_id: ProcessId
+
+
+class ListProcessesParams(Params, frozen=True):
+    sandbox_id: str
+
+
+class ListProcessesResult(Result, frozen=True):
+    processes: list[ProcessInfo]
+
+
+class ProcessLogsParams(Params, frozen=True):
+    """Offsets are absolute byte positions in each stream (0: its first byte ever)."""
+
+    sandbox_id: str
+    process_id: ProcessId
+    stdout_offset: NonNegInt | None = None
+    stderr_offset: NonNegInt | None = None
+
+
+class ProcessLogs(Result, frozen=True):
+    """What each stream's ring holds from the offsets asked for; pass the offsets back to read
+    only what is new. ``truncated``: bytes at or after an asked offset had been dropped."""
+
+    stdout: str
+    stderr: str
+    stdout_offset: int
+    stderr_offset: int
+    truncated: bool
+
+
+class ProcessOutput(Notification, frozen=True):
+    """A chunk of a streamed process's output (streamProcessLogs)."""
+
+    method: ClassVar[str] = "process.output"
+    process_id: str
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class KillProcessParams(Params, frozen=True):
+    sandbox_id: str
+    process_id: ProcessId
+    #: a number or a name ("SIGTERM", "TERM"); default SIGTERM
+    signal: Annotated[int, msgspec.Meta(ge=1, le=64)] | str | None = None
+
+
+class KillAllProcessesParams(Params, frozen=True):
+    sandbox_id: str
+
+
+class KillAllProcessesResult(Result, frozen=True):
+    killed: int
+
+
+class WaitForLogParams(Params, frozen=True):
+    sandbox_id: str
+    process_id: ProcessId
+    pattern: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    regex: bool = False
+    timeout: Millis | None = None
+
+
+class WaitForLogResult(Result, frozen=True):
+    line: str
+
+
 # --- files ---------------------------------------------------------------------------------------
 
 
@@ -650,6 +765,21 @@ METHODS: dict[str, Method] = {
     "listLanguages": Method(ListLanguagesParams, ListLanguagesResult,
                             summary="the languages and their toolchains"),
     "stats": Method(StatsParams, StatsResult, summary="live usage of the caller's rooms"),
+    "startProcess": Method(StartProcessParams, ProcessInfo,
+                           summary="start a background process"),
+    "getProcess": Method(ProcessParams, ProcessInfo, summary="a process's record"),
+    "listProcesses": Method(ListProcessesParams, ListProcessesResult,
+                            summary="the room's processes, running and ended"),
+    "getProcessLogs": Method(ProcessLogsParams, ProcessLogs,
+                             summary="a process's output from byte offsets"),
+    "streamProcessLogs": Method(ProcessLogsParams, ProcessInfo, (ProcessOutput,),
+                                summary="replay, then follow a process's output"),
+    "killProcess": Method(KillProcessParams, ProcessInfo,
+                          summary="signal a process's whole tree, then kill it"),
+    "killAllProcesses": Method(KillAllProcessesParams, KillAllProcessesResult,
+                               summary="kill every live process of the room"),
+    "waitForLog": Method(WaitForLogParams, WaitForLogResult,
+                         summary="wait for a line of a process's output"),
 }
 
 #: Every notification, by its method name.

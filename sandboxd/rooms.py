@@ -44,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import psutil
@@ -64,6 +64,9 @@ from .jail.cgroup.disabled import unattached
 from .jail.cgroup.interface import CgroupBackend, RoomCgroup, RunCgroupLimits
 from .jail.handles import RoomHandle, Zygote
 from .jail.messages import RoomSpec
+
+if TYPE_CHECKING:
+    from .processes import ProcessTable
 
 log = logging.getLogger("sandboxd.rooms")
 
@@ -140,6 +143,9 @@ class Room:
         # Run ids count per room: a daemon-wide counter showed in /proc/self/cgroup and told
         # every room how busy the other tenants were (issue 10, M4).
         self.run_ids = itertools.count(1)
+        # Its background processes (processes.table makes it on first use); each live one is
+        # also one of ``active_runs``.
+        self.processes: ProcessTable | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         # Request tasks using the room (any method: a streamed readFile, a long file operation,
         # an exec): the idle reaper leaves a room alone while one is running.

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from . import errors
 from .jail import JailError
 from .jail import messages as jm
-from .jail.cgroup.interface import CgroupStats
+from .jail.cgroup.interface import CgroupStats, RunCgroup
 from .jail.user import SANDBOX_UID
 from .protocol import RunLimits, validate_text
 
@@ -72,6 +72,33 @@ DRAIN_AFTER_EXIT_S = 0.5
 READ_CHUNK = 64 * 1024
 
 OutputCallback = Callable[[str, str], Awaitable[None]]
+#: Raw bytes of a stream as they are read (``processes``: into its log rings); never blocks.
+DataCallback = Callable[[str, bytes], None]
+
+
+class RunControl:
+    """A run seen from outside the call that runs it (``processes``: background processes).
+
+    ``run`` fills it in: the run's id and cgroup before the spawn, ``spawned`` (the pid in the
+    room, or the spawn's exception) once the init answered; :meth:`kill` ends the run as the
+    watchdog's own kills do (its cgroup, then the process group), with ``reason`` as the
+    watchdog's reason (none of "wall", "cpu", "output": the verdict then says what the program
+    died of)."""
+
+    def __init__(self) -> None:
+        self.run_id = ""
+        self.cgroup: RunCgroup | None = None
+        self.spawned: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # (a spawn failure nobody asked about must not be logged as "never retrieved")
+        self.spawned.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._kill: Callable[[str], None] | None = None
+        self.kill_reason: str | None = None
+
+    def kill(self, reason: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        if self._kill is not None:
+            self._kill(reason)
 
 
 @dataclass(frozen=True)
@@ -88,6 +115,11 @@ class RunSpec:
     output_bytes: int = DEFAULT_OUTPUT_BYTES
     file_size_bytes: int | None = None
     on_output: OutputCallback | None = None
+    #: False: the output goes to ``on_data`` only and the result's stdout/stderr stay empty
+    #: (a background process's output lives in its log rings, not in daemon memory)
+    keep_output: bool = True
+    on_data: DataCallback | None = None
+    control: RunControl | None = None
 
 
 @dataclass
@@ -106,6 +138,8 @@ class RunResult:
     oom_killed: bool = False
     output_truncated: bool = False
     error: str | None = None
+    #: the set-up stage the payload failed at before its program ran (init's Failure), if any
+    start_failure: str | None = None
     stdout_bytes: bytes = field(default=b"", repr=False)
     stderr_bytes: bytes = field(default=b"", repr=False)
 
@@ -126,14 +160,18 @@ class _Stream:
     """Reads one pipe to EOF, keeping at most ``cap`` bytes and streaming decoded text."""
 
     def __init__(self, name: str, fd: int, cap: int, on_output: OutputCallback | None,
-                 on_overflow: Callable[[], None]) -> None:
+                 on_overflow: Callable[[], None], keep: bool = True,
+                 on_data: DataCallback | None = None) -> None:
         self.name = name
         self.fd = fd
         self.cap = cap
         self.buf = bytearray()
+        self.total = 0  # bytes read (kept or not)
+        self.keep = keep
         self.truncated = False
         self._on_output = on_output
         self._on_overflow = on_overflow
+        self._on_data = on_data
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     async def pump(self) -> None:
@@ -146,14 +184,18 @@ class _Stream:
                 data = await reader.read(READ_CHUNK)
                 if not data:
                     break
-                room = self.cap - len(self.buf)
+                room = self.cap - self.total
                 over = len(data) > room
                 if over:
                     data = data[:max(room, 0)]
                     self.truncated = True
                     self._on_overflow()
                 if data:
-                    self.buf += data
+                    self.total += len(data)
+                    if self.keep:
+                        self.buf += data
+                    if self._on_data is not None:
+                        self._on_data(self.name, data)
                     if self._on_output is not None:
                         text = self._decoder.decode(data)
                         if text:
@@ -201,7 +243,9 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
     memory = run_memory_limit(spec.memory_bytes, room.options.limits.memory_bytes,
                               room.cgroup.enforced)
     cg = room.cgroup.create_run(run_id, room.run_cgroup_limits(memory, spec.pids))
-    fds: list[int] = []
+    control = spec.control
+    if control is not None:
+        control.run_id, control.cgroup = run_id, cg
     exit_fut: asyncio.Future[jm.Exit] | None = None
     killed_by_us: str | None = None
     kill_event = asyncio.Event()
@@ -215,6 +259,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
             killed_by_us = reason
         kill_event.set()
 
+    fds: list[int] = []
     try:
         # One pipe at a time into ``fds``: an EMFILE on the second must not leak the first.
         for _ in range(3):
@@ -234,19 +279,29 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         try:
             # ``pids_limited`` is the init's "do not stand in this run's cgroup" (a pids-limited
             # run would count the init; a nearly full room could OOM-kill it there).
-            await room.handle.spawn(
+            pid = await room.handle.spawn(
                 run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (in_r, out_w, err_w),
                 cg.join_fds(), pids_limited=spec.pids is not None or not init_may_stand_in(room))
-        except JailError:
+        except JailError as spawn_err:
             # The init answered that nothing was started: no exit to wait for in _finish.
             room.handle.forget(run_id)
             exit_fut = None
+            if control is not None and not control.spawned.done():
+                control.spawned.set_exception(spawn_err)
             raise
+        if control is not None:
+            control._kill = kill
+            if control.kill_reason is not None:
+                kill(control.kill_reason)
+            if not control.spawned.done():
+                control.spawned.set_result(pid)
         for fd in (in_r, out_w, err_w):
             os.close(fd)
         fds = []
-        out = _Stream("stdout", out_r, spec.output_bytes, spec.on_output, lambda: kill("output"))
-        err = _Stream("stderr", err_r, spec.output_bytes, spec.on_output, lambda: kill("output"))
+        out = _Stream("stdout", out_r, spec.output_bytes, spec.on_output, lambda: kill("output"),
+                      spec.keep_output, spec.on_data)
+        err = _Stream("stderr", err_r, spec.output_bytes, spec.on_output, lambda: kill("output"),
+                      spec.keep_output, spec.on_data)
         pumps = [asyncio.ensure_future(out.pump()), asyncio.ensure_future(err.pump())]
         feeder = asyncio.ensure_future(_feed(in_w, spec.stdin))
         helpers += [*pumps, feeder]
@@ -297,6 +352,8 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
                        Output(bytes(err.buf), err.truncated), wall_ms, stats,
                        file_size_limited=spec.file_size_bytes is not None)
     finally:
+        if control is not None and not control.spawned.done():
+            control.spawned.set_exception(JailError("the run ended before it was spawned"))
         for h in helpers:
             h.cancel()
         for fd in fds:
@@ -407,6 +464,7 @@ def verdict(exit_msg: jm.Exit, killed_by_us: str | None, oom: bool, out: Output,
     res.signal = _signame(sig) if sig is not None else None
     res.output_truncated = out.truncated or err.truncated
     res.oom_killed = oom
+    res.start_failure = failure.stage if failure is not None else None
     if failure is not None and failure.stage not in ("exec", "chdir"):
         res.status = "XX"
         res.error = f"payload set-up failed at {failure.stage}: {os.strerror(failure.errno)}"
@@ -478,6 +536,27 @@ async def run_in_room(rooms: RoomManager, uid: int, room_id: str, argv: list[str
     and what it can enforce), the run quotas counted, and a room that fails under the run
     answered as SANDBOX_UNAVAILABLE with the reason."""
     room = await rooms.get_or_create(uid, room_id)
+    spec = prepare(rooms, room, argv, check_limits=check_limits, env=env, cwd=cwd, stdin=stdin,
+                   user=user, limits=limits, timeout_ms=timeout_ms, on_output=on_output)
+    check_run_quotas(rooms, room, uid)
+    room.active_runs += 1
+    try:
+        return await run(room, spec)
+    except JailError as err:
+        raise await rooms.lost(room, err) from err
+    finally:
+        room.active_runs -= 1
+        room.touch()
+
+
+def prepare(rooms: RoomManager, room: Room, argv: list[str], *,
+            check_limits: Callable[[RunLimits, int | None], None],
+            env: Mapping[str, str | None] | None, cwd: str | None, stdin: bytes, user: str,
+            limits: RunLimits | None, timeout_ms: int | None,
+            on_output: OutputCallback | None, output_bytes: int | None = None,
+            **extra: Any) -> RunSpec:
+    """The spec of one run in ``room``: identity checked, environment merged, limits checked
+    (``output_bytes``: the output cap when the limits name none; default the exec one)."""
     if user == "sandbox" and (room.ids is None or not room.ids.maps(SANDBOX_UID)):
         # Refused up front rather than failing at setresuid in the payload (an XX verdict): the
         # single-id fallback maps only the room's root (docs/security.md, "Identities").
@@ -496,12 +575,19 @@ async def run_in_room(rooms: RoomManager, uid: int, room_id: str, argv: list[str
                                      roomMemoryBytes=room.options.limits.memory_bytes)
     check_limits(lim, wall)
     cfg = rooms.config
-    spec = RunSpec(
+    if output_bytes is None:
+        output_bytes = min(DEFAULT_OUTPUT_BYTES, cfg.run_limits_max.output_bytes)
+    return RunSpec(
         argv=argv, env=full_env, cwd=cwd_of(cwd), user=user, stdin=stdin, wall_time_ms=wall,
         cpu_time_ms=lim.cpu_time_ms, memory_bytes=lim.memory_bytes, pids=lim.pids,
-        output_bytes=min(DEFAULT_OUTPUT_BYTES, cfg.run_limits_max.output_bytes)
-        if lim.output_bytes is None else lim.output_bytes,
-        file_size_bytes=lim.file_size_bytes, on_output=on_output)
+        output_bytes=output_bytes if lim.output_bytes is None else lim.output_bytes,
+        file_size_bytes=lim.file_size_bytes, on_output=on_output, **extra)
+
+
+def check_run_quotas(rooms: RoomManager, room: Room, uid: int) -> None:
+    """QUOTA_EXCEEDED when the room, or the caller across its rooms, has too many live runs
+    (background processes count: each holds pipes, a cgroup and fds in the daemon)."""
+    cfg = rooms.config
     if room.active_runs >= cfg.max_runs_per_room:
         raise errors.QuotaExceeded("too many concurrent runs in this sandbox",
                                    limit=cfg.max_runs_per_room, sandboxId=room.id)
@@ -510,11 +596,3 @@ async def run_in_room(rooms: RoomManager, uid: int, room_id: str, argv: list[str
         if mine >= cfg.max_runs_per_uid:
             raise errors.QuotaExceeded("too many concurrent runs for this user",
                                        limit=cfg.max_runs_per_uid, scope="uid")
-    room.active_runs += 1
-    try:
-        return await run(room, spec)
-    except JailError as err:
-        raise await rooms.lost(room, err) from err
-    finally:
-        room.active_runs -= 1
-        room.touch()

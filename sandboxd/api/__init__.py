@@ -1,4 +1,5 @@
-"""Method handlers, one module per family (rooms, exec, files, git, code, stats): thin layers over
+"""Method handlers, one module per family (rooms, exec, files, git, code, stats,
+processes): thin layers over
 the room-level calls (``rooms``, ``runs``, ``roomfiles``, the code-run service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
@@ -15,7 +16,7 @@ from typing import Any
 
 from .. import protocol
 from ..context import Context
-from . import code, exec, files, git, rooms, stats
+from . import code, exec, files, git, processes, rooms, stats
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
 #: so the table can only say Any; tests check each handler's annotations against METHODS.
@@ -40,6 +41,14 @@ HANDLERS: dict[str, Handler] = {
     "runExampleCode": code.run_example_code,
     "listLanguages": code.list_languages,
     "stats": stats.stats,
+    "startProcess": processes.start_process,
+    "getProcess": processes.get_process,
+    "listProcesses": processes.list_processes,
+    "getProcessLogs": processes.get_process_logs,
+    "streamProcessLogs": processes.stream_process_logs,
+    "killProcess": processes.kill_process,
+    "killAllProcesses": processes.kill_all_processes,
+    "waitForLog": processes.wait_for_log,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]

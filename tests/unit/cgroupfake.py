@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ class FakeKernel(Fs):
         self.root = root
         self.writes: list[tuple[str, str]] = []
         self.kills: list[int] = []
+        self.signals: list[tuple[int, int]] = []
         self.chowns: list[tuple[str, int, int]] = []
         self.immortal: set[int] = set()
         self.omit: set[str] = set()  # interface files the "kernel" does not provide
@@ -107,6 +109,12 @@ class FakeKernel(Fs):
     def kill(self, pid: int, sig: int) -> None:
         assert sig == signal.SIGKILL
         self.kills.append(pid)
+
+    def signal_members(self, members: Callable[[], set[int]], sig: int) -> int:
+        # Never a real pidfd: the fake's pids are not this host's processes.
+        got = members() & members()
+        self.signals.extend((pid, sig) for pid in sorted(got))
+        return len(got)
 
     def sleep(self, seconds: float) -> None:
         pass

@@ -310,6 +310,64 @@ class FakeDaemon:
                        "pidsCurrent": 1, "pidsPeak": None, "oomKills": None}}
             for r in rooms]}
 
+    # background processes: one fake process per id, "ended" once killed
+
+    def _proc(self, pid: str) -> dict[str, Any]:
+        procs: dict[str, dict[str, Any]] = self.__dict__.setdefault("procs", {})
+        if pid not in procs:
+            raise errors.ProcessNotFound(f"no process {pid}", processId=pid)
+        return procs[pid]
+
+    async def m_startProcess(self, p: protocol.StartProcessParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        procs: dict[str, dict[str, Any]] = self.__dict__.setdefault("procs", {})
+        pid = p.process_id or f"proc-{len(procs) + 1}"
+        procs[pid] = {"processId": pid, "pid": 7, "command": p.command, "status": "running",
+                      "startedAt": NOW}
+        return procs[pid]
+
+    async def m_getProcess(self, p: protocol.ProcessParams, rid: Any,
+                           send: Any) -> dict[str, Any]:
+        return self._proc(p.process_id)
+
+    async def m_listProcesses(self, p: protocol.ListProcessesParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return {"processes": list(self.__dict__.get("procs", {}).values())}
+
+    async def m_getProcessLogs(self, p: protocol.ProcessLogsParams, rid: Any,
+                               send: Any) -> dict[str, Any]:
+        self._proc(p.process_id)
+        data = "0123456789"[p.stdout_offset or 0:]
+        return {"stdout": data, "stderr": "", "stdoutOffset": 10,
+                "stderrOffset": p.stderr_offset or 0, "truncated": False}
+
+    async def m_streamProcessLogs(self, p: protocol.ProcessLogsParams, rid: Any,
+                                  send: Any) -> dict[str, Any]:
+        rec = self._proc(p.process_id)
+        for stream in ("stdout", "stderr"):
+            await send(protocol.notification("process.output", protocol.ProcessOutput(
+                request_id=rid, process_id=p.process_id, stream=stream, data=stream[:3])))
+        return {**rec, "status": "completed", "endedAt": NOW, "exitCode": 0, "verdict": "OK"}
+
+    async def m_killProcess(self, p: protocol.KillProcessParams, rid: Any,
+                            send: Any) -> dict[str, Any]:
+        rec = self._proc(p.process_id)
+        rec.update(status="killed", endedAt=NOW, exitCode=143, signal="SIGTERM", verdict="SG")
+        return rec
+
+    async def m_killAllProcesses(self, p: protocol.KillAllProcessesParams, rid: Any,
+                                 send: Any) -> dict[str, Any]:
+        procs = self.__dict__.get("procs", {})
+        live = [r for r in procs.values() if r["status"] == "running"]
+        for r in live:
+            r.update(status="killed", endedAt=NOW)
+        return {"killed": len(live)}
+
+    async def m_waitForLog(self, p: protocol.WaitForLogParams, rid: Any,
+                           send: Any) -> dict[str, Any]:
+        self._proc(p.process_id)
+        return {"line": f"found {p.pattern}"}
+
 
 NOW = "2026-11-26T20:00:00.000Z"
 REPORT: dict[str, Any] = {
@@ -737,6 +795,20 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert examples[1].get("stdout") is None
     assert [lang.id for lang in client.list_languages()] == ["c"]
     assert client.stats("alpha").sandboxes[0].usage.cpu_time_ms == 5
+    proc = sb.start_process("python3 -m http.server", process_id="web")
+    assert (proc.id, proc.pid, proc.record.status) == ("web", 7, "running")
+    assert "exitCode" not in proc.record  # absent while it runs, as on the wire
+    assert proc.logs(stdout_offset=4).stdout == "456789"
+    assert proc.wait_for_log("Serving") == "found Serving"
+    seen: list[tuple[str, str]] = []
+    assert proc.stream(lambda s, d: seen.append((s, d))).verdict == "OK"
+    assert seen == [("stdout", "std"), ("stderr", "std")]
+    assert [r.process_id for r in sb.list_processes()] == ["web"]
+    assert sb.process("web").command == "python3 -m http.server"
+    assert proc.kill("TERM").status == "killed" and proc.wait().exit_code == 143
+    assert sb.kill_all_processes() == 0
+    with pytest.raises(errors.ProcessNotFound):
+        sb.get_process("nope")
     assert sb.destroy().destroyed is True
     sent = next(r for r in daemon.requests if r["method"] == "runCode")["params"]
     assert sent["limits"] == {"cpuTimeMs": 100} and sent["compileLimits"] == {"wallTimeMs": 5000}
@@ -769,6 +841,21 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             assert len(await sb.run_example_code()) == 2
             assert (await c.list_languages())[0].compiled
             assert (await c.stats()).backend == "v1"
+            proc = await sb.start_process("sleep", ["9"])
+            assert (proc.id, proc.command) == ("proc-1", "sleep")
+            assert (await proc.logs()).stdout_offset == 10
+            assert await proc.wait_for_log("x", regex=True, timeout=1) == "found x"
+            seen: list[str] = []
+
+            async def collect(stream: str, data: str) -> None:
+                seen.append(stream)
+
+            assert (await proc.stream(collect)).status == "completed"
+            assert seen == ["stdout", "stderr"]
+            assert [r.pid for r in await sb.list_processes()] == [7]
+            assert (await (await sb.process("proc-1")).kill(9)).status == "killed"
+            assert (await proc.wait()).status == "killed"
+            assert await sb.kill_all_processes() == 0
             assert (await sb.destroy()).destroyed
 
     run(main())

@@ -50,7 +50,11 @@ def test_schema_structs_are_camel_case_and_strict() -> None:
 
 
 def test_notifications_are_declared_by_the_methods_that_send_them() -> None:
-    assert set(protocol.NOTIFICATIONS) == {"exec.output", "file.chunk"}
+    assert set(protocol.NOTIFICATIONS) == {"exec.output", "file.chunk", "process.output"}
+    assert protocol.METHODS["streamProcessLogs"].notifications == (protocol.ProcessOutput,)
+    wire = msgspec.to_builtins(protocol.ProcessOutput(request_id=4, process_id="web",
+                                                      stream="stdout", data="hi"))
+    assert wire == {"requestId": 4, "processId": "web", "stream": "stdout", "data": "hi"}
     assert protocol.ExecOutput in protocol.METHODS["exec"].notifications
     assert protocol.ExecOutput in protocol.METHODS["runCode"].notifications
     assert protocol.METHODS["readFile"].notifications == (protocol.FileChunk,)
@@ -97,7 +101,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(client.__all__) == sorted([
         "AsyncClient", "AsyncSandbox", "Client", "CopyFromResult", "CopyToResult", "ExecResult",
         "FileContent", "FileInfo", "OutputCallback", "ProgressCallback", "RunCodeResult",
-        "Sandbox", "SandboxInfo"])
+        "Sandbox", "SandboxInfo", "Process", "AsyncProcess"])
     assert client.ExecResult is protocol.ExecResult
     assert client.RunCodeResult is protocol.RunCodeResult
     assert issubclass(client.FileContent, protocol.METHODS["readFile"].result)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
+from collections.abc import Callable
 
 from ...errors import InternalError
 
@@ -110,6 +112,29 @@ class Fs:
     def kill(self, pid: int, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+    def signal_members(self, members: Callable[[], set[int]], sig: int) -> int:
+        """``sig``, then SIGCONT, to each pid of ``members()`` that is still a member once a
+        pidfd holds it (see ``Ops.signal``); how many were signalled."""
+        held: dict[int, int] = {}
+        sent = 0
+        try:
+            for pid in members():
+                with contextlib.suppress(OSError):
+                    held[pid] = os.pidfd_open(pid)
+            still = members()
+            for pid, fd in held.items():
+                if pid not in still:
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, sig)
+                    sent += 1
+                    if sig not in (signal.SIGKILL, signal.SIGCONT):
+                        signal.pidfd_send_signal(fd, signal.SIGCONT)
+        finally:
+            for fd in held.values():
+                os.close(fd)
+        return sent
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)

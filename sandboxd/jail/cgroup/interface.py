@@ -74,6 +74,12 @@ class RunCgroup(abc.ABC):
         """SIGKILL every process of the run, stopped and forking ones included."""
 
     @abc.abstractmethod
+    def signal(self, sig: int) -> int:
+        """Send ``sig`` (and then SIGCONT, so that stopped processes act on it) to every process
+        of the run; how many got it. Best effort against a forking run: ``kill`` is the sure
+        way (``killProcess`` sends its signal, then kills what is left)."""
+
+    @abc.abstractmethod
     def destroy(self) -> None:
         """kill, wait (bounded) until empty, close the fds, remove the directories."""
 

@@ -129,6 +129,12 @@ class Ops(abc.ABC):
                 raise LimitUnavailable(f"run {name} limit needs the {ctrl} controller",
                                        limit=name, backend=self.backend)
 
+    def signal(self, node: Node, sig: int) -> int:
+        """``sig`` to every process of the subtree, each pinned by a pidfd first and signalled
+        only if it is still listed after that: a pid that exited and was reused by a process
+        elsewhere on the host between the read and the kill is never signalled."""
+        return self.fs.signal_members(lambda: self.pids(node), sig)
+
     def pids(self, node: Node) -> set[int]:
         """Every pid in the subtree, in every hierarchy."""
         out: set[int] = set()
@@ -229,6 +235,9 @@ class Run(RunCgroup):
 
     def kill(self) -> None:
         self.ops.kill(self.node)
+
+    def signal(self, sig: int) -> int:
+        return self.ops.signal(self.node, sig)
 
     def close(self) -> None:
         for fd in {*self._dir_fds, *self._join_fds}:
