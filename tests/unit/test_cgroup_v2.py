@@ -4,6 +4,7 @@ real only in the VM tier, so this is where its paths are covered."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from pathlib import Path
 
@@ -109,6 +110,25 @@ def test_v2_kill_writes_cgroup_kill(v2tree: tuple[FakeKernel, Path, Path]) -> No
     assert k.kills == []  # the kernel does it
     room.destroy()
     assert not (root / "svc" / "room-abc").exists()
+
+
+def test_v2_signal_reaches_every_process_of_the_run_and_only_it(
+        v2tree: tuple[FakeKernel, Path, Path]) -> None:
+    """killProcess's first step (issue 13): the signal goes to the run's whole subtree (a
+    payload may make child cgroups), never to the init or another run."""
+    k, root, proc = v2tree
+    room = v2(k, root, proc).create_room("abc", LIMITS)
+    run = room.create_run("r1", None)
+    other = room.create_run("r2", None)
+    put(root / "svc" / "room-abc" / "init", 11)
+    put(root / "svc" / "room-abc" / "runs" / "run-r1", 41, 42)
+    (root / "svc" / "room-abc" / "runs" / "run-r1" / "sub").mkdir()
+    put(root / "svc" / "room-abc" / "runs" / "run-r1" / "sub", 43)
+    put(root / "svc" / "room-abc" / "runs" / "run-r2", 51)
+    assert run.signal(signal.SIGTERM) == 3
+    assert k.signals == [(41, signal.SIGTERM), (42, signal.SIGTERM), (43, signal.SIGTERM)]
+    assert other.signal(signal.SIGINT) == 1 and k.signals[-1] == (51, signal.SIGINT)
+    assert k.kills == []
 
 
 def test_v2_kill_without_cgroup_kill_freezes(v2tree: tuple[FakeKernel, Path, Path]) -> None:
