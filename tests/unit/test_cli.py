@@ -217,3 +217,33 @@ def test_exit_status_mapping(wire: dict[str, Any], code: int) -> None:
     from sandboxd.client import ExecResult
 
     assert cli._exit_status(ExecResult.from_wire(wire)) == code
+
+
+def test_start_ps_logs_kill(daemon: FakeDaemon) -> None:
+    """The background-process commands (issue 13): start's argv and shell forms, the table,
+    logs with resume offsets and -f, kill with a signal."""
+    r = sbx(daemon, "start", "r1", "--name", "web", "--", "python3", "-m", "http.server")
+    assert (r.exit_code, r.stdout) == (0, "web pid 7\n")
+    sent = [q for q in daemon.requests if q["method"] == "startProcess"][-1]["params"]
+    assert (sent["command"], sent["args"], sent["processId"]) == (
+        "python3", ["-m", "http.server"], "web")
+    r = sbx(daemon, "start", "r1", "while sleep 1; do date; done")
+    assert r.exit_code == 0 and r.stdout.startswith("proc-2 ")
+    sent = [q for q in daemon.requests if q["method"] == "startProcess"][-1]["params"]
+    assert "args" not in sent  # a lone CMD is a shell line
+    r = sbx(daemon, "ps", "r1")
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["ID", "PID", "STATUS", "EXIT", "STARTED", "COMMAND"]
+    assert lines[1].split()[:4] == ["web", "7", "running", "-"]
+    r = sbx(daemon, "logs", "r1", "web", "--stdout-offset", "4")
+    assert r.exit_code == 0 and r.stdout == "456789"
+    assert r.stderr == "sandboxctl: --stdout-offset 10 --stderr-offset 0\n"
+    r = sbx(daemon, "logs", "r1", "web", "-f")
+    assert (r.stdout, r.stderr) == ("std", "stdsandboxctl: web completed, exit 0\n")
+    r = sbx(daemon, "kill", "r1", "web", "-s", "9")
+    assert (r.exit_code, r.stdout) == (0, "web killed (SIGTERM)\n")
+    assert [q for q in daemon.requests if q["method"] == "killProcess"][-1]["params"][
+        "signal"] == 9
+    r = sbx(daemon, "kill", "r1", "nope")
+    assert r.exit_code == 1 and "PROCESS_NOT_FOUND" in r.stderr
+    assert json.loads(sbx(daemon, "ps", "r1", "--json").stdout)[0]["status"] == "killed"
