@@ -277,12 +277,11 @@ def test_a_memory_limit_gives_ml_as_exec(client: Any, room_id: str) -> None:
     sb = client.sandbox(room_id)
     hog = "python3 -c 'b = []\nwhile True: b.append(bytearray(1 << 20))'"
     lim = {"memoryBytes": 64 * MiB}
-    ran = sb.exec(hog, limits=lim)
-    if ran.status != "ML":
-        pytest.skip(f"no memory controller here (exec says {ran.status})")
+    ran = sb.exec(hog, limits=lim)  # (LIMIT_UNAVAILABLE on a host that cannot enforce it)
     rec = wait_ended(sb, sb.start_process(hog, limits=lim).id)
     assert (rec.verdict, rec.limit_exceeded, rec.oom_killed, rec.status) == (
-        "ML", "memory", True, "killed")
+        ran.status, ran.limit_exceeded, ran.oom_killed, "killed")
+    assert ran.status == "ML"
     sb.destroy()
 
 
