@@ -166,6 +166,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # an ended one what it still holds; the oldest ended records are dropped to make room.
     max_process_log_bytes_per_room: Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)] = 64 * MiB
     max_ended_processes_per_room: Annotated[int, msgspec.Meta(ge=0)] = 64  # oldest dropped
+    # The same across all of one uid's rooms (64 rooms x 64 MiB was the only bound otherwise);
+    # root and the daemon's own uid are exempt.
+    max_process_log_bytes_per_uid: Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)] = 256 * MiB
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

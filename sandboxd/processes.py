@@ -229,6 +229,20 @@ class ProcessTable:
         return used() + need <= budget
 
 
+def make_room_across(tables: list[ProcessTable], need: int, budget: int) -> bool:
+    """:meth:`ProcessTable.make_room_for` over several rooms' tables (one uid's): the oldest
+    ended records of any of them go first."""
+    def used() -> int:
+        return sum(p.reserved_bytes() for t in tables for p in t.records.values())
+    ended = sorted(((p.ended_at or 0.0, i, p.id) for i, t in enumerate(tables)
+                    for p in t.ended()))
+    for _, i, pid in ended:
+        if used() + need <= budget:
+            break
+        del tables[i].records[pid]
+    return used() + need <= budget
+
+
 def table(room: Room) -> ProcessTable:
     if room.processes is None:
         room.processes = ProcessTable()
@@ -283,6 +297,12 @@ async def start(rooms: RoomManager, uid: int, room_id: str, argv: list[str], com
         raise errors.QuotaExceeded(
             "the sandbox's running processes hold all its log bytes",
             limit=cfg.max_process_log_bytes_per_room, sandboxId=room.id, scope="logBytes")
+    if not rooms.is_admin(uid) and not make_room_across(
+            [table(r) for r in rooms.visible_rooms(uid)], rec.reserved_bytes(),
+            cfg.max_process_log_bytes_per_uid):
+        raise errors.QuotaExceeded(
+            "your running processes hold all the log bytes this daemon gives a user",
+            limit=cfg.max_process_log_bytes_per_uid, scope="uidLogBytes")
     # From here to the task, nothing awaits: the quotas above cannot be passed twice.
     procs.records[rec.id] = rec
     room.active_runs += 1

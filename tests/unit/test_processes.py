@@ -158,3 +158,17 @@ def test_signal_members_signals_only_who_is_still_a_member() -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_uids_log_bytes_drop_its_oldest_ended_records_across_rooms() -> None:
+    async def body() -> None:
+        a, b = ProcessTable(), ProcessTable()
+        old = _ended(a, "old", held=60)
+        newer = _ended(b, "newer", held=60)
+        old.ended_at, newer.ended_at = 1.0, 2.0
+        a.records["live"] = ProcessRecord("live", "x", 100)  # reserves 200
+        assert processes.make_room_across([a, b], 200, 480)  # 320 + 200 > 480: "old" goes
+        assert (list(a.records), list(b.records)) == (["live"], ["newer"])
+        assert not processes.make_room_across([a, b], 300, 480)
+        assert list(b.records) == []
+    run(body)
