@@ -13,10 +13,10 @@ later execs (an exec kills what *it* left, in its own cgroup), and it ends when
   act on it) and to its process group, and whatever is left ``KILL_GRACE_S`` later is killed
   through the cgroup (cgroup.kill, or the v1 freezer + SIGKILL),
 - a limit of its own (wallTimeMs, cpuTimeMs, outputBytes, memoryBytes: exec's verdicts),
-- the room going (destroy, the idle reaper — which leaves a room with a live process alone —,
-  daemon shutdown, the init's death): the init's pid namespace dies with it, the init channel's
-  close fails the run's exit future, the run's cgroup is removed by ``runs._finish``, and the
-  room's teardown waits for the task (``Room.settle``).
+- the room going (destroy, daemon shutdown, the init's death; never the idle reaper, for which
+  a live process is activity): the init's pid namespace dies with it, the init channel's close
+  fails the run's exit future, the run's cgroup is removed by ``runs._finish``, and the room's
+  teardown waits for the task (``Room.settle``).
 
 While it lives, a process counts as one of the room's active runs: against ``max_runs_per_room``
 and ``max_runs_per_uid``, for the spawn fast path's "another run is live" rule, and as activity
