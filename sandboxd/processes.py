@@ -132,9 +132,16 @@ class ProcessRecord:
         self.refused: errors.SandboxError | None = None
         self.rings = {name: LogRing(ring_bytes) for name in STREAMS}
         self.control = runs.RunControl()
+        # (here, not in the starting request: a caller gone before the spawn answered must not
+        # leave the record without its pid)
+        self.control.spawned.add_done_callback(self._spawned)
         self.killed = False  # by killProcess / killAllProcesses
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
+
+    def _spawned(self, fut: asyncio.Future[int]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.pid = fut.result()
 
     @property
     def ended(self) -> bool:
@@ -312,7 +319,7 @@ async def start(rooms: RoomManager, uid: int, room_id: str, argv: list[str], com
     first: list[asyncio.Future[Any]] = [started, task]
     await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
     if started.done() and not started.cancelled() and started.exception() is None:
-        rec.pid = started.result()
+        rec.pid = started.result()  # (its done callback may not have run yet)
         return rec
     # It never ran: the record says why (status "error"), or the room went under it.
     await asyncio.wait([task])
