@@ -172,3 +172,14 @@ def test_a_uids_log_bytes_drop_its_oldest_ended_records_across_rooms() -> None:
         assert not processes.make_room_across([a, b], 300, 480)
         assert list(b.records) == []
     run(body)
+
+
+def test_the_record_takes_its_pid_from_the_spawn_even_without_its_starter() -> None:
+    """Regression: the pid was set by the startProcess request after its wait; a caller that
+    went away during the spawn left the record of a live process with pid 0."""
+    async def body() -> None:
+        rec = ProcessRecord("p", "cmd", 1024)
+        rec.control.spawned.set_result(42)
+        await asyncio.sleep(0)  # (done callbacks run on the next loop turn)
+        assert rec.pid == 42 and rec.info().pid == 42
+    run(body)
