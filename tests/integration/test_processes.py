@@ -5,6 +5,8 @@ rooms and the daemon leave nothing behind, and another tenant reaches none of th
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import signal
 import threading
@@ -12,7 +14,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import DaemonProc
+from conftest import DaemonProc, make_daemon
 from test_tenants import call, tenants  # noqa: F401 - the two-tenant daemon fixture
 
 from sandboxd import errors
@@ -304,6 +306,50 @@ def test_destroy_and_shutdown_leave_no_process_or_cgroup(fresh_daemon: DaemonPro
         assert len(mine) >= 3 and all("-stays]" in x for x in mine), mine
     assert d.stop() == 0
     assert d.leftovers() == []
+
+
+# --- a configured daemon: the idle reaper, the record and log caps --------------------------------
+
+
+def test_the_idle_reaper_spares_a_room_with_a_live_process_and_records_are_capped(
+        test_user: Any) -> None:
+    d = make_daemon(test_user)
+    cfg = os.path.join(os.path.dirname(d.state_dir), "sandboxd.toml")
+    settings = {"idle_timeout_s": 2.0, "process_log_bytes": 1024,
+                "max_process_log_bytes_per_room": 4200, "max_ended_processes_per_room": 2}
+    with open(cfg, "w") as f:
+        f.write("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+    os.chmod(cfg, 0o644)
+    d.extra_args += ["--config", cfg]
+    d.start()
+    try:
+        with d.client() as c:  # type: ignore[attr-defined]
+            sb = c.sandbox("busy")
+            sb.start_process("sleep", ["300"], process_id="server")
+            c.sandbox("idle").exec("true")
+            # The idle room goes (the reaper ran past its timeout); the busy one, older in
+            # activity but with a live process, stays, its process still running.
+            deadline = time.monotonic() + 60
+            while "idle" in {s.sandbox_id for s in c.list_sandboxes()}:
+                assert time.monotonic() < deadline, "the idle reaper never ran"
+                time.sleep(0.2)
+            assert sb.get_process("server").status == "running"
+            # Two live processes reserve 2 x 2 x 1024 bytes: a third does not fit in 4200.
+            sb.start_process("sleep", ["300"], process_id="second")
+            with pytest.raises(errors.QuotaExceeded) as info:
+                sb.start_process("true")
+            assert info.value.context["scope"] == "logBytes"
+            sb.kill_process("second", "KILL")
+            for i in range(3):
+                wait_ended(sb, sb.start_process(f"echo {i}", process_id=f"e{i}").id)
+            # Ended records: at most two kept, the oldest dropped first.
+            assert [r.process_id for r in sb.list_processes()] == ["server", "e1", "e2"]
+            assert sb.process_logs("e2").stdout == "2\n"
+        assert d.stop() == 0
+        assert d.leftovers() == []
+    finally:
+        if d.proc is not None:
+            d.stop(signal.SIGKILL)
 
 
 # --- tenants -------------------------------------------------------------------------------------
