@@ -186,6 +186,39 @@ def test_a_stream_replays_then_follows_for_two_streamers_one_leaving(daemon: Dae
         c.sandbox(room_id).destroy()
 
 
+def test_a_streamer_that_stops_reading_never_stalls_the_process(daemon: DaemonProc,
+                                                                room_id: str) -> None:
+    """The rings are filled by the daemon whatever its streamers do: a client that reads
+    nothing while the process floods does not slow it; later it skips what was dropped."""
+    with daemon.client() as c:  # type: ignore[attr-defined]
+        sb = c.sandbox(room_id)
+        proc = sb.start_process("echo start; sleep 0.2; head -c 20971520 /dev/zero | tr '\\0' b")
+        proc.wait_for_log("start", timeout=30)
+    ended = threading.Event()
+    got = {"bytes": 0}
+    final: dict[str, Any] = {}
+
+    def slow_streamer() -> None:
+        with daemon.client() as mine:  # type: ignore[attr-defined]
+            def on_output(stream: str, data: str) -> None:
+                if not got["bytes"]:
+                    ended.wait(60)  # stop reading until the flood is over
+                got["bytes"] += len(data)
+            final["rec"] = mine.sandbox(room_id).stream_process_logs(proc.id, on_output)
+
+    t = threading.Thread(target=slow_streamer, daemon=True)
+    t.start()
+    with daemon.client() as c:  # type: ignore[attr-defined]
+        rec = wait_ended(c.sandbox(room_id), proc.id)
+        assert rec.status == "completed"
+        ended.set()
+        t.join(60)
+        assert final["rec"].status == "completed"
+        # It got what the ring still held when it read on, not the 20 MiB.
+        assert len("start\n") < got["bytes"] < 20 * MiB
+        c.sandbox(room_id).destroy()
+
+
 def test_wait_for_log_finds_buffered_and_new_lines(client: Any, room_id: str) -> None:
     sb = client.sandbox(room_id)
     proc = sb.start_process("echo ready on port 8000; sleep 0.3; echo 'later: 42 items' >&2; "
