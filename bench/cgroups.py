@@ -18,8 +18,10 @@ import time
 import uuid
 
 from sandboxd.config import MiB, RoomLimits
-from sandboxd.jail import cgroup
-from sandboxd.jail.cgroup import RunCgroupLimits, V1Backend
+from sandboxd.hostsetup import cgroups as hcg
+from sandboxd.jail.cgroup import detect as cgdetect
+from sandboxd.jail.cgroup.interface import RunCgroupLimits
+from sandboxd.jail.cgroup.v1 import V1Backend
 
 V1_ROOT = "/sys/fs/cgroup"
 CTRLS = ("memory", "pids", "cpu", "cpuacct", "freezer")
@@ -33,9 +35,9 @@ def main() -> int:
         print("bench/cgroups.py: needs root and cgroup v1 hierarchies", file=sys.stderr)
         return 2
     top = f"sbxbench-{uuid.uuid4().hex[:10]}"
-    cgroup.delegate("root", 0, 0, V1_ROOT, parent=f"{top}/root")
+    hcg.delegate("root", 0, 0, V1_ROOT, parent=f"{top}/root")
     try:
-        b = cgroup.detect("v1", f"{top}/root", V1_ROOT)
+        b = cgdetect.detect("v1", f"{top}/root", V1_ROOT)
         assert isinstance(b, V1Backend) and not b.missing, b
         times: dict[str, list[float]] = {"create_room": [], "create_run": [], "destroy": []}
         for i in range(n):

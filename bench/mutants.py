@@ -46,7 +46,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
     "S08": ("sandboxd/jail/seccomp.py",
             "SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_TSYNC_ESRCH)",
             "SECCOMP_FILTER_FLAG_TSYNC)", "the seccomp filter installed without TSYNC_ESRCH"),
-    "G01": ("sandboxd/jail/cgroup.py", "max(1000, round(cpus * CPU_PERIOD_US))",
+    "G01": ("sandboxd/jail/cgroup/tree.py", "max(1000, round(cpus * CPU_PERIOD_US))",
             "round(cpus * CPU_PERIOD_US)", "the 1 ms cpu-quota floor removed"),
     "E01": ("sandboxd/api/files.py", "_ERRNO_VALIDATION = {errno.EINVAL, errno.ENAMETOOLONG,",
             "_ERRNO_VALIDATION = {errno.EINVAL,", "ENAMETOOLONG no longer a validation error"),

@@ -22,6 +22,11 @@
 #   4. The manifest (/etc/sandboxd/manifest.json inside the tree: each toolchain's version) is
 #      copied next to the tree as DEST.manifest.json, so tools can read it without entering it.
 #
+# Progress: every step prints one line with the time since the start, `build.sh: [m:ss] ...`.
+# On a terminal, mmdebstrap's own chatter (apt, dpkg, the customize hook) goes to DEST.build.log
+# and only its phases (its "I:" lines), warnings and errors are shown, as steps; on a failure the
+# log's last lines are printed. Elsewhere (CI, a pipe) the chatter is passed through as well.
+#
 # No mirror is named here: mmdebstrap's default is used unless --mirror is given.
 set -euo pipefail
 
@@ -34,6 +39,9 @@ DEST=""
 CUSTOMIZE_ONLY=""
 
 die() { echo "build.sh: $*" >&2; exit 1; }
+start=$(date +%s)
+elapsed() { local s=$(($(date +%s) - start)); printf '%d:%02d' $((s / 60)) $((s % 60)); }
+step() { echo "build.sh: [$(elapsed)] $*" >&2; }
 usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while (($#)); do
@@ -128,7 +136,6 @@ args=(
     --customize-hook="\"$HERE/customize.sh\" \"\$1\""
 )
 
-start=$(date +%s)
 if [[ $MODE == unshare && $EUID != 0 ]]; then
     # mmdebstrap's root in unshare mode is our first subordinate uid, which may not write in our
     # directories: hand it an empty target, owned by that id (uid 1 in a namespace that maps
@@ -144,16 +151,43 @@ if [[ $MODE == unshare && $EUID != 0 ]]; then
     mkdir -m 0755 "$BUILD"
     unshare --map-auto --map-root-user -- chown 1:1 "$BUILD"
 fi
-echo "build.sh: building $SUITE into $BUILD (mode $MODE, ${#PACKAGES[@]} packages)" >&2
-if [[ -n $MIRROR ]]; then
-    mmdebstrap "${args[@]}" "$SUITE" "$BUILD" "$MIRROR"
+step "building $SUITE into $BUILD (mode $MODE, ${#PACKAGES[@]} packages)"
+mmdebstrap_run() {
+    if [[ -n $MIRROR ]]; then
+        mmdebstrap "${args[@]}" "$SUITE" "$BUILD" "$MIRROR"
+    else
+        mmdebstrap "${args[@]}" "$SUITE" "$BUILD"
+    fi
+}
+# mmdebstrap's lines -> the log; its phases, warnings and errors -> steps on the terminal.
+mmdebstrap_steps() {
+    local line
+    while IFS= read -r line; do
+        printf '%s\n' "$line" >>"$LOG"
+        case $line in
+            "I: "*) step "mmdebstrap: ${line#I: }" ;;
+            "W: "* | "E: "* | customize.sh:*) step "mmdebstrap: $line" ;;
+        esac
+    done
+}
+if [[ -t 2 ]]; then
+    LOG=$DEST.build.log
+    : >"$LOG"
+    step "mmdebstrap's output: $LOG"
+    if ! mmdebstrap_run 2>&1 | mmdebstrap_steps; then
+        step "mmdebstrap failed; the end of $LOG:"
+        tail -n 30 "$LOG" >&2
+        exit 1
+    fi
 else
-    mmdebstrap "${args[@]}" "$SUITE" "$BUILD"
+    mmdebstrap_run
 fi
+step "mmdebstrap done"
 
 [[ -f $BUILD/etc/sandboxd/manifest.json ]] || die "customize.sh wrote no manifest"
 
 # Swap in atomically: each rename is atomic; between the two DEST is briefly absent.
+step "swapping the new tree in"
 if [[ -e $DEST || -L $DEST ]]; then
     mv -T -- "$DEST" "$OLD"
 fi
@@ -162,8 +196,9 @@ cp -- "$DEST/etc/sandboxd/manifest.json" "$DEST.manifest.json.tmp"
 mv -T -- "$DEST.manifest.json.tmp" "$DEST.manifest.json"
 if ((KEEP_OLD)); then
     [[ -e $OLD ]] && echo "build.sh: previous tree kept at $OLD" >&2
-else
+elif [[ -e $OLD ]]; then
+    step "deleting the previous tree"
     rmtree "$OLD"
 fi
 
-echo "build.sh: done in $(($(date +%s) - start)) s: $DEST ($(du -sh --apparent-size "$DEST" 2>/dev/null | cut -f1))" >&2
+step "done in $(($(date +%s) - start)) s: $DEST ($(du -sh --apparent-size "$DEST" 2>/dev/null | cut -f1))"

@@ -12,7 +12,9 @@ from typing import Any
 
 import click
 
+from . import protocol
 from .cli_base import (  # noqa: F401 - re-exported: commands and tests use them as cli.*
+    EXEC_EXIT_CODES_HELP,
     EXIT_CODES_HELP,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -20,6 +22,7 @@ from .cli_base import (  # noqa: F401 - re-exported: commands and tests use them
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    Progress,
     _client,
     _fail,
     _print_json,
@@ -141,6 +144,9 @@ def _parse_env(values: Sequence[str]) -> dict[str, str] | None:
 
 
 def _exit_status(result: ExecResult) -> int:
+    """The exit code of exec/sh for a result: EXEC_EXIT_CODES_HELP, one line per verdict."""
+    if result.status == "XX":
+        return EXIT_ERROR  # the sandbox failed: the exit code the program never had means nothing
     if result.timed_out or result.status == "TO":
         return EXIT_TIMEOUT
     name = result.signal
@@ -197,6 +203,44 @@ def _fig(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _bytes(n: int) -> str:
+    """64 MiB, 1 GiB, 512 KiB, 1000 bytes: the unit the value is a whole number of."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def killed_line(result: ExecResult, limits: dict[str, int] | None,
+                timeout: float | None) -> str | None:
+    """The one stderr line saying which limit or timeout ended the command (issue 22: an exec
+    that hit --memory exited 137 and printed nothing: a limit looked like a crash); None when
+    the command ended by itself. Sizes and times are the ones the command line asked for."""
+    asked = limits or {}
+    status, which = result.status, result.limit_exceeded
+    if status == "XX":
+        why = safe(result.get("error", "no reason given"))
+        return f"sandboxctl: the sandbox failed, not the command: {why} (XX)"
+    if status == "ML" or (status is None and result.oom_killed):
+        size = asked.get("memoryBytes")
+        return (f"sandboxctl: killed: memory limit{f' {_bytes(size)}' if size else ''} "
+                f"exceeded (ML)")
+    if status == "OL" or (status is None and which == "output"):
+        size = asked.get("outputBytes")
+        return (f"sandboxctl: killed: output limit{f' {_bytes(size)}' if size is not None else ''}"
+                f" exceeded (OL)")
+    if status == "TO" or result.timed_out:
+        if which == "cpu":
+            ms = asked.get("cpuTimeMs")
+            return (f"sandboxctl: killed: CPU time limit{f' {ms / 1000:g} s' if ms else ''} "
+                    f"exceeded (TO)")
+        return (f"sandboxctl: killed: timed out after {timeout:g} s (TO)" if timeout
+                else "sandboxctl: killed: wall-time limit exceeded (TO)")
+    if which == "fileSize":
+        return "sandboxctl: killed: file size limit exceeded (SG)"
+    return None
+
+
 def report_line(raw: dict[str, Any]) -> str:
     """``--report``: status, exit/signal, cpu, wall, peak memory (and the limit hit) on one line."""
     parts = [f"status={raw.get('status', '?')}"]
@@ -237,8 +281,8 @@ def _exec(ctx: click.Context, room: str, command: str, args: list[str] | None, c
             # A daemon that does not stream still returns the whole output at the end.
             _stream("stdout", result.stdout)
             _stream("stderr", result.stderr)
-        if result.timed_out and not as_json and not report:
-            click.echo(f"sandboxctl: timed out after {timeout} s", err=True)
+        if not as_json and (line := killed_line(result, limits, timeout)) is not None:
+            click.echo(line, err=True)  # with or without --report, which adds its own line
         if report:
             click.echo(report_line(result.raw), err=True)
         return _exit_status(result)
@@ -311,7 +355,7 @@ def _separate(args: list[str], params: Sequence[click.Parameter]) -> list[str]:
     return args
 
 
-@main.command("exec", cls=_ArgvCommand, epilog=EXIT_CODES_HELP)
+@main.command("exec", cls=_ArgvCommand, epilog=EXEC_EXIT_CODES_HELP)
 @click.argument("room")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
 @_exec_options
@@ -332,7 +376,7 @@ def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
           _limits(cpu_time, memory, pids, output_limit), report)
 
 
-@main.command(epilog=EXIT_CODES_HELP)
+@main.command(epilog=EXEC_EXIT_CODES_HELP)
 @click.argument("room")
 @click.argument("line")
 @_exec_options
@@ -353,21 +397,21 @@ def sh(ctx: click.Context, room: str, line: str, cwd: str | None, env: tuple[str
 # --- top ---------------------------------------------------------------------------------------
 
 
-def top_rows(prev: dict[str, tuple[float, int]], sample: dict[str, Any],
+def top_rows(prev: dict[str, tuple[float, int]], sample: protocol.StatsResult,
              now: float) -> list[tuple[str, ...]]:
     """Table rows from a ``stats`` answer; CPU % from the previous sample of each room."""
     rows: list[tuple[str, ...]] = [("ROOM", "RUNS", "CPU%", "CPU TIME", "MEM", "MEM PEAK",
                                     "MEM LIMIT", "PIDS", "PIDS LIMIT", "OOM")]
-    for room in sample.get("sandboxes", []):
-        rid = str(room.get("sandboxId"))
-        use, lim = room.get("usage") or {}, room.get("limits") or {}
+    for room in sample.sandboxes:
+        rid = room.sandbox_id
+        use, lim = room.usage, room.limits  # usage figures may be absent: .get gives None
         cpu = use.get("cpuTimeMs")
         pct = "-"
         if cpu is not None and rid in prev and now > prev[rid][0]:
             pct = f"{100 * (cpu - prev[rid][1]) / ((now - prev[rid][0]) * 1000):.0f}"
         if cpu is not None:
             prev[rid] = (now, cpu)
-        rows.append((rid, str(room.get("activeRuns", "-")), pct,
+        rows.append((rid, str(room.active_runs), pct,
                      "-" if cpu is None else f"{cpu / 1000:.1f}s",
                      _mib(use.get("memoryCurrentBytes")), _mib(use.get("memoryPeakBytes")),
                      _mib(lim.get("memoryBytes")),
@@ -388,12 +432,12 @@ def top(ctx: click.Context, interval: float, once: bool) -> None:
         prev: dict[str, tuple[float, int]] = {}
         with _client(ctx) as client:
             while True:
-                sample = client.call("stats", {})
+                sample = client.stats()
                 rows = top_rows(prev, sample, time.monotonic())
                 widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
                 if not once:
                     click.clear()
-                    click.echo(f"sandboxd rooms (cgroup backend {sample.get('backend')}), "
+                    click.echo(f"sandboxd rooms (cgroup backend {sample.backend}), "
                                f"every {interval:g} s; ^C to quit")
                 for r in rows:
                     click.echo("  ".join(safe(v).ljust(w)
@@ -561,22 +605,26 @@ def cp(ctx: click.Context, src: str, dest: str) -> None:
 
     The destination is a directory the source is placed in (created if missing). Archives from
     a room are extracted defensively: no absolute names, no "..", never through a symlink, no
-    devices, no setuid bits."""
+    devices, no setuid bits. On a terminal, stderr shows the archive bytes moved and the rate
+    as they go."""
     s, d = _room_path(src), _room_path(dest)
     if (s is None) == (d is None):
         raise click.UsageError("exactly one of SRC and DEST must be ROOM:PATH")
 
     def body() -> None:
+        progress = Progress("cp")  # bytes and rate on stderr when it is a terminal
         with _client(ctx) as client:
             if d is not None:
-                r = client.sandbox(d[0]).copy_to(src, d[1])
-                click.echo(f"copied {r['bytes']} bytes of archive into {d[0]}:{d[1]}", err=True)
+                up = client.sandbox(d[0]).copy_to(src, d[1], progress=progress)
+                progress.finish()
+                click.echo(f"copied {up.bytes} bytes of archive into {d[0]}:{d[1]}", err=True)
             elif s is not None:
-                r = client.sandbox(s[0]).copy_from(s[1], dest)
-                click.echo(f"copied {r['files']} files, {r['directories']} directories, "
-                           f"{r['symlinks']} symlinks ({r['bytes']} bytes) to {dest}"
-                           + (f"; skipped {r['skipped']} unsafe entries" if r["skipped"] else ""),
-                           err=True)
+                down = client.sandbox(s[0]).copy_from(s[1], dest, progress=progress)
+                progress.finish()
+                click.echo(f"copied {down.files} files, {down.directories} directories, "
+                           f"{down.symlinks} symlinks ({down.bytes} bytes) to {dest}"
+                           + (f"; skipped {down.skipped} unsafe entries" if down.skipped
+                              else ""), err=True)
 
     _run(body)
 
@@ -627,27 +675,39 @@ def setup(user: str, state_dir: str | None) -> None:
 
 @main.command(epilog="Exits 0 when the essential checks pass, 1 otherwise.")
 @click.option("--user", "user", metavar="USER",
-              help="As root: run the namespace probes as USER, and check USER's ids.")
+              help="Diagnose USER (default: the user the daemon at the socket runs as, else "
+                   "you); as root, the probes run as USER.")
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @click.pass_context
 def doctor(ctx: click.Context, user: str | None, as_json: bool) -> None:
-    """Check what this host offers sandboxd, and what each missing piece costs."""
+    """Check what this host offers the daemon's user, and what each missing piece costs.
+
+    The first line names the user and the daemon the report is about. Host-wide checks, root's
+    to fix (and probes only root can run as another user), are listed apart, last."""
     from . import hostsetup
 
     def body() -> int:
-        checks = hostsetup.doctor(user=user, socket=ctx.ensure_object(dict).get("socket"))
+        subject = hostsetup.find_subject(user, ctx.ensure_object(dict).get("socket"))
+        checks = hostsetup.doctor(user=user, socket=subject.socket, subject=subject)
+        essential_ok = all(c.ok for c in checks if c.essential)
         if as_json:
             _print_json([c.as_dict() for c in checks])
-        else:
-            for c in checks:
-                mark = "✓" if c.ok else ("✗" if c.essential else "!")
-                click.echo(f"{mark} {c.name}: {c.detail}")
+            return EXIT_OK if essential_ok else EXIT_ERROR
+        click.echo(safe(subject.headline()))
+        sections = [("", [c for c in checks if c.scope != "host"]),
+                    ("host-wide, root's to fix (sandboxctl setup, sysctls):",
+                     [c for c in checks if c.scope == "host"])]
+        for title, part in sections:
+            if title and part:
+                click.echo(title)
+            for c in part:
+                mark = "-" if c.skipped else "✓" if c.ok else ("✗" if c.essential else "!")
+                click.echo(f"{'  ' if title else ''}{mark} {c.name}: {c.detail}")
                 if not c.ok and c.cost:
-                    click.echo(f"    cost: {c.cost}")
-        essential_ok = all(c.ok for c in checks if c.essential)
-        if not as_json:
-            click.echo("essential checks pass" if essential_ok
-                       else "essential checks FAIL: sandboxd cannot run rooms here")
+                    click.echo(f"{'  ' if title else ''}    cost: {c.cost}")
+        click.echo(f"essential checks pass for {subject.user}" if essential_ok
+                   else f"essential checks FAIL: sandboxd cannot run rooms here as "
+                        f"{subject.user}")
         return EXIT_OK if essential_ok else EXIT_ERROR
 
     _run(body)

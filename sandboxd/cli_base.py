@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import click
 
@@ -32,6 +33,19 @@ Exit codes:
   {EXIT_TIMEOUT}  exec/sh: the command timed out
   {EXIT_INTERRUPTED}  interrupted
   exec/sh otherwise exit with the command's own exit code (128+N if killed by signal N).
+"""
+
+#: exec and sh: the exit code of each verdict (docs/limits.md, "Exit codes").
+EXEC_EXIT_CODES_HELP = EXIT_CODES_HELP + f"""
+\b
+Exit codes of exec/sh by verdict (a line on stderr names the limit that ended it):
+  OK  0
+  RE  the command's own code
+  SG  128+N, N the signal (SIGSEGV: 139)
+  TO  {EXIT_TIMEOUT}, for --timeout and --cpu-time
+  ML  137 (the OOM killer's SIGKILL; a shell whose child it killed: 137 too)
+  OL  137 (killed at the cap), or 141 / the command's code if EPIPE stopped it first
+  XX  {EXIT_ERROR} (the sandbox failed, not the command)
 """
 
 
@@ -80,3 +94,52 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=_wire_json))
 
 
+
+
+# --- progress of long operations ----------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB": progress figures (not limits, which keep their exact sizes)."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Progress:
+    """Bytes and rate of a long operation (``cp``), on stderr and only when stderr is a
+    terminal: one line redrawn in place at most ``every`` seconds, and by :meth:`finish` a last
+    one with the total and the time taken, ended by a newline. Elsewhere (a pipe, a log, a
+    test's capture) it writes nothing, so scripts see only the command's summary line."""
+
+    def __init__(self, what: str, stream: IO[str] | None = None, every: float = 0.1) -> None:
+        self.what = what
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
+        self.every = every
+        self.started = time.monotonic()
+        self.last = float("-inf")
+        self.done = 0
+
+    def _line(self, final: bool) -> str:
+        took = max(time.monotonic() - self.started, 1e-6)
+        rate = f"{human_bytes(self.done / took)}/s"
+        if final:
+            return f"sandboxctl: {self.what}: {human_bytes(self.done)} in {took:.1f} s ({rate})"
+        return f"sandboxctl: {self.what}: {human_bytes(self.done)} ({rate})"
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if not self.enabled or now - self.last < self.every:
+            return
+        self.last = now
+        self.stream.write("\r\x1b[K" + self._line(False))  # back to the column 0, clear the line
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[K" + self._line(True) + "\n")
+            self.stream.flush()

@@ -47,10 +47,14 @@ __all__ = [
     "AsyncClient",
     "AsyncSandbox",
     "Client",
+    "CopyFromResult",
+    "CopyToResult",
     "ExecResult",
     "FileContent",
     "FileInfo",
     "OutputCallback",
+    "ProgressCallback",
+    "RunCodeResult",
     "Sandbox",
     "SandboxInfo",
 ]
@@ -73,9 +77,35 @@ _RECV = 256 * 1024
 # their wire dicts too (``result["exitCode"]``).
 
 ExecResult = protocol.ExecResult
+RunCodeResult = protocol.RunCodeResult
 SandboxInfo = protocol.SandboxInfo
 FileInfo = protocol.FileInfo
 R = TypeVar("R", bound=protocol.Result)
+
+#: ``progress(done)`` of the long operations (``copy_to``/``copy_from``): bytes moved so far.
+ProgressCallback = Callable[[int], Any]
+
+
+class CopyToResult(protocol.Result, frozen=True):
+    """``Sandbox.copy_to`` (client-side: writeFile in pieces, then ``tar -x`` in the room):
+    ``bytes`` of archive uploaded. Reads as a dict too (``r["bytes"]``), as it used to be."""
+
+    source: str
+    destination: str
+    bytes: int
+
+
+class CopyFromResult(protocol.Result, frozen=True):
+    """``Sandbox.copy_from`` (``tar -c`` in the room, streamed out, extracted defensively):
+    what was extracted, and how many unsafe entries were ``skipped``."""
+
+    source: str
+    destination: str
+    files: int
+    directories: int
+    symlinks: int
+    skipped: int
+    bytes: int
 
 
 class FileContent(protocol.ReadFileResult, frozen=True):
@@ -170,12 +200,14 @@ class _Uploader:
     """A write-only file object for ``tarfile`` (mode "w|"): every CHUNK_UPLOAD bytes become one
     ``writeFile(append)`` of a temporary archive in the room, so memory stays bounded."""
 
-    def __init__(self, sandbox: Sandbox, path: str) -> None:
+    def __init__(self, sandbox: Sandbox, path: str,
+                 progress: ProgressCallback | None = None) -> None:
         self.sandbox = sandbox
         self.path = path
         self.buf = bytearray()
         self.sent = 0
         self.first = True
+        self.progress = progress
 
     def write(self, data: bytes) -> int:
         self.buf += data
@@ -189,6 +221,23 @@ class _Uploader:
             self.sent += len(self.buf)
             self.buf.clear()
             self.first = False
+            if self.progress is not None:
+                self.progress(self.sent)
+
+
+class _Counted:
+    """A binary sink that reports the bytes written through it so far to ``progress``."""
+
+    def __init__(self, sink: Any, progress: ProgressCallback) -> None:
+        self.sink = sink
+        self.progress = progress
+        self.done = 0
+
+    def write(self, data: bytes) -> int:
+        self.sink.write(data)
+        self.done += len(data)
+        self.progress(self.done)
+        return len(data)
 
 
 def _open_dir_nofollow(parent: int, name: str) -> int:
@@ -463,9 +512,9 @@ def trusted_peer_uids(path: str) -> set[int]:
     return out
 
 
-def check_peer(path: str, sock: _socket.socket) -> None:
+def check_peer(path: str, sock: _socket.socket) -> int:
     """After connecting: the server's SO_PEERCRED uid must be one we trust (H9: a socket planted
-    by another user answered "pong from sandboxd evil")."""
+    by another user answered "pong from sandboxd evil"). Returns that uid."""
     import struct
 
     raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -474,6 +523,7 @@ def check_peer(path: str, sock: _socket.socket) -> None:
         raise _unreachable(path, f"refusing the server: it runs as uid {uid}, not as you, root "
                            "or the owner of the socket's directory (set SANDBOXD_DAEMON_UID to "
                            "trust it)")
+    return int(uid)
 
 
 # --- the blocking client -----------------------------------------------------------------------
@@ -491,6 +541,8 @@ class Client:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside _exchange
+        #: The uid the daemon runs as (SO_PEERCRED), once connected: whom `doctor` diagnoses.
+        self.server_uid: int | None = None
 
     # -- context manager / lifecycle
 
@@ -519,7 +571,7 @@ class Client:
             try:
                 check_socket_path(self.socket_path)
                 sock.connect(self.socket_path)
-                check_peer(self.socket_path, sock)
+                self.server_uid = check_peer(self.socket_path, sock)
             except OSError as err:
                 sock.close()
                 raise _connect_error(self.socket_path, err) from err
@@ -784,17 +836,19 @@ class Sandbox:
             protocol.GitCheckoutResult,
             timeout=_call_deadline(self.client.timeout, timeout or 600))
 
-    def copy_to(self, src: str, dest_dir: str) -> dict[str, Any]:
+    def copy_to(self, src: str, dest_dir: str, *,
+                progress: ProgressCallback | None = None) -> CopyToResult:
         """Copy host file or directory ``src`` into room directory ``dest_dir`` (created).
 
         A tar stream is uploaded in CHUNK_UPLOAD pieces to a temporary archive in the room and
-        extracted there by ``tar`` (so the room's disk briefly holds both)."""
+        extracted there by ``tar`` (so the room's disk briefly holds both). ``progress`` gets
+        the archive bytes uploaded so far after each piece."""
         import os
         import secrets
         import tarfile
 
         tmp = f"/tmp/.sandboxd-cp-{secrets.token_hex(8)}.tar"
-        up = _Uploader(self, tmp)
+        up = _Uploader(self, tmp, progress)
         sink: Any = up  # write-only: tarfile's stream mode needs nothing more
         try:
             with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tf:
@@ -808,13 +862,15 @@ class Sandbox:
         finally:
             with contextlib.suppress(errors.SandboxError):
                 self.delete_file(tmp)
-        return {"source": src, "destination": dest_dir, "bytes": up.sent}
+        return CopyToResult(source=src, destination=dest_dir, bytes=up.sent)
 
-    def copy_from(self, src: str, dest_dir: str) -> dict[str, Any]:
+    def copy_from(self, src: str, dest_dir: str, *,
+                  progress: ProgressCallback | None = None) -> CopyFromResult:
         """Copy room file or directory ``src`` into host directory ``dest_dir`` (created).
 
         ``tar`` archives it in the room; the archive is streamed out through a host temporary
-        file (memory stays bounded) and extracted by :func:`safe_extract`."""
+        file (memory stays bounded) and extracted by :func:`safe_extract`. ``progress`` gets
+        the archive bytes received so far after each chunk."""
         import posixpath
         import secrets
         import tempfile
@@ -827,13 +883,14 @@ class Sandbox:
             if r.exit_code != 0:
                 raise errors.FileNotFound(f"cannot archive {src}: {r.stderr.strip()}", path=src)
             with tempfile.TemporaryFile() as spool:
-                self.read_file(tmp, stream=spool)
+                self.read_file(tmp, stream=spool if progress is None
+                               else _Counted(spool, progress))
                 spool.seek(0)
                 counts = safe_extract(spool, dest_dir)
         finally:
             with contextlib.suppress(errors.SandboxError):
                 self.delete_file(tmp)
-        return {"source": src, "destination": dest_dir, **counts}
+        return CopyFromResult(source=src, destination=dest_dir, **counts)
 
 
 # --- the asyncio client ------------------------------------------------------------------------

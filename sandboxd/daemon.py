@@ -31,16 +31,17 @@ import sys
 import time
 from typing import Any
 
-from . import __version__, errors
+from . import __version__, errors, kernel
 from . import config as configmod
 from .coderun.service import CodeRunService
 from .config import DaemonConfig
 from .context import Services
 from .facts import HostFacts
-from .jail import Zygote, caps
-from .jail import cgroup as cgroups
+from .jail import caps
 from .jail import user as idmaps
-from .jail.cgroup import CgroupBackend
+from .jail.cgroup.detect import detect as detect_cgroups
+from .jail.cgroup.interface import CgroupBackend
+from .jail.handles import Zygote
 from .rooms import RoomManager
 from .server import Server
 
@@ -124,8 +125,8 @@ class Daemon:
         # second daemon of the same user cannot reconcile them away (nor we its rooms).
         instance = "i-" + hashlib.sha256(os.path.realpath(self.config.state_dir).encode()
                                          ).hexdigest()[:12]
-        backend = cgroups.detect(self.config.cgroup_backend, parent=self.config.cgroup_parent,
-                                 instance=instance)
+        backend = detect_cgroups(self.config.cgroup_backend, parent=self.config.cgroup_parent,
+                                  instance=instance)
         self.backend = backend
         backend.bootstrap()
         log.info("cgroup backend: %s", backend.describe())
@@ -133,7 +134,13 @@ class Daemon:
         self.zygote.on_death = self._zygote_died
         rooms = RoomManager(self.config, backend, self.zygote, self.ids, self._build_seccomp())
         self.rooms = rooms
-        self.facts = HostFacts(self.config, backend, self.ids, self.seccomp)
+        features = kernel.probe()
+        for f in features:
+            if not f.present:
+                log.log(logging.ERROR if f.required else logging.WARNING,
+                        "kernel lacks %s (since %s): %s", f.name, f.since, f.cost)
+        self.facts = HostFacts(self.config, backend, self.ids, self.seccomp,
+                               kernel=kernel.summary(features))
         self.server.services = Services(rooms=rooms, config=self.config, facts=self.facts,
                                         coderun=CodeRunService(self.config.rootfs))
         cleaned = rooms.reconcile()

@@ -10,6 +10,8 @@
     ├── InvalidSandboxId        INVALID_SANDBOX_ID
     ├── SandboxNotFound         SANDBOX_NOT_FOUND
     ├── SandboxUnavailable      SANDBOX_UNAVAILABLE the room died or is being destroyed
+    │   └── RoomLost            (same code) made by room_lost: the room's init died or its
+    │                           channel broke under a call; ``reason``, ``incarnation``
     ├── LimitUnavailable        LIMIT_UNAVAILABLE  a requested limit cannot be enforced here
     ├── QuotaExceeded           QUOTA_EXCEEDED
     ├── RequestTooLarge         REQUEST_TOO_LARGE
@@ -23,7 +25,8 @@
 
 On the wire every application error is JSON-RPC code -32000 with ``data.code`` set to the class's
 ``code`` and the context fields in ``data``. Failures that are not SandboxErrors become wire
-errors here, in one place: :func:`room_failure` for a room's machinery failing under a call (its
+errors here, in one place: :func:`room_lost` for a room that died (its tombstone, or a call its
+init failed under), :func:`room_failure` for a room's machinery failing under a call (its
 init's channel broke or it did not answer), :func:`host_exhaustion` for the host running out;
 the server answers with them (``server.py``); the client converts them back with
 :func:`from_wire`.
@@ -97,6 +100,22 @@ class SandboxNotFound(SandboxError):
 
 class SandboxUnavailable(SandboxError):
     code = "SANDBOX_UNAVAILABLE"
+
+
+class RoomLost(SandboxUnavailable):
+    """A room that died (OOM, a kill, a crash, a broken channel) or was destroyed under the
+    call. Made by :func:`room_lost` only; on the client, every SANDBOX_UNAVAILABLE is one."""
+
+    @property
+    def reason(self) -> str | None:
+        """"oom", "killed", "crashed" or "destroyed"; None when the room just broke."""
+        value = self.context.get("reason")
+        return value if isinstance(value, str) else None
+
+    @property
+    def incarnation(self) -> int | None:
+        value = self.context.get("incarnation")
+        return value if isinstance(value, int) else None
 
 
 class LimitUnavailable(SandboxError):
@@ -222,6 +241,18 @@ def host_exhaustion(err: BaseException) -> HostResourceExhausted | None:
     return None
 
 
+def room_lost(sandbox_id: str, message: str, *, reason: str | None = None,
+              incarnation: int | None = None) -> RoomLost:
+    """SANDBOX_UNAVAILABLE for room ``sandbox_id``: ``reason`` and ``incarnation`` are in its
+    data when known (a tombstone knows both; a broken channel neither)."""
+    context: dict[str, Any] = {"sandboxId": sandbox_id}
+    if reason is not None:
+        context["reason"] = reason
+    if incarnation is not None:
+        context["incarnation"] = incarnation
+    return RoomLost(message, **context)
+
+
 def room_failure(err: BaseException, sandbox_id: str, doing: str) -> SandboxError:
     """The wire error for a room's machinery failing under a call (never the payload's fault):
     its init not answering ``doing`` in time is INTERNAL_ERROR; its channel breaking (a
@@ -230,7 +261,7 @@ def room_failure(err: BaseException, sandbox_id: str, doing: str) -> SandboxErro
         return InternalError(f"sandbox {sandbox_id}: the room init did not answer {doing}",
                              sandboxId=sandbox_id)
     if isinstance(err, OSError):
-        return SandboxUnavailable(f"sandbox {sandbox_id} is gone: {err}", sandboxId=sandbox_id)
+        return room_lost(sandbox_id, f"sandbox {sandbox_id} is gone: {err}")
     return InternalError(f"sandbox {sandbox_id}: {doing} failed: {type(err).__name__}",
                          sandboxId=sandbox_id)
 
@@ -268,4 +299,4 @@ def from_wire(error: dict[str, Any]) -> SandboxError:
 
 __all__ = [name for name, obj in list(globals().items())
            if isinstance(obj, type) and issubclass(obj, SandboxError)] + [
-    "BY_CODE", "from_wire", "host_exhaustion", "room_failure"]
+    "BY_CODE", "from_wire", "host_exhaustion", "room_failure", "room_lost"]

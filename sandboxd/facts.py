@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from . import config as configmod
-from . import errors, protocol
+from . import errors, limits, protocol
 from .config import DaemonConfig
-from .jail.cgroup import CgroupBackend
+from .jail.cgroup.interface import CgroupBackend
 from .jail.user import IdPlan
 
 NAMESPACES = ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"]
@@ -26,13 +28,15 @@ class HostFacts:
     backend: CgroupBackend
     ids: IdPlan
     seccomp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+    #: what the kernel offers of the interfaces newer than Debian 12's (sandboxd.kernel.summary)
+    kernel: dict[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> protocol.Capabilities:
         return protocol.Capabilities(
             namespaces=NAMESPACES, cgroup=self.backend.describe(), rootfs=self.config.rootfs,
             id_mapping=self.ids.mode,  # "single" | "subordinate"
             id_slices=dict(self.ids.describe()), seccomp=self.seccomp,
-            limits=sorted(self.enforceable_limits()))
+            limits=sorted(self.enforceable_limits()), kernel=self.kernel)
 
     def enforceable_limits(self) -> set[str]:
         """Wire names of the limits this host enforces (rooms and runs), from the limits table."""
@@ -51,10 +55,9 @@ class HostFacts:
                                       top.file_size_bytes),
                                      ("pids", lim.pids, self.config.room_limits_max.pids)):
             configmod.check_ceiling("limits", name, value, ceiling)
-        have = self.enforceable_limits()
-        for name, value in (("cpuTimeMs", lim.cpu_time_ms), ("memoryBytes", lim.memory_bytes),
-                            ("pids", lim.pids)):
-            if value is not None and name not in have:
-                raise errors.LimitUnavailable(
-                    f"limit {name} cannot be enforced here (cgroup backend "
-                    f"{self.backend.name})", limit=name)
+        asked = [name for name, value in msgspec.to_builtins(lim).items() if value is not None]
+        refused = limits.first_unenforceable(asked, self.enforceable_limits(), limits.Scope.RUN)
+        if refused is not None:
+            raise errors.LimitUnavailable(
+                f"limit {refused.wire} cannot be enforced here (cgroup backend "
+                f"{self.backend.name})", limit=refused.wire)

@@ -210,6 +210,8 @@ class Capabilities(Result, frozen=True):
     id_slices: dict[str, Any]
     seccomp: dict[str, Any]
     limits: list[str]
+    #: kernel release and which probed interfaces it lacks (sandboxd.kernel); {} if not probed
+    kernel: dict[str, Any] = {}
 
 
 class PingSandbox(Result, frozen=True):

@@ -5,7 +5,7 @@ Theory of operation. The daemon runs with host credentials and therefore never o
 lists a room path itself (Judge0 CVE-2024-28185/28189 were host-side file handling of paths a
 sandbox planted). Each method sends the path to the room init (``jail/fileops.py``), which
 resolves it inside the room's mount namespace and either does the operation or hands back an
-open fd (SCM_RIGHTS):
+open fd (SCM_RIGHTS); the requests and replies are the structs of ``jail/messages.py``:
 
   readFile   init opens (regular files only) -> daemon reads the fd in a worker thread, at most
              MAX_READ_BYTES + 1 bytes (a file that grows while read still hits the cap); with
@@ -34,10 +34,12 @@ import re
 import stat
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from . import errors, protocol
-from .jail import JailError, channel
+from .jail import JailError
+from .jail import messages as jm
+from .jail.handles import FdsTruncated
 from .rooms import iso
 
 if TYPE_CHECKING:
@@ -71,8 +73,10 @@ _ERRNO_CLASS: dict[int, type[errors.FileError]] = {
 }
 _ERRNO_VALIDATION = {errno.EINVAL, errno.ENAMETOOLONG, errno.EXDEV}
 
+R = TypeVar("R", bound=jm.Reply)
 
-def file_error(num: int, message: str, path: str, **context: Any) -> errors.SandboxError:
+
+def file_error(num: int, message: str, path: str, **context: object) -> errors.SandboxError:
     """The wire error for an OS error ``num`` on ``path`` (the user's path, as they sent it)."""
     if num in _ERRNO_VALIDATION:
         return errors.ValidationError(f"{path}: {message}", path=path, errno=num, **context)
@@ -97,41 +101,33 @@ def now() -> str:
     return iso(time.time())
 
 
-async def init_op(room: Room, msg: dict[str, Any], path: str, nfds: int = 0,
-                  timeout: float = INIT_TIMEOUT_S, fds: Sequence[int] = ()
-                  ) -> tuple[dict[str, Any], list[int]]:
-    """One request to the room init (passing ``fds``, which stay the caller's); its error reply
-    raised as a wire error naming ``path``. Returns exactly ``nfds`` fds (closing any other the
-    init sent)."""
+async def init_op(room: Room, msg: jm.Request[R], path: str, timeout: float = INIT_TIMEOUT_S,
+                  fds: Sequence[int] = ()) -> tuple[R, list[int]]:
+    """One request to the room init (passing ``fds``, which stay the caller's): its reply, with
+    the fds that reply type carries (the channel checked the count), or its ErrorReply raised
+    as a wire error naming ``path``. A reply of the wrong shape killed the room: the call is
+    SANDBOX_UNAVAILABLE (``errors.room_failure``)."""
+    op = type(msg).__struct_config__.tag
     try:
-        reply, fds = await room.handle.request(msg, list(fds), timeout=timeout)
+        reply, got = await room.handle.request(msg, list(fds), timeout=timeout)
+    except FdsTruncated as err:
+        raise errors.InternalError(f"sandbox {room.id}: no fd for the reply to {op}",
+                                   sandboxId=room.id) from err
     except (JailError, TimeoutError) as err:
-        raise errors.room_failure(err, room.id, f"{msg.get('op')} within {timeout} s") from err
+        raise errors.room_failure(err, room.id, f"{op} within {timeout} s") from err
     finally:
         room.touch()
-    err_data = reply.get("error")
-    if err_data is not None or len(fds) != nfds:
-        for fd in fds:
-            os.close(fd)
-        if isinstance(err_data, dict):
-            num = int(err_data.get("errno") or errno.EIO)
-            raise file_error(num, _message(err_data, num), path)
-        if reply.get(channel.TRUNCATED):
-            raise errors.InternalError(f"sandbox {room.id}: no fd for the reply to "
-                                       f"{msg.get('op')}", sandboxId=room.id) from OSError(
-                errno.EMFILE, "the daemon is out of file descriptors")
-        raise errors.InternalError(f"sandbox {room.id}: malformed reply to {msg.get('op')}",
-                                   sandboxId=room.id)
-    return reply, fds
+    if isinstance(reply, jm.ErrorReply):
+        num = reply.errno or errno.EIO
+        raise file_error(num, _message(reply, num), path)
+    return reply, got
 
 
-def _message(err_data: dict[str, Any], num: int) -> str:
+def _message(err: jm.ErrorReply, num: int) -> str:
     """The init's explanation without Python's "[Errno N] ... : 'path'" decoration."""
-    text = str(err_data.get("message") or "")
-    text = re.sub(r"^\[Errno \d+\] ", "", text)
-    filename = err_data.get("filename")
-    if filename is not None:
-        text = text.removesuffix(f": {str(filename)!r}")
+    text = re.sub(r"^\[Errno \d+\] ", "", err.message)
+    if err.filename is not None:
+        text = text.removesuffix(f": {err.filename!r}")
     return text or os.strerror(num)
 
 
@@ -169,7 +165,7 @@ async def write(room: Room, path: str, data: bytes, *, append: bool = False) -> 
         with contextlib.suppress(OSError):
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         reply_task = asyncio.ensure_future(init_op(
-            room, {"op": "f_write", "path": path, "append": append, "size": len(data)},
+            room, jm.Write(path=path, append=append, size=len(data)),
             path, fds=[r], timeout=INIT_TIMEOUT_S + len(data) / WRITE_BYTES_PER_S))
         pour = asyncio.ensure_future(_pour(w, data))
         try:
@@ -189,7 +185,7 @@ async def write(room: Room, path: str, data: bytes, *, append: bool = False) -> 
         for fd in (r, w):
             if fd >= 0:
                 os.close(fd)
-    return str(reply.get("path", path))
+    return reply.path
 
 
 async def _pour(fd: int, data: bytes) -> None:
@@ -230,9 +226,10 @@ def _check_headroom(room: Room, size: int, path: str) -> None:
                          path, memoryBytes=room.options.limits.memory_bytes)
 
 
-async def code_op(room: Room, action: str, name: str, **extra: Any) -> dict[str, Any]:
+async def code_op(room: Room, action: Literal["state", "prepare", "seal"], name: str, *,
+                  shared: bool = False) -> jm.CodeState:
     """One step on the code-run cache directory ``name`` (jail/fileops.py, "the code-run
     cache"): state, prepare, seal."""
-    reply, _ = await init_op(room, {"op": "f_code", "action": action, "name": name, **extra},
+    reply, _ = await init_op(room, jm.Code(action=action, name=name, shared=shared),
                              f"{CODE_BASE}/{name}")
     return reply

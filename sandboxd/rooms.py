@@ -58,9 +58,12 @@ from .config import (
     check_room_limits,
     check_sandbox_id,
 )
-from .jail import JailError, RoomHandle, Zygote
-from .jail import cgroup as cgroups
+from .jail import JailError
 from .jail import user as idmaps
+from .jail.cgroup.disabled import unattached
+from .jail.cgroup.interface import CgroupBackend, RoomCgroup, RunCgroupLimits
+from .jail.handles import RoomHandle, Zygote
+from .jail.messages import RoomSpec
 
 log = logging.getLogger("sandboxd.rooms")
 
@@ -131,7 +134,7 @@ class Room:
         self.dir = os.path.join(state_dir, "rooms", self.key)
         self.handle: RoomHandle = None  # type: ignore[assignment]  # set once spawned
         # Until the backend created the room's cgroup: one that holds, counts and removes nothing.
-        self.cgroup: cgroups.RoomCgroup = cgroups.unattached(self.key)
+        self.cgroup: RoomCgroup = unattached(self.key)
         self.ids: idmaps.IdMap | None = None  # its own id slice (subordinate mode)
         self.active_runs = 0
         # Run ids count per room: a daemon-wide counter showed in /proc/self/cgroup and told
@@ -179,8 +182,8 @@ class Room:
             await asyncio.gather(*self._pending, return_exceptions=True)
 
     def run_cgroup_limits(self, memory_bytes: int | None,
-                          pids: int | None) -> cgroups.RunCgroupLimits:
-        return cgroups.RunCgroupLimits(memory_bytes=memory_bytes, pids=pids)
+                          pids: int | None) -> RunCgroupLimits:
+        return RunCgroupLimits(memory_bytes=memory_bytes, pids=pids)
 
     def options_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self.options)
@@ -215,7 +218,7 @@ async def _blocking(fn: Callable[..., T], *args: Any) -> T:
 
 
 class RoomManager:
-    def __init__(self, config: DaemonConfig, backend: cgroups.CgroupBackend, zygote: Zygote,
+    def __init__(self, config: DaemonConfig, backend: CgroupBackend, zygote: Zygote,
                  ids: idmaps.IdPlan, seccomp_bpf: bytes | None = None) -> None:
         self.config = config
         self.backend = backend
@@ -233,10 +236,10 @@ class RoomManager:
     def is_admin(self, uid: int) -> bool:
         return uid in (0, self._daemon_uid)
 
-    def _unavailable(self, room_id: str, tomb: Tombstone) -> errors.SandboxUnavailable:
-        return errors.SandboxUnavailable(
-            f"sandbox {room_id} died ({tomb.reason}: {tomb.detail}); destroy it, or call "
-            "getSandbox for a new, empty one", sandboxId=room_id, reason=tomb.reason,
+    def _unavailable(self, room_id: str, tomb: Tombstone) -> errors.RoomLost:
+        return errors.room_lost(
+            room_id, f"sandbox {room_id} died ({tomb.reason}: {tomb.detail}); destroy it, or "
+            "call getSandbox for a new, empty one", reason=tomb.reason,
             incarnation=tomb.incarnation)
 
     def get(self, uid: int, room_id: str) -> Room:
@@ -250,9 +253,9 @@ class RoomManager:
             raise errors.SandboxNotFound(f"sandbox {room_id} not found", sandboxId=room_id)
         return room
 
-    async def lost(self, room: Room, err: Exception) -> errors.SandboxError:
-        """The error for a call whose room failed under it (``err``): once the init's death is
-        classified (bounded wait), SANDBOX_UNAVAILABLE with its reason."""
+    async def lost(self, room: Room, err: Exception) -> errors.RoomLost:
+        """The error for a call whose room failed under it (``err``, a ``JailError``): once the
+        init's death is classified (bounded wait), SANDBOX_UNAVAILABLE with its reason."""
         if room.watcher is not None and not room.watcher.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.wait([room.watcher]), 2.0)
@@ -260,8 +263,8 @@ class RoomManager:
         if tomb is not None and tomb.incarnation == room.incarnation:
             return self._unavailable(room.id, tomb)
         reason = "destroyed" if room.status in ("stopping", "gone") else "crashed"
-        return errors.SandboxUnavailable(f"sandbox {room.id} failed during the call: {err}",
-                                         sandboxId=room.id, reason=reason)
+        return errors.room_lost(room.id, f"sandbox {room.id} failed during the call: {err}",
+                                reason=reason)
 
     def visible_rooms(self, uid: int) -> list[Room]:
         """The caller's rooms; every room for root and the daemon's uid (the admins)."""
@@ -329,16 +332,16 @@ class RoomManager:
 
     def _check_doomed(self, room: Room) -> None:
         if room.doomed:
-            raise errors.SandboxUnavailable(
-                f"sandbox {room.id} was destroyed while it was being created",
-                sandboxId=room.id, reason="destroyed")
+            raise errors.room_lost(
+                room.id, f"sandbox {room.id} was destroyed while it was being created",
+                reason="destroyed")
 
     async def _create(self, room: Room) -> Room:
         options = room.options
         t0 = time.monotonic()
         try:
             try:
-                room.ids = self.ids.acquire()
+                room.ids = ids = self.ids.acquire()
             except idmaps.SlicesExhausted as err:
                 raise errors.QuotaExceeded(
                     f"no free id slice for a new sandbox ({err}); destroy a sandbox or give the "
@@ -347,13 +350,12 @@ class RoomManager:
             room.cgroup = self.backend.create_room(room.key, options.limits)
             mnt = os.path.join(room.dir, "mnt")
             os.makedirs(mnt, mode=0o700, exist_ok=True)
-            spec = {
-                "room_id": room.key, "rootfs": self.config.rootfs, "scratch": mnt,
-                "disk_bytes": options.limits.disk_bytes, "hostname": "sandbox",
-                "cgroup_procs": room.cgroup.procs_paths(),
-                "cgroup_home_by_dir": room.cgroup.joined_by_dir, "ids": room.ids.wire(),
-                "seccomp_bpf": self.seccomp_bpf,
-            }
+            spec = RoomSpec(
+                room_id=room.key, rootfs=self.config.rootfs, scratch=mnt,
+                disk_bytes=options.limits.disk_bytes, hostname="sandbox",
+                cgroup_procs=room.cgroup.procs_paths(),
+                cgroup_home_by_dir=room.cgroup.joined_by_dir, ids=ids,
+                seccomp_bpf=self.seccomp_bpf)
             room.zygote_generation = self.zygote.generation
             pid, sock, pidfd = await self.zygote.spawn(spec, self.config.room_start_timeout_s)
             # No await between the spawn's reply and the handle: from here on the teardown owns
@@ -371,9 +373,9 @@ class RoomManager:
         except (JailError, OSError, TimeoutError) as err:
             await self._teardown(room)
             if room.doomed:
-                raise errors.SandboxUnavailable(
-                    f"sandbox {room.id} was destroyed while it was being created",
-                    sandboxId=room.id, reason="destroyed") from None
+                raise errors.room_lost(
+                    room.id, f"sandbox {room.id} was destroyed while it was being created",
+                    reason="destroyed") from None
             log.error("room %s: creation failed: %s", room.key, err)
             raise errors.InternalError(f"could not create sandbox {room.id}: {err}",
                                        sandboxId=room.id) from err

@@ -20,9 +20,13 @@ CPU or wall limit · ML out of memory (from the cgroup's OOM counter, never gues
 OL output limit · XX the sandbox failed, not the program. ``limitExceeded`` names the limit
 ("cpu", "wall", "memory", "output", "fileSize"); see :func:`verdict` and docs/limits.md.
 
-Memory. Every run's cgroup gets a memory limit below the room's (:func:`run_memory_limit`), so
-that an OOM kill happens in the run's cgroup, among the run's processes, and never picks the room
-init. Figures come from the run's own cgroup: CPU time with children, peak memory, peak pids.
+Memory. The room's memory limit is on its ``runs`` cgroup, which holds every run and not the
+init (jail/cgroup/__init__.py, "Why the memory limit sits on runs"), so no OOM kill a payload
+causes can pick the room init; each run's cgroup also gets a limit (:func:`run_memory_limit`)
+so that a run alone is OOM-killed among its own processes. The init stands in a run's cgroup
+only for the fast spawn path, which :func:`init_may_stand_in` allows only while that cannot
+expose it.
+Figures come from the run's own cgroup: CPU time with children, peak memory, peak pids.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .jail import JailError
-from .jail.cgroup import CgroupStats
+from .jail import messages as jm
+from .jail.cgroup.interface import CgroupStats
 from .jail.user import SANDBOX_UID
 from .protocol import RunLimits, validate_text
 
@@ -54,12 +59,15 @@ CPU_POLL_S = 0.02  # the issue asks for <= 50 ms; isolate and go-judge poll ever
 DEFAULT_OUTPUT_BYTES = 16 * MiB
 #: argv + environment of one run (the init channel carries at most 256 KiB per message)
 MAX_ARGV_ENV_BYTES = 128 * 1024
-#: Room memory no run may take: the room init (PID 1, a Python process charged ~6 MiB to the
-#: room, ~30 MiB RSS) lives in the room's cgroup too. A run whose own limit is below the room's
-#: hits *its* limit first, so the OOM killer picks among the run's processes only; a run allowed
-#: the whole room makes the OOM a room-level one, where the init (its RSS counts, not its charge)
-#: can be the victim — and the room dies with it (seen with 8 x 20 MiB processes in a 128 MiB room).
-INIT_RESERVE_BYTES = 32 * MiB
+#: Free memory under the room's limit (its ``runs`` cgroup) below which the init does not step
+#: into a run's cgroup to posix_spawn there (init._spawn_fast) but forks and lets the child join:
+#: while it stands there, the new program's exec is charged next to it, and an OOM kill at that
+#: moment chooses among the tasks of ``runs`` — the init (~30 MiB resident, at the payloads'
+#: raised oom_score_adj for the spawn) included (issue 10, L4). Defensive: the charges of that
+#: window are small (an exec's stack and page tables; page cache is reclaimed first), and a
+#: room whose files left 300 KiB free did not lose its init to 10 fast spawns with 120 KiB of
+#: argv and environment each; a concurrent run filling the room meanwhile is the real risk.
+SPAWN_HEADROOM_BYTES = 16 * MiB
 DRAIN_AFTER_EXIT_S = 0.5
 READ_CHUNK = 64 * 1024
 
@@ -194,7 +202,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
                               room.cgroup.enforced)
     cg = room.cgroup.create_run(run_id, room.run_cgroup_limits(memory, spec.pids))
     fds: list[int] = []
-    exit_fut: asyncio.Future[dict[str, Any]] | None = None
+    exit_fut: asyncio.Future[jm.Exit] | None = None
     killed_by_us: str | None = None
     kill_event = asyncio.Event()
     # Helper tasks, cancelled on every way out (a client gone cancels us mid-run): left pending
@@ -224,9 +232,11 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         cpu_start = cg.cpu_usage_ns()
         exit_fut = room.handle.expect_exit(run_id)
         try:
+            # ``pids_limited`` is the init's "do not stand in this run's cgroup" (a pids-limited
+            # run would count the init; a nearly full room could OOM-kill it there).
             await room.handle.spawn(
                 run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (in_r, out_w, err_w),
-                cg.join_fds(), pids_limited=spec.pids is not None)
+                cg.join_fds(), pids_limited=spec.pids is not None or not init_may_stand_in(room))
         except JailError:
             # The init answered that nothing was started: no exit to wait for in _finish.
             room.handle.forget(run_id)
@@ -244,7 +254,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         deadline = started + spec.wall_time_ms / 1000 if spec.wall_time_ms else None
         killer = asyncio.ensure_future(kill_event.wait())
         helpers.append(killer)
-        exit_msg: dict[str, Any] | None = None
+        exit_msg: jm.Exit | None = None
         while exit_msg is None:
             timeout = CPU_POLL_S if spec.cpu_time_ms else None
             if deadline is not None:
@@ -266,7 +276,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
                 exit_msg = await exit_fut
         now = time.monotonic()
         wall_ms = int((now - started) * 1000)
-        t = exit_msg.get("t")
+        t = exit_msg.t
         if t and t[0] and log.isEnabledFor(logging.DEBUG):
             log.debug("run %s: spawn %.2f ms, program %.2f ms, report %.2f ms", run_id,
                       (t[0] - started) * 1e3, (t[1] - t[0]) * 1e3, (now - t[1]) * 1e3)
@@ -300,7 +310,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
 
 
 async def _finish(room: Room, cg: Any, run_id: str,
-                  exit_fut: asyncio.Future[dict[str, Any]] | None) -> None:
+                  exit_fut: asyncio.Future[jm.Exit] | None) -> None:
     loop = asyncio.get_running_loop()
     try:
         if exit_fut is not None and not exit_fut.done():
@@ -327,16 +337,33 @@ def _destroy_quietly(cg: Any) -> None:
 
 def run_memory_limit(requested: int | None, room_bytes: int,
                      enforced: Collection[str]) -> int | None:
-    """The memory limit written on a run's cgroup: never above the room's minus the init's share.
+    """The memory limit written on a run's cgroup: never above the room's.
 
     Without a memory controller there is nothing to write (the caller refused explicit memory
-    limits already); a requested limit is honoured up to that cap, and a run that asked for none
-    still gets the cap, so that its OOM kill stays inside its own cgroup (see INIT_RESERVE_BYTES).
+    limits already); a requested limit is honoured up to the room's, and a run that asked for
+    none gets the room's, so that a run alone is OOM-killed inside its own cgroup. (The init is
+    not under this limit: a run may use all of the room's memory.)
     """
     if "memory" not in enforced:
         return requested
-    cap = room_bytes - min(INIT_RESERVE_BYTES, room_bytes // 4)
-    return cap if requested is None else min(requested, cap)
+    return room_bytes if requested is None else min(requested, room_bytes)
+
+
+def init_may_stand_in(room: Room) -> bool:
+    """Whether the init may step into this run's cgroup to spawn it (the fast path).
+
+    Not while another run of the room is live (its processes can fill ``runs`` during the
+    spawn), nor while ``runs`` has less than SPAWN_HEADROOM_BYTES free; without a memory limit
+    there is nothing to fear.
+    """
+    if "memory" not in room.cgroup.enforced:
+        return True
+    if room.active_runs > 1:
+        return False
+    current = room.cgroup.runs_stats().memory_current_bytes
+    if current is None:
+        return False
+    return room.options.limits.memory_bytes - current >= SPAWN_HEADROOM_BYTES
 
 
 @dataclass(frozen=True)
@@ -347,7 +374,7 @@ class Output:
     truncated: bool = False
 
 
-def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: Output,
+def verdict(exit_msg: jm.Exit, killed_by_us: str | None, oom: bool, out: Output,
             err: Output, wall_ms: int, stats: CgroupStats, *,
             file_size_limited: bool = False) -> RunResult:
     """The report of one run, from what the init, the watchdog and the cgroup saw. Pure.
@@ -358,14 +385,14 @@ def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: 
     sandbox failure (XX) over our own kills (OL, TO) over the kernel's OOM kill (ML) over the
     program's own fate (SG, RE, OK) — a kill we made explains the signal the program died of.
     """
-    status_word = int(exit_msg.get("status", 0))
-    failure = exit_msg.get("failure")
-    rusage = exit_msg.get("rusage") or {}
+    status_word = exit_msg.status
+    failure = exit_msg.failure
+    rusage = exit_msg.rusage
     cpu_ns = stats.cpu_usage_ns
     # Without cgroup accounting (the disabled backend) the main process's rusage is all there
     # is: it includes the children it waited for, not those it left behind.
     cpu_ms = int(cpu_ns / 1e6) if cpu_ns else int(
-        (rusage.get("utime", 0) + rusage.get("stime", 0)) * 1000)
+        (rusage.utime + rusage.stime) * 1000)
     # No fallback to ru_maxrss: the payload is forked from the (Python) init, and the kernel
     # keeps the pre-exec image's RSS as the process's maximum (~30 MiB for `true`).
     peak = stats.memory_peak_bytes
@@ -380,10 +407,9 @@ def verdict(exit_msg: dict[str, Any], killed_by_us: str | None, oom: bool, out: 
     res.signal = _signame(sig) if sig is not None else None
     res.output_truncated = out.truncated or err.truncated
     res.oom_killed = oom
-    if failure and failure.get("stage") not in ("exec", "chdir"):
+    if failure is not None and failure.stage not in ("exec", "chdir"):
         res.status = "XX"
-        res.error = f"payload set-up failed at {failure.get('stage')}: " \
-                    f"{os.strerror(int(failure.get('errno', 0)))}"
+        res.error = f"payload set-up failed at {failure.stage}: {os.strerror(failure.errno)}"
         log.error("run set-up failed: %s", res.error)
     elif killed_by_us == "output":
         res.status, res.limit_exceeded = "OL", "output"

@@ -6,9 +6,10 @@
 #   util-linux procps iproute2 git                     setpriv, ps/pgrep, ip, git in host rooms
 #   mmdebstrap arch-test                               rootfs/build.sh (and the nspawn test tree)
 #   systemd-container                                  systemd-nspawn, for the service tests
+#   tmux                                               a real terminal for sandboxctl's progress tests
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc libcap-dev libseccomp2 uidmap util-linux procps
-      iproute2 git ca-certificates mmdebstrap arch-test systemd-container)
+      iproute2 git ca-certificates mmdebstrap arch-test systemd-container tmux)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,8 +13,8 @@
 #   3. the units into /usr/local/lib/systemd/system, the sysusers.d and tmpfiles.d snippets into
 #      /usr/local/lib/{sysusers,tmpfiles}.d, docs/service.md into /usr/local/share/doc/sandboxd;
 #   4. the sandboxd user and group (systemd-sysusers, or groupadd/useradd without it);
-#   5. subordinate uids and gids for sandboxd (the first free range in /etc/subuid and /etc/subgid,
-#      sized and placed by sandboxd.hostsetup exactly as `sandboxctl setup` does);
+#   5. subordinate uids and gids for sandboxd: sandboxd.hostsetup.ensure_subids, the one owner of
+#      the range's size and place (`sandboxctl setup` calls it too, so the two give one range);
 #   6. /run/sandboxd and /var/lib/sandboxd (systemd-tmpfiles, or install -d without it);
 #   7. `systemctl daemon-reload` when systemd is the running init.
 #
@@ -101,7 +101,9 @@ fi
 getent passwd sandboxd >/dev/null || die "user sandboxd was not created"
 
 # --- 5. subordinate ids -----------------------------------------------------------------------
-# The same first-fit allocation as `sandboxctl setup` (sandboxd.hostsetup), so both agree.
+# hostsetup.ensure_subids owns the size (hostsetup.SUBID_COUNT: enough for 1,024 rooms) and the
+# first-fit place; `sandboxctl setup --user sandboxd` then finds the range and adds nothing.
+# No count here: a second size would give the user two ranges (issue 22).
 "$venv/bin/python" - <<'EOF'
 import pwd
 from sandboxd import hostsetup

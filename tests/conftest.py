@@ -50,6 +50,16 @@ TEST_USER = os.environ.get("SANDBOXD_TEST_USER", "sbxtest")
 OTHER_USER = "sbxother"
 PROBE_USER = "sbxprobe"
 CGROUP_V1 = "/sys/fs/cgroup"
+CGROUP_V2_PURE = "/sys/fs/cgroup"
+
+
+def _pure_v2() -> bool:
+    """/sys/fs/cgroup is itself a cgroup2 mount (a pure v2 host, e.g. the VM tier's guest)."""
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(ln.split()[1:3] == [CGROUP_V2_PURE, "cgroup2"] for ln in f)
+    except OSError:
+        return False
 
 
 # /run/lock is root's tmpfs on Debian (a stale lock file cannot outlive a boot); /var/lock is the
@@ -161,6 +171,8 @@ class DaemonProc:
     #: controller, v2 its parent, none when disabled) and those dirs relative to their hierarchy
     #: root, as they appear in /proc/PID/cgroup
     room_cgroup_dirs: list[str] = field(default_factory=list)
+    #: the daemon's cgroup backend as its ping reports it: "v1" | "v2" | "disabled"
+    cgroup_backend: str = ""
     room_cgroup_rel: list[str] = field(default_factory=list)
     #: host uids seen running room processes (descendants of the daemon below its zygotes), to
     #: find what survives the daemon itself (orphans lose their ancestry)
@@ -173,6 +185,11 @@ class DaemonProc:
                                    "--socket", self.socket, "--state-dir", self.state_dir,
                                    "--rootfs", self.rootfs, "--log-level", "info",
                                    *self.extra_args])
+        if (cg := self.v2_cgroup()) is not None:
+            # Pure cgroup v2 (the VM tier's guest): the daemon is started inside a cgroup
+            # delegated to its user, as systemd's Delegate=yes or `sandboxctl setup` + a root
+            # launcher would; an unprivileged process cannot move itself there.
+            argv = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cg, *argv]
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()
@@ -190,6 +207,48 @@ class DaemonProc:
                     pass
             time.sleep(0.05)
         raise RuntimeError(f"sandboxd did not come up:\n{self.log()}")
+
+    def v2_cgroup(self) -> str | None:
+        """On a pure cgroup v2 host, the cgroup this daemon starts in: the ``supervisor`` leaf of
+        its own delegated cgroup (created and chowned to its user on first use, below the
+        ``sandboxctl setup`` parent ``sandboxd/<user>``); None on hybrid and v1 hosts, where the
+        daemon finds its v1 parents itself."""
+        if not _pure_v2():
+            return None
+        parent = os.path.join(CGROUP_V2_PURE, "sandboxd", self.user.pw_name)
+        if not os.path.isdir(parent):
+            raise RuntimeError(f"{parent} is missing: `sandboxctl setup --user "
+                               f"{self.user.pw_name}` did not delegate a v2 parent")
+        want = set(Path(parent, "cgroup.controllers").read_text().split()) & {
+            "memory", "pids", "cpu"}
+        have = set(Path(parent, "cgroup.subtree_control").read_text().split())
+        if want - have:
+            Path(parent, "cgroup.subtree_control").write_text(
+                " ".join("+" + c for c in sorted(want - have)))
+        cg = os.path.join(parent, self.instance)
+        # The daemon starts in the instance's "supervisor" leaf, as systemd >= 254 starts a unit
+        # with DelegateSubgroup=supervisor: the instance itself may hold no process once its
+        # controllers are enabled for rooms (cgroup v2's no-internal-process rule), which would
+        # make a restart after a crash fail to enter it.
+        leaf = os.path.join(cg, "supervisor")
+        os.makedirs(leaf, exist_ok=True)
+        for d in (cg, leaf):
+            for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+                os.chown(os.path.join(d, name) if name else d, self.user.pw_uid,
+                         self.user.pw_gid)
+        return leaf
+
+    def remove_v2_cgroup(self) -> None:
+        """rmdir this daemon's delegated v2 cgroup (children first) once it is empty; what is
+        left inside is reported by leftovers(), not hidden by this."""
+        if not _pure_v2():
+            return
+        cg = os.path.join(CGROUP_V2_PURE, "sandboxd", self.user.pw_name, self.instance)
+        # Only the daemon's own leaf and the instance itself: a room-* cgroup left behind
+        # keeps the instance in place for leftovers() to report.
+        for d in (os.path.join(cg, "supervisor"), cg):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                os.rmdir(d)
 
     def client(self, timeout: float | None = 120) -> object:
         from sandboxd.client import Client
@@ -215,6 +274,7 @@ class DaemonProc:
                 self.proc.wait()
         code = self.proc.returncode
         self.proc = None
+        self.remove_v2_cgroup()
         return code
 
     # --- host-side checks ---------------------------------------------------------------------
@@ -246,6 +306,7 @@ class DaemonProc:
 
     def _learn_cgroups(self, cg: dict[str, object]) -> None:
         backend = cg.get("backend")
+        self.cgroup_backend = str(backend)
         if backend == "v1":
             dirs = [str(p) for p in (cg.get("paths") or {}).values()]  # type: ignore[attr-defined]
         elif backend == "v2":

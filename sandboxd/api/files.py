@@ -19,6 +19,7 @@ import msgspec
 
 from .. import errors, protocol
 from ..context import Context
+from ..jail import messages as jm
 from ..roomfiles import (
     CHUNK,
     LIST_TIMEOUT_S,
@@ -68,7 +69,7 @@ async def write_file(ctx: Context, p: protocol.WriteFileParams) -> protocol.Writ
 async def read_file(ctx: Context, p: protocol.ReadFileParams) -> protocol.ReadFileResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
-    reply, (fd,) = await init_op(room, {"op": "f_open_read", "path": path}, path, nfds=1)
+    reply, (fd,) = await init_op(room, jm.OpenRead(path=path), path)
     loop = asyncio.get_running_loop()
     try:
         st = _regular(fd, path)
@@ -102,11 +103,11 @@ async def read_file(ctx: Context, p: protocol.ReadFileParams) -> protocol.ReadFi
         content = text if text is not None else data.decode("utf-8", "replace")
         encoding = "utf-8"
     return protocol.ReadFileResult(
-        success=True, path=str(reply.get("path", path)), content=content, encoding=encoding,
+        success=True, path=reply.path, content=content, encoding=encoding,
         is_binary=binary, size=len(data), mime_type=_mime(path, binary), timestamp=now())
 
 
-async def _stream(ctx: Context, fd: int, size: int, path: str, reply: dict[str, Any],
+async def _stream(ctx: Context, fd: int, size: int, path: str, reply: jm.Opened,
                   encoding: str | None) -> protocol.ReadFileResult:
     """``file.chunk`` notifications up to the size the file had when opened (a file the room
     keeps appending to must not make an endless stream)."""
@@ -134,16 +135,15 @@ async def _stream(ctx: Context, fd: int, size: int, path: str, reply: dict[str, 
                                                 encoding=enc, offset=offset))
             chunks += 1
     return protocol.ReadFileResult(
-        success=True, path=str(reply.get("path", path)), content="", encoding=enc, stream=True,
+        success=True, path=reply.path, content="", encoding=enc, stream=True,
         chunks=chunks, size=offset, mime_type=_mime(path, enc == "base64"), timestamp=now())
 
 
 async def delete_file(ctx: Context, p: protocol.PathParams) -> protocol.DeleteFileResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
-    reply, _ = await init_op(room, {"op": "f_delete", "path": path}, path)
-    return protocol.DeleteFileResult(success=True, path=str(reply.get("path", path)),
-                                     timestamp=now())
+    reply, _ = await init_op(room, jm.Delete(path=path), path)
+    return protocol.DeleteFileResult(success=True, path=reply.path, timestamp=now())
 
 
 async def _rename(ctx: Context, sandbox_id: str, src: str, dst: str, into: bool,
@@ -151,16 +151,15 @@ async def _rename(ctx: Context, sandbox_id: str, src: str, dst: str, into: bool,
     check_path(src, names[0])
     check_path(dst, names[1])
     room = await _room(ctx, sandbox_id)
-    msg = {"op": "f_rename", "src": src, "dst": dst, "into": into}
     try:
-        reply, _ = await init_op(room, msg, src)
+        reply, _ = await init_op(room, jm.Rename(src=src, dst=dst, into=into), src)
     except errors.FileError as err:
         # The init names the side that failed (source or destination) in its error's filename;
         # we only know "src" here, so say which paths were involved.
         err.context.update({"path": src, "newPath": dst})
         raise
-    return protocol.RenameResult(success=True, path=str(reply.get("path", src)),
-                                 new_path=str(reply.get("newPath", dst)), timestamp=now())
+    return protocol.RenameResult(success=True, path=reply.path, new_path=reply.new_path,
+                                 timestamp=now())
 
 
 async def rename_file(ctx: Context, p: protocol.RenameFileParams) -> protocol.RenameResult:
@@ -176,20 +175,17 @@ async def move_file(ctx: Context, p: protocol.MoveFileParams) -> protocol.Rename
 async def mkdir(ctx: Context, p: protocol.MkdirParams) -> protocol.MkdirResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
-    reply, _ = await init_op(room, {"op": "f_mkdir", "path": path, "recursive": p.recursive},
-                             path)
-    return protocol.MkdirResult(success=True, path=str(reply.get("path", path)),
+    reply, _ = await init_op(room, jm.Mkdir(path=path, recursive=p.recursive), path)
+    return protocol.MkdirResult(success=True, path=reply.path,
                                 recursive=p.recursive, timestamp=now())
 
 
 async def exists(ctx: Context, p: protocol.PathParams) -> protocol.ExistsResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
-    reply, _ = await init_op(room, {"op": "f_exists", "path": path}, path)
-    kind = reply.get("type")
-    return protocol.ExistsResult(success=True, path=str(reply.get("path", path)),
-                                 exists=bool(reply.get("exists")),
-                                 type=str(kind) if kind is not None else None)
+    reply, _ = await init_op(room, jm.Exists(path=path), path)
+    return protocol.ExistsResult(success=True, path=reply.path, exists=reply.exists,
+                                 type=reply.type)
 
 
 # (names are str, or bytes when not UTF-8: msgspec has no str | bytes union, hence Any)
@@ -228,16 +224,16 @@ def _lossy(value: str | bytes) -> str:
 async def list_files(ctx: Context, p: protocol.ListFilesParams) -> protocol.ListFilesResult:
     path = check_path(p.path)
     room = await _room(ctx, p.sandbox_id)
-    reply, (fd,) = await init_op(room, {"op": "f_list", "path": path, "recursive": p.recursive,
-                                        "hidden": p.include_hidden}, path, nfds=1,
-                                 timeout=LIST_TIMEOUT_S)
+    reply, (fd,) = await init_op(
+        room, jm.ListDir(path=path, recursive=p.recursive, hidden=p.include_hidden), path,
+        timeout=LIST_TIMEOUT_S)
     try:
         rows = await asyncio.get_running_loop().run_in_executor(None, _read_listing, fd, path)
     finally:
         os.close(fd)
-    base = str(reply.get("path", path))
+    base = reply.path
     prefix = base.rstrip("/") + "/"
     files = [_entry(prefix, name, rel, kind, size, mtime, mode)
              for name, rel, kind, size, mtime, mode in rows]
     return protocol.ListFilesResult(success=True, path=base, count=len(files), files=files,
-                                    truncated=bool(reply.get("truncated")), timestamp=now())
+                                    truncated=reply.truncated, timestamp=now())

@@ -25,8 +25,7 @@ async def ping(ctx: Context, p: protocol.PingParams) -> protocol.PingResult:
             reply = await room.handle.ping()
         except (JailError, TimeoutError) as err:
             raise errors.room_failure(err, room.id, "ping") from err
-        sandbox = protocol.PingSandbox(sandbox_id=room.id, init=reply.get("op") == "pong",
-                                       runs=int(reply.get("runs", 0)))
+        sandbox = protocol.PingSandbox(sandbox_id=room.id, init=True, runs=reply.runs)
     return protocol.PingResult(message="pong", version=__version__, capabilities=caps,
                                sandbox=sandbox)
 

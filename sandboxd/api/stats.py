@@ -18,7 +18,7 @@ import msgspec
 from .. import protocol
 from ..context import Context
 from ..errors import SandboxError
-from ..jail.cgroup import RoomCgroup
+from ..jail.cgroup.interface import RoomCgroup
 from ..rooms import Room
 
 
@@ -28,7 +28,7 @@ def _usage(room: Room) -> protocol.RoomUsage:
         st = cg.stats()
     except SandboxError:
         return protocol.RoomUsage()  # the room is being torn down: no figures, not an error
-    known = cg.path != ""  # the disabled backend keeps nothing
+    known = cg.accounting  # the disabled backend keeps nothing
     return protocol.RoomUsage(
         cpu_time_ms=int(st.cpu_usage_ns / 1e6) if known else None,
         memory_peak_bytes=st.memory_peak_bytes, memory_current_bytes=st.memory_current_bytes,

@@ -144,7 +144,7 @@ class CodeRunService:
             # Reused only when sealed (fileops, "the code-run cache"): room code cannot have
             # changed a byte of it since the compile that made it.
             state = await roomfiles.code_op(room, "state", name)
-            cached = bool(state.get("sealed"))
+            cached = state.sealed
             if not cached:
                 await roomfiles.code_op(room, "prepare", name, shared=p.user == "sandbox")
                 for fname, content in sources.items():

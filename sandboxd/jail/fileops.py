@@ -3,20 +3,24 @@
 Theory of operation. The init is PID 1 of the room, root of the room's user namespace, and after
 ``pivot_root`` its root directory *is* the room's root: no path it resolves can name a host file.
 The daemon (host credentials) never opens a room path; it sends the path here and gets back an
-**open file descriptor** (SCM_RIGHTS) for content, or a small reply for metadata operations:
+**open file descriptor** (SCM_RIGHTS) for content, or a small reply for metadata operations
+(the structs of ``messages.py``; the init's ``dispatch`` calls the function for each):
 
-  f_open_read  {path}               -> {path, size, mtime, mode} + [fd O_RDONLY of a regular file]
-  f_write      {path, size, append} + [pipe read end]
-                                    -> {path, bytesWritten} once ``size`` bytes were spliced
-                                       from the pipe into a temporary file and renamed over
-                                       the target (FileWriter; missing parents are created)
-  f_exists     {path}               -> {path, exists, type}
-  f_delete     {path}               -> {path}            (files and links; never directories)
-  f_rename     {src, dst, into}     -> {path, newPath}   (``into``: moveFile semantics — an
-                                       existing directory as destination receives the source)
-  f_mkdir      {path, recursive}    -> {path}
-  f_list       {path, recursive, hidden, limit}
-                                    -> {path, count, truncated} + [memfd holding msgpack rows]
+  OpenRead {path}                   -> Opened {path, size, mtime, mode}
+                                       + [fd O_RDONLY of a regular file]        open_read
+  Write    {path, size, append} + [pipe read end]
+                                    -> Written {path, bytes_written} once ``size`` bytes were
+                                       spliced from the pipe into a temporary file and renamed
+                                       over the target (missing parents are created) FileWriter
+  Exists   {path}                   -> Existence {path, exists, type}           exists
+  Delete   {path}                   -> PathReply {path} (files and links; never directories)
+  Rename   {src, dst, into}         -> Renamed {path, new_path} (``into``: moveFile semantics —
+                                       an existing directory as destination receives the source)
+  Mkdir    {path, recursive}        -> PathReply {path}                         mkdir
+  ListDir  {path, recursive, hidden, limit}
+                                    -> Listing {path, count, truncated}
+                                       + [memfd holding msgpack rows]           list_dir
+  Code     {action, name, shared}   -> CodeState {path, sealed}                 code_dir
 
 Bulk data never crosses the channel: the daemon reads the returned fd itself, and pours writes
 into a pipe that the init drains from its event loop (so it stays free to reap and spawn, and
@@ -49,7 +53,7 @@ from typing import Any
 import msgspec
 
 from . import _syscalls as sc
-from . import init
+from . import messages as m
 
 WORKSPACE = "/workspace"
 LIST_MAX_DEPTH = 128
@@ -71,7 +75,7 @@ _enc = msgspec.msgpack.Encoder()
 # --- paths ---------------------------------------------------------------------------------------
 
 
-def resolve(path: Any) -> str:
+def resolve(path: str) -> str:
     """The absolute, lexically normalised form of a user path (relative to /workspace).
 
     Lexical normalisation is safe here: whatever ``..`` and symlinks mean, they mean it inside
@@ -182,8 +186,9 @@ def _not_regular(st: os.stat_result, path: str) -> OSError:
 # --- content -------------------------------------------------------------------------------------
 
 
-def open_read(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    path = resolve(msg.get("path"))
+def open_read(msg: m.OpenRead) -> tuple[m.Opened, int]:
+    """The reply and an O_RDONLY fd of the regular file ``msg.path`` (the caller closes it)."""
+    path = resolve(msg.path)
     try:
         pre = os.stat(path)
     except OSError as err:
@@ -199,11 +204,11 @@ def open_read(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list
     except BaseException:
         os.close(fd)
         raise
-    return {"path": path, "size": st.st_size, "mtime": st.st_mtime, "mode": st.st_mode}, [fd]
+    return m.Opened(path=path, size=st.st_size, mtime=st.st_mtime, mode=st.st_mode), fd
 
 
 class FileWriter:
-    """``f_write {path, size, append}`` + [read end of a pipe]: the daemon pours the content
+    """``Write {path, size, append}`` + [read end of a pipe]: the daemon pours the content
     into the pipe, the init splices it into a temporary file beside the target and renames it
     over the target once exactly ``size`` bytes arrived (issue 23, D4; issue 10, H4).
 
@@ -221,18 +226,18 @@ class FileWriter:
 
     _seq = 0
 
-    def __init__(self, msg: dict[str, Any], fds: list[int]) -> None:
+    def __init__(self, msg: m.Write, fds: list[int]) -> None:
         # The fds become the job's only once it exists (the init closes them otherwise).
         if len(fds) != 1:
-            raise OSError(errno.EINVAL, "f_write needs one pipe fd")
+            raise OSError(errno.EINVAL, "Write needs one pipe fd")
         self.fd = fds[0]
         self.out = self.dfd = self.keep = -1
         self.tmp = ""
         try:
             os.set_blocking(self.fd, False)
-            self.size = int(msg.get("size", 0))
+            self.size = msg.size
             self.written = 0
-            self._open_target(resolve(msg.get("path")), bool(msg.get("append")))
+            self._open_target(resolve(msg.path), msg.append)
         except BaseException:
             self.fd = -1
             self.close()
@@ -288,7 +293,7 @@ class FileWriter:
         else:
             os.fchmod(self.out, 0o644)
 
-    def step(self) -> dict[str, Any] | None:
+    def step(self) -> m.Written | None:
         try:
             while True:
                 try:
@@ -309,7 +314,7 @@ class FileWriter:
             self.keep = -1
         except OSError as err:
             raise _named(err, self.path) from None
-        return {"path": self.path, "bytesWritten": self.written}
+        return m.Written(path=self.path, bytes_written=self.written)
 
     def close(self) -> None:
         if self.keep >= 0 and self.out >= 0:
@@ -332,20 +337,20 @@ class FileWriter:
 # --- metadata ------------------------------------------------------------------------------------
 
 
-def exists(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    path = resolve(msg.get("path"))
+def exists(msg: m.Exists) -> m.Existence:
+    path = resolve(msg.path)
     try:
         fd = _open(path, os.O_PATH)
     except (FileNotFoundError, NotADirectoryError):
-        return {"path": path, "exists": False, "type": None}, []
+        return m.Existence(path=path, exists=False)
     try:
-        return {"path": path, "exists": True, "type": _kind(os.fstat(fd).st_mode)}, []
+        return m.Existence(path=path, exists=True, type=_kind(os.fstat(fd).st_mode))
     finally:
         os.close(fd)
 
 
-def delete(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    path = resolve(msg.get("path"))
+def delete(msg: m.Delete) -> m.PathReply:
+    path = resolve(msg.path)
     parent, name = split(path)
     if not name:
         raise OSError(errno.EISDIR, "is a directory", path)
@@ -360,16 +365,16 @@ def delete(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[in
         os.unlink(name, dir_fd=dfd)
     finally:
         os.close(dfd)
-    return {"path": path}, []
+    return m.PathReply(path=path)
 
 
-def rename(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    src = resolve(msg.get("src"))
-    dst = resolve(msg.get("dst"))
+def rename(msg: m.Rename) -> m.Renamed:
+    src = resolve(msg.src)
+    dst = resolve(msg.dst)
     sparent, sname = split(src)
     if not sname:
         raise OSError(errno.EBUSY, "cannot move the root directory", src)
-    if msg.get("into"):
+    if msg.into:
         try:
             dfd = _open(dst, os.O_PATH | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
@@ -396,12 +401,12 @@ def rename(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[in
             os.close(dfd)
     finally:
         os.close(sfd)
-    return {"path": src, "newPath": dst}, []
+    return m.Renamed(path=src, new_path=dst)
 
 
-def mkdir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    path = resolve(msg.get("path"))
-    if msg.get("recursive"):
+def mkdir(msg: m.Mkdir) -> m.PathReply:
+    path = resolve(msg.path)
+    if msg.recursive:
         try:
             os.close(_dir(path, create=True))
         except NotADirectoryError:
@@ -413,7 +418,7 @@ def mkdir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int
             if not stat.S_ISDIR(st.st_mode):
                 raise OSError(errno.EEXIST, "exists and is not a directory", path) from None
             raise
-        return {"path": path}, []
+        return m.PathReply(path=path)
     parent, name = split(path)
     if not name:
         raise OSError(errno.EEXIST, "exists", path)
@@ -426,7 +431,7 @@ def mkdir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int
             raise _named(err, path) from None
     finally:
         os.close(dfd)
-    return {"path": path}, []
+    return m.PathReply(path=path)
 
 
 def _wire_name(name: str) -> str | bytes:
@@ -439,12 +444,12 @@ def _wire_name(name: str) -> str | bytes:
         return os.fsencode(name)
 
 
-def list_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    """Rows ``[name, relativePath, type, size, mtime, mode]`` in a memfd (msgpack array)."""
-    path = resolve(msg.get("path"))
-    recursive = bool(msg.get("recursive"))
-    hidden = bool(msg.get("hidden"))
-    limit = min(int(msg.get("limit") or LIST_MAX_ENTRIES), LIST_MAX_ENTRIES)
+def list_dir(msg: m.ListDir) -> tuple[m.Listing, int]:
+    """Rows ``[name, relativePath, type, size, mtime, mode]`` in a memfd (msgpack array); the
+    caller closes the memfd."""
+    path = resolve(msg.path)
+    recursive, hidden = msg.recursive, msg.hidden
+    limit = LIST_MAX_ENTRIES if msg.limit is None else min(msg.limit, LIST_MAX_ENTRIES)
     rows: list[list[Any]] = []
     truncated = False
     top = _open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -496,7 +501,7 @@ def list_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[
     except BaseException:
         os.close(mfd)
         raise
-    return {"path": path, "count": len(rows), "truncated": truncated}, [mfd]
+    return m.Listing(path=path, count=len(rows), truncated=truncated), mfd
 
 
 # --- the code-run cache (issue 10, M2) -----------------------------------------------------------
@@ -533,8 +538,8 @@ def setup_code_base(root: str) -> None:
     os.chmod(base, 0o755)
 
 
-def _code_dir(msg: dict[str, Any]) -> tuple[str, str]:
-    name = str(msg.get("name", ""))
+def _code_dir(msg: m.Code) -> tuple[str, str]:
+    name = msg.name
     if not name or "/" in name or name.startswith("."):
         raise OSError(errno.EINVAL, "invalid code directory name", name)
     return CODE_BASE, name
@@ -577,11 +582,11 @@ def _seal_tree(fd: int) -> None:
                 os.close(sub)
 
 
-def code_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[int]]:
-    """``f_code {action, name}``: ``state`` -> {sealed}; ``prepare`` (a fresh, empty workdir
+def code_dir(msg: m.Code) -> m.CodeState:
+    """``Code {action, name}``: ``state`` -> {sealed}; ``prepare`` (a fresh, empty workdir
     for a compile, replacing whatever was there); ``seal``."""
     base, name = _code_dir(msg)
-    action = msg.get("action")
+    action = msg.action
     bfd = sc.openat2(-100, base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
                      sc.RESOLVE_NO_SYMLINKS | _NO_MAGIC)
     try:
@@ -590,15 +595,15 @@ def code_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[
             try:
                 st = os.stat(name, dir_fd=bfd, follow_symlinks=False)
             except FileNotFoundError:
-                return {"path": path, "sealed": False}, []
+                return m.CodeState(path=path, sealed=False)
             sealed = (stat.S_ISDIR(st.st_mode) and st.st_uid == SEAL_UID
                       and os.fstat(bfd).st_uid == SEAL_UID and seal_uid_mapped())
-            return {"path": path, "sealed": sealed}, []
+            return m.CodeState(path=path, sealed=sealed)
         if action == "prepare":
             _remove_tree(bfd, name)
             os.mkdir(name, 0o755, dir_fd=bfd)
-            os.chmod(name, 0o777 if msg.get("shared") else 0o755, dir_fd=bfd)
-            return {"path": path}, []
+            os.chmod(name, 0o777 if msg.shared else 0o755, dir_fd=bfd)
+            return m.CodeState(path=path)
         if action == "seal":
             if not seal_uid_mapped():
                 raise OSError(errno.EPERM, "no id to seal with (single-id mapping)", path)
@@ -610,21 +615,10 @@ def code_dir(msg: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any], list[
                 os.fchmod(wfd, 0o555)
             finally:
                 os.close(wfd)
-            return {"path": path}, []
+            return m.CodeState(path=path)
         raise OSError(errno.EINVAL, f"unknown action {action!r}", path)
     except OSError as err:
         raise _named(err, f"{base}/{name}") from None
     finally:
         os.close(bfd)
 
-
-init.JOBS["f_write"] = FileWriter
-init.HANDLERS.update({
-    "f_open_read": open_read,
-    "f_exists": exists,
-    "f_delete": delete,
-    "f_rename": rename,
-    "f_mkdir": mkdir,
-    "f_list": list_dir,
-    "f_code": code_dir,
-})

@@ -11,16 +11,19 @@ already inside the room's cgroup. It
 3. says ``ready`` and serves requests until the channel closes, when it exits — and the kernel
    kills every process left in the pid namespace with it.
 
-Requests (msgpack maps with ``op`` and ``id``; replies carry ``re``):
-  spawn  {run, argv, env, cwd, user, rlimits, ncg} + fds [stdin, stdout, stderr, *cgroup fds]
-         forks a payload: setsid, join the run cgroup, stdio, clean signals, rlimits, identity,
-         cwd, drop privileges, close fds, exec (the seccomp filter is inherited from the init).
-         Replies {pid}; later an event {op: exit, run, status, rusage, failure} when the
-         payload is reaped.
-  kill   {run, sig}          signal the run's process group
-  killall {}                 SIGKILL every process of the room but the init
-  ping   {}                  -> {op: pong}
-  other ops are looked up in HANDLERS (file operations register there).
+Requests are the ``messages.ToInit`` structs (declared with their replies in ``messages.py``),
+dispatched by :meth:`Init.dispatch` with one ``match``:
+  Spawn    + fds [stdin, stdout, stderr, *cgroup fds]: forks a payload: setsid, join the run
+           cgroup, stdio, clean signals, rlimits, identity, cwd, drop privileges, close fds,
+           exec (the seccomp filter is inherited from the init). Replies SpawnReply {pid};
+           later an Exit event {run, status, rusage, failure, t} when the payload is reaped.
+  Kill     {run, sig}        signal the run's process group -> KillReply {found}
+  KillAll                    SIGKILL every process of the room but the init
+  Ping                       -> Pong {runs}
+  the file operations        ``fileops.py`` (Write is a Job: answered from the event loop)
+Every failure of a request is an ErrorReply {errno, message, filename}. A datagram that does not
+decode as a ``ToInit`` struct ends the init (and so the room): the daemon never sends one, so
+whoever did is not the daemon.
 
 Payload pipes and files are fds passed through the channel; the init never copies payload data.
 As PID 1 it reaps every orphan of the room.
@@ -37,15 +40,13 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol, assert_never
+
+import msgspec
 
 from . import _syscalls as sc
-from . import caps, cgroup, channel, mnt, net
-
-Handler = Callable[[dict[str, Any], list[int]], tuple[dict[str, Any], list[int]]]
-#: init-side operations by name; other modules (files) register theirs here.
-HANDLERS: dict[str, Handler] = {}
+from . import caps, cgroup, channel, fileops, messages, mnt, net
+from .messages import ErrorReply, Reply
 
 
 class Job(Protocol):
@@ -55,13 +56,18 @@ class Job(Protocol):
 
     fd: int
 
-    def step(self) -> dict[str, Any] | None: ...
+    def step(self) -> Reply | None: ...
 
     def close(self) -> None: ...
 
 
-#: operations answered by a Job (they own their fds).
-JOBS: dict[str, Callable[[dict[str, Any], list[int]], Job]] = {}
+def error_reply(err: BaseException) -> ErrorReply:
+    """The one error shape: an OSError as its errno, text and file name; anything else EIO."""
+    if isinstance(err, OSError):
+        return ErrorReply(errno=err.errno or errno.EIO, message=str(err),
+                          filename=None if err.filename is None else str(err.filename))
+    return ErrorReply(errno=errno.EIO, message=f"{type(err).__name__}: {err}")
+
 
 SANDBOX_UID = 1000
 # When a room as a whole runs out of memory, the kernel picks its victim inside the room: never
@@ -80,17 +86,20 @@ RLIMIT_NAMES = {"fsize": "RLIMIT_FSIZE", "nofile": "RLIMIT_NOFILE", "core": "RLI
 
 
 class Init:
-    def __init__(self, spec: dict[str, Any], ctl: socket.socket,
-                 home_fds: list[int] | None = None) -> None:
+    def __init__(self, spec: messages.RoomSpec, ctl: socket.socket,
+                 home_fds: list[int] | None = None, scratch_fd: int = -1) -> None:
         self.spec = spec
         self.ctl = ctl
+        # The room's tmpfs, mounted by the set-up process on the state directory (mnt.setup
+        # builds the room's root on it).
+        self.scratch_fd = scratch_fd
         # cgroup.procs fds of the init's own leaf (opened by the set-up process before unshare):
         # the fast spawn path steps into a run's cgroup and back through them.
         self.home_fds = home_fds or []
         self.oom_fd = -1
         self.started: dict[int, float] = {}
         self.runs: dict[int, tuple[str, int]] = {}  # pid -> (run id, error pipe read end)
-        self.seccomp_bpf: bytes | None = spec.get("seccomp_bpf")
+        self.seccomp_bpf = spec.seccomp_bpf
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -98,11 +107,11 @@ class Init:
 
     def setup(self) -> None:
         spec = self.spec
-        mnt.setup(spec["scratch_fd"], spec["rootfs"], spec["disk_bytes"], spec["hostname"])
+        mnt.setup(self.scratch_fd, spec.rootfs, spec.disk_bytes, spec.hostname)
         # Opened while still dumpable: afterwards /proc/self belongs to global root.
         self.oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
         net.setup_loopback()
-        sc.sethostname(spec["hostname"])
+        sc.sethostname(spec.hostname)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -138,72 +147,83 @@ class Init:
                     self.reap()
                 else:
                     try:
-                        msg, fds = channel.recv(self.ctl)
+                        msg, fds = channel.recv(self.ctl, messages.to_init)
                     except (channel.ChannelClosed, ConnectionError):
                         return  # the daemon is gone: so is the room
                     except InterruptedError:
                         continue
+                    # (channel.BadMessage is not caught: garbage on the channel ends the init,
+                    # and with it the room — see main)
                     self.dispatch(msg, fds)
 
-    def reply(self, msg: dict[str, Any], result: dict[str, Any], fds: list[int] = []) -> None:  # noqa: B006
-        if "id" in msg:
-            channel.send(self.ctl, {**result, "re": msg["id"]}, fds)
+    def reply(self, msg: messages.ToInit, result: Reply, fds: list[int] | None = None) -> None:
+        channel.send(self.ctl, msgspec.structs.replace(result, re=msg.id), fds or ())
 
-    def dispatch(self, msg: dict[str, Any], fds: list[int]) -> None:
-        op = msg.get("op")
+    def dispatch(self, msg: messages.ToInit, fds: list[int]) -> None:
+        """Do one request and answer it. ``fds`` are closed here, unless a job took them."""
+        taken = False
         try:
-            if op == "spawn":
-                self.reply(msg, {"pid": self.spawn(msg, fds)})
-            elif op == "kill":
-                self.reply(msg, {"ok": self.kill(msg.get("run", ""), int(msg.get("sig", 9)))})
-            elif op == "killall":
-                self.killall()
-                self.reply(msg, {"ok": True})
-            elif op == "ping":
-                self.reply(msg, {"op": "pong", "runs": len(self.runs)})
-            elif isinstance(op, str) and op in JOBS:
-                job = JOBS[op](msg, fds)
-                fds = []  # the job's now
-                self.sel.register(job.fd, selectors.EVENT_READ, (msg, job))
-            elif isinstance(op, str) and op in HANDLERS:
-                result, out_fds = HANDLERS[op](msg, fds)
-                try:
-                    self.reply(msg, result, out_fds)
-                finally:
-                    for fd in out_fds:
-                        os.close(fd)
-            else:
-                self.reply(msg, {"error": {"errno": errno.EINVAL,
-                                           "message": f"unknown op {op!r}"}})
-        except OSError as err:
-            self.reply(msg, {"error": {"errno": err.errno or errno.EIO, "message": str(err),
-                                       "filename": err.filename}})
+            match msg:
+                case messages.Spawn():
+                    self.reply(msg, messages.SpawnReply(pid=self.spawn(msg, fds)))
+                case messages.Kill(run=run, sig=sig):
+                    self.reply(msg, messages.KillReply(found=self.kill(run, sig)))
+                case messages.KillAll():
+                    self.killall()
+                    self.reply(msg, messages.KillAllReply())
+                case messages.Ping():
+                    self.reply(msg, messages.Pong(runs=len(self.runs)))
+                case messages.Write():
+                    job = fileops.FileWriter(msg, fds)
+                    taken = True  # the job's now (it closes them)
+                    self.sel.register(job.fd, selectors.EVENT_READ, (msg, job))
+                case messages.OpenRead():
+                    opened, fd = fileops.open_read(msg)
+                    self._reply_fd(msg, opened, fd)
+                case messages.ListDir():
+                    listing, fd = fileops.list_dir(msg)
+                    self._reply_fd(msg, listing, fd)
+                case messages.Exists():
+                    self.reply(msg, fileops.exists(msg))
+                case messages.Delete():
+                    self.reply(msg, fileops.delete(msg))
+                case messages.Rename():
+                    self.reply(msg, fileops.rename(msg))
+                case messages.Mkdir():
+                    self.reply(msg, fileops.mkdir(msg))
+                case messages.Code():
+                    self.reply(msg, fileops.code_dir(msg))
+                case _:  # mypy: every ToInit op has its case above
+                    assert_never(msg)
         except Exception as err:  # noqa: BLE001 - a bad request must never take the room down
-            self.reply(msg, {"error": {"errno": errno.EIO,
-                                       "message": f"{type(err).__name__}: {err}"}})
+            self.reply(msg, error_reply(err))
         finally:
-            if op in ("spawn", "kill", "killall", "ping") or op in JOBS:
-                for fd in fds:  # (a job that started owns them: fds is [] then)
+            if not taken:
+                for fd in fds:
                     try:
                         os.close(fd)
                     except OSError:
                         pass  # a handler that closed it already must not end the room
 
-    def _step_job(self, msg: dict[str, Any], job: Job) -> None:
+    def _reply_fd(self, msg: messages.ToInit, result: Reply, fd: int) -> None:
+        try:
+            self.reply(msg, result, [fd])
+        finally:
+            os.close(fd)
+
+    def _step_job(self, msg: messages.ToInit, job: Job) -> None:
+        result: Reply | None
         try:
             result = job.step()
-        except OSError as err:
-            result = {"error": {"errno": err.errno or errno.EIO, "message": str(err),
-                                "filename": err.filename}}
         except Exception as err:  # noqa: BLE001 - a bad job must never take the room down
-            result = {"error": {"errno": errno.EIO, "message": f"{type(err).__name__}: {err}"}}
+            result = error_reply(err)
         if result is None:
             return
         self.sel.unregister(job.fd)
         job.close()
         self.reply(msg, result)
 
-    def spawn(self, msg: dict[str, Any], fds: list[int]) -> int:
+    def spawn(self, msg: messages.Spawn, fds: list[int]) -> int:
         if len(fds) < 3:
             raise OSError(errno.EINVAL, "spawn needs stdin, stdout and stderr fds")
         if self._fast_path_ok(msg):
@@ -220,7 +240,7 @@ class Init:
             _payload(msg, fds, err_w)  # never returns
         self._oom(0)
         os.close(err_w)
-        self.runs[pid] = (str(msg.get("run", "")), err_r)
+        self.runs[pid] = (msg.run, err_r)
         self.started[pid] = time.monotonic()
         return pid
 
@@ -230,14 +250,13 @@ class Init:
         # runs at PAYLOAD_OOM_SCORE_ADJ.
         os.pwrite(self.oom_fd, str(value).encode(), 0)
 
-    def _fast_path_ok(self, msg: dict[str, Any]) -> bool:
+    def _fast_path_ok(self, msg: messages.Spawn) -> bool:
         # posix_spawn cannot change the uid or set rlimits in the child, and a pids-limited run
         # cgroup would count the init itself while it stands in it.
-        rlimits = msg.get("rlimits") or {}
-        return (msg.get("user", "root") == "root" and set(rlimits) <= {"core"}
-                and not msg.get("pids_limited") and bool(self.home_fds or not msg.get("ncg")))
+        return (msg.user == "root" and set(msg.rlimits) <= {"core"}
+                and not msg.pids_limited and bool(self.home_fds or not msg.ncg))
 
-    def _spawn_fast(self, msg: dict[str, Any], fds: list[int]) -> int:
+    def _spawn_fast(self, msg: messages.Spawn, fds: list[int]) -> int:
         """posix_spawn (vfork + exec): ~0.5 ms where fork() of this 35 MB process costs ~2-5.
 
         What the fork path does in the child is done here around the spawn instead: the init
@@ -245,11 +264,7 @@ class Init:
         steps back; setsid, stdio and signal dispositions are posix_spawn attributes; the
         bounding set, no_new_privs and the seccomp filter are the init's own, inherited.
         """
-        run = str(msg.get("run", ""))
-        argv: list[str] = list(msg["argv"])
-        env = {str(k): str(v) for k, v in (msg.get("env") or {}).items()}
-        ncg = int(msg.get("ncg", 0))
-        cwd = msg.get("cwd") or "/workspace"
+        run, argv, env, ncg, cwd = msg.run, msg.argv, msg.env, msg.ncg, msg.cwd
         try:
             enter_cwd(cwd)
         except OSError as err:
@@ -289,9 +304,8 @@ class Init:
             os.write(stderr, f"sandboxd: {what}: {os.strerror(num)}\n".encode())
         except OSError:
             pass
-        channel.send(self.ctl, {"op": "exit", "run": run, "status": code << 8,
-                                "rusage": {"utime": 0.0, "stime": 0.0, "maxrss_kb": 0},
-                                "failure": {"stage": stage, "errno": num}})
+        channel.send(self.ctl, messages.Exit(run=run, status=code << 8,
+                                             failure=messages.Failure(stage=stage, errno=num)))
         return 0
 
     def kill(self, run: str, sig: int) -> bool:
@@ -332,17 +346,17 @@ class Init:
                     data = os.read(err_r, 256)
                     if data:
                         stage, _, num = data.decode().partition(":")
-                        failure = {"stage": stage, "errno": int(num or 0)}
+                        failure = messages.Failure(stage=stage, errno=int(num or 0))
                 finally:
                     os.close(err_r)
-            channel.send(self.ctl, {
-                "op": "exit", "run": run, "status": status,
-                "rusage": {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss},
-                "failure": failure,
+            channel.send(self.ctl, messages.Exit(
+                run=run, status=status,
+                rusage=messages.Rusage(utime=ru.ru_utime, stime=ru.ru_stime,
+                                       maxrss_kb=ru.ru_maxrss),
+                failure=failure,
                 # CLOCK_MONOTONIC is one clock for the room and the daemon (no time namespace):
                 # the daemon splits a run's wall time into spawn, program and report.
-                "t": [self.started.pop(pid, 0.0), time.monotonic()],
-            })
+                t=(self.started.pop(pid, 0.0), time.monotonic())))
 
 
 # --- resolving a run's cwd and program inside the room ------------------------------------------
@@ -397,18 +411,17 @@ def find_executable(name: str, path_env: str) -> str:
     raise failure
 
 
-def _payload(msg: dict[str, Any], fds: list[int], err_w: int) -> None:
+def _payload(msg: messages.Spawn, fds: list[int], err_w: int) -> None:
     """The payload child, between fork and exec. Reports a failed step on ``err_w``."""
     stage = "setsid"
-    argv: list[str] = list(msg["argv"])
+    argv = msg.argv
     try:
         # A session of its own: no controlling terminal to inject into (TIOCSTI), and a process
         # group the init can signal as a whole.
         os.setsid()
         stage = "cgroup"
-        ncg = int(msg.get("ncg", 0))
         # The room cannot see /sys/fs/cgroup: the daemon passed the run cgroup's fds.
-        cgroup.enter(fds[3:3 + ncg])
+        cgroup.enter(fds[3:3 + msg.ncg])
         stage = "stdio"
         for i in range(3):
             os.dup2(fds[i], i)
@@ -425,20 +438,20 @@ def _payload(msg: dict[str, Any], fds: list[int], err_w: int) -> None:
         stage = "rlimits"
         import resource
 
-        for name, value in (msg.get("rlimits") or {}).items():
+        for name, value in msg.rlimits.items():
             which = getattr(resource, RLIMIT_NAMES[name])
-            resource.setrlimit(which, (int(value), int(value)))
+            resource.setrlimit(which, (value, value))
         stage = "user"
-        if msg.get("user") == "sandbox":
+        if msg.user == "sandbox":
             os.setgroups([])
             os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
             os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
         stage = "chdir"
-        enter_cwd(msg.get("cwd") or "/workspace")
+        enter_cwd(msg.cwd)
         stage = "privileges"
         caps.drop_privileges()
         stage = "exec"
-        env = {str(k): str(v) for k, v in (msg.get("env") or {}).items()}
+        env = msg.env
         # Resolved while this child still holds the init's fds (CLOEXEC, gone only at exec):
         # /proc/self/fd/N here is the init's table, so the lookup must refuse magic links.
         exe = find_executable(argv[0], env.get("PATH", os.defpath))
@@ -451,7 +464,7 @@ def _payload(msg: dict[str, Any], fds: list[int], err_w: int) -> None:
         num = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
         try:
             if stage in ("exec", "chdir"):
-                what = argv[0] if stage == "exec" else f"cwd {msg.get('cwd')}"
+                what = argv[0] if stage == "exec" else f"cwd {msg.cwd}"
                 os.write(2, f"sandboxd: {what}: {os.strerror(num)}\n".encode())
             os.write(err_w, f"{stage}:{num}".encode())
         finally:
@@ -460,11 +473,11 @@ def _payload(msg: dict[str, Any], fds: list[int], err_w: int) -> None:
     os._exit(127)
 
 
-def main(spec: dict[str, Any], ctl: socket.socket, parent_gone: int,
-         home_fds: list[int] | None = None) -> None:
+def main(spec: messages.RoomSpec, ctl: socket.socket, parent_gone: int,
+         home_fds: list[int] | None = None, scratch_fd: int = -1) -> None:
     """Entry from the set-up process's fork; never returns."""
     try:
-        caps.set_name(f"sandboxd: room {spec['room_id']} init")
+        caps.set_name(f"sandboxd: room {spec.room_id} init")
         # The zygote writes here once it has reaped our set-up process, i.e. once we are its
         # child: only now does PDEATHSIG point at the right parent. EOF: the zygote died.
         if os.read(parent_gone, 1) != b"g":
@@ -474,23 +487,20 @@ def main(spec: dict[str, Any], ctl: socket.socket, parent_gone: int,
         # Dumpable during set-up only (the uid change in the set-up process cleared it), so
         # that /proc/self of the fresh procfs is ours to open; see the end of set-up.
         caps.set_dumpable(True)
-        init = Init(spec, ctl, home_fds)
+        init = Init(spec, ctl, home_fds, scratch_fd)
         init.setup()
         # Only now (set-up opened its /proc/self files): nothing may ptrace the init or read
         # its memory, not even a payload of the same uid.
         caps.non_dumpable()
-        channel.send(ctl, {"op": "ready", "pid": os.getpid()})
+        channel.send(ctl, messages.Ready(pid=os.getpid()))
     except BaseException as err:  # noqa: BLE001
         try:
-            channel.send(ctl, {"op": "failed", "error": f"{type(err).__name__}: {err}"})
+            channel.send(ctl, messages.Failed(error=f"{type(err).__name__}: {err}"))
         finally:
             os._exit(1)
     try:
         init.serve()
-    except BaseException as err:  # noqa: BLE001
+    except BaseException as err:  # noqa: BLE001 - garbage from the channel (BadMessage) too
         print(f"sandboxd room init: {type(err).__name__}: {err}", file=sys.stderr)
         os._exit(1)
     os._exit(0)
-
-
-from . import fileops as _fileops  # noqa: E402, F401 - registers the file operations in HANDLERS

@@ -50,7 +50,8 @@ SANDBOX_UID = 1000
 
 @dataclass(frozen=True)
 class IdMap:
-    """What to map: ``count`` ids starting at host ``uid_base``/``gid_base`` (single when 1)."""
+    """What to map: ``count`` ids starting at host ``uid_base``/``gid_base`` (single when 1).
+    It crosses to the zygote as is, inside ``messages.RoomSpec`` (msgspec encodes dataclasses)."""
 
     uid_base: int
     gid_base: int
@@ -64,15 +65,6 @@ class IdMap:
     def maps(self, room_uid: int) -> bool:
         """Whether the room's uid ``room_uid`` exists (is mapped) in this room."""
         return 0 <= room_uid < self.count
-
-    def wire(self) -> dict[str, int]:
-        """The form passed to the zygote in the room spec."""
-        return {"uid": self.uid_base, "gid": self.gid_base, "count": self.count,
-                "slice": self.slice}
-
-    @classmethod
-    def from_wire(cls, d: dict[str, int]) -> IdMap:
-        return cls(int(d["uid"]), int(d["gid"]), int(d["count"]), int(d.get("slice", -1)))
 
 
 def single(uid: int | None = None, gid: int | None = None) -> IdMap:

@@ -6,7 +6,7 @@ with one end of a SEQPACKET socketpair as FD. The zygote imports everything a ro
 cheap fork whose pages are shared copy-on-write. It is a child subreaper, so room inits are
 re-parented to it (and reaped by it) once their set-up process exits, and it dies with the daemon.
 
-Spawning one room (``spawn`` request with the room spec):
+Spawning one room (a ``messages.SpawnRoom`` request carrying the ``messages.RoomSpec``):
 
   zygote ──fork──> set-up process (host namespaces, daemon's uid)
                      1. writes "0" to the room cgroup's cgroup.procs files (before unshare:
@@ -20,7 +20,8 @@ Spawning one room (``spawn`` request with the room spec):
                      5. forks the init (PID 1 of the new pid namespace), sends its host pid,
                         and exits
   zygote: reaps the set-up process, opens a pidfd for the init, and replies to the daemon with
-          {pid} + fds [daemon's end of the init channel, pidfd]
+          RoomSpawned {pid} + fds [daemon's end of the init channel, pidfd]; later, once it
+          reaped the init, an Exited {pid, status} event. Any failure is an ErrorReply.
 
 The set-up process exiting is what re-parents the init to the zygote; the init waits for that
 (EOF on a pipe only the set-up process held) before setting its PDEATHSIG.
@@ -28,16 +29,17 @@ The set-up process exiting is what re-parents the init to the zygote; the init w
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import select
 import signal
 import socket
 import sys
-from typing import Any
+from typing import assert_never
 
 from . import _syscalls as sc
-from . import caps, channel, mnt, user
+from . import caps, channel, messages, mnt, user
 from . import init as room_init
 
 NS_FLAGS = (sc.CLONE_NEWUSER | sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWNET
@@ -58,7 +60,7 @@ def _expect(sock: socket.socket, timeout: float = HANDSHAKE_TIMEOUT) -> bytes:
     return data
 
 
-def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
+def _setup_process(spec: messages.RoomSpec, keep: list[int], ctl: socket.socket,
                    sync: socket.socket, reparented: int) -> None:
     """Runs in the forked set-up process; never returns."""
     try:
@@ -69,15 +71,15 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         os.closerange(3, min(keep))
         for lo, hi in zip(sorted(keep), [*sorted(keep)[1:], 1 << 20], strict=True):
             os.closerange(lo + 1, hi)
-        caps.set_name(f"sandboxd: room {spec['room_id']} setup")
+        caps.set_name(f"sandboxd: room {spec.room_id} setup")
         # Kept open for the init, which steps into a run's cgroup to start a payload there and
         # back into its own leaf (init.Init._spawn_fast): the same kind of fd runs are joined
         # by (cgroup.RunCgroup.join_fds) — v2: the file, opened here with the daemon's
         # credentials outside the room's cgroup namespace; v1: the directory, so that the init
         # opens the file with its own (possibly subordinate) uid.
         home_fds = []
-        by_dir = bool(spec.get("cgroup_home_by_dir"))
-        for path in spec.get("cgroup_procs", []):
+        by_dir = spec.cgroup_home_by_dir
+        for path in spec.cgroup_procs:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             os.write(fd, b"0")
             if by_dir:
@@ -96,11 +98,10 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         sync.send(b"u")
         if _expect(sync) != b"m":
             raise OSError("bad handshake from the zygote")
-        ids = user.IdMap.from_wire(spec["ids"])
-        spec = {**spec, "scratch_fd": mnt.mount_scratch(spec["scratch"], spec["disk_bytes"])}
+        scratch_fd = mnt.mount_scratch(spec.scratch, spec.disk_bytes)
         # Only now: the scratch mount above needed the daemon's uid to reach the state dir, and
         # the maps had to exist for the tmpfs to be owned by the room's root.
-        user.become_root(ids)
+        user.become_root(spec.ids)
         # The init's step back through home_fds must work with the ids it now has: cgroup v1
         # lets a file opened by the daemon's uid move only tasks of that uid, so a room on a
         # subordinate slice cannot use them. Probe (moving ourselves where we already are) and
@@ -116,7 +117,7 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
         pid = os.fork()
         if pid == 0:
             sync.close()
-            room_init.main(spec, ctl, reparented, home_fds)
+            room_init.main(spec, ctl, reparented, home_fds, scratch_fd)
         sync.send(str(pid).encode())
         os._exit(0)
     except BaseException as err:  # noqa: BLE001 - nothing may unwind past fork
@@ -126,7 +127,7 @@ def _setup_process(spec: dict[str, Any], keep: list[int], ctl: socket.socket,
             os._exit(1)
 
 
-def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket.socket, int]:
+def spawn(spec: messages.RoomSpec) -> tuple[int, socket.socket, int]:
     """Create one room; return (init host pid, daemon's channel end, pidfd of the init)."""
     ctl_daemon, ctl_room = channel.pair()
     sync_z, sync_s = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -145,7 +146,7 @@ def spawn(spec: dict[str, Any], daemon_sock: socket.socket) -> tuple[int, socket
     try:
         if _expect(sync_z) != b"u":
             raise OSError("bad handshake from the set-up process")
-        user.write_maps(pid, user.IdMap.from_wire(spec["ids"]))
+        user.write_maps(pid, spec.ids)
         sync_z.send(b"m")
         init_pid = int(_expect(sync_z))
         pidfd = os.pidfd_open(init_pid)
@@ -186,7 +187,7 @@ def _reap(sock: socket.socket | None = None) -> None:
             _INITS.discard(pid)
             if sock is not None:
                 try:
-                    channel.send(sock, {"op": "exited", "pid": pid, "status": status})
+                    channel.send(sock, messages.Exited(pid=pid, status=status))
                 except OSError:
                     pass
 
@@ -209,31 +210,35 @@ def serve(sock: socket.socket) -> None:
             _reap(sock)
         if sock.fileno() in ready:
             try:
-                msg, fds = channel.recv(sock)
+                msg, fds = channel.recv(sock, messages.to_zygote)
             except (channel.ChannelClosed, ConnectionError):
                 return
-            for fd in fds:
-                os.close(fd)
+            # (channel.BadMessage is not caught: the zygote exits on garbage, the daemon sees
+            # its channel close and starts a new one)
+            channel.close_fds(fds)
             handle(msg, sock)
 
 
-def handle(msg: dict[str, Any], sock: socket.socket) -> None:
-    rid = msg.get("id")
-    if msg.get("op") == "spawn":
-        try:
-            pid, ctl, pidfd = spawn(msg["spec"], sock)
-        except BaseException as err:  # noqa: BLE001 - one failed room must not end the zygote
-            channel.send(sock, {"re": rid, "error": f"{type(err).__name__}: {err}"})
-            return
-        try:
-            channel.send(sock, {"re": rid, "pid": pid}, [ctl.fileno(), pidfd])
-        finally:
-            ctl.close()
-            os.close(pidfd)
-    elif msg.get("op") == "ping":
-        channel.send(sock, {"re": rid, "op": "pong"})
-    else:
-        channel.send(sock, {"re": rid, "error": f"unknown op {msg.get('op')!r}"})
+def handle(msg: messages.ToZygote, sock: socket.socket) -> None:
+    match msg:
+        case messages.SpawnRoom(spec=spec):
+            try:
+                pid, ctl, pidfd = spawn(spec)
+            except BaseException as err:  # noqa: BLE001 - one failed room must not end the zygote
+                num = err.errno if isinstance(err, OSError) and err.errno else errno.EIO
+                channel.send(sock, messages.ErrorReply(
+                    re=msg.id, errno=num, message=f"{type(err).__name__}: {err}"))
+                return
+            try:
+                channel.send(sock, messages.RoomSpawned(re=msg.id, pid=pid),
+                             [ctl.fileno(), pidfd])
+            finally:
+                ctl.close()
+                os.close(pidfd)
+        case messages.Ping():
+            channel.send(sock, messages.Pong(re=msg.id))
+        case _:
+            assert_never(msg)
 
 
 def main() -> None:

@@ -26,8 +26,11 @@ import pytest
 
 from sandboxd.config import MiB, RoomLimits
 from sandboxd.errors import LimitUnavailable
-from sandboxd.jail import cgroup
-from sandboxd.jail.cgroup import RunCgroupLimits, V1Backend, V2Backend
+from sandboxd.hostsetup import cgroups as hcg
+from sandboxd.jail.cgroup import detect as cgdetect
+from sandboxd.jail.cgroup.interface import RunCgroup, RunCgroupLimits
+from sandboxd.jail.cgroup.v1 import V1Backend
+from sandboxd.jail.cgroup.v2 import V2Backend
 
 V1_ROOT = "/sys/fs/cgroup"
 UNIFIED = "/sys/fs/cgroup/unified"
@@ -111,13 +114,13 @@ def _parent(made: Made, user: str, uid: int, gid: int) -> str:
     top = f"sbxtest-{uuid.uuid4().hex[:10]}"
     for c in CTRLS:
         made.dirs.append(f"{V1_ROOT}/{c}/{top}")
-    cgroup.delegate(user, uid, gid, V1_ROOT, parent=f"{top}/{user}")
+    hcg.delegate(user, uid, gid, V1_ROOT, parent=f"{top}/{user}")
     return f"{top}/{user}"
 
 
 @pytest.fixture
 def v1(made: Made) -> V1Backend:
-    b = cgroup.detect("v1", _parent(made, "root", 0, 0), V1_ROOT)
+    b = cgdetect.detect("v1", _parent(made, "root", 0, 0), V1_ROOT)
     assert isinstance(b, V1Backend) and not b.missing
     return b
 
@@ -133,7 +136,7 @@ def spawn(made: Made, fds: list[int], code: str, keep: tuple[int, ...] = (),
         env=env, **kw))
 
 
-def wait_joined(run: cgroup.RunCgroup, n: int = 1) -> None:
+def wait_joined(run: RunCgroup, n: int = 1) -> None:
     for _ in range(500):
         if run.stats().pids_current >= n:
             return
@@ -179,7 +182,7 @@ def test_v1_kill_stopped_setsid_doublefork(v1: V1Backend, made: Made) -> None:
             break
         time.sleep(0.01)
     assert grandchild in {int(x) for x in Path(
-        f"{V1_ROOT}/freezer/{v1.parent}/room-k1/run-r1/cgroup.procs").read_text().split()}
+        f"{V1_ROOT}/freezer/{v1.parent}/room-k1/runs/run-r1/cgroup.procs").read_text().split()}
     run.kill()
     assert p.wait(5) == -signal.SIGKILL
     for _ in range(200):
@@ -289,7 +292,7 @@ def test_v1_reconcile_after_crash(v1: V1Backend, made: Made) -> None:
     run = room.create_run("r1", None)
     p = spawn(made, run.join_fds(), "import time; time.sleep(1000)")
     wait_joined(run)
-    fresh = cgroup.detect("v1", v1.parent, V1_ROOT)  # a new daemon instance
+    fresh = cgdetect.detect("v1", v1.parent, V1_ROOT)  # a new daemon instance
     assert fresh.reconcile({"other"}) == ["z1"]
     assert p.wait(5) == -signal.SIGKILL
     assert not os.path.exists(room.path)
@@ -307,10 +310,12 @@ def test_v1_unprivileged_user_delegated(made: Made, probe_user: pwd.struct_passw
         import os, socket, subprocess, sys, time
         from sandboxd.config import RoomLimits, MiB
         from sandboxd.jail import cgroup
-        b = cgroup.detect("auto", {parent!r}, user="sbxprobe")
+        from sandboxd.jail.cgroup import detect as cgdetect
+        from sandboxd.jail.cgroup.interface import RunCgroupLimits
+        b = cgdetect.detect("auto", {parent!r}, user="sbxprobe")
         assert b.name == "v1", b.describe()
         room = b.create_room("u1", RoomLimits(memory_bytes=64 * MiB, cpus=0.5, pids=32))
-        run = room.create_run("r1", cgroup.RunCgroupLimits(memory_bytes=32 * MiB, pids=8))
+        run = room.create_run("r1", RunCgroupLimits(memory_bytes=32 * MiB, pids=8))
         fds = run.join_fds()
         pid = os.fork()
         if pid == 0:
@@ -338,7 +343,7 @@ def test_v1_unprivileged_user_delegated(made: Made, probe_user: pwd.struct_passw
         _, fds, _, _ = socket.recv_fds(sock, 1, 1)
         assert fds, p.communicate(timeout=5)
         made.fds += fds
-        run_dir = f"{V1_ROOT}/pids/{parent}/room-u1/run-r1"
+        run_dir = f"{V1_ROOT}/pids/{parent}/room-u1/runs/run-r1"
         assert os.stat(run_dir).st_uid == pw.pw_uid  # created by the unprivileged user
         # A payload of *another* uid (a subordinate id in real rooms) joins through the dir fd,
         # opening cgroup.procs with its own credentials ...
@@ -349,7 +354,7 @@ def test_v1_unprivileged_user_delegated(made: Made, probe_user: pwd.struct_passw
                              capture_output=True, text=True, timeout=10)
         assert out.returncode == 0, out.stderr
         # (the fd names one hierarchy; which one depends on dict order: any path is fine)
-        assert f"/{parent}/room-u1/run-r1" in out.stdout
+        assert f"/{parent}/room-u1/runs/run-r1" in out.stdout
         # ... but cannot reach it by path: the room directory is 0700.
         denied = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                  "sh", "-c", f"echo 0 > {run_dir}/cgroup.procs"],
@@ -367,8 +372,8 @@ def test_v1_unprivileged_user_delegated(made: Made, probe_user: pwd.struct_passw
 def test_v1_unprivileged_cannot_use_undelegated_parent(made: Made,
                                                         probe_user: pwd.struct_passwd) -> None:
     top = f"sbxtest-{uuid.uuid4().hex[:10]}"
-    snippet = ("from sandboxd.jail import cgroup\n"
-               f"b = cgroup.detect('auto', {top + '/nobody'!r}, user='sbxprobe')\n"
+    snippet = ("from sandboxd.jail.cgroup import detect as cgdetect\n"
+               f"b = cgdetect.detect('auto', {top + '/nobody'!r}, user='sbxprobe')\n"
                "print(b.name, b.describe().get('reason'))\n")
     pw = probe_user
     out = subprocess.run(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
@@ -388,7 +393,7 @@ def v2(made: Made) -> V2Backend:
     top = f"/sbxtest-{uuid.uuid4().hex[:10]}"
     made.dirs.append(UNIFIED + top)
     os.mkdir(UNIFIED + top)
-    b = cgroup.detect("v2", top, V1_ROOT)
+    b = cgdetect.detect("v2", top, V1_ROOT)
     assert isinstance(b, V2Backend) and b.root == UNIFIED
     return b
 
@@ -449,8 +454,8 @@ def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made,
     snippet = textwrap.dedent(f"""
         import socket, sys, time
         from sandboxd.config import RoomLimits
-        from sandboxd.jail import cgroup
-        b = cgroup.detect("v2", {v2.subtree!r}, {V1_ROOT!r})
+        from sandboxd.jail.cgroup import detect as cgdetect
+        b = cgdetect.detect("v2", {v2.subtree!r}, {V1_ROOT!r})
         room = b.create_room("x", RoomLimits())
         run = room.create_run("r", None)
         s = socket.socket(fileno=3)
@@ -474,7 +479,7 @@ def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made,
          "import os, sys\n"
          "sys.stdin.readline()\n"
          "try:\n"
-         f"    open('{room_dir}/run-r/cgroup.procs', 'w').write('0')\n"
+         f"    open('{room_dir}/runs/run-r/cgroup.procs', 'w').write('0')\n"
          "    print('self-open ok', flush=True)\n"
          "except PermissionError:\n"
          "    print('self-open denied', flush=True)\n"
@@ -488,7 +493,7 @@ def test_v2_daemon_opened_fd_moves_other_uid(v2: V2Backend, made: Made,
     child.stdin.write("\n")
     child.stdin.flush()
     assert child.stdout.readline().strip() == "self-open denied"
-    assert child.stdout.readline().strip() == f"0::{v2.subtree}/room-x/run-r"
+    assert child.stdout.readline().strip() == f"0::{v2.subtree}/room-x/runs/run-r"
     child.kill()
     child.wait(5)
     a.send(b"x")
@@ -502,9 +507,9 @@ def test_v2_backend_bootstrap_moves_the_daemon(v2: V2Backend, made: Made) -> Non
     snippet = textwrap.dedent(f"""
         import sys
         from sandboxd.config import RoomLimits
-        from sandboxd.jail import cgroup
+        from sandboxd.jail.cgroup import detect as cgdetect
         sys.stdin.readline()                          # wait until moved into {own}
-        b = cgroup.detect("v2", None, {V1_ROOT!r})
+        b = cgdetect.detect("v2", None, {V1_ROOT!r})
         assert b.name == "v2" and b.pending_move, b.describe()
         print(b.bootstrap(), flush=True)
         print([x for x in open("/proc/self/cgroup") if x.startswith("0::")][0], end="",

@@ -22,7 +22,15 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import CGROUP_V1, SANDBOXCTL, SANDBOXD, DaemonProc, as_user, make_daemon
+from conftest import (
+    CGROUP_V1,
+    SANDBOXCTL,
+    SANDBOXD,
+    DaemonProc,
+    as_user,
+    make_daemon,
+    skip_unless_ci,
+)
 
 from sandboxd import errors
 from sandboxd.client import Client
@@ -79,18 +87,30 @@ def host_ok(daemon: DaemonProc, sb: Any) -> None:
     assert not left, left
 
 
-def _v1_base(daemon: DaemonProc, ctl: str) -> Path:
+def _base(daemon: DaemonProc, ctl: str) -> Path:
+    """Where the daemon's room cgroups live for controller ``ctl``: its v1 instance directory
+    in that controller's hierarchy, or on v2 (the VM tier) its one delegated cgroup."""
+    if daemon.cgroup_backend == "v2":
+        return Path(daemon.room_cgroup_dirs[0])
     return Path(CGROUP_V1, ctl, "sandboxd", daemon.user.pw_name, daemon.instance)
 
 
+#: v1 file name -> its v2 counterpart, for the files these tests read
+V2_FILE = {"memory.limit_in_bytes": "memory.max", "pids.max": "pids.max"}
+
+
+def cg_file(daemon: DaemonProc, v1_name: str) -> str:
+    return V2_FILE[v1_name] if daemon.cgroup_backend == "v2" else v1_name
+
+
 def run_cgroups(daemon: DaemonProc) -> list[str]:
-    """Run cgroups still on the host, in any room of the daemon's v1 instance."""
-    return [str(p) for ctl in ("memory", "pids", "freezer")
-            for p in _v1_base(daemon, ctl).glob("room-*/run-*")]
+    """Run cgroups still on the host, in any room of the daemon's instance."""
+    return sorted({str(p) for ctl in ("memory", "pids", "freezer")
+                   for p in _base(daemon, ctl).glob("room-*/runs/run-*")})
 
 
 def room_cgroup(daemon: DaemonProc, ctl: str, room: str) -> Path:
-    return _v1_base(daemon, ctl) / f"room-{room_key(0, room)}"
+    return _base(daemon, ctl) / f"room-{room_key(0, room)}"
 
 
 def init_pid(daemon: DaemonProc, room: str) -> int:
@@ -131,6 +151,9 @@ HOGS = {
 def test_memory_hog_is_ml(client: Any, daemon: DaemonProc, room_id: str, lang: str) -> None:
     sb = client.sandbox(room_id)
     build, run = HOGS[lang]
+    tool = run.split()[0]
+    if not tool.startswith("/") and sb.exec(f"command -v {tool}").exit_code != 0:
+        skip_unless_ci(f"{tool} is not in this room's rootfs ({daemon.rootfs})")
     if build:
         assert sb.exec(build).status == "OK"
     limit = 128 * MiB
@@ -159,19 +182,20 @@ def test_argv_form_memory_hog_killed_by_the_kernel_is_ml(client: Any, daemon: Da
 def test_room_level_oom_does_not_kill_the_init(client: Any, daemon: DaemonProc,
                                                room_id: str) -> None:
     # Regression: 8 small processes of 20 MiB in a 128 MiB room with no run limit made a
-    # room-level OOM whose biggest task was the init (~30 MiB RSS): the room died. Runs now get
-    # the room's limit minus a reserve, so the OOM stays inside the run's cgroup.
+    # room-level OOM whose biggest task was the init (~30 MiB RSS): the room died. The room's
+    # limit is now its runs' cgroup's, which the init is not in (issue 10, L4), and each run gets
+    # the room's limit, so the OOM stays inside the run's cgroup.
     sb = client.sandbox(room_id)
     sb.get({"limits": {"memoryBytes": 128 * MiB}})
     init = init_pid(daemon, room_id)
     run_limit: list[int] = []
 
     def watch() -> None:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while not run_limit and time.monotonic() < deadline:
-            for d in room_cgroup(daemon, "memory", room_id).glob("run-*"):
-                with contextlib.suppress(OSError):
-                    value = int((d / "memory.limit_in_bytes").read_text())
+            for d in room_cgroup(daemon, "memory", room_id).glob("runs/run-*"):
+                with contextlib.suppress(OSError, ValueError):  # v2: "max" before the write
+                    value = int((d / cg_file(daemon, "memory.limit_in_bytes")).read_text())
                     if value < 1 << 62:  # not the moment between mkdir and the limit's write
                         run_limit.append(value)
             time.sleep(0.01)
@@ -180,10 +204,10 @@ def test_room_level_oom_does_not_kill_the_init(client: Any, daemon: DaemonProc,
     t.start()
     r = sb.exec("for i in 1 2 3 4 5 6 7 8; do "
                 "python3 -c 'import time; b=bytearray(20<<20); time.sleep(2)' & done; wait",
-                limits={"wallTimeMs": 8000})
+                limits={"wallTimeMs": 30_000})  # 8 interpreters start slowly under emulation
     t.join()
     assert r.raw["oomKilled"] and r.status == "ML", r.raw
-    assert run_limit and run_limit[0] == 96 * MiB  # 128 MiB minus the init's 32 MiB
+    assert run_limit and run_limit[0] == 128 * MiB  # the room's: the init is not under it
     assert psutil.pid_exists(init) and init_pid(daemon, room_id) == init
     host_ok(daemon, sb)
 
@@ -216,7 +240,11 @@ def test_wall_time_limit_is_to(client: Any, daemon: DaemonProc, room_id: str) ->
     # would take 100 s), with room for a loaded machine. How far past the limit the kill lands
     # is a figure for bench/limits.py, not an assertion here (issue 24).
     assert 300 <= r.wall_time_ms < 10_000 and time.monotonic() - t0 < 20, r.raw
-    assert r.cpu_time_ms < 100  # a sleeper beats no CPU limit (isolate #72): the wall one holds
+    # A sleeper beats no CPU limit (isolate #72): the wall one holds. Its CPU time is that of
+    # starting a shell and sleep(1) (measured alongside: ~2 ms here, ~100x that under the VM
+    # tier's emulation), never the wall time it sat there.
+    ref = sb.exec("sleep 0")
+    assert r.cpu_time_ms <= 2 * ref.cpu_time_ms + 50, (r.raw, ref.raw)
     host_ok(daemon, sb)
 
 
@@ -274,7 +302,9 @@ def test_disk_filler_gets_enospc_and_the_host_is_untouched(client: Any, daemon: 
     assert r.status == "RE" and "No space left on device" in r.stderr, r.raw
     size = int(sb.exec("stat -c %s /workspace/fill").stdout)
     assert 8 * MiB < size <= 16 * MiB
-    r = sb.exec("rm /workspace/fill; i=0; while touch /tmp/f$i 2>/dev/null; do i=$((i+1)); done;"
+    # A builtin's redirection is the shell's own creat(): no fork per file, so slow machines
+    # fill it in time too.
+    r = sb.exec("rm /workspace/fill; i=0; while true 2>/dev/null > /tmp/f$i; do i=$((i+1)); done;"
                 " echo $i", limits={"wallTimeMs": 20_000})
     assert r.status == "OK" and 900 < int(r.stdout) < 1024, r.raw  # the inode limit: 1024
     # The tmpfs lives in the room's mount namespace: the host's state dir saw none of it.
@@ -305,7 +335,10 @@ def test_cpu_time_of_a_1s_busy_loop_within_10_percent(client: Any, daemon: Daemo
     burn = "python3 -c 'import time\nt=time.process_time()\nwhile time.process_time()-t<0.5: pass'"
     r = sb.exec(f"{burn} & {burn}; wait")
     assert r.status == "OK"
-    assert 900 <= r.cpu_time_ms <= 1100, r.raw
+    # The same two interpreters without the loop: what starting them costs on this machine
+    # (~40 ms here, ~1.5 s under the VM tier's emulation) is not part of the 1 s burned.
+    idle = sb.exec("python3 -c 'import time' & python3 -c 'import time'; wait")
+    assert 900 <= r.cpu_time_ms - idle.cpu_time_ms <= 1100, (r.raw, idle.raw)
     host_ok(daemon, sb)
 
 
@@ -325,15 +358,20 @@ def test_room_limits_are_written_at_creation(client: Any, daemon: DaemonProc,
                               "diskBytes": 32 * MiB}})
     assert info.options["limits"] == {"memoryBytes": 200 * MiB, "cpus": 0.5, "pids": 50,
                                       "diskBytes": 32 * MiB}
-    mem = room_cgroup(daemon, "memory", room_id)
-    assert int((mem / "memory.limit_in_bytes").read_text()) == 200 * MiB
-    memsw = mem / "memory.memsw.limit_in_bytes"
-    if memsw.exists():
-        assert int(memsw.read_text()) == 200 * MiB  # swap 0
-    assert (room_cgroup(daemon, "pids", room_id) / "pids.max").read_text().strip() == "50"
+    mem = room_cgroup(daemon, "memory", room_id) / "runs"  # not the init's (issue 10, L4)
     cpu = room_cgroup(daemon, "cpu", room_id)
-    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
-    assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+    if daemon.cgroup_backend == "v2":
+        assert int((mem / "memory.max").read_text()) == 200 * MiB
+        assert (mem / "memory.swap.max").read_text().strip() == "0"
+        assert (cpu / "cpu.max").read_text().split() == ["50000", "100000"]
+    else:
+        assert int((mem / "memory.limit_in_bytes").read_text()) == 200 * MiB
+        memsw = mem / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            assert int(memsw.read_text()) == 200 * MiB  # swap 0
+        assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        assert (cpu / "cpu.cfs_period_us").read_text().strip() == "100000"
+    assert (room_cgroup(daemon, "pids", room_id) / "pids.max").read_text().strip() == "50"
     r = sb.exec("df -B1 --output=size / | tail -1")
     assert int(r.stdout) == 32 * MiB
     # A run may not ask for more memory than its room has.
@@ -349,7 +387,9 @@ def test_cpus_is_a_throttle(client: Any, daemon: DaemonProc, room_id: str) -> No
     r = sb.exec("timeout 1 sh -c 'while :; do :; done' & timeout 1 sh -c 'while :; do :; done';"
                 " wait")
     assert r.status == "OK" and not r.timed_out  # timeout(1) ended them, not our limits
-    assert 350 <= r.cpu_time_ms <= 650, r.raw
+    # Half a CPU over the run's wall time (~1 s here; longer where starting the shells is slow,
+    # as under the VM tier's emulation), where the two loops unthrottled would take two.
+    assert 0.35 <= r.cpu_time_ms / r.wall_time_ms <= 0.65, r.raw
     host_ok(daemon, sb)
 
 
@@ -359,17 +399,19 @@ def test_run_limits_go_to_the_run_cgroup(client: Any, daemon: DaemonProc, room_i
     seen: dict[str, str] = {}
     # The previous run's cgroup is removed in the background after its result: not ours.
     before = {d.name for ctl in ("memory", "pids")
-              for d in room_cgroup(daemon, ctl, room_id).glob("run-*")}
+              for d in room_cgroup(daemon, ctl, room_id).glob("runs/run-*")}
 
     def watch() -> None:
         deadline = time.monotonic() + 5
         while len(seen) < 2 and time.monotonic() < deadline:
             for ctl, f in (("memory", "memory.limit_in_bytes"), ("pids", "pids.max")):
-                for d in room_cgroup(daemon, ctl, room_id).glob("run-*"):
+                for d in room_cgroup(daemon, ctl, room_id).glob("runs/run-*"):
                     if d.name in before:
                         continue
                     with contextlib.suppress(OSError):
-                        seen[f] = (d / f).read_text().strip()
+                        value = (d / cg_file(daemon, f)).read_text().strip()
+                        if value != "max":  # v2: the moment between mkdir and the write
+                            seen[f] = value
             time.sleep(0.01)
 
     t = threading.Thread(target=watch)
@@ -511,7 +553,7 @@ def test_v2_backend_kills_whole_runs_and_counts_cpu(v2_daemon: DaemonProc) -> No
         assert "cpuTimeMs" in caps["limits"] and "memoryBytes" not in caps["limits"]
         sb = c.sandbox("v2")
         r = sb.exec("cat /proc/self/cgroup")
-        assert "0::/../run-r" in r.stdout, r.raw  # seen from the init leaf's namespace
+        assert "0::/../runs/run-r" in r.stdout, r.raw  # seen from the init leaf's namespace
         r = sb.exec("while :; do :; done", limits={"cpuTimeMs": 300, "wallTimeMs": 10_000})
         assert (r.status, r.raw["limitExceeded"]) == ("TO", "cpu")
         assert 300 <= r.raw["cpuTimeMs"] <= 450, r.raw
@@ -535,14 +577,17 @@ def test_stats_reports_room_usage(client: Any, daemon: DaemonProc, room_id: str)
     sb.get({"limits": {"memoryBytes": 256 * MiB}})
     before = client.call("stats", {"sandboxId": room_id})["sandboxes"][0]["usage"]["cpuTimeMs"]
     burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass"
-    sb.exec("python3", ["-c", burn])
+    r = sb.exec("python3", ["-c", burn])
     out = client.call("stats", {"sandboxId": room_id})
-    assert out["backend"] == "v1"
+    assert out["backend"] == daemon.cgroup_backend and out["backend"] in ("v1", "v2")
     (room,) = out["sandboxes"]
     assert (room["sandboxId"], room["activeRuns"], room["limits"]["memoryBytes"]) == (
         room_id, 0, 256 * MiB)
     use = room["usage"]
-    assert 300 <= use["cpuTimeMs"] - before <= 450, use
+    # The room's CPU time grew by the run's (which burned 300 ms, plus what starting python
+    # costs here: ~30 ms, over a second under the VM tier's emulation), give or take the init.
+    assert r.cpu_time_ms >= 300, r.raw
+    assert r.cpu_time_ms - 50 <= use["cpuTimeMs"] - before <= r.cpu_time_ms + 150, (use, r.raw)
     assert use["pidsCurrent"] >= 1 and use["memoryPeakBytes"] > 0 and use["oomKills"] == 0
     listed = {s["sandboxId"] for s in client.call("stats", {})["sandboxes"]}
     assert room_id in listed

@@ -174,7 +174,8 @@ def test_doctor_exit_code_follows_essential_checks(monkeypatch: pytest.MonkeyPat
     r = sbx(None, "doctor", "--json")
     assert r.exit_code == 1
     assert json.loads(r.stdout)[2] == {"name": "overlayfs", "ok": False, "detail": "no",
-                                       "cost": "no rooms", "essential": True}
+                                       "cost": "no rooms", "essential": True, "scope": "user",
+                                       "skipped": False}
 
 
 def test_setup_prints_actions_and_reports_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from sandboxd import hostsetup
+from sandboxd import hostsetup, kernel
 from sandboxd.hostsetup import SubIdRange, allocate, ensure_subids, parse_subids
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
 
 OTHER_UID = 54321  # an id nobody on the test host is expected to use
+SMALL = 65536  # the older tests give small ranges (the default is hostsetup.SUBID_COUNT)
 
 
 # --- subordinate ids ---------------------------------------------------------------------------
@@ -27,16 +28,16 @@ def test_parse_skips_comments_and_junk() -> None:
 
 
 def test_allocate_first_fit() -> None:
-    assert allocate([]) == 100000
-    assert allocate([SubIdRange("a", 100000, 65536)]) == 165536
+    assert allocate([], count=SMALL) == 100000
+    assert allocate([SubIdRange("a", 100000, 65536)], count=SMALL) == 165536
     # A hole big enough between two entries is used; a too-small one is skipped.
     entries = [SubIdRange("a", 100000, 65536), SubIdRange("b", 165536 + 65536, 65536),
                SubIdRange("c", 400000, 10)]
-    assert allocate(entries) == 165536
+    assert allocate(entries, count=SMALL) == 165536
     small_hole = [SubIdRange("a", 100000, 65536), SubIdRange("b", 165536 + 100, 65536)]
-    assert allocate(small_hole) == 165536 + 100 + 65536
+    assert allocate(small_hole, count=SMALL) == 165536 + 100 + 65536
     # Entries below the minimum, overlapping it, or unsorted.
-    assert allocate([SubIdRange("x", 90000, 20000), SubIdRange("y", 0, 5)]) == 110000
+    assert allocate([SubIdRange("x", 90000, 20000), SubIdRange("y", 0, 5)], count=SMALL) == 110000
     assert allocate([SubIdRange("b", 300000, 5), SubIdRange("a", 100000, 5)], count=10) == 100005
 
 
@@ -57,7 +58,8 @@ def subid_files(tmp_path: Path) -> tuple[Path, Path]:
 def test_ensure_subids_adds_matching_non_overlapping_ranges(subid_files: tuple[Path, Path]
                                                             ) -> None:
     u, g = subid_files
-    actions = ensure_subids("carol", OTHER_UID, subuid_path=str(u), subgid_path=str(g))
+    actions = ensure_subids("carol", OTHER_UID, subuid_path=str(u), subgid_path=str(g),
+                            count=SMALL)
     assert actions == [f"subordinate uids: gave carol 231072-296607 in {u}",
                        f"subordinate gids: gave carol 231072-296607 in {g}"]
     assert u.read_text().endswith("bob:165536:65536\ncarol:231072:65536\n")
@@ -65,7 +67,8 @@ def test_ensure_subids_adds_matching_non_overlapping_ranges(subid_files: tuple[P
     assert stat.S_IMODE(u.stat().st_mode) == 0o644
     # Idempotent: a second run changes nothing.
     before = (u.read_text(), g.read_text())
-    again = ensure_subids("carol", OTHER_UID, subuid_path=str(u), subgid_path=str(g))
+    again = ensure_subids("carol", OTHER_UID, subuid_path=str(u), subgid_path=str(g),
+                          count=SMALL)
     assert all("already has 231072-296607" in a for a in again)
     assert (u.read_text(), g.read_text()) == before
     ranges = parse_subids(u.read_text())
@@ -76,7 +79,8 @@ def test_ensure_subids_adds_matching_non_overlapping_ranges(subid_files: tuple[P
 
 def test_ensure_subids_fills_only_the_missing_file(subid_files: tuple[Path, Path]) -> None:
     u, g = subid_files
-    actions = ensure_subids("bob", OTHER_UID, subuid_path=str(u), subgid_path=str(g))
+    actions = ensure_subids("bob", OTHER_UID, subuid_path=str(u), subgid_path=str(g),
+                            count=SMALL)
     assert actions[0].startswith("subordinate uids: bob already has 165536-231071")
     assert actions[1] == f"subordinate gids: gave bob 165536-231071 in {g}"
 
@@ -84,7 +88,8 @@ def test_ensure_subids_fills_only_the_missing_file(subid_files: tuple[Path, Path
 def test_ensure_subids_counts_entries_by_uid_and_creates_missing_files(tmp_path: Path) -> None:
     u, g = tmp_path / "subuid", tmp_path / "subgid"
     u.write_text(f"{OTHER_UID}:500000:65536")  # numeric owner, no trailing newline
-    actions = ensure_subids("dave", OTHER_UID, subuid_path=str(u), subgid_path=str(g))
+    actions = ensure_subids("dave", OTHER_UID, subuid_path=str(u), subgid_path=str(g),
+                            count=SMALL)
     assert "already has 500000-565535" in actions[0]
     assert g.read_text() == "dave:100000:65536\n"
 
@@ -93,7 +98,8 @@ def test_ensure_subids_replaces_a_too_small_range(tmp_path: Path) -> None:
     u, g = tmp_path / "subuid", tmp_path / "subgid"
     u.write_text("erin:100000:100\n")
     g.write_text("erin:100000:65536\n")
-    actions = ensure_subids("erin", OTHER_UID, subuid_path=str(u), subgid_path=str(g))
+    actions = ensure_subids("erin", OTHER_UID, subuid_path=str(u), subgid_path=str(g),
+                            count=SMALL)
     assert actions[0].startswith("warning:")
     assert u.read_text() == "erin:100000:100\nerin:100100:65536\n"
 
@@ -204,8 +210,12 @@ def test_doctor_returns_checks() -> None:
         assert expected in names
     assert any(n.startswith("cgroup") for n in names)
     assert all(isinstance(c, hostsetup.Check) and c.detail for c in checks)
+    # Essential: the two namespace probes and the kernel interfaces a room cannot work without
+    # (sandboxd.kernel's required ones), nothing else (a cgroup or rootfs problem only degrades).
+    required = {f"kernel interface {f.name}" for f in kernel.probe() if f.required}
+    assert required, "openat2 and pidfd_open are required"
     assert {c.name for c in checks if c.essential} == {"user namespaces",
-                                                       "overlayfs in a user namespace"}
+                                                       "overlayfs in a user namespace"} | required
     assert all(c.cost for c in checks if not c.ok)
 
 

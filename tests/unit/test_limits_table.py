@@ -9,7 +9,7 @@ import pytest
 from sandboxd import limits
 from sandboxd.config import RoomLimits
 from sandboxd.errors import LimitUnavailable
-from sandboxd.jail.cgroup import DisabledBackend
+from sandboxd.jail.cgroup.disabled import DisabledBackend
 from sandboxd.limits import Enforcement, Scope
 from sandboxd.protocol import RunLimits
 

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from sandboxd import runs
-from sandboxd.jail.cgroup import CgroupStats
+from sandboxd.jail import messages
+from sandboxd.jail.cgroup.interface import CgroupStats
 
 MiB = 1024 * 1024
 
@@ -27,8 +28,9 @@ OUT = runs.Output(b"out")
 def _verdict(status: int, killed: str | None = None, oom: bool = False, *,
              out: runs.Output = OUT, stats: CgroupStats | None = None,
              failure: dict[str, Any] | None = None, **kw: Any) -> runs.RunResult:
-    msg = {"status": status, "rusage": {"utime": 0.25, "stime": 0.05, "maxrss_kb": 2048},
-           "failure": failure}
+    msg = messages.Exit(run="1", status=status,
+                        rusage=messages.Rusage(utime=0.25, stime=0.05, maxrss_kb=2048),
+                        failure=None if failure is None else messages.Failure(**failure))
     st = stats if stats is not None else CgroupStats(
         cpu_usage_ns=512_000_000, memory_peak_bytes=10 * MiB, pids_current=0, pids_peak=3)
     return runs.verdict(msg, killed, oom, out, runs.Output(b"err"), 700, st, **kw)
@@ -122,10 +124,10 @@ def test_report_has_every_wire_field() -> None:
 
 
 @pytest.mark.parametrize(("requested", "room", "enforced", "expected"), [
-    (None, 512 * MiB, {"memory"}, 480 * MiB),        # no request: the room minus the reserve
-    (64 * MiB, 512 * MiB, {"memory"}, 64 * MiB),     # a request below the cap is kept
-    (512 * MiB, 512 * MiB, {"memory"}, 480 * MiB),   # the room's own figure is capped
-    (None, 16 * MiB, {"memory"}, 12 * MiB),          # small rooms: a quarter is reserved
+    (None, 512 * MiB, {"memory"}, 512 * MiB),        # no request: the room's (the init is not
+    (64 * MiB, 512 * MiB, {"memory"}, 64 * MiB),     # under it); a request below is kept
+    (512 * MiB, 512 * MiB, {"memory"}, 512 * MiB),   # the room's own figure
+    (1024 * MiB, 512 * MiB, {"memory"}, 512 * MiB),  # never above the room's
     (None, 512 * MiB, set(), None),                  # no memory controller: nothing to write
     (64 * MiB, 512 * MiB, {"pids"}, 64 * MiB),
 ])
@@ -143,3 +145,34 @@ def test_refused_forks_name_the_pids_limit_without_changing_the_status() -> None
     # A limit that ended the run is the one reported.
     r = _verdict(_signalled(9), "wall", stats=hit)
     assert (r.status, r.limit_exceeded) == ("TO", "wall")
+
+
+class _RoomCg:
+    def __init__(self, enforced: set[str], current: int | None) -> None:
+        self.enforced = frozenset(enforced)
+        self.current = current
+
+    def runs_stats(self) -> CgroupStats:
+        return CgroupStats(memory_current_bytes=self.current)
+
+
+class _Room:
+    def __init__(self, enforced: set[str], current: int | None, active: int = 1) -> None:
+        from types import SimpleNamespace
+
+        self.cgroup = _RoomCg(enforced, current)
+        self.active_runs = active
+        self.options = SimpleNamespace(limits=SimpleNamespace(memory_bytes=128 * MiB))
+
+
+@pytest.mark.parametrize(("enforced", "current", "active", "expected"), [
+    ({"memory"}, 10 * MiB, 1, True),                    # room to spare, the only run
+    ({"memory"}, 128 * MiB - runs.SPAWN_HEADROOM_BYTES + 1, 1, False),  # nearly full (L4)
+    ({"memory"}, 10 * MiB, 2, False),                   # another live run may fill it meanwhile
+    ({"memory"}, None, 1, False),                       # no figure: do not guess
+    (set(), None, 3, True),                             # no memory limit: nothing to fear
+])
+def test_init_stands_in_a_run_cgroup_only_when_no_oom_can_reach_it(
+        enforced: set[str], current: int | None, active: int, expected: bool) -> None:
+    room: Any = _Room(enforced, current, active)
+    assert runs.init_may_stand_in(room) is expected

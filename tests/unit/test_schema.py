@@ -95,9 +95,11 @@ def test_public_names_are_pinned() -> None:
     from sandboxd import client
 
     assert sorted(client.__all__) == sorted([
-        "AsyncClient", "AsyncSandbox", "Client", "ExecResult", "FileContent", "FileInfo",
-        "OutputCallback", "Sandbox", "SandboxInfo"])
+        "AsyncClient", "AsyncSandbox", "Client", "CopyFromResult", "CopyToResult", "ExecResult",
+        "FileContent", "FileInfo", "OutputCallback", "ProgressCallback", "RunCodeResult",
+        "Sandbox", "SandboxInfo"])
     assert client.ExecResult is protocol.ExecResult
+    assert client.RunCodeResult is protocol.RunCodeResult
     assert issubclass(client.FileContent, protocol.METHODS["readFile"].result)
 
 
@@ -198,9 +200,27 @@ def test_no_import_circles_in_sandboxd() -> None:
     assert _cycle(outside) is None, " -> ".join(_cycle(outside) or [])
 
 
-@pytest.mark.xfail(strict=True, reason="jail/fileops <-> jail/init (the init's op registry "
-                   "filled by importing fileops): the jail half of issue 12 removes it; then "
-                   "drop this marker")
+def test_cgroup_package_layers() -> None:
+    """jail/cgroup/ (issue 12): its __init__ is enter() alone (the room init imports it), the
+    backends sit on the interface and never on the daemon's layers above, and the root-only
+    host side (hostsetup) is imported by no daemon-side module at module level."""
+    graph = import_graph()
+    pkg = "sandboxd.jail.cgroup"
+    mods = {n for n in graph if n == pkg or n.startswith(pkg + ".")}
+    assert mods >= {f"{pkg}.{m}" for m in
+                    ("interface", "fs", "tree", "v1", "v2", "disabled", "detect")}, mods
+    assert graph[pkg] == set(), graph[pkg]
+    above = {"sandboxd.rooms", "sandboxd.runs", "sandboxd.daemon", "sandboxd.server",
+             "sandboxd.api", "sandboxd.hostsetup", "sandboxd.jail.init", "sandboxd.jail.zygote"}
+    for m in mods:
+        assert not graph[m] & above, (m, graph[m] & above)
+    for m, deps in graph.items():
+        if not m.startswith(("sandboxd.hostsetup", "sandboxd.cli")):
+            assert "sandboxd.hostsetup.cgroups" not in deps, m
+    for user in ("sandboxd.jail.init", "sandboxd.jail.zygote"):
+        assert not {d for d in graph[user] if d.startswith(pkg + ".")}, graph[user]
+
+
 def test_no_import_circles_in_the_jail() -> None:
     graph = import_graph()
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])

@@ -24,8 +24,8 @@ from sandboxd.client import Client
 from sandboxd.coderun.service import CodeRunService
 from sandboxd.context import Services
 from sandboxd.facts import HostFacts
-from sandboxd.jail import JailError
-from sandboxd.jail.cgroup import DisabledBackend
+from sandboxd.jail import JailError, messages
+from sandboxd.jail.cgroup.disabled import DisabledBackend
 from sandboxd.jail.user import IdPlan
 from sandboxd.server import Server
 
@@ -41,56 +41,62 @@ class FakeHandle:
         full = path if path.startswith("/") else f"/workspace/{path}"
         return self.root + full
 
-    async def ping(self) -> dict[str, Any]:
+    async def ping(self) -> messages.Pong:
         if self.broken is not None:
             raise self.broken
-        return {"op": "pong", "runs": 2}
+        return messages.Pong(runs=2)
 
-    async def request(self, msg: dict[str, Any], fds: list[int],
-                      timeout: float = 0) -> tuple[dict[str, Any], list[int]]:
+    async def request(self, msg: messages.Request[Any], fds: list[int],
+                      timeout: float = 0) -> tuple[messages.Reply, list[int]]:
         if self.broken is not None:
             raise self.broken
-        op, path = msg["op"], msg.get("path", "")
-        host = self._host(path)
         try:
-            if op == "f_write":
-                loop = asyncio.get_running_loop()
-                data = await loop.run_in_executor(None, _read_all, fds[0])
-                os.makedirs(os.path.dirname(host), exist_ok=True)
-                with open(host, "ab" if msg["append"] else "wb") as f:
-                    f.write(data)
-                return {"path": path}, []
-            if op == "f_open_read":
-                if os.path.isdir(host):
-                    raise IsADirectoryError(errno.EISDIR, "Is a directory")
-                return {"path": path}, [os.open(host, os.O_RDONLY | os.O_CLOEXEC)]
-            if op == "f_delete":
-                os.unlink(host)
-                return {"path": path}, []
-            if op == "f_mkdir":
-                (os.makedirs if msg["recursive"] else os.mkdir)(host)
-                return {"path": path}, []
-            if op == "f_exists":
-                return {"path": path, "exists": os.path.exists(host),
-                        "type": "file" if os.path.isfile(host) else None}, []
-            if op == "f_rename":
-                src, dst = self._host(msg["src"]), self._host(msg["dst"])
-                if msg["into"] and os.path.isdir(dst):
-                    dst = os.path.join(dst, os.path.basename(src))
-                os.rename(src, dst)
-                return {"path": msg["src"], "newPath": dst[len(self.root):]}, []
-            if op == "f_list":
-                rows = [(n, n, "file", os.path.getsize(os.path.join(host, n)), 0.0, "rw-r--r--")
-                        for n in sorted(os.listdir(host))]
-                rows.append((b"\xff", b"\xff", "file", 0, 0.0, "rw-r--r--"))
-                fd = os.memfd_create("listing", os.MFD_CLOEXEC)
-                os.write(fd, msgspec.msgpack.encode(rows))
-                return {"path": path, "truncated": False}, [fd]
-            if op == "f_code":
-                return {"sealed": False}, []
+            match msg:
+                case messages.Write(path=path, append=append):
+                    host = self._host(path)
+                    loop = asyncio.get_running_loop()
+                    data = await loop.run_in_executor(None, _read_all, fds[0])
+                    os.makedirs(os.path.dirname(host), exist_ok=True)
+                    with open(host, "ab" if append else "wb") as f:
+                        f.write(data)
+                    return messages.Written(path=path, bytes_written=len(data)), []
+                case messages.OpenRead(path=path):
+                    host = self._host(path)
+                    if os.path.isdir(host):
+                        raise IsADirectoryError(errno.EISDIR, "Is a directory")
+                    st = os.stat(host)
+                    return messages.Opened(path=path, size=st.st_size, mtime=st.st_mtime,
+                                           mode=st.st_mode), [
+                        os.open(host, os.O_RDONLY | os.O_CLOEXEC)]
+                case messages.Delete(path=path):
+                    os.unlink(self._host(path))
+                    return messages.PathReply(path=path), []
+                case messages.Mkdir(path=path, recursive=recursive):
+                    (os.makedirs if recursive else os.mkdir)(self._host(path))
+                    return messages.PathReply(path=path), []
+                case messages.Exists(path=path):
+                    host = self._host(path)
+                    return messages.Existence(path=path, exists=os.path.exists(host),
+                                              type="file" if os.path.isfile(host) else None), []
+                case messages.Rename(src=src_path, dst=dst_path, into=into):
+                    src, dst = self._host(src_path), self._host(dst_path)
+                    if into and os.path.isdir(dst):
+                        dst = os.path.join(dst, os.path.basename(src))
+                    os.rename(src, dst)
+                    return messages.Renamed(path=src_path, new_path=dst[len(self.root):]), []
+                case messages.ListDir(path=path):
+                    host = self._host(path)
+                    rows = [(n, n, "file", os.path.getsize(os.path.join(host, n)), 0.0,
+                             "rw-r--r--") for n in sorted(os.listdir(host))]
+                    rows.append((b"\xff", b"\xff", "file", 0, 0.0, "rw-r--r--"))
+                    fd = os.memfd_create("listing", os.MFD_CLOEXEC)
+                    os.write(fd, msgspec.msgpack.encode(rows))
+                    return messages.Listing(path=path, count=len(rows), truncated=False), [fd]
+                case messages.Code(name=name):
+                    return messages.CodeState(path=f"/tmp/.sandboxd/{name}"), []
         except OSError as err:
-            return {"error": {"errno": err.errno, "message": str(err)}}, []
-        return {"error": {"errno": errno.ENOSYS, "message": "unknown op"}}, []
+            return messages.ErrorReply(errno=err.errno or errno.EIO, message=str(err)), []
+        return messages.ErrorReply(errno=errno.ENOSYS, message="unknown op"), []
 
 
 def _read_all(fd: int) -> bytes:

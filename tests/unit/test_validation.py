@@ -20,7 +20,9 @@ from sandboxd import errors, protocol, runs
 from sandboxd import roomfiles as files
 from sandboxd.api import git
 from sandboxd.config import check_sandbox_id
-from sandboxd.jail import _syscalls, cgroup, fileops, init, seccomp
+from sandboxd.jail import _syscalls, fileops, init, messages, seccomp
+from sandboxd.jail.cgroup import tree
+from sandboxd.jail.cgroup.interface import CgroupStats
 from sandboxd.jail.fileops import resolve
 
 # --- sandbox ids ---------------------------------------------------------------------------------
@@ -133,16 +135,14 @@ def test_open_read_checks_the_opened_file_not_only_the_stat(tmp_path: Path,
 
     monkeypatch.setattr(fileops.os, "stat", stat_)
     with pytest.raises(OSError) as err:
-        reply, fds = fileops.open_read({"path": str(fifo)}, [])
-        for x in fds:
-            os.close(x)
+        _, fd = fileops.open_read(messages.OpenRead(path=str(fifo)))
+        os.close(fd)
     assert err.value.errno == errno.EPERM
-    reply, fds = fileops.open_read({"path": str(plain)}, [])
+    reply, fd = fileops.open_read(messages.OpenRead(path=str(plain)))
     try:
-        assert reply["size"] == 1 and len(fds) == 1
+        assert reply.size == 1
     finally:
-        for x in fds:
-            os.close(x)
+        os.close(fd)
 
 
 # --- argv and environment ------------------------------------------------------------------------
@@ -222,8 +222,9 @@ _OUT = runs.Output(b"", False)
 
 def _verdict(status: int, killed: str | None = None, oom: bool = False,
              failure: dict[str, Any] | None = None, **stats: Any) -> runs.RunResult:
-    msg = {"status": status, "rusage": {"utime": 0.0, "stime": 0.0}, "failure": failure}
-    return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, cgroup.CgroupStats(**stats))
+    msg = messages.Exit(run="1", status=status,
+                        failure=None if failure is None else messages.Failure(**failure))
+    return runs.verdict(msg, killed, oom, _OUT, _OUT, 5, CgroupStats(**stats))
 
 
 def _signalled(sig: int) -> int:
@@ -267,7 +268,7 @@ def test_pids_limit_is_named_without_changing_the_status() -> None:
                                              (2.0, 200000)])
 def test_cpu_quota_floor(cpus: float, quota: int) -> None:
     # G01: the kernel refuses quotas below 1 ms (EINVAL): the floor keeps tiny cpus valid.
-    assert cgroup._cpu_quota(cpus) == quota
+    assert tree.cpu_quota(cpus) == quota
 
 
 def test_seccomp_install_asks_for_tsync_esrch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from sandboxd import jail
+from sandboxd.jail import channel, handles
 
 
 def test_zygote_is_started_with_isolated_mode_and_root_cwd(monkeypatch: pytest.MonkeyPatch
@@ -32,9 +32,9 @@ def test_zygote_is_started_with_isolated_mode_and_root_cwd(monkeypatch: pytest.M
         return a, b
 
     monkeypatch.setattr(subprocess, "Popen", fake_popen)
-    monkeypatch.setattr(jail.channel, "pair", pair)
+    monkeypatch.setattr(channel, "pair", pair)
     with pytest.raises(Stop):
-        asyncio.run(jail.Zygote().start())
+        asyncio.run(handles.Zygote().start())
     # A failed start leaks neither end of the channel (a zygote restart under EMFILE).
     assert made and all(sock.fileno() == -1 for sock in made)
     assert seen["argv"][1:3] == ["-I", "-m"]

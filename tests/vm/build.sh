@@ -151,6 +151,6 @@ echo "$pkg" > "$work/out/kernel"
 touch "$work/out/.complete"
 rm -rf "$out" && mv "$work/out" "$out"
 # Keep the two newest images; older ones only cost disk.
-find "$cache" -mindepth 1 -maxdepth 1 -type d -regex '.*/[0-9a-f]\{16\}' -printf '%T@ %p\n' \
+find "$cache" -mindepth 1 -maxdepth 1 -type d -regextype posix-basic -regex '.*/[0-9a-f]\{16\}' -printf '%T@ %p\n' \
     | sort -rn | tail -n +3 | cut -d' ' -f2- | xargs -r rm -rf
 echo "$out"

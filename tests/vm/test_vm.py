@@ -38,6 +38,9 @@ GUEST_SELECTION = [
     "tests/security/test_escapes.py::test_proc_does_not_reach_the_host",
     "tests/security/test_escapes.py::test_signals_reach_neither_daemon_init_nor_other_rooms",
     "tests/security/test_escapes.py::test_nested_userns_and_mount_fail",
+    # The service under the guest's systemd: Delegate=yes/DelegateSubgroup=, hardening, restart,
+    # `systemctl kill -s KILL` + reconcile (the nspawn tier's tests, on real v2 controllers).
+    "tests/systemd/test_service.py",
 ]
 GUEST_TIMEOUT_S = int(os.environ.get("SANDBOXD_VM_TIMEOUT", "1500"))
 QEMU = "qemu-system-x86_64"
@@ -180,6 +183,18 @@ def test_doctor_in_the_guest_does_not_crash(guest: Guest) -> None:
     doctor = guest.files.get("doctor.txt", "")
     print(doctor)
     assert "Traceback" not in doctor, doctor
+
+
+def test_doctor_reports_the_6_1_kernels_interfaces(guest: Guest) -> None:
+    """Everything sandboxd probes beyond the baseline (sandboxd.kernel) is in Debian 12's 6.1,
+    and doctor says so line by line; an absent one would be a '!' or '✗' line, not a crash."""
+    doctor = guest.files.get("doctor.txt", "")
+    lines = {ln.split(":")[0][2:]: ln[0] for ln in doctor.splitlines()
+             if ln[:1] in "✓!✗" and "kernel interface " in ln}
+    assert set(lines) >= {f"kernel interface {n}" for n in (
+        "openat2", "pidfd_open", "cgroup.kill", "memory.peak", "memory.swap.max", "pids.peak")}, \
+        doctor
+    assert set(lines.values()) == {"✓"}, doctor
 
 
 def test_in_guest(guest: Guest, guest_test: str) -> None:

@@ -2,12 +2,13 @@
 
 ``setup(user)`` makes the host ready for USER to run sandboxd without root, and is idempotent:
 
-1. subordinate ids: a 16 x 65536-id range in /etc/subuid and /etc/subgid (first fit from
+1. subordinate ids: one range of SUBID_COUNT ids in /etc/subuid and /etc/subgid (first fit from
    SUB_UID_MIN=100000, never overlapping another entry), so rooms' root maps to ids that are not
    the daemon's own and each room gets a slice of its own (newuidmap/newgidmap then let USER map
-   them; see jail/user.py);
-2. cgroups: ``sandboxd.jail.cgroup.delegate`` hands USER a subtree (v2) or per-controller
-   directories (v1);
+   them; see jail/user.py). :func:`ensure_subids` is the only code that sizes and places it:
+   scripts/install.sh calls it too, so one set-up gives one range;
+2. cgroups: :func:`sandboxd.hostsetup.cgroups.delegate` hands USER a subtree (v2) or
+   per-controller directories (v1);
 3. the state directory (default ``~USER/.local/state/sandboxd``, 0700, owned by USER);
 4. the socket's runtime directory when ``/run/user/UID`` is absent: the daemon then listens under
    ``/tmp/sandboxd-UID``, which we create (0700, USER) so that nobody else can squat it, plus a
@@ -18,9 +19,12 @@ a symlink attack: ``~/.local/state -> /etc`` would make a naive ``chown -R`` han
 So directories are walked one component at a time with O_NOFOLLOW, following only symlinks that
 root owns in directories only root can write (``/home -> /usr/home``), and chowned by fd.
 
-``doctor()`` forks short-lived probe children (optionally dropping to USER first) for what can only
-be known by trying: unsharing a user namespace, mounting overlayfs inside one. Every check says what
-is missing and what that costs.
+``doctor()`` diagnoses one user (:class:`Subject`): the one ``--user`` names, else the one the
+daemon at the socket runs as (its SO_PEERCRED uid when it answers ``ping``), else the caller. It
+forks short-lived probe children (as that user, when root runs it) for what can only be known by
+trying: unsharing a user namespace, mounting overlayfs inside one. Every check says what is
+missing and what that costs; host-wide checks (scope "host": the kernel, the cgroup2 mount,
+probes only root can run as another user) are root's to fix and are reported apart.
 """
 
 from __future__ import annotations
@@ -42,12 +46,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import config, errors
+from .. import config, errors, kernel, protocol
 
-SUBID_COUNT = 65536
-# What `setup` gives: 256 per-room slices of 4096 ids (jail/user.py SLICE_SIZE), so that every
-# room can be a different host user.
-SETUP_SUBID_COUNT = 16 * SUBID_COUNT
+# The one size of a daemon user's subordinate range, given by both `sandboxctl setup` and
+# scripts/install.sh (issue 22: they used to give 1 Mi and 64 Ki ids, two ranges for one user).
+# Every room takes a slice of SLICE_IDS ids (jail/user.py SLICE_SIZE; a unit test holds the two
+# equal) so that each room is a different host user; the Performance issue (18) asks for at least
+# 1,000 rooms with the default set-up, where 1 Mi ids stopped at 256.
+ROOM_SLICES = 1024
+SLICE_IDS = 4096
+SUBID_COUNT = ROOM_SLICES * SLICE_IDS  # 4,194,304 ids
+SETUP_SUBID_COUNT = SUBID_COUNT  # the name tests and older callers use
 SUB_ID_MIN = 100000  # login.defs SUB_UID_MIN / SUB_GID_MIN defaults
 SUB_ID_MAX = 600100000
 SUBUID = "/etc/subuid"
@@ -149,16 +158,22 @@ def _append_entry(path: str, line: str) -> None:
         raise
 
 
-def ensure_subids(user: str, uid: int, *, subuid_path: str = SUBUID, subgid_path: str = SUBGID,
-                  count: int = SUBID_COUNT, use_usermod: bool | None = None) -> list[str]:
-    """Give ``user`` ``count`` subordinate uids and gids unless it already has that many.
+def ensure_subids(user: str, uid: int, *, subuid_path: str | None = None,
+                  subgid_path: str | None = None, count: int = SUBID_COUNT,
+                  use_usermod: bool | None = None) -> list[str]:
+    """Give ``user`` ``count`` subordinate uids and gids unless it already has that many: the
+    one owner of the daemon user's range and its size (``setup`` and scripts/install.sh both
+    call it with the default ``count``).
 
     When both are missing, one start free in both files is chosen, so uid and gid ranges match.
-    ``usermod --add-subuids`` (which takes shadow's locks) is used on the real files when present;
-    otherwise, and for other paths, the file is edited directly.
+    ``usermod --add-subuids`` (which takes shadow's locks) is used on /etc/subuid and /etc/subgid
+    when present; otherwise, and for other paths, the file is edited directly. The paths default
+    to SUBUID and SUBGID as they are when called.
     """
+    subuid_path = subuid_path or SUBUID
+    subgid_path = subgid_path or SUBGID
     if use_usermod is None:
-        use_usermod = (subuid_path, subgid_path) == (SUBUID, SUBGID) and bool(
+        use_usermod = (subuid_path, subgid_path) == ("/etc/subuid", "/etc/subgid") and bool(
             shutil.which("usermod"))
     files = {"uid": (subuid_path, read_subids(subuid_path)),
              "gid": (subgid_path, read_subids(subgid_path))}
@@ -172,8 +187,10 @@ def ensure_subids(user: str, uid: int, *, subuid_path: str = SUBUID, subgid_path
                            f"{have.end - 1} in {path}")
         else:
             if mine:
-                actions.append(f"warning: {user}'s subordinate {kind}s in {path} are fewer than "
-                               f"{count}; adding a full range")
+                best = max(mine, key=lambda e: e.count)
+                actions.append(f"warning: {user}'s largest subordinate {kind} range in {path} "
+                               f"({best.start}-{best.end - 1}) holds fewer than {count} ids; "
+                               f"adding one that does (the daemon uses the largest)")
             missing.append(kind)
     if not missing:
         return actions
@@ -291,17 +308,17 @@ def _write_if_changed(path: str, text: str) -> bool:
 
 
 def _delegate_cgroups(user: str, uid: int, gid: int) -> list[str]:
-    from .jail import cgroup  # only setup needs it: the CLI's other commands stay cheap
+    from . import cgroups  # only setup needs it: the CLI's other commands stay cheap
 
     try:
-        lines = [f"cgroups: {line}" for line in cgroup.delegate(user, uid, gid)]
+        lines = [f"cgroups: {line}" for line in cgroups.delegate(user, uid, gid)]
     except OSError as err:
         raise SetupError(f"cgroup delegation for {user} failed: {err}") from err
-    return lines + [f"cgroups: {line}" for line in cgroup.favor_dynmods()]
+    return lines + [f"cgroups: {line}" for line in cgroups.favor_dynmods()]
 
 
-def setup(user: str, state_dir: str | None = None, *, subuid_path: str = SUBUID,
-          subgid_path: str = SUBGID, tmp_root: str = "/tmp", run_user_root: str = "/run/user",
+def setup(user: str, state_dir: str | None = None, *, subuid_path: str | None = None,
+          subgid_path: str | None = None, tmp_root: str = "/tmp", run_user_root: str = "/run/user",
           tmpfiles_dir: str | None = TMPFILES_DIR, cgroups: bool = True) -> list[str]:
     """Prepare the host for ``user`` to run sandboxd rootless (see the module docstring).
     Must run as root; returns one line per thing checked or done."""
@@ -315,8 +332,7 @@ def setup(user: str, state_dir: str | None = None, *, subuid_path: str = SUBUID,
     if pw.pw_uid == 0:
         raise SetupError("root needs no set-up: sandboxd run as root maps ids directly")
     uid, gid, home = pw.pw_uid, pw.pw_gid, pw.pw_dir
-    actions = ensure_subids(user, uid, subuid_path=subuid_path, subgid_path=subgid_path,
-                            count=SETUP_SUBID_COUNT)
+    actions = ensure_subids(user, uid, subuid_path=subuid_path, subgid_path=subgid_path)
     if cgroups:
         actions += _delegate_cgroups(user, uid, gid)
     target = state_dir or os.path.join(home, ".local", "state", "sandboxd")
@@ -354,6 +370,10 @@ class Check:
     detail: str
     cost: str = ""  # what sandboxd loses when this check fails
     essential: bool = False  # rooms cannot run at all without it
+    # "user": about the user the report is for (the daemon's); "host": host-wide, root's to fix
+    # (the kernel, the cgroup2 mount options, probes only root can run as another user).
+    scope: str = "user"
+    skipped: bool = False  # not run (only root can); neither a pass nor a failure
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -417,14 +437,14 @@ def _read(path: str) -> str | None:
 
 
 def _userns_probe() -> None:
-    from .jail import _syscalls
+    from ..jail import _syscalls
 
     _syscalls.unshare(_syscalls.CLONE_NEWUSER)
 
 
 def _overlay_probe(scratch: str, lower: str) -> Callable[[], None]:
     def probe() -> None:
-        from .jail import _syscalls as sc
+        from ..jail import _syscalls as sc
 
         uid, gid = os.geteuid(), os.getegid()
         sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
@@ -487,11 +507,11 @@ def _check_overlay(ids: tuple[int, int] | None, who: str, rootfs: str) -> Check:
 def _check_cgroups(user: str | None) -> list[Check]:
     cost = ("no memory, pids or CPU limits and no whole-tree kill: rooms fall back to rlimits "
             "and wall-clock kills (run `sandboxctl setup --user USER` as root)")
-    from .jail import cgroup  # only doctor needs it: the CLI's other commands stay cheap
+    from . import cgroups  # only doctor needs it: the CLI's other commands stay cheap
 
     try:
         # Each line is (check, ok, what it costs when missing).
-        lines = cgroup.doctor_report(user=user) if user is not None else cgroup.doctor_report()
+        lines = cgroups.doctor_report(user=user) if user is not None else cgroups.doctor_report()
         return [Check(name if name.startswith("cgroup") else f"cgroups: {name}", ok,
                       "available" if ok else "unavailable", "" if ok else missing_cost)
                 for name, ok, missing_cost in lines]
@@ -525,18 +545,21 @@ def _check_subids(user: str, uid: int, subuid_path: str, subgid_path: str) -> Ch
         if not mine:
             return Check("subordinate ids", False, f"{user} has no subordinate {kind}s in {path}",
                          cost + f" (fix: sandboxctl setup --user {user})")
-        found.append(f"{kind}s {mine[0].start}-{mine[0].end - 1}")
+        best = max(mine, key=lambda e: e.count)  # the range the daemon uses (jail/user.py)
+        found.append(f"{kind}s {best.start}-{best.end - 1}")
     helpers = [_helper_ok("newuidmap"), _helper_ok("newgidmap")]
     if not all(ok for ok, _ in helpers):
         return Check("subordinate ids", False,
                      f"{user} has {', '.join(found)} but " + "; ".join(d for _, d in helpers),
                      cost)
-    from .jail.user import SLICE_SIZE
+    from ..jail.user import SLICE_SIZE
 
     slices = min(max(e.count for e in ranges_of(read_subids(p), user, uid))
                  for p in (subuid_path, subgid_path)) // SLICE_SIZE
+    fewer = (f"; at most {slices} rooms at once: `sandboxctl setup --user {user}` adds a range "
+             f"for {ROOM_SLICES}") if slices < ROOM_SLICES else ""
     return Check("subordinate ids", True, f"{user} has {', '.join(found)} ({slices} room slices "
-                 f"of {SLICE_SIZE} ids: each room its own host users); "
+                 f"of {SLICE_SIZE} ids: each room its own host users{fewer}); "
                  + "; ".join(d for _, d in helpers))
 
 
@@ -568,24 +591,28 @@ def _check_rootfs(rootfs: str) -> Check:
     return Check("rootfs", True, detail)
 
 
-def _check_daemon(socket: str | None) -> Check:
-    from .client import Client
-
-    try:
-        with Client(socket, timeout=2.0) as client:
-            result = client.ping()
-    except errors.SandboxError as err:
-        return Check("daemon", False, err.message,
-                     "nothing serves rooms yet: start sandboxd (as the user it was set up for)")
+def _check_daemon(subject: Subject) -> Check:
+    cost = "nothing serves rooms yet: start sandboxd (as the user it was set up for)"
+    result = subject.ping
+    if result is None:
+        return Check("daemon", False, subject.unreachable or f"no daemon at {subject.socket}",
+                     cost)
     ids = (result.get("capabilities") or {}).get("idSlices") or {}
+    where = f"sandboxd {result.get('version', '?')} answers at {subject.socket}"
+    if subject.daemon_uid is not None and subject.daemon_uid != subject.uid:
+        return Check("daemon", False, f"{where} but runs as uid {subject.daemon_uid}, not "
+                     f"{subject.user}", f"this report is not about that daemon (try --user "
+                     f"{_user_name(subject.daemon_uid)})")
     if ids.get("mode") == "single":
-        return Check("daemon", False, f"sandboxd {result.get('version', '?')} answers at "
-                     f"{client.socket_path}; id mapping: single ({ids.get('reason', '?')})",
+        return Check("daemon", False, f"{where}; id mapping: single ({ids.get('reason', '?')})",
                      str(ids.get("cost", "")))
     mapping = (f"; id mapping: subordinate, {ids.get('slicesFree', '?')}/{ids.get('slices', '?')}"
                f" room slices of {ids.get('sliceSize', '?')} ids free") if ids else ""
-    return Check("daemon", True, f"sandboxd {result.get('version', '?')} answers at "
-                 f"{client.socket_path}{mapping}")
+    backend = _daemon_backend(subject)
+    limits = (result.get("capabilities") or {}).get("limits") or []
+    cgroups = (f"; cgroup backend {backend}, limits: {', '.join(map(str, limits)) or 'none'}"
+               if backend else "")
+    return Check("daemon", True, where + mapping + cgroups)
 
 
 def _user_socket(uid: int, run_user_root: str = "/run/user", tmp_root: str = "/tmp") -> str:
@@ -596,38 +623,162 @@ def _user_socket(uid: int, run_user_root: str = "/run/user", tmp_root: str = "/t
     return os.path.join(runtime, "sandboxd", "sandboxd.sock")
 
 
-def doctor(user: str | None = None, socket: str | None = None, *, subuid_path: str = SUBUID,
-           subgid_path: str = SUBGID, daemon: bool = True) -> list[Check]:
-    """What this host offers sandboxd. ``user`` (root only): probe as that user instead."""
-    ids: tuple[int, int] | None = None
+def _check_kernel_features() -> list[Check]:
+    """The interfaces newer than Debian 12's baseline that sandboxd uses (sandboxd.kernel)."""
+    return [Check(f"kernel interface {f.name}", f.present,
+                  f"present (since {f.since})" if f.present
+                  else f"missing (since {f.since}){': ' + f.detail if f.detail else ''}",
+                  cost=f.cost, essential=f.required, scope="host")
+            for f in kernel.probe()]
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """Whom ``doctor`` diagnoses, and why (issue 22: as root it diagnosed root, while the daemon
+    that scripts/run.sh started runs as ``sandboxd``): the user ``--user`` names, else the user
+    the daemon at the socket runs as (its SO_PEERCRED uid when it answers ``ping``), else the
+    caller."""
+
+    user: str
+    uid: int
+    gid: int
+    socket: str  # the daemon's socket (asked, or where that user's daemon listens)
+    why: str  # "--user" | "daemon" | "you"
+    ping: protocol.PingResult | None = None  # the daemon's answer, when one answered
+    daemon_uid: int | None = None  # the uid the answering daemon runs as
+    unreachable: str = ""  # why no daemon answered
+
+    @property
+    def rootfs(self) -> str:
+        """The daemon's rootfs when it told us; else where one would be for the caller."""
+        caps = self.ping.get("capabilities") if self.ping is not None else None
+        got = caps.get("rootfs") if caps is not None else None
+        return str(got) if got else config.default_rootfs()
+
+    def headline(self) -> str:
+        """The first line of the report: which user and which daemon it is about."""
+        who = f"sandboxctl doctor: user {self.user} (uid {self.uid}"
+        if self.ping is not None and self.daemon_uid == self.uid:
+            daemon = f"sandboxd {self.ping.get('version', '?')} at {self.socket}"
+            how = {"daemon": f"the user {daemon} runs as",
+                   "--user": f"as --user says; {daemon} runs as it"}.get(
+                       self.why, f"you; {daemon} runs as you")
+            return f"{who}), {how}"
+        asked = ", as --user says" if self.why == "--user" else ", you"
+        if self.ping is not None:
+            return (f"{who}{asked}); the daemon at {self.socket} runs as "
+                    f"{_user_name(self.daemon_uid or 0)} instead")
+        hint = "" if self.why == "--user" else " (start it, or name its user with --user)"
+        return f"{who}{asked}); no daemon answers at {self.socket}{hint}"
+
+
+def _ping(socket: str) -> tuple[protocol.PingResult | None, int | None, str]:
+    """(ping result, the daemon's uid, "") or (None, None, why not)."""
+    from ..client import Client
+
+    try:
+        with Client(socket, timeout=2.0) as client:
+            result = client.ping()
+            return result, client.server_uid, ""
+    except errors.SandboxError as err:
+        return None, None, err.message
+
+
+def find_subject(user: str | None = None, socket: str | None = None, *,
+                 ping: bool = True) -> Subject:
+    """Whom to diagnose (see :class:`Subject`); ``ping`` False asks no daemon."""
+    me = os.geteuid()
     if user is not None:
         try:
             pw = pwd.getpwnam(user)
         except KeyError as err:
             raise errors.ValidationError(f"no such user: {user}", user=user) from err
-        if pw.pw_uid != os.geteuid():
-            if os.geteuid() != 0:
-                raise errors.ValidationError("only root can probe as another user")
-            ids = (pw.pw_uid, pw.pw_gid)
-        name, uid = user, pw.pw_uid
-    else:
-        uid = os.geteuid()
+        candidates = [socket] if socket else list(dict.fromkeys(
+            [config.default_client_socket(), _user_socket(pw.pw_uid)]))
+        subject = Subject(user, pw.pw_uid, pw.pw_gid, candidates[0], "--user")
+        if not ping:
+            return subject
+        first: Subject | None = None
+        for path in candidates:
+            result, uid, why = _ping(path)
+            found = dataclasses.replace(subject, socket=path, ping=result, daemon_uid=uid,
+                                        unreachable=why)
+            if result is not None and uid == pw.pw_uid:
+                return found
+            first = first or found
+        return first or subject
+    try:
+        pw = pwd.getpwuid(me)
+        name, gid = pw.pw_name, pw.pw_gid
+    except KeyError:
+        name, gid = str(me), os.getegid()
+    path = socket or config.default_client_socket()
+    you = Subject(name, me, gid, path, "you")
+    if not ping:
+        return you
+    result, uid, why = _ping(path)
+    if result is None:
+        return dataclasses.replace(you, unreachable=why)
+    if uid is not None and uid != me:
         try:
-            name = pwd.getpwuid(uid).pw_name
+            dpw = pwd.getpwuid(uid)
+            return Subject(dpw.pw_name, uid, dpw.pw_gid, path, "daemon", result, uid)
         except KeyError:
-            name = str(uid)
-    who = name if uid else "root (try --user USER for the daemon's user)"
-    rootfs = config.default_rootfs()
-    checks = [
-        Check("kernel", True, f"{os.uname().sysname} {os.uname().release}"),
-        _check_userns(ids, who),
-        _check_overlay(ids, who, rootfs),
-        *_check_cgroups(user),
-        _check_subids(name, uid, subuid_path, subgid_path),
-        _check_rootfs(rootfs),
-    ]
+            return Subject(str(uid), uid, uid, path, "daemon", result, uid)
+    return dataclasses.replace(you, ping=result, daemon_uid=uid)
+
+
+HOST_CHECKS = ("kernel", "cgroup migrations fast", "cgroup2 mounted")
+# Checks that only matter for the backend the answering daemon does not use.
+_OTHER_BACKEND = {"v1": "cgroup2 delegated", "v2": "cgroup v1 "}
+
+
+def _daemon_backend(subject: Subject) -> str | None:
+    caps = subject.ping.get("capabilities") if subject.ping is not None else None
+    cg = caps.get("cgroup") if caps is not None else None
+    backend = cg.get("backend") if isinstance(cg, dict) else None
+    return str(backend) if backend and subject.daemon_uid == subject.uid else None
+
+
+def doctor(user: str | None = None, socket: str | None = None, *,
+           subuid_path: str | None = None, subgid_path: str | None = None, daemon: bool = True,
+           subject: Subject | None = None) -> list[Check]:
+    """What this host offers the daemon's user (``subject``: by default :func:`find_subject`
+    of ``user`` and ``socket``; ``daemon`` False asks no daemon and checks none). Checks of
+    ``scope`` "host" are host-wide and root's to fix; the others are about the subject."""
+    if subject is None:
+        subject = find_subject(user, socket, ping=daemon)
+    me = os.geteuid()
+    ids = (subject.uid, subject.gid) if subject.uid != me else None
+    who = subject.user if subject.uid else "root"
+    rootfs = subject.rootfs
+    checks = [Check("kernel", True, f"{os.uname().sysname} {os.uname().release}", scope="host"),
+              *_check_kernel_features()]
+    if ids is not None and me != 0:
+        checks += [Check(name, True, f"not probed: only root can run the probe as "
+                         f"{subject.user} (sudo sandboxctl doctor)", essential=True,
+                         scope="host", skipped=True)
+                   for name in ("user namespaces", "overlayfs in a user namespace")]
+    else:
+        checks += [_check_userns(ids, who), _check_overlay(ids, who, rootfs)]
+    backend = _daemon_backend(subject)
+    for c in _check_cgroups(subject.user if ids is not None else None):
+        if c.name.startswith(HOST_CHECKS):
+            c = dataclasses.replace(c, scope="host")
+        elif not c.ok and backend and c.name.startswith(_OTHER_BACKEND.get(backend, "-")):
+            # The probe looks at this process's cgroup; the daemon told us what it uses.
+            c = dataclasses.replace(c, ok=True, skipped=True, cost="",
+                                    detail=f"not needed: the daemon uses the {backend} backend")
+        checks.append(c)
+    checks += [_check_subids(subject.user, subject.uid, subuid_path or SUBUID,
+                             subgid_path or SUBGID), _check_rootfs(rootfs)]
     if daemon:
-        if socket is None and ids is not None:
-            socket = _user_socket(uid)
-        checks.append(_check_daemon(socket))
+        checks.append(_check_daemon(subject))
     return checks
