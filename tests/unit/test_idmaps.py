@@ -10,9 +10,10 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from sandboxd.jail import _syscalls, user
+from sandboxd.jail import _syscalls, messages, user
 from sandboxd.jail.user import IdMap, IdPlan
 
 
@@ -144,11 +145,15 @@ def test_slice_locks_keep_two_daemons_apart(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "100000-0.lock").st_mode) == 0o600
 
 
-def test_idmap_wire_round_trip() -> None:
+def test_idmap_crosses_the_channel_inside_a_room_spec() -> None:
     m = IdMap(100000, 200000, 4096, 3)
-    assert m.wire() == {"uid": 100000, "gid": 200000, "count": 4096, "slice": 3}
-    assert IdMap.from_wire(m.wire()) == m
-    assert IdMap.from_wire({"uid": 1, "gid": 2, "count": 1}) == IdMap(1, 2, 1, -1)
+    spec = messages.RoomSpec(room_id="r", rootfs="/", scratch="/s", disk_bytes=1, hostname="h",
+                             cgroup_procs=[], cgroup_home_by_dir=False, ids=m)
+    back = msgspec.msgpack.decode(msgspec.msgpack.encode(spec), type=messages.RoomSpec)
+    assert back.ids == m and type(back.ids) is IdMap
+    assert msgspec.convert({"uid_base": 1, "gid_base": 2}, IdMap) == IdMap(1, 2, 1, -1)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"uid_base": "1", "gid_base": 2}, IdMap)
     s = user.single()
     assert s.single and (s.uid_base, s.gid_base) == (os.getuid(), os.getgid())
     assert s.maps(0) and not s.maps(user.SANDBOX_UID)

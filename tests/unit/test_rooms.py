@@ -26,35 +26,38 @@ import pytest
 import sandboxd
 from sandboxd import config, errors, rooms
 from sandboxd.config import RoomLimits
-from sandboxd.jail import JailError, channel
-from sandboxd.jail.cgroup import CgroupStats, DisabledBackend, RoomCgroup
-from sandboxd.jail.user import IdPlan
+from sandboxd.jail import JailError, channel, messages
+from sandboxd.jail.cgroup.disabled import DisabledBackend
+from sandboxd.jail.cgroup.interface import CgroupStats, RoomCgroup, RunCgroupLimits
+from sandboxd.jail.user import IdMap, IdPlan
 
 # The fake init: says what its mode tells it to, then answers pings until its channel closes.
+# It speaks the real messages (jail/messages.py); one test-only convention: Kill of run "exit"
+# makes it exit with status ``sig`` (a room init that crashes under its room).
 INIT = r"""
-import os, signal, socket, sys
-from sandboxd.jail import channel
+import os, socket, sys
+from sandboxd.jail import channel, messages
 sock = socket.socket(fileno=int(sys.argv[1]))
 mode = sys.argv[2]
 if mode == "fail":
-    channel.send(sock, {"op": "failed", "error": "no rootfs here"})
+    channel.send(sock, messages.Failed(error="no rootfs here"))
     sys.exit(1)
 if mode == "exit":
     sys.exit(3)
 if mode == "ready":
-    channel.send(sock, {"op": "ready"})
+    channel.send(sock, messages.Ready(pid=1))
 # mode "hang": never ready
 while True:
     try:
-        msg, fds = channel.recv(sock)
-    except (channel.ChannelClosed, OSError):
+        msg, fds = channel.recv(sock, messages.to_init)
+    except (channel.ChannelClosed, channel.BadMessage, OSError):
         break
     for fd in fds:
         os.close(fd)
-    if msg.get("op") == "ping":
-        channel.send(sock, {"re": msg["id"], "op": "pong"})
-    elif msg.get("op") == "exit":
-        os._exit(int(msg["code"]))
+    if isinstance(msg, messages.Ping):
+        channel.send(sock, messages.Pong(re=msg.id))
+    elif isinstance(msg, messages.Kill) and msg.run == "exit":
+        os._exit(msg.sig)
 """
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(sandboxd.__file__)))
 
@@ -65,12 +68,12 @@ class FakeZygote:
         self.alive = True
         self.mode = "ready"
         self.fail: BaseException | None = None
-        self.specs: list[dict[str, Any]] = []
+        self.specs: list[messages.RoomSpec] = []
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.forgotten: list[int] = []
         self.report_status = True
 
-    async def spawn(self, spec: dict[str, Any], timeout: float) -> tuple[int, Any, int]:
+    async def spawn(self, spec: messages.RoomSpec, timeout: float) -> tuple[int, Any, int]:
         self.specs.append(spec)
         if self.fail is not None:
             raise self.fail
@@ -101,15 +104,24 @@ class FakeZygote:
 class CountingRoom(RoomCgroup):
     def __init__(self, backend: Backend, key: str) -> None:
         self.backend, self.key = backend, key
+        self.room_id, self.path = key, f"/fake/{key}"
+        self.enforced, self.accounting = frozenset(), False
 
     def procs_paths(self) -> list[str]:
-        return [f"/fake/{self.key}/cgroup.procs"]
+        return [f"/fake/{self.key}/init/cgroup.procs"]
+
+    @property
+    def joined_by_dir(self) -> bool:
+        return False
 
     def create_run(self, run_id: str, limits: Any = None) -> Any:
         raise AssertionError("no runs here")
 
     def stats(self) -> CgroupStats:
         return CgroupStats(oom_kills=self.backend.oom_kills)
+
+    def runs_stats(self) -> CgroupStats:
+        return self.stats()
 
     def kill(self) -> None:
         pass
@@ -219,16 +231,17 @@ def test_create_use_and_destroy(world: World) -> None:
         assert room.options.env == {"X": "1"} and room.key == "u1000-r1"
         assert b.created == ["u1000-r1"]
         spec = z.specs[0]
-        assert spec["room_id"] == "u1000-r1" and spec["rootfs"] == "host"
-        assert spec["scratch"] == os.path.join(world.state, "rooms", "u1000-r1", "mnt")
-        assert spec["cgroup_procs"] == ["/fake/u1000-r1/cgroup.procs"]
-        assert spec["ids"] == {"uid": 100000, "gid": 100000, "count": 4096, "slice": 0}
-        assert os.path.isdir(spec["scratch"])
+        assert spec.room_id == "u1000-r1" and spec.rootfs == "host"
+        assert spec.scratch == os.path.join(world.state, "rooms", "u1000-r1", "mnt")
+        assert spec.cgroup_procs == ["/fake/u1000-r1/init/cgroup.procs"]
+        assert not spec.cgroup_home_by_dir
+        assert spec.ids == IdMap(100000, 100000, count=4096, slice=0)
+        assert os.path.isdir(spec.scratch)
         with open(os.path.join(room.dir, "room.json")) as f:
             meta = json.load(f)
         assert meta["initPid"] == room.handle.pid and meta["owner"] == 1000
         assert meta["idSlice"] == 0 and meta["initStart"] > 0
-        assert (await room.handle.ping())["op"] == "pong"
+        assert isinstance(await room.handle.ping(), messages.Pong)
         # the same id again is the same room: no second init
         assert await rm.get_or_create(1000, "r1") is room and len(z.specs) == 1
         assert rm.get(1000, "r1") is room
@@ -282,7 +295,7 @@ def test_quota_per_uid_and_admin_exempt() -> None:
                 await w.rm.get_or_create(admin, "a1")
                 await w.rm.get_or_create(admin, "a2")
                 assert len(w.zygote.specs) == 4
-                assert w.zygote.specs[0]["ids"]["count"] == 1  # the single mapping
+                assert w.zygote.specs[0].ids.count == 1  # the single mapping
                 await w.rm.shutdown()
 
             run(body)
@@ -451,12 +464,10 @@ def test_a_killed_init_leaves_a_tombstone_until_get_sandbox(world: World) -> Non
 def test_death_reasons(world: World) -> None:
     rm, z = world.rm, world.zygote
 
-    async def exit_with(room: rooms.Room, code: int) -> None:
-        await room.handle.request({"op": "exit", "code": code}, timeout=None)
-
     async def body() -> None:
         room = await rm.get_or_create(1000, "c")
-        room.handle.chan.notify({"op": "exit", "code": 3})
+        with pytest.raises(JailError, match="is gone"):  # it exits instead of answering
+            await room.handle.request(messages.Kill(run="exit", sig=3), timeout=None)
         await until(lambda: (1000, "c") in rm.dead, "the crashed room was buried")
         assert (rm.dead[(1000, "c")].reason, rm.dead[(1000, "c")].detail) == (
             "crashed", "the room init exited with status 3")
@@ -627,7 +638,7 @@ def test_room_use_tracks_the_request_task(world: World) -> None:
         assert room.last_activity >= before
         room.track(asyncio.sleep(0))
         await room.settle()
-        assert room.run_cgroup_limits(5, 6) == rooms.cgroups.RunCgroupLimits(
+        assert room.run_cgroup_limits(5, 6) == RunCgroupLimits(
             memory_bytes=5, pids=6)
 
     run(body)
