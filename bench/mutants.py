@@ -30,15 +30,15 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
             "not SANDBOX_ID_RE.match(value)", "a sandbox id ending in a newline accepted"),
     "C03": ("sandboxd/config.py", "[A-Za-z0-9_-]{0,61}", "[A-Za-z0-9_.-]{0,61}",
             "'.' accepted inside a sandbox id"),
-    "A01": ("sandboxd/api/files.py", "if len(path) > protocol.MAX_PATH:",
+    "A01": ("sandboxd/roomfiles.py", "if len(path) > protocol.MAX_PATH:",
             "if len(path) >= protocol.MAX_PATH:", "a 4096-character path refused"),
-    "A01b": ("sandboxd/api/files.py", "if len(path) > protocol.MAX_PATH:",
+    "A01b": ("sandboxd/roomfiles.py", "if len(path) > protocol.MAX_PATH:",
              "if len(path) > protocol.MAX_PATH + 1:", "a 4097-character path accepted"),
-    "A02": ("sandboxd/api/files.py", "    if not stat.S_ISREG(st.st_mode):\n        raise errors."
+    "A02": ("sandboxd/roomfiles.py", "    if not stat.S_ISREG(st.st_mode):\n        raise errors."
             "PermissionDenied(f\"{path}: not a regular file\"",
             "    if False:\n        raise errors.PermissionDenied(f\"{path}: not a regular file\"",
             "the daemon-side regular-file check disabled"),
-    "A03": ("sandboxd/api/files.py", "    errno.ELOOP: errors.PermissionDenied,", "",
+    "A03": ("sandboxd/roomfiles.py", "    errno.ELOOP: errors.PermissionDenied,", "",
             "ELOOP no longer reported as permission denied"),
     "F04": ("sandboxd/jail/fileops.py", "        st = _check_fs(fd, path)\n        if not stat."
             "S_ISREG(st.st_mode):", "        st = _check_fs(fd, path)\n        if False:",
@@ -48,7 +48,7 @@ MUTANTS: dict[str, tuple[str, str, str, str]] = {
             "SECCOMP_FILTER_FLAG_TSYNC)", "the seccomp filter installed without TSYNC_ESRCH"),
     "G01": ("sandboxd/jail/cgroup/tree.py", "max(1000, round(cpus * CPU_PERIOD_US))",
             "round(cpus * CPU_PERIOD_US)", "the 1 ms cpu-quota floor removed"),
-    "E01": ("sandboxd/api/files.py", "_ERRNO_VALIDATION = {errno.EINVAL, errno.ENAMETOOLONG,",
+    "E01": ("sandboxd/roomfiles.py", "_ERRNO_VALIDATION = {errno.EINVAL, errno.ENAMETOOLONG,",
             "_ERRNO_VALIDATION = {errno.EINVAL,", "ENAMETOOLONG no longer a validation error"),
     "R01": ("sandboxd/runs.py", "        if \"\\x00\" in a:\n", "        if False:\n",
             "a NUL byte in an argument accepted"),

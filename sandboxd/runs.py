@@ -366,7 +366,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         room.track(_finish(room, cg, run_id, exit_fut))
 
 
-async def _finish(room: Room, cg: Any, run_id: str,
+async def _finish(room: Room, cg: RunCgroup, run_id: str,
                   exit_fut: asyncio.Future[jm.Exit] | None) -> None:
     loop = asyncio.get_running_loop()
     try:
@@ -379,13 +379,13 @@ async def _finish(room: Room, cg: Any, run_id: str,
         await loop.run_in_executor(None, _destroy_quietly, cg)
 
 
-async def _kill_run(room: Room, cg: Any, run_id: str) -> None:
+async def _kill_run(room: Room, cg: RunCgroup, run_id: str) -> None:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, cg.kill)
     await room.handle.kill_run(run_id, signal.SIGKILL)
 
 
-def _destroy_quietly(cg: Any) -> None:
+def _destroy_quietly(cg: RunCgroup) -> None:
     try:
         cg.destroy()
     except Exception:

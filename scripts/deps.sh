@@ -7,9 +7,17 @@
 #   mmdebstrap arch-test                               rootfs/build.sh (and the nspawn test tree)
 #   systemd-container                                  systemd-nspawn, for the service tests
 #   tmux                                               a real terminal for sandboxctl's progress tests
+# With --tests (what .ci/run asks for), also what only the test tiers need:
+#   qemu-system-x86 e2fsprogs                          the VM tier (tests/vm: a TCG guest on
+#                                                      Debian 12's kernel, pure cgroup v2)
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc libcap-dev libseccomp2 uidmap util-linux procps
       iproute2 git ca-certificates mmdebstrap arch-test systemd-container tmux)
+case ${1:-} in
+    --tests) pkgs+=(qemu-system-x86 e2fsprogs) ;;
+    "") ;;
+    *) echo "usage: deps.sh [--tests]" >&2; exit 2 ;;
+esac
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,7 +3,7 @@
 # with Debian 12's kernel on pure cgroup v2 under systemd, run the guest selection of
 # tests/vm/test_vm.py there, and report each guest test as a test here. Any pytest arguments
 # are passed on (e.g. -x, -q). Needs root and scripts/deps.sh done; installs qemu and mke2fs when
-# missing. Not yet part of `scripts/test.sh`'s default run (see there); under CI=true a missing
+# missing. `scripts/test.sh`'s default run ends with it; under CI=true a missing
 # prerequisite is a failure, not a skip.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

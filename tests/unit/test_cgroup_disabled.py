@@ -104,6 +104,37 @@ def test_fs_errors_name_the_path(tmp_path: Path) -> None:
     assert "memory.max" in exc.value.message
 
 
+def test_fs_read_opt_of_a_cgroup_being_removed_is_absent(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A room's v1 OOM count walks its runs while a finished run's cgroup is removed beside it:
+    the kernel answers ENODEV for its files between the listing and the read. That exec failed
+    with 'cannot read .../run-r6/memory.oom_control: No such device' (stop 28's CI, the
+    magic-links test's fast spawn checking the room's free memory). Absent, not an error; any
+    other errno still is one."""
+    import builtins
+    import errno as errno_mod
+
+    from sandboxd.jail.cgroup import fs as fs_mod
+
+    gone = str(tmp_path / "run-r6" / "memory.oom_control")
+    denied = str(tmp_path / "other")
+    real_open = builtins.open
+
+    def fake_open(path: str, *a: object, **kw: object) -> object:
+        if path == gone:
+            raise OSError(errno_mod.ENODEV, "No such device", path)
+        if path == denied:
+            raise OSError(errno_mod.EACCES, "Permission denied", path)
+        return real_open(path, *a, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(fs_mod, "open", fake_open, raising=False)
+    assert Fs().read_opt(gone) is None
+    with pytest.raises(InternalError):
+        Fs().read_opt(denied)
+    with pytest.raises(InternalError):
+        Fs().read(gone)  # a file the caller requires is still an error
+
+
 def test_unattached_room_holds_counts_and_removes_nothing() -> None:
     room = unattached("abc")
     assert (room.room_id, room.path, room.enforced, room.accounting) == ("abc", "", frozenset(),

@@ -367,7 +367,11 @@ def test_the_init_dying_fails_what_waits_on_it(caplog: pytest.LogCaptureFixture)
             ready = asyncio.ensure_future(room.handle.wait_ready(10))
             fut = room.handle.expect_exit("1")
             pending = asyncio.ensure_future(room.handle.request(messages.Ping(), timeout=10))
-            await asyncio.sleep(0.01)
+            for _ in range(1000):  # until the ping is in flight (sent, its reply awaited)
+                if room.handle.chan._pending:
+                    break
+                await asyncio.sleep(0.001)
+            assert room.handle.chan._pending, "the ping was never sent"
             room.proc.kill()
             assert await room.dead() == -signal.SIGKILL
             for f in (ready, fut, pending):
@@ -447,7 +451,7 @@ def test_zygote_exit_statuses_and_spawn_errors(pair: tuple[socket.socket, socket
         deaths: list[bool] = []
         z.on_death = lambda: deaths.append(True)
         b.send(b"\xc1")  # garbage from the zygote: its channel is closed, the daemon told
-        for _ in range(100):
+        for _ in range(3000):
             if deaths:
                 break
             await asyncio.sleep(0.01)

@@ -63,6 +63,21 @@ TIOCGWINSZ = 0x5413
 F_GETFL = 3
 F_RDLCK = 0
 _WALL = 0x4000_0000
+# <linux/sched.h>'s namespace flags, written out here and NOT read from seccomp.py: the clone and
+# unshare probes below come from this table, so a filter table that lost, mistyped or shifted a
+# flag fails test_denied (a probe built from the table under test would agree with any table).
+LINUX_CLONE_NS_FLAGS = {
+    "CLONE_NEWTIME": 0x0000_0080,
+    "CLONE_NEWNS": 0x0002_0000,
+    "CLONE_NEWCGROUP": 0x0200_0000,
+    "CLONE_NEWUTS": 0x0400_0000,
+    "CLONE_NEWIPC": 0x0800_0000,
+    "CLONE_NEWUSER": 0x1000_0000,
+    "CLONE_NEWPID": 0x2000_0000,
+    "CLONE_NEWNET": 0x4000_0000,
+}
+CLONE_NEWUSER = LINUX_CLONE_NS_FLAGS["CLONE_NEWUSER"]
+CLONE_FS = 0x0000_0200
 
 
 def _sys(nr: int, *args: int | bytes | None) -> tuple[int, int]:
@@ -153,7 +168,7 @@ def _denied_probes() -> dict[str, Callable[[], tuple[int, int]]]:
         "mount_setattr": lambda: s(n["mount_setattr"], -1, None, 0, 0, 0),
         "open_tree_attr": lambda: s(n["open_tree_attr"], -1, None, 0, 0, 0),
         "unshare(0)": lambda: s(n["unshare"], 0),
-        "unshare(CLONE_NEWUSER)": lambda: s(n["unshare"], seccomp.CLONE_NS_FLAGS[4][1]),
+        "unshare(CLONE_NEWUSER)": lambda: s(n["unshare"], CLONE_NEWUSER),
         "setns": lambda: s(n["setns"], -1, 0),
         "clone3": lambda: s(n["clone3"], 0, 0),
         "open_by_handle_at": lambda: s(n["open_by_handle_at"], -1, None, 0),
@@ -189,11 +204,16 @@ def _denied_probes() -> dict[str, Callable[[], tuple[int, int]]]:
         # entirely, then the unfiltered answer is ENOSYS; the filter must answer first)
         "x32 getpid": lambda: s(X32_SYSCALL_BIT | n["getpid"]),
     }
-    for name, flag in seccomp.CLONE_NS_FLAGS:
+    for name, flag in LINUX_CLONE_NS_FLAGS.items():
         p[f"clone({name})"] = functools.partial(_clone, flag | signal.SIGCHLD)
+    # every namespace flag at once, and each with a harmless flag beside it (CLONE_FS)
+    p["clone(all namespace flags)"] = functools.partial(
+        _clone, functools.reduce(int.__or__, LINUX_CLONE_NS_FLAGS.values()) | signal.SIGCHLD)
+    p["clone(CLONE_FS | CLONE_NEWNET)"] = functools.partial(
+        _clone, CLONE_FS | LINUX_CLONE_NS_FLAGS["CLONE_NEWNET"] | signal.SIGCHLD)
     # the kernel uses only clone's low 32 flag bits
     p["clone(CLONE_NEWUSER | 1<<32)"] = lambda: _clone(
-        (1 << 32) | seccomp.CLONE_NS_FLAGS[4][1] | signal.SIGCHLD)
+        (1 << 32) | CLONE_NEWUSER | signal.SIGCHLD)
     p["ioctl(TIOCSTI)"] = lambda: _on_pty(seccomp.TIOCSTI)
     p["ioctl(TIOCLINUX)"] = lambda: _on_pty(seccomp.TIOCLINUX)
     # CVE-2019-10063: ioctl's cmd is an unsigned int, so high bits must not slip the rule
@@ -297,6 +317,8 @@ def _run_allowed() -> dict[str, Any]:
         os._exit(7)
     out["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     out["clone(SIGCHLD)"] = _clone(signal.SIGCHLD)[0]
+    # a flag beside the namespace ones stays allowed (a table with a stray bit would refuse it)
+    out["clone(CLONE_FS | SIGCHLD)"] = _clone(CLONE_FS | signal.SIGCHLD)[0]
     box: list[int] = []
     t = threading.Thread(target=lambda: box.append(threading.get_native_id()))
     t.start()
@@ -327,10 +349,16 @@ def _run_allowed() -> dict[str, Any]:
     return out
 
 
+def test_clone_table_is_sched_h() -> None:
+    """The filter's namespace-flag table against <linux/sched.h>, written out independently."""
+    assert dict(seccomp.CLONE_NS_FLAGS) == LINUX_CLONE_NS_FLAGS
+
+
 def test_ordinary_things_still_work() -> None:
     out = _in_child(_run_allowed, filtered=True)
     assert out == {
-        "fork": 7, "clone(SIGCHLD)": 0, "thread": True, "/bin/true": 0, "python -c pass": 0,
+        "fork": 7, "clone(SIGCHLD)": 0, "clone(CLONE_FS | SIGCHLD)": 0, "thread": True,
+        "/bin/true": 0, "python -c pass": 0,
         "exec inherits": ["-1", str(errno.EPERM)],
         "socket(1)": [True, 0], "socket(2)": [True, 0],
         "ioctl(TIOCGWINSZ)": [0, 0], "fcntl(F_GETFL)": 0,

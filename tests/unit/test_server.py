@@ -12,7 +12,6 @@ import os
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -434,10 +433,13 @@ def test_reply_too_large_is_answered(tmp_path: Any) -> None:
 
 def test_connection_caps_and_idle_timeout() -> None:
     with tempfile.TemporaryDirectory(prefix="sbxs-") as d, \
-            Daemon(d, max_connections=1, connection_idle_timeout_s=0.3) as dm, \
+            Daemon(d, max_connections=1, connection_idle_timeout_s=1.0) as dm, \
             socket.socket(socket.AF_UNIX) as first:
         first.connect(dm.path)
-        time.sleep(0.1)
+        # Readiness: an answer on the first connection means the daemon counts it.
+        first.settimeout(5)
+        first.sendall(b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n')
+        assert json.loads(first.recv(4096).splitlines()[0])["result"]["message"] == "pong"
         with socket.socket(socket.AF_UNIX) as second:
             second.settimeout(5)
             second.connect(dm.path)

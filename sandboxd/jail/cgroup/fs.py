@@ -8,6 +8,7 @@ Also the small parsers of cgroupfs files every backend reads.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -30,13 +31,18 @@ class Fs:
                                 errno=err.errno) from err
 
     def read_opt(self, path: str) -> str | None:
-        """Read a file the kernel may not provide (memory.peak, pids.peak...)."""
+        """Read a file the kernel may not provide (memory.peak, pids.peak...), or of a cgroup
+        that is going away: a walk over a room's subtree meets the cgroups of finished runs
+        being removed beside it, whose files answer ENODEV between the listing and the read
+        (the run's kernfs node is deactivated; a room-wide figure then simply lacks it)."""
         try:
             with open(path, encoding="ascii", errors="replace") as f:
                 return f.read()
         except FileNotFoundError:
             return None
         except OSError as err:
+            if err.errno == errno.ENODEV:
+                return None
             raise InternalError(f"cannot read {path}: {err.strerror}", path=path,
                                 errno=err.errno) from err
 
