@@ -11,6 +11,7 @@ import secrets
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import DaemonProc, make_daemon
 from test_tenants import call, tenants  # noqa: F401 - the two-tenant daemon fixture
 
 from sandboxd import errors
+from sandboxd.rooms import room_key
 
 pytestmark = pytest.mark.integration
 
@@ -339,6 +341,31 @@ def test_destroy_and_shutdown_leave_no_process_or_cgroup(fresh_daemon: DaemonPro
         assert len(mine) >= 3 and all("-stays]" in x for x in mine), mine
     assert d.stop() == 0
     assert d.leftovers() == []
+
+
+def test_a_room_whose_init_dies_takes_its_processes(daemon: DaemonProc, room_id: str) -> None:
+    tag = f"{secrets.randbelow(10**6) + 10**6}"
+    with daemon.client() as c:  # type: ignore[attr-defined]
+        sb = c.sandbox(room_id)
+        sb.start_process(f"setsid sleep {tag}1 & echo up; sleep {tag}2").wait_for_log(
+            "up", timeout=30)
+        wait_for_host(daemon, [f"sleep {tag}1", f"sleep {tag}2"])
+        meta = json.loads(Path(daemon.state_dir, "rooms", room_key(os.getuid(), room_id),
+                               "room.json").read_text())
+        os.kill(int(meta["initPid"]), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sb.get_process("nothing")
+            except errors.SandboxUnavailable:
+                break  # the room is a tombstone now
+            except errors.ProcessNotFound:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert host_processes(daemon, tag) == []
+        assert not [x for x in daemon.leftovers() if room_id[:20] in x]
+        sb.destroy()
 
 
 # --- a configured daemon: the idle reaper, the record and log caps --------------------------------
