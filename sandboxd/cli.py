@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from . import protocol
+from . import errors, protocol
 from .cli_base import (  # noqa: F401 - re-exported: commands and tests use them as cli.*
     EXEC_EXIT_CODES_HELP,
     EXIT_CODES_HELP,
@@ -486,8 +486,21 @@ def logs(ctx: click.Context, room: str, process_id: str, follow: bool,
         with _client(ctx) as client:
             sb = client.sandbox(room)
             if follow:
-                rec = sb.stream_process_logs(process_id, _stream, stdout_offset=stdout_offset,
-                                             stderr_offset=stderr_offset)
+                at = {"stdout": stdout_offset or 0, "stderr": stderr_offset or 0}
+
+                def on_output(name: str, data: str) -> None:
+                    # (exact for UTF-8 output the stream did not skip: what -f resumes from)
+                    at[name] += len(data.encode("utf-8", "surrogatepass"))
+                    _stream(name, data)
+
+                try:
+                    rec = sb.stream_process_logs(process_id, on_output,
+                                                 stdout_offset=stdout_offset,
+                                                 stderr_offset=stderr_offset)
+                except (KeyboardInterrupt, errors.DaemonUnreachable):
+                    click.echo(f"sandboxctl: resume with --stdout-offset {at['stdout']} "
+                               f"--stderr-offset {at['stderr']}", err=True)
+                    raise
                 click.echo(f"sandboxctl: {process_id} {rec.status}"
                            + (f", exit {rec.get('exitCode')}" if "exitCode" in rec else ""),
                            err=True)

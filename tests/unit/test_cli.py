@@ -247,3 +247,10 @@ def test_start_ps_logs_kill(daemon: FakeDaemon) -> None:
     r = sbx(daemon, "kill", "r1", "nope")
     assert r.exit_code == 1 and "PROCESS_NOT_FOUND" in r.stderr
     assert json.loads(sbx(daemon, "ps", "r1", "--json").stdout)[0]["status"] == "killed"
+
+
+def test_logs_follow_cut_short_says_where_to_resume(daemon: FakeDaemon) -> None:
+    sbx(daemon, "start", "r1", "--name", "cut", "--", "sleep", "9")
+    r = sbx(daemon, "--rpc-timeout", "0.5", "logs", "r1", "cut", "-f", "--stdout-offset", "5")
+    assert r.exit_code == 69 and r.stdout == "std"
+    assert "resume with --stdout-offset 8 --stderr-offset 3" in r.stderr

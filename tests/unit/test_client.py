@@ -347,6 +347,8 @@ class FakeDaemon:
         for stream in ("stdout", "stderr"):
             await send(protocol.notification("process.output", protocol.ProcessOutput(
                 request_id=rid, process_id=p.process_id, stream=stream, data=stream[:3])))
+        if p.process_id == "cut":
+            await asyncio.sleep(3600)  # the connection goes quiet mid-stream
         return {**rec, "status": "completed", "endedAt": NOW, "exitCode": 0, "verdict": "OK"}
 
     async def m_killProcess(self, p: protocol.KillProcessParams, rid: Any,
