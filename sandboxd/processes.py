@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import importlib
 import itertools
 import logging
 import re
@@ -472,6 +473,62 @@ async def stream(rec: ProcessRecord, offsets: Mapping[str, int],
         await changed.wait()
 
 
+#: A regex is searched in at most this much of each line (bounds the polynomial blow-ups that
+#: :func:`safe_regex` lets through, such as ``.*a.*b``).
+REGEX_LINE_CHARS = 4096
+_REPEATS = frozenset({"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"})
+_BACKREFS = frozenset({"GROUPREF", "GROUPREF_EXISTS"})
+
+
+def safe_regex(pattern: str) -> re.Pattern[str]:
+    """``pattern`` compiled, if it cannot backtrack exponentially: the daemon searches it in
+    its event loop (``re`` holds the GIL: no thread or timeout could stop a runaway search), and
+    any tenant may send one. Refused (VALIDATION_FAILED): backreferences, and a repetition
+    containing another repetition or an alternation (``(a+)+``, ``(a|aa)*``), the shapes of
+    catastrophic backtracking."""
+    def refuse(why: str) -> errors.ValidationError:
+        return errors.ValidationError(f"regular expression refused: {why}", field="pattern")
+
+    try:
+        rx = re.compile(pattern)
+        # The stdlib's own parser (what re.compile used): private, hence Any and fail-closed.
+        parser: Any = importlib.import_module("re._parser")
+        tree = parser.parse(pattern)
+    except re.error as err:
+        raise errors.ValidationError(f"invalid regular expression: {err}",
+                                     field="pattern") from err
+    except Exception as err:  # another Python's parser: refuse, never guess
+        raise refuse("this daemon cannot check it") from err
+
+    def walk(items: Any, in_repeat: bool) -> None:
+        for op, av in items:
+            name = str(op)
+            if name in _BACKREFS:
+                raise refuse("backreferences are not supported")
+            if name in _REPEATS:
+                _low, high, sub = av
+                unbounded = high is parser.MAXREPEAT or high > 1
+                if in_repeat and unbounded:
+                    raise refuse("a repetition inside a repetition can backtrack without end")
+                walk(sub, in_repeat or unbounded)
+            elif name == "BRANCH":
+                if in_repeat:
+                    raise refuse("an alternation inside a repetition can backtrack without end")
+                for alt in av[1]:
+                    walk(alt, in_repeat)
+            elif name in ("SUBPATTERN", "ATOMIC_GROUP"):
+                walk(av[-1], in_repeat)
+            elif name in ("ASSERT", "ASSERT_NOT"):
+                walk(av[1], in_repeat)
+    try:
+        walk(tree.data, False)
+    except errors.ValidationError:
+        raise
+    except Exception as err:  # a tree of another shape: refuse, never guess
+        raise refuse("this daemon cannot check it") from err
+    return rx
+
+
 async def wait_for_log(rec: ProcessRecord, pattern: str, *, regex: bool = False,
                        timeout_ms: int | None = None) -> str:
     """The first line of either stream (buffered or new) containing ``pattern`` (a substring,
@@ -479,14 +536,10 @@ async def wait_for_log(rec: ProcessRecord, pattern: str, *, regex: bool = False,
     newline counts too. PROCESS_EXITED_BEFORE_READY if the process ends without one,
     PROCESS_READY_TIMEOUT past ``timeout_ms``."""
     if regex:
-        try:
-            rx = re.compile(pattern)
-        except re.error as err:
-            raise errors.ValidationError(f"invalid regular expression: {err}",
-                                         field="pattern") from err
+        rx = safe_regex(pattern)
 
         def matches(line: str) -> bool:
-            return rx.search(line) is not None
+            return rx.search(line[:REGEX_LINE_CHARS]) is not None
     else:
         def matches(line: str) -> bool:
             return pattern in line

@@ -183,3 +183,20 @@ def test_the_record_takes_its_pid_from_the_spawn_even_without_its_starter() -> N
         await asyncio.sleep(0)  # (done callbacks run on the next loop turn)
         assert rec.pid == 42 and rec.info().pid == 42
     run(body)
+
+
+@pytest.mark.parametrize("pattern", [
+    r"later: \d+", r"^Serving HTTP on .* port (\d+)", r"(foo|bar) ready", r"a{2}b", r"(ab)+c",
+    r"(?=x)y", r"(a|b)+", r"(?i)listening"])
+def test_ordinary_regexes_are_accepted(pattern: str) -> None:
+    assert processes.safe_regex(pattern).pattern == pattern
+
+
+@pytest.mark.parametrize("pattern", [
+    r"(a+)+$", r"(a*)*", r"(a|aa)*", r"((ab)+)+", r"(x+x+)+y", r"(\w)\1", "(?P<n>a)(?P=n)",
+    r"(?:(?:a+))+", "[unclosed"])
+def test_regexes_that_backtrack_without_end_are_refused(pattern: str) -> None:
+    """waitForLog searches in the daemon's event loop, where ``re`` cannot be interrupted: a
+    tenant's ``(a+)+$`` on a line of a's would stall every room of every tenant."""
+    with pytest.raises(errors.ValidationError):
+        processes.safe_regex(pattern)
