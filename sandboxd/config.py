@@ -157,6 +157,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # A streamed readFile of a larger file is FILE_TOO_LARGE: a 100 GB sparse file costs a room
     # nothing and a client's disk everything (issue 10, M3).
     max_stream_read_bytes: int = 1024 * MiB
+    # Ports (sandboxd/ports.py): exposed ports per room (each a listener in the daemon) and
+    # forwarded connections open at once per exposed port (each two sockets and a buffer).
+    max_exposed_ports_per_room: Annotated[int, msgspec.Meta(ge=0)] = 16
+    max_port_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

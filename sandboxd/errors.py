@@ -20,6 +20,10 @@
     ├── FileError               (file API; subclasses carry FILE_NOT_FOUND, IS_DIRECTORY, ...)
     ├── GitError                (gitCheckout; GIT_* codes)
     ├── UnsupportedLanguage     UNSUPPORTED_LANGUAGE
+    ├── PortError               (ports; subclasses carry PORT_* and PROCESS_* codes)
+    │   ├── PortAlreadyExposed  PORT_ALREADY_EXPOSED
+    │   ├── ProcessReadyTimeout PROCESS_READY_TIMEOUT   waitForPort past its timeout
+    │   └── ProcessExitedBeforeReady PROCESS_EXITED_BEFORE_READY (with exitCode)
     ├── DaemonUnreachable       DAEMON_UNREACHABLE (client side only: no socket / refused)
     └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
 
@@ -213,6 +217,25 @@ class InvalidGitUrl(GitError):
 
 class GitCloneFailed(GitError):
     code = "GIT_CLONE_FAILED"
+
+
+# --- ports ------------------------------------------------------------------------------------
+
+
+class PortError(SandboxError):
+    code = "PORT_ERROR"
+
+
+class PortAlreadyExposed(PortError):
+    code = "PORT_ALREADY_EXPOSED"
+
+
+class ProcessReadyTimeout(PortError):
+    code = "PROCESS_READY_TIMEOUT"
+
+
+class ProcessExitedBeforeReady(PortError):
+    code = "PROCESS_EXITED_BEFORE_READY"
 
 
 # --- failures that are not ours, as wire errors -------------------------------------------------

@@ -1,5 +1,6 @@
-"""Method handlers, one module per family (rooms, exec, files, git, code, stats): thin layers over
-the room-level calls (``rooms``, ``runs``, ``roomfiles``, the code-run service).
+"""Method handlers, one module per family (rooms, exec, files, git, code, stats, ports): thin
+layers over the room-level calls (``rooms``, ``runs``, ``roomfiles``, ``ports``, the code-run
+service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
 ``protocol.METHODS`` (a unit test holds them equal), which says each one's params, result and
@@ -15,7 +16,7 @@ from typing import Any
 
 from .. import protocol
 from ..context import Context
-from . import code, exec, files, git, rooms, stats
+from . import code, exec, files, git, ports, rooms, stats
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
 #: so the table can only say Any; tests check each handler's annotations against METHODS.
@@ -40,6 +41,10 @@ HANDLERS: dict[str, Handler] = {
     "runExampleCode": code.run_example_code,
     "listLanguages": code.list_languages,
     "stats": stats.stats,
+    "waitForPort": ports.wait_for_port,
+    "exposePort": ports.expose_port,
+    "unexposePort": ports.unexpose_port,
+    "getExposedPorts": ports.get_exposed_ports,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]
