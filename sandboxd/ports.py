@@ -379,8 +379,7 @@ def expose(room: Room, port: int, config: DaemonConfig, *, name: str | None = No
         raise _gone(room)
     if port in ports.exposed:
         raise errors.PortAlreadyExposed(f"port {port} of sandbox {room.id} is already exposed",
-                                        sandboxId=room.id, port=port,
-                                        **ports.exposed[port].describe().raw)
+                                        sandboxId=room.id, **ports.exposed[port].describe().raw)
     limit = config.max_exposed_ports_per_room
     if len(ports.exposed) >= limit:
         raise errors.QuotaExceeded(f"too many exposed ports in sandbox {room.id}", limit=limit,
