@@ -415,7 +415,8 @@ def _unix_listener(config: DaemonConfig, room: Room, port: int,
     base = unix_socket_dir(config)
     os.makedirs(base, mode=0o711, exist_ok=True)
     os.chmod(base, 0o711)
-    path = os.path.join(base, f"{room.key}-{port}-{secrets.token_hex(8)}.sock")
+    # Not named after the room: a room key is up to 63 characters and sun_path holds 107.
+    path = os.path.join(base, f"{port}-{secrets.token_hex(10)}.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)

@@ -309,11 +309,21 @@ def test_quota_of_exposed_ports(sb: Sandbox) -> None:
     sb.expose_port(9999)  # room again
 
 
-def test_unix_socket_exposure(daemon: DaemonProc, sb: Sandbox) -> None:
+def test_unix_socket_exposure(daemon: DaemonProc, client: Client) -> None:
+    # The longest room id: its socket path must still fit in sun_path.
+    sb = client.sandbox("u" * 63)
+    try:
+        _unix_socket_exposure(daemon, sb)
+    finally:
+        sb.destroy()
+
+
+def _unix_socket_exposure(daemon: DaemonProc, sb: Sandbox) -> None:
     start_script(daemon, sb, "greet.py", GREETER, 8008)
     exposed = sb.expose_port(8008, unix_socket=True)
     path = exposed.path
     assert exposed.get("url") is None and os.path.basename(os.path.dirname(path)) == "ports"
+    assert os.path.basename(path).startswith("8008-")  # (not the room key: sun_path is short)
     st = os.stat(path)
     # The daemon runs as the test user, the caller is root: a rootless daemon cannot chown,
     # so the file is the daemon's and every peer is checked instead (docs/ports.md).
