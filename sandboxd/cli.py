@@ -860,5 +860,10 @@ from . import cli_code  # noqa: E402 - run, languages, examples
 for _command in (cli_code.run, cli_code.languages, cli_code.examples):
     main.add_command(_command)
 
+from . import cli_ports  # noqa: E402 - port, unport
+
+for _command in (cli_ports.port, cli_ports.unport):
+    main.add_command(_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

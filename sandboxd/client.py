@@ -407,6 +407,24 @@ def _code_params(sandbox_id: str, language: str, code: str, stdin: str | None,
                   compile_limits=compile_limits, user=user)
 
 
+# --- ports (docs/ports.md) ---------------------------------------------------------------------
+
+#: waitForPort's default timeout on the daemon (ports.WAIT_TIMEOUT_MS), in seconds
+WAIT_FOR_PORT_TIMEOUT_S = 30.0
+
+
+def _wait_port_params(sandbox_id: str, port: int, process_id: str | None, mode: str | None,
+                      path: str | None, timeout: float | None) -> protocol.WaitForPortParams:
+    return _build(protocol.WaitForPortParams, sandbox_id=sandbox_id, port=port,
+                  process_id=process_id, mode=mode, path=path, timeout=_timeout_ms(timeout))
+
+
+def _expose_params(sandbox_id: str, port: int, name: str | None,
+                   unix_socket: bool) -> protocol.ExposePortParams:
+    return _build(protocol.ExposePortParams, sandbox_id=sandbox_id, port=port, name=name,
+                  unix_socket=unix_socket)
+
+
 def _output_router(on_output: OutputCallback) -> NotificationCallback:
     def route(method: str, params: dict[str, Any]) -> Any:
         if method == "exec.output":
@@ -958,6 +976,34 @@ class Sandbox:
             pattern=pattern, regex=regex, timeout=_timeout_ms(timeout)),
             protocol.WaitForLogResult,
             timeout=_call_deadline(self.client.timeout, timeout)).line
+    # -- ports (docs/ports.md)
+
+    def wait_for_port(self, port: int, *, process_id: str | None = None,
+                      mode: str | None = None, path: str | None = None,
+                      timeout: float | None = None) -> protocol.WaitForPortResult:
+        """Return once ``port`` in the room accepts a TCP connection (``mode="http"``: answers
+        ``GET path`` with 200-399); ProcessReadyTimeout after ``timeout`` seconds,
+        ProcessExitedBeforeReady if ``process_id`` ends first."""
+        return self.client.request(
+            "waitForPort", _wait_port_params(self.id, port, process_id, mode, path, timeout),
+            protocol.WaitForPortResult,
+            timeout=_call_deadline(self.client.timeout, timeout or WAIT_FOR_PORT_TIMEOUT_S))
+
+    def expose_port(self, port: int, *, name: str | None = None,
+                    unix_socket: bool = False) -> protocol.ExposedPort:
+        """Forward a loopback port of the host (``url``), or with ``unix_socket`` a Unix socket
+        served to your uid only (``path``), into ``port`` of the room."""
+        return self.client.request("exposePort", _expose_params(self.id, port, name,
+                                                                unix_socket),
+                                   protocol.ExposedPort)
+
+    def unexpose_port(self, port: int) -> protocol.UnexposePortResult:
+        return self.client.request("unexposePort", protocol.UnexposePortParams(
+            sandbox_id=self.id, port=port), protocol.UnexposePortResult)
+
+    def get_exposed_ports(self) -> list[protocol.ExposedPort]:
+        return self.client.request("getExposedPorts", protocol.GetExposedPortsParams(
+            sandbox_id=self.id), protocol.GetExposedPortsResult).ports
 
 
 class _Pending:
@@ -1499,3 +1545,26 @@ class AsyncProcess:
     async def kill(self, signal: int | str | None = None) -> protocol.ProcessInfo:
         self.record = await self.sandbox.kill_process(self.id, signal)
         return self.record
+    # -- ports (docs/ports.md)
+
+    async def wait_for_port(self, port: int, *, process_id: str | None = None,
+                            mode: str | None = None, path: str | None = None,
+                            timeout: float | None = None) -> protocol.WaitForPortResult:
+        return await self.client.request(
+            "waitForPort", _wait_port_params(self.id, port, process_id, mode, path, timeout),
+            protocol.WaitForPortResult,
+            timeout=_call_deadline(self.client.timeout, timeout or WAIT_FOR_PORT_TIMEOUT_S))
+
+    async def expose_port(self, port: int, *, name: str | None = None,
+                          unix_socket: bool = False) -> protocol.ExposedPort:
+        return await self.client.request("exposePort", _expose_params(self.id, port, name,
+                                                                      unix_socket),
+                                         protocol.ExposedPort)
+
+    async def unexpose_port(self, port: int) -> protocol.UnexposePortResult:
+        return await self.client.request("unexposePort", protocol.UnexposePortParams(
+            sandbox_id=self.id, port=port), protocol.UnexposePortResult)
+
+    async def get_exposed_ports(self) -> list[protocol.ExposedPort]:
+        return (await self.client.request("getExposedPorts", protocol.GetExposedPortsParams(
+            sandbox_id=self.id), protocol.GetExposedPortsResult)).ports

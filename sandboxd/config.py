@@ -169,6 +169,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # The same across all of one uid's rooms (64 rooms x 64 MiB was the only bound otherwise);
     # root and the daemon's own uid are exempt.
     max_process_log_bytes_per_uid: Annotated[int, msgspec.Meta(ge=0, le=MAX_BYTES)] = 256 * MiB
+    # Ports (sandboxd/ports.py): exposed ports per room (each a listener in the daemon) and
+    # forwarded connections open at once per exposed port (each two sockets and a buffer).
+    max_exposed_ports_per_room: Annotated[int, msgspec.Meta(ge=0)] = 16
+    max_port_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

@@ -21,6 +21,8 @@
     ├── GitError                (gitCheckout; GIT_* codes)
     ├── UnsupportedLanguage     UNSUPPORTED_LANGUAGE
     ├── ProcessError            (background processes; PROCESS_* codes)
+    ├── PortError               (ports; PORT_* codes)
+    │   └── PortAlreadyExposed  PORT_ALREADY_EXPOSED
     ├── DaemonUnreachable       DAEMON_UNREACHABLE (client side only: no socket / refused)
     └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
 
@@ -245,6 +247,17 @@ class ProcessReadyTimeout(ProcessError):
     """waitForLog / waitForPort: not ready within ``timeout`` ms."""
 
     code = "PROCESS_READY_TIMEOUT"
+
+
+# --- ports ------------------------------------------------------------------------------------
+
+
+class PortError(SandboxError):
+    code = "PORT_ERROR"
+
+
+class PortAlreadyExposed(PortError):
+    code = "PORT_ALREADY_EXPOSED"
 
 
 # --- failures that are not ours, as wire errors -------------------------------------------------

@@ -735,6 +735,62 @@ class StatsResult(Result, frozen=True):
     sandboxes: list[RoomStats]
 
 
+# --- ports: waitForPort, exposePort, unexposePort, getExposedPorts (docs/ports.md) ---------------
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PortName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
+
+
+class WaitForPortParams(Params, frozen=True):
+    sandbox_id: str
+    port: Port
+    process_id: str | None = None  # PROCESS_EXITED_BEFORE_READY if it ends first
+    mode: Literal["tcp", "http"] = "tcp"
+    path: Annotated[str, msgspec.Meta(pattern=r"^/[\x21-\x7e]{0,2047}$")] = "/"  # http mode
+    timeout: Millis | None = None  # ms; default ports.WAIT_TIMEOUT_MS
+
+
+class WaitForPortResult(Result, frozen=True):
+    ready: bool
+    port: int | Unset = UNSET
+    status: int | Unset = UNSET  # http mode: the status of the GET that succeeded
+
+
+class ExposePortParams(Params, frozen=True):
+    sandbox_id: str
+    port: Port
+    name: PortName | None = None  # default: the port number
+    #: a Unix socket served to the caller's uid only (``path``) instead of a loopback TCP port
+    unix_socket: bool = False
+
+
+class ExposedPort(Result, frozen=True):
+    """An exposed port: ``url`` for a loopback TCP exposure, ``path`` for a Unix socket."""
+
+    port: int
+    name: str
+    url: str | Unset = UNSET
+    path: str | Unset = UNSET
+
+
+class UnexposePortParams(Params, frozen=True):
+    sandbox_id: str
+    port: Port
+
+
+class UnexposePortResult(Result, frozen=True):
+    port: int
+    unexposed: bool  # false: it was not exposed (idempotent)
+
+
+class GetExposedPortsParams(Params, frozen=True):
+    sandbox_id: str
+
+
+class GetExposedPortsResult(Result, frozen=True):
+    ports: list[ExposedPort]
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 #: Every wire method: the server decodes params and encodes results from here, the client builds
@@ -780,6 +836,14 @@ METHODS: dict[str, Method] = {
                                summary="kill every live process of the room"),
     "waitForLog": Method(WaitForLogParams, WaitForLogResult,
                          summary="wait for a line of a process's output"),
+    "waitForPort": Method(WaitForPortParams, WaitForPortResult,
+                          summary="wait until a port in the room accepts (or answers HTTP)"),
+    "exposePort": Method(ExposePortParams, ExposedPort,
+                         summary="forward a host loopback port (or a Unix socket) into the room"),
+    "unexposePort": Method(UnexposePortParams, UnexposePortResult,
+                           summary="stop forwarding a port (idempotent)"),
+    "getExposedPorts": Method(GetExposedPortsParams, GetExposedPortsResult,
+                              summary="the room's exposed ports"),
 }
 
 #: Every notification, by its method name.

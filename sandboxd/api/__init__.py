@@ -1,6 +1,6 @@
-"""Method handlers, one module per family (rooms, exec, files, git, code, stats,
-processes): thin layers over
-the room-level calls (``rooms``, ``runs``, ``roomfiles``, the code-run service).
+"""Method handlers, one module per family (rooms, exec, files, git, code, stats, processes,
+ports): thin layers over the room-level calls (``rooms``, ``runs``, ``roomfiles``,
+``processes``, ``ports``, the code-run service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
 ``protocol.METHODS`` (a unit test holds them equal), which says each one's params, result and
@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import protocol
 from ..context import Context
-from . import code, exec, files, git, processes, rooms, stats
+from . import code, exec, files, git, ports, processes, rooms, stats
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
 #: so the table can only say Any; tests check each handler's annotations against METHODS.
@@ -49,6 +49,10 @@ HANDLERS: dict[str, Handler] = {
     "killProcess": processes.kill_process,
     "killAllProcesses": processes.kill_all_processes,
     "waitForLog": processes.wait_for_log,
+    "waitForPort": ports.wait_for_port,
+    "exposePort": ports.expose_port,
+    "unexposePort": ports.unexpose_port,
+    "getExposedPorts": ports.get_exposed_ports,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]

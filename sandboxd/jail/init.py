@@ -20,6 +20,8 @@ dispatched by :meth:`Init.dispatch` with one ``match``:
   Kill     {run, sig}        signal the run's process group -> KillReply {found}
   KillAll                    SIGKILL every process of the room but the init
   Ping                       -> Pong {runs}
+  Connect  {port, timeout_ms} -> Connected {address} + [a connected TCP socket]: a job of the
+           loop (``portops.py``), never blocking the other requests; ECONNREFUSED, ETIMEDOUT
   the file operations        ``fileops.py`` (Write is a Job: answered from the event loop)
 Every failure of a request is an ErrorReply {errno, message, filename}. A datagram that does not
 decode as a ``ToInit`` struct ends the init (and so the room): the daemon never sends one, so
@@ -45,7 +47,7 @@ from typing import Protocol, assert_never
 import msgspec
 
 from . import _syscalls as sc
-from . import caps, cgroup, channel, fileops, messages, mnt, net
+from . import caps, cgroup, channel, fileops, messages, mnt, net, portops
 from .messages import ErrorReply, Reply
 
 
@@ -102,6 +104,9 @@ class Init:
         self.seccomp_bpf = spec.seccomp_bpf
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Connects in progress (portops): polled for writing, answered ETIMEDOUT at their
+        # deadline; the loop's select timeout is the nearest one.
+        self.connects: set[portops.Connector] = set()
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -135,8 +140,10 @@ class Init:
         self.sel.register(self.ctl, selectors.EVENT_READ, "ctl")
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         while True:
-            for key, _ in self.sel.select():
-                if isinstance(key.data, tuple):
+            for key, _ in self.sel.select(self._connect_timeout()):
+                if isinstance(key.data, portops.Connector):
+                    self._step_connect(key.data)
+                elif isinstance(key.data, tuple):
                     self._step_job(*key.data)
                 elif key.data == "wake":
                     try:
@@ -155,6 +162,7 @@ class Init:
                     # (channel.BadMessage is not caught: garbage on the channel ends the init,
                     # and with it the room — see main)
                     self.dispatch(msg, fds)
+            self._expire_connects()
 
     def reply(self, msg: messages.ToInit, result: Reply, fds: list[int] | None = None) -> None:
         channel.send(self.ctl, msgspec.structs.replace(result, re=msg.id), fds or ())
@@ -193,6 +201,8 @@ class Init:
                     self.reply(msg, fileops.mkdir(msg))
                 case messages.Code():
                     self.reply(msg, fileops.code_dir(msg))
+                case messages.Connect():
+                    self._connect(msg)
                 case _:  # mypy: every ToInit op has its case above
                     assert_never(msg)
         except Exception as err:  # noqa: BLE001 - a bad request must never take the room down
@@ -222,6 +232,59 @@ class Init:
         self.sel.unregister(job.fd)
         job.close()
         self.reply(msg, result)
+
+    # --- ports (portops.py): connects inside the room's network namespace ----------------------
+
+    def _connect(self, msg: messages.Connect) -> None:
+        job = portops.Connector(msg)
+        try:
+            done = job.start()
+        except BaseException:
+            job.close()
+            raise
+        if done is not None:
+            self._finish_connect(job, done)
+            return
+        self.connects.add(job)
+        self.sel.register(job.fd, selectors.EVENT_WRITE, job)
+
+    def _step_connect(self, job: portops.Connector) -> None:
+        self.sel.unregister(job.fd)
+        try:
+            done = job.step()
+        except Exception as err:  # noqa: BLE001 - a failed connect is an answer, not a crash
+            self.connects.discard(job)
+            job.close()
+            self.reply(job.msg, error_reply(err))
+            return
+        if done is None:  # refused on 127.0.0.1: trying ::1 now
+            self.sel.register(job.fd, selectors.EVENT_WRITE, job)
+            return
+        self.connects.discard(job)
+        self._finish_connect(job, done)
+
+    def _finish_connect(self, job: portops.Connector, done: messages.Connected) -> None:
+        try:
+            self.reply(job.msg, done, [job.fd])
+        finally:
+            job.close()
+
+    def _connect_timeout(self) -> float | None:
+        if not self.connects:
+            return None
+        return max(0.0, min(j.deadline for j in self.connects) - time.monotonic())
+
+    def _expire_connects(self) -> None:
+        if not self.connects:
+            return
+        now = time.monotonic()
+        for job in [j for j in self.connects if j.expired(now)]:
+            self.connects.discard(job)
+            self.sel.unregister(job.fd)
+            job.close()
+            self.reply(job.msg, error_reply(job.timeout_error()))
+
+    # --- payloads -----------------------------------------------------------------------------
 
     def spawn(self, msg: messages.Spawn, fds: list[int]) -> int:
         if len(fds) < 3:

@@ -6,7 +6,8 @@ msgpack datagram per message, fds by SCM_RIGHTS):
     daemon ──ToZygote──> zygote            SpawnRoom {spec: RoomSpec}, Ping
            <─FromZygote─                   RoomSpawned {pid} + [init channel, pidfd], Pong,
                                            ErrorReply; event Exited {pid, status}
-    daemon ──ToInit────> room init         Spawn, Kill, KillAll, Ping and the file operations
+    daemon ──ToInit────> room init         Spawn, Kill, KillAll, Ping, the file operations and
+                                           Connect (a socket inside the room's netns)
            <─FromInit───                   one reply type per request, or ErrorReply;
                                            events Ready, Failed, Exit
 
@@ -286,14 +287,33 @@ class Code(Request[CodeState], tag="f_code", kw_only=True):
     shared: bool = False  # prepare: writable by the sandbox user too
 
 
+# --- daemon <-> room init: ports (jail/portops.py) ----------------------------------------------
+
+
+class Connected(Reply, tag="p_connected", kw_only=True):
+    """fds: [a TCP socket connected, inside the room's network namespace, to ``address``]."""
+
+    nfds: ClassVar[int] = 1
+    address: str  # "127.0.0.1" or "::1": the first of them that accepted
+
+
+class Connect(Request[Connected], tag="p_connect", kw_only=True):
+    """Connect to ``port`` on the room's loopback (127.0.0.1, then ::1 if that is refused),
+    without blocking the init; ECONNREFUSED when neither accepts, ETIMEDOUT past
+    ``timeout_ms``."""
+
+    port: int
+    timeout_ms: int = 5000
+
+
 # --- the unions each side decodes ----------------------------------------------------------------
 
 ToZygote = SpawnRoom | Ping
 FromZygote = RoomSpawned | Pong | ErrorReply | Exited
 ToInit = Spawn | Kill | KillAll | Ping | OpenRead | Write | Exists | Delete | Rename | Mkdir \
-    | ListDir | Code
+    | ListDir | Code | Connect
 FromInit = SpawnReply | KillReply | KillAllReply | Pong | Opened | Written | Existence \
-    | PathReply | Renamed | Listing | CodeState | ErrorReply | Exit | Ready | Failed
+    | PathReply | Renamed | Listing | CodeState | Connected | ErrorReply | Exit | Ready | Failed
 
 to_zygote: msgspec.msgpack.Decoder[ToZygote] = msgspec.msgpack.Decoder(ToZygote)
 from_zygote: msgspec.msgpack.Decoder[FromZygote] = msgspec.msgpack.Decoder(FromZygote)

@@ -64,6 +64,8 @@ SAMPLES: list[messages.Message] = [
                   failure=messages.Failure(stage="exec", errno=errno.ENOENT), t=(1.0, 2.0)),
     messages.Ready(pid=1),
     messages.Failed(error="OSError: mount"),
+    messages.Connect(id=15, port=8000, timeout_ms=250),
+    messages.Connected(re=15, address="::1"),
 ]
 
 UNIONS = {

@@ -155,6 +155,21 @@ def test_destroy(daemon: FakeDaemon) -> None:
     assert (r.exit_code, r.stdout) == (0, "alpha: nothing to destroy\n")
 
 
+def test_port_prints_the_url_lists_and_unport_is_idempotent(daemon: FakeDaemon) -> None:
+    r = sbx(daemon, "port", "alpha", "8000", "--wait", "5")
+    assert (r.exit_code, r.stdout) == (0, "http://127.0.0.1:48000\n")
+    waited = [q["params"] for q in daemon.requests if q["method"] == "waitForPort"]
+    assert waited == [{"sandboxId": "alpha", "port": 8000, "timeout": 5000}]
+    r = sbx(daemon, "port", "alpha", "8001", "--unix", "--name", "db")
+    assert (r.exit_code, r.stdout) == (0, "/run/ports/8001.sock\n")
+    r = sbx(daemon, "port", "alpha")
+    assert r.stdout == "8000\t8000\thttp://127.0.0.1:48000\n8001\tdb\t/run/ports/8001.sock\n"
+    assert sbx(daemon, "unport", "alpha", "8000").exit_code == 0
+    r = sbx(daemon, "unport", "alpha", "8000")
+    assert r.exit_code == 0 and "was not exposed" in r.stderr
+    assert sbx(daemon, "port", "alpha", "70000").exit_code == 2  # a usage error
+
+
 def test_help_documents_exit_codes() -> None:
     r = CliRunner().invoke(cli.main, ["exec", "--help"])
     assert r.exit_code == 0

@@ -35,6 +35,7 @@ class FakeDaemon:
         self.answered: list[Any] = []  # ids, in the order responses were written
         self.validated: set[str] = set()  # methods whose params and result passed the schema
         self.files: dict[str, bytes] = {}
+        self.exposed: dict[int, dict[str, Any]] = {}
         self.failures: list[str] = []  # results of ours the schema refused
         self.rooms: dict[str, dict[str, Any]] = {
             "alpha": {"sandboxId": "alpha", "status": "ready", "createdAt": "2026-11-26T20:00:00Z",
@@ -369,6 +370,29 @@ class FakeDaemon:
                            send: Any) -> dict[str, Any]:
         self._proc(p.process_id)
         return {"line": f"found {p.pattern}"}
+    # ports (docs/ports.md)
+
+    async def m_waitForPort(self, p: protocol.WaitForPortParams, rid: Any,
+                            send: Any) -> dict[str, Any]:
+        if p.port == 9:
+            raise errors.ProcessReadyTimeout("not ready", port=p.port, timeout=p.timeout)
+        return {"ready": True, "port": p.port, **({"status": 200} if p.mode == "http" else {})}
+
+    async def m_exposePort(self, p: protocol.ExposePortParams, rid: Any,
+                           send: Any) -> dict[str, Any]:
+        where = ({"path": f"/run/ports/{p.port}.sock"} if p.unix_socket
+                 else {"url": f"http://127.0.0.1:{40000 + p.port}"})
+        got = {"port": p.port, "name": p.name or str(p.port), **where}
+        self.exposed[p.port] = got
+        return got
+
+    async def m_unexposePort(self, p: protocol.UnexposePortParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        return {"port": p.port, "unexposed": self.exposed.pop(p.port, None) is not None}
+
+    async def m_getExposedPorts(self, p: protocol.GetExposedPortsParams, rid: Any,
+                                send: Any) -> dict[str, Any]:
+        return {"ports": list(self.exposed.values())}
 
 
 NOW = "2026-11-26T20:00:00.000Z"
@@ -824,6 +848,14 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert sb.kill_all_processes() == 0
     with pytest.raises(errors.ProcessNotFound):
         sb.get_process("nope")
+    assert sb.wait_for_port(8000, mode="http", timeout=2).status == 200
+    with pytest.raises(errors.ProcessReadyTimeout):
+        sb.wait_for_port(9)
+    assert sb.expose_port(8000, name="web").url == "http://127.0.0.1:48000"
+    assert sb.expose_port(8001, unix_socket=True).path == "/run/ports/8001.sock"
+    assert [e.name for e in sb.get_exposed_ports()] == ["web", "8001"]
+    assert sb.unexpose_port(8000).unexposed is True
+    assert sb.unexpose_port(8000).unexposed is False
     assert sb.destroy().destroyed is True
     sent = next(r for r in daemon.requests if r["method"] == "runCode")["params"]
     assert sent["limits"] == {"cpuTimeMs": 100} and sent["compileLimits"] == {"wallTimeMs": 5000}
@@ -845,6 +877,10 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             await sb.write_file("x", b"12345")
             assert (await sb.read_file("x", stream=True)).data == b"12345"
             assert (await sb.read_file("x")).data == b"12345"
+            assert (await sb.wait_for_port(80)).ready is True
+            assert (await sb.expose_port(80)).url == "http://127.0.0.1:40080"
+            assert [e.port for e in await sb.get_exposed_ports()] == [80]
+            assert (await sb.unexpose_port(80)).unexposed is True
             assert await sb.exists("x")
             assert [f.name for f in await sb.list_files()] == ["x"]
             await sb.rename_file("x", "y")
