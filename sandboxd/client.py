@@ -912,9 +912,6 @@ class Sandbox:
                 self.delete_file(tmp)
         return CopyFromResult(source=src, destination=dest_dir, **counts)
 
-
-# --- the asyncio client ------------------------------------------------------------------------
-
     # -- background processes (docs/processes.md)
 
     def start_process(self, command: str, args: Sequence[str] | None = None, *,
@@ -1005,6 +1002,8 @@ class Sandbox:
         return self.client.request("getExposedPorts", protocol.GetExposedPortsParams(
             sandbox_id=self.id), protocol.GetExposedPortsResult).ports
 
+
+# --- the asyncio client ------------------------------------------------------------------------
 
 class _Pending:
     __slots__ = ("future", "on_notification")
@@ -1397,6 +1396,30 @@ class AsyncSandbox:
             protocol.WaitForLogResult,
             timeout=_call_deadline(self.client.timeout, timeout))).line
 
+    # -- ports (docs/ports.md)
+
+    async def wait_for_port(self, port: int, *, process_id: str | None = None,
+                            mode: str | None = None, path: str | None = None,
+                            timeout: float | None = None) -> protocol.WaitForPortResult:
+        return await self.client.request(
+            "waitForPort", _wait_port_params(self.id, port, process_id, mode, path, timeout),
+            protocol.WaitForPortResult,
+            timeout=_call_deadline(self.client.timeout, timeout or WAIT_FOR_PORT_TIMEOUT_S))
+
+    async def expose_port(self, port: int, *, name: str | None = None,
+                          unix_socket: bool = False) -> protocol.ExposedPort:
+        return await self.client.request("exposePort", _expose_params(self.id, port, name,
+                                                                      unix_socket),
+                                         protocol.ExposedPort)
+
+    async def unexpose_port(self, port: int) -> protocol.UnexposePortResult:
+        return await self.client.request("unexposePort", protocol.UnexposePortParams(
+            sandbox_id=self.id, port=port), protocol.UnexposePortResult)
+
+    async def get_exposed_ports(self) -> list[protocol.ExposedPort]:
+        return (await self.client.request("getExposedPorts", protocol.GetExposedPortsParams(
+            sandbox_id=self.id), protocol.GetExposedPortsResult)).ports
+
 
 # --- background processes: params and handles ----------------------------------------------------
 
@@ -1421,15 +1444,6 @@ def _process_output_router(on_output: OutputCallback) -> NotificationCallback:
             return on_output(str(params.get("stream", "stdout")), str(params.get("data", "")))
         return None
     return route
-
-
-def _port_params(process_id: str, port: int, mode: str | None, path: str | None,
-                 timeout: float | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"port": port, "processId": process_id}
-    for key, value in (("mode", mode), ("path", path), ("timeout", _timeout_ms(timeout))):
-        if value is not None:
-            out[key] = value
-    return out
 
 
 class Process:
@@ -1465,12 +1479,10 @@ class Process:
         return self.sandbox.wait_for_log(self.id, pattern, regex=regex, timeout=timeout)
 
     def wait_for_port(self, port: int, *, mode: str | None = None, path: str | None = None,
-                      timeout: float | None = None) -> Any:
+                      timeout: float | None = None) -> protocol.WaitForPortResult:
         """``waitForPort`` for this process (PROCESS_EXITED_BEFORE_READY if it ends first)."""
-        return self.sandbox.client.call(
-            "waitForPort", {"sandboxId": self.sandbox.id,
-                            **_port_params(self.id, port, mode, path, timeout)},
-            timeout=_call_deadline(self.sandbox.client.timeout, timeout))
+        return self.sandbox.wait_for_port(port, process_id=self.id, mode=mode, path=path,
+                                          timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> protocol.ProcessInfo:
         """Until the process ended (its final record); TimeoutError past ``timeout`` s."""
@@ -1523,11 +1535,10 @@ class AsyncProcess:
         return await self.sandbox.wait_for_log(self.id, pattern, regex=regex, timeout=timeout)
 
     async def wait_for_port(self, port: int, *, mode: str | None = None,
-                            path: str | None = None, timeout: float | None = None) -> Any:
-        return await self.sandbox.client.call(
-            "waitForPort", {"sandboxId": self.sandbox.id,
-                            **_port_params(self.id, port, mode, path, timeout)},
-            timeout=_call_deadline(self.sandbox.client.timeout, timeout))
+                            path: str | None = None,
+                            timeout: float | None = None) -> protocol.WaitForPortResult:
+        return await self.sandbox.wait_for_port(port, process_id=self.id, mode=mode,
+                                                path=path, timeout=timeout)
 
     async def wait(self, timeout: float | None = None) -> protocol.ProcessInfo:
         import asyncio
@@ -1545,26 +1556,3 @@ class AsyncProcess:
     async def kill(self, signal: int | str | None = None) -> protocol.ProcessInfo:
         self.record = await self.sandbox.kill_process(self.id, signal)
         return self.record
-    # -- ports (docs/ports.md)
-
-    async def wait_for_port(self, port: int, *, process_id: str | None = None,
-                            mode: str | None = None, path: str | None = None,
-                            timeout: float | None = None) -> protocol.WaitForPortResult:
-        return await self.client.request(
-            "waitForPort", _wait_port_params(self.id, port, process_id, mode, path, timeout),
-            protocol.WaitForPortResult,
-            timeout=_call_deadline(self.client.timeout, timeout or WAIT_FOR_PORT_TIMEOUT_S))
-
-    async def expose_port(self, port: int, *, name: str | None = None,
-                          unix_socket: bool = False) -> protocol.ExposedPort:
-        return await self.client.request("exposePort", _expose_params(self.id, port, name,
-                                                                      unix_socket),
-                                         protocol.ExposedPort)
-
-    async def unexpose_port(self, port: int) -> protocol.UnexposePortResult:
-        return await self.client.request("unexposePort", protocol.UnexposePortParams(
-            sandbox_id=self.id, port=port), protocol.UnexposePortResult)
-
-    async def get_exposed_ports(self) -> list[protocol.ExposedPort]:
-        return (await self.client.request("getExposedPorts", protocol.GetExposedPortsParams(
-            sandbox_id=self.id), protocol.GetExposedPortsResult)).ports

@@ -91,8 +91,10 @@ process_ended: ProcessEnded = processes.process_ended
 def _exit_code(record: Any) -> Any:
     if isinstance(record, dict):
         return record.get("exitCode")
-    result = getattr(record, "result", None)
-    return None if result is None else result.exit_code
+    result = getattr(record, "result", None)  # a processes.ProcessRecord: its run's result
+    if result is not None:
+        return result.exit_code
+    return getattr(record, "exit_code", None)
 
 
 # --- connecting inside the room -----------------------------------------------------------------

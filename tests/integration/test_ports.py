@@ -185,10 +185,16 @@ def test_wait_for_port_times_out_when_nothing_listens(sb: Sandbox) -> None:
     assert info.value.context["timeout"] == 300
 
 
-def test_wait_for_port_with_a_process_id_needs_background_processes(sb: Sandbox) -> None:
-    # The seam (ports.process_ended) until startProcess lands: refused by name, not ignored.
-    with pytest.raises(errors.ValidationError, match="processId"):
-        sb.wait_for_port(8000, process_id="web", timeout=1)
+def test_wait_for_port_of_a_process_that_exits_first(sb: Sandbox) -> None:
+    # A server that dies before it listens: PROCESS_EXITED_BEFORE_READY with its exit code,
+    # long before the timeout; an unknown process id is PROCESS_NOT_FOUND.
+    proc = sb.start_process("echo starting; sleep 0.3; exit 3", process_id="web")
+    with pytest.raises(errors.ProcessExitedBeforeReady) as info:
+        proc.wait_for_port(8000, timeout=60)
+    assert info.value.context["exitCode"] == 3
+    assert info.value.context["processId"] == "web"
+    with pytest.raises(errors.ProcessNotFound):
+        sb.wait_for_port(8000, process_id="nobody", timeout=1)
 
 
 # --- exposePort ----------------------------------------------------------------------------------

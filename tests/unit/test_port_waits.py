@@ -82,9 +82,11 @@ def test_a_process_still_running_keeps_the_wait_going_until_it_ends() -> None:
     assert room.handle.connects == 2  # tried while it ran
 
 
-def test_the_seam_refuses_a_process_id_until_processes_exist() -> None:
-    with pytest.raises(errors.ValidationError, match="processId"):
-        _wait(FakeRoom(FakeHandle()), process_id="web", timeout_ms=1000)
+def test_the_seam_is_the_process_table() -> None:
+    # waitForPort's processId asks the background processes (issue 13's other half).
+    from sandboxd import processes
+
+    assert ports.process_ended is processes.process_ended
 
 
 def test_refused_until_the_deadline_is_ready_timeout() -> None:
