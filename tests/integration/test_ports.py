@@ -106,15 +106,14 @@ def sb(client: Client, room_id: str) -> Iterator[Sandbox]:
         box.destroy()
 
 
-def serve(d: DaemonProc, room: str, command: str, seconds: int = 120) -> threading.Thread:
-    """Run ``command`` in ``room`` for up to ``seconds``, on a connection of its own (it ends
-    with the test's destroy)."""
-    def run() -> None:
-        with contextlib.suppress(Exception), d.client() as c:  # type: ignore[attr-defined]
-            c.sandbox(room).exec(f"cd /workspace && exec timeout {seconds} {command}")
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+def serve(d: DaemonProc, room: str, command: str, seconds: int = 120) -> str:
+    """Start ``command`` in ``room`` as a background process (startProcess) for up to
+    ``seconds``; it ends with the test's destroy. Returns its process id."""
+    with d.client() as c:  # type: ignore[attr-defined]
+        proc = c.sandbox(room).start_process(
+            f"cd /workspace && exec timeout {seconds} {command}")
+    assert proc.record.status == "running", proc.record
+    return str(proc.id)
 
 
 def start_script(d: DaemonProc, sb: Sandbox, name: str, source: str, port: int) -> None:
