@@ -177,6 +177,11 @@ class DaemonProc:
     #: host uids seen running room processes (descendants of the daemon below its zygotes), to
     #: find what survives the daemon itself (orphans lose their ancestry)
     room_uids: set[int] = field(default_factory=set)
+    #: mount namespaces seen in room processes while they lived ("mnt:[inode]" -> the room),
+    #: and the anonymous devices (tmpfs, proc, devpts...: "0:N") mounted only in them: rooms
+    #: mount in their own namespaces, where the host's mountinfo never shows their mounts
+    room_mnt_ns: dict[str, str] = field(default_factory=dict)
+    room_devs: dict[str, str] = field(default_factory=dict)
 
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
@@ -343,6 +348,58 @@ class DaemonProc:
                 depth[pid] = chain
         return depth
 
+    def _learn_mount_ns(self, pid: int, room: str, host_devs: set[str]) -> None:
+        """Record the mount namespace of room process ``pid`` (not the host's) and the
+        anonymous devices mounted in it that the host's namespace does not have."""
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+            if ns == os.readlink("/proc/self/ns/mnt") or ns in self.room_mnt_ns:
+                return
+            lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+        except OSError:
+            return
+        self.room_mnt_ns[ns] = room
+        for line in lines:
+            dev = line.split()[2]
+            if dev.startswith("0:") and dev not in host_devs:
+                self.room_devs[dev] = f"{room}: {line.split()[4]}"
+
+    def _mount_leftovers(self, reported: set[int]) -> list[str]:
+        """What keeps a room's mounts alive on the host: a process (not already reported as
+        the room's) in a room's mount namespace, a bind mount of one (nsfs), a mount of a
+        room's device or under its state or rootfs paths in the host's namespace."""
+        found: list[str] = []
+        with open("/proc/self/mountinfo") as f:
+            host = [line.split() for line in f]
+        base = os.path.dirname(self.state_dir)
+        roots = [base] + ([self.rootfs] if self.rootfs.startswith("/")
+                          and self.rootfs != "/" else [])
+        for fields in host:
+            dev, root, point = fields[2], fields[3], fields[4]
+            if dev in self.room_devs:
+                found.append(f"mount: {point} is room device {dev} ({self.room_devs[dev]})")
+            elif root in self.room_mnt_ns:
+                found.append(f"mount: {point} pins room mount namespace {root} "
+                             f"({self.room_mnt_ns[root]})")
+            elif any(point == r or point.startswith(r + "/") for r in roots):
+                found.append(f"mount: {point}")
+        if self.room_mnt_ns:
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit() or int(pid) in reported:
+                    continue
+                try:
+                    ns = os.readlink(f"/proc/{pid}/ns/mnt")
+                except OSError:
+                    continue
+                if ns in self.room_mnt_ns:
+                    try:
+                        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    except OSError:
+                        cmd = b"?"
+                    found.append(f"mount namespace {ns} of room {self.room_mnt_ns[ns]} held by "
+                                 f"process {pid}: {cmd.decode(errors='replace')[:80]}")
+        return found
+
     def _leftovers(self) -> list[str]:
         found: list[str] = []
         rooms_dir = os.path.join(self.state_dir, "rooms")
@@ -360,7 +417,8 @@ class DaemonProc:
                     found.append(f"cgroup: instance dir {inst}")
         base = os.path.dirname(self.state_dir)
         with open("/proc/self/mountinfo") as f:
-            found += [f"mount: {line.split()[4]}" for line in f if base in line]
+            host_devs = {line.split()[2] for line in f}
+        reported: set[int] = set()
         rels = [*self.room_cgroup_rel, f"/{self.instance}"]
         below = self._descendants()
         for pid in os.listdir("/proc"):
@@ -383,7 +441,10 @@ class DaemonProc:
                     or (self.proc is None and base in cmd))
             if mine:
                 found.append(f"process {pid} [{room}]: {cmd[:80]}")
-        return found
+                reported.add(int(pid))
+                if deep or in_room is not None:
+                    self._learn_mount_ns(int(pid), room, host_devs)
+        return found + self._mount_leftovers(reported)
 
 
 _hold_counter = iter(range(1, 1 << 20))

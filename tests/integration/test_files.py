@@ -314,10 +314,10 @@ def test_permission_denied(client: Any, room_id: str) -> None:
            path="/proc/sys/kernel/hostname", content="x")
     # Special files: a FIFO would block a reader, a device is not content.
     sh(client, room_id, "mkfifo /workspace/fifo")
-    t0 = time.monotonic()
+    # (An open that blocked on the FIFO would never answer: the client's timeout or pytest's
+    # fails the test, no elapsed-time bound needed.)
     expect(errors.PermissionDenied, call, client, "readFile", room_id, path="fifo")
     expect(errors.PermissionDenied, call, client, "writeFile", room_id, path="fifo", content="x")
-    assert time.monotonic() - t0 < 5
     expect(errors.PermissionDenied, call, client, "readFile", room_id, path="/dev/zero")
     expect(errors.PermissionDenied, call, client, "writeFile", room_id, path="/dev/null",
            content="x")

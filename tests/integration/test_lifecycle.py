@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from typing import Any
 
@@ -167,3 +169,40 @@ def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Any, tmp_path: A
         other.start(timeout=10)
     with daemon.client() as c:
         c.ping()  # the first one is unharmed
+
+
+def test_leftovers_looks_inside_the_rooms_mount_namespaces(client: Any, daemon: Any,
+                                                          room_id: str, tmp_path: Any) -> None:
+    """conftest.leftovers() can fire on what keeps a room's mounts alive (issue 24): rooms mount
+    in their own namespaces, so the host's mountinfo alone never shows them. Leaked on purpose
+    here: a host process kept in the room's mount namespace across its destroy (nsenter), and
+    a bind mount of the namespace; once both are gone, nothing is reported."""
+    sb = client.sandbox(room_id)
+    sb.exec("true")
+    with open(os.path.join(daemon.state_dir, "rooms", room_key(0, room_id), "room.json")) as f:
+        init = json.load(f)["initPid"]
+    ns = os.readlink(f"/proc/{init}/ns/mnt")
+    daemon.leftovers(settle=0)  # learns the live room's namespace and its mounts
+    key = room_key(0, room_id)
+    assert key in daemon.room_mnt_ns.get(ns, ""), daemon.room_mnt_ns
+    assert any(key in v for v in daemon.room_devs.values()), daemon.room_devs
+    pin = subprocess.Popen(["nsenter", f"--mount=/proc/{init}/ns/mnt", "--", "sleep", "1000"])
+    pinned = tmp_path / "pinned-ns"
+    pinned.touch()
+    try:
+        for _ in range(600):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pin.pid}/ns/mnt") == ns:
+                    break
+            time.sleep(0.05)
+        subprocess.run(["mount", "--bind", f"/proc/{init}/ns/mnt", str(pinned)], check=True)
+        sb.destroy()
+        left = daemon.leftovers(settle=0.5)
+        assert any(f"{ns} of room room-{key} held by process {pin.pid}" in x
+                   for x in left), left
+        assert any(f"{pinned} pins room mount namespace {ns}" in x for x in left), left
+    finally:
+        pin.kill()
+        pin.wait()
+        subprocess.run(["umount", str(pinned)], check=False)
+    assert [x for x in daemon.leftovers() if ns in x or key in x] == []

@@ -401,8 +401,10 @@ def test_run_limits_go_to_the_run_cgroup(client: Any, daemon: DaemonProc, room_i
     before = {d.name for ctl in ("memory", "pids")
               for d in room_cgroup(daemon, ctl, room_id).glob("runs/run-*")}
 
+    # The payload runs until the watcher has read both limits (it drops a marker through a
+    # second connection), not for a second that a loaded machine could let pass unseen.
     def watch() -> None:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while len(seen) < 2 and time.monotonic() < deadline:
             for ctl, f in (("memory", "memory.limit_in_bytes"), ("pids", "pids.max")):
                 for d in room_cgroup(daemon, ctl, room_id).glob("runs/run-*"):
@@ -413,10 +415,15 @@ def test_run_limits_go_to_the_run_cgroup(client: Any, daemon: DaemonProc, room_i
                         if value != "max":  # v2: the moment between mkdir and the write
                             seen[f] = value
             time.sleep(0.01)
+        with daemon.client() as side:
+            side.sandbox(room_id).write_file("/workspace/.limits-seen", "")
 
+    sb.exec("rm -f /workspace/.limits-seen")
     t = threading.Thread(target=watch)
     t.start()
-    r = sb.exec("sleep 1; cat /proc/self/cgroup", limits={"memoryBytes": 100 * MiB, "pids": 20})
+    r = sb.exec("n=0; until [ -e /workspace/.limits-seen ] || [ $n -gt 1200 ]; do n=$((n+1)); "
+                "sleep 0.05; done; cat /proc/self/cgroup",
+                limits={"memoryBytes": 100 * MiB, "pids": 20})
     t.join()
     assert seen == {"memory.limit_in_bytes": str(100 * MiB), "pids.max": "20"}
     assert "run-" in r.stdout  # the payload sat in its run cgroup, not the room's init leaf

@@ -112,7 +112,11 @@ def descendants(pid: int) -> set[int]:
 def stop_and_check(d: DaemonProc) -> None:
     mine = descendants(d.proc.pid) if d.proc is not None else set()
     code = d.stop()
-    time.sleep(0.2)
+    # The daemon's descendants get a generous 10 s to be gone (reaped by their parents or
+    # init), polled, then whatever is left is a leftover: no fixed 200 ms pause.
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in mine) and time.monotonic() < deadline:
+        time.sleep(0.05)
     left = d.leftovers() + [f"process {p}" for p in sorted(mine)
                             if Path(f"/proc/{p}").exists()]
     if code == 0 and not left:

@@ -243,7 +243,10 @@ def test_links_swapped_during_reads_never_reach_the_host(daemon: Any, room_id: s
     slowest = 0.0
     try:
         with Client(daemon.socket, timeout=30) as c:
-            time.sleep(0.3)
+            for _ in range(600):  # until the racer runs (it makes dir before it loops)
+                if done.is_set() or c.sandbox(room_id).exists("/workspace/dir"):
+                    break
+                time.sleep(0.05)
             while not done.is_set():
                 for method, extra in (("readFile", {}), ("readFile", {"stream": True}),
                                       ("writeFile", {"content": "w"}), ("listFiles", {})):

@@ -10,11 +10,12 @@ must be alive with its file descriptors, memory, rooms and child processes back 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -128,6 +129,14 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _until(cond: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)
+
+
 @pytest.fixture(scope="module")
 def fuzz_daemon(sec_user: Any) -> Iterator[Any]:
     d = start_daemon(sec_user, max_request_bytes=1 << 20, idle_timeout_s=0)
@@ -142,7 +151,7 @@ def test_protocol_fuzz(fuzz_daemon: Any) -> None:
     warm.roundtrip([_line({"jsonrpc": "2.0", "id": 1, "method": "exec",
                            "params": {"sandboxId": "fz-a", "command": "true"}})])
     warm.close()
-    time.sleep(0.2)
+    time.sleep(0.2)  # (a settle before the baseline; waiting for the fd count to fall failed)
     fds0, rss0 = _fds(pid), h.rss_kb(pid)
     conn = Conn(d.socket)
     end = time.monotonic() + BUDGET_S
@@ -167,7 +176,9 @@ def test_protocol_fuzz(fuzz_daemon: Any) -> None:
         assert c.ping()["version"]
         for s in c.list_sandboxes():
             c.sandbox(s.sandbox_id).destroy()
-    time.sleep(0.5)
+    # Polled (a generous 30 s for the last connections to be closed), then asserted.
+    with contextlib.suppress(AssertionError):
+        _until(lambda: _fds(pid) <= fds0 + 2, "the fuzz connections' fds were closed")
     assert _fds(pid) <= fds0 + 2, (fds0, _fds(pid))
     assert h.rss_kb(pid) < rss0 + 64 * 1024
     assert len(descendants(pid)) == 1  # only the zygote: every room init and payload is gone

@@ -123,18 +123,34 @@ out = {'ok': len(ok), 'codes': codes, 'listed': len(listed)}
         assert c.ping().get("capabilities", {}).get("idSlices", {}).get("slicesFree") != 0
 
 
+# A run that says it started (a marker) and holds until /workspace/.go exists (30 s at most).
+HOLD = ("touch /workspace/.started-{i}; n=0; until [ -e /workspace/.go ]; do n=$((n+1)); "
+        "[ $n -gt 600 ] && exit 1; sleep 0.05; done")
+
+
+async def until_started(sb: Any, n: int) -> None:
+    for _ in range(600):
+        if all([await sb.exists(f"/workspace/.started-{i}") for i in range(n)]):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"fewer than {n} held runs started")
+
+
 def test_runs_per_room(qdaemon: Any) -> None:
     async def go() -> list[Any]:
         async with AsyncClient(qdaemon.socket) as ac:
             sb = ac.sandbox("q-runs")
-            await sb.exec("true")
-            slow = [asyncio.ensure_future(sb.exec("sleep 2")) for _ in range(2)]
-            await asyncio.sleep(0.5)
+            await sb.exec("rm -f /workspace/.go /workspace/.started-*")
+            # Two runs that hold until released (a marker), each saying it started: the third
+            # is tried while both certainly run, not after a 500 ms pause.
+            slow = [asyncio.ensure_future(sb.exec(HOLD.format(i=i))) for i in range(2)]
+            await until_started(sb, 2)
             try:
                 await sb.exec("echo third")
                 third: Any = "ran"
             except errors.QuotaExceeded as err:
                 third = err
+            await sb.write_file("/workspace/.go", "")
             done = await asyncio.gather(*slow)
             after = await sb.exec("echo after")
             await sb.destroy()
@@ -154,20 +170,32 @@ from sandboxd.client import AsyncClient
 async def go():
     async with AsyncClient(SOCK) as ac:
         a, b = ac.sandbox('q-u-a'), ac.sandbox('q-u-b')
-        await a.exec('true'); await b.exec('true')
-        slow = [asyncio.ensure_future(x.exec('sleep 2')) for x in (a, a, b)]
-        await asyncio.sleep(0.7)
+        for x in (a, b):
+            await x.exec('rm -f /workspace/.go /workspace/.started-*')
+        # held until released, each saying it started: no 700 ms pause
+        slow = [asyncio.ensure_future(x.exec(HOLD.format(i=i)))
+                for x, i in ((a, 0), (a, 1), (b, 0))]
+        await until_started(a, 2); await until_started(b, 1)
         try:
             await b.exec('echo fourth')
             fourth = 'ran'
         except errors.QuotaExceeded as err:
             fourth = [err.code, err.context.get('limit'), err.context.get('scope')]
+        for x in (a, b):
+            await x.write_file('/workspace/.go', '')
         codes = [r.exit_code for r in await asyncio.gather(*slow)]
         after = (await b.exec('echo after')).stdout
         await a.destroy(); await b.destroy()
         return {'fourth': fourth, 'codes': codes, 'after': after}
 out = asyncio.run(go())
-""".replace("SOCK", repr(qdaemon.socket)), timeout=60)
+""".replace("SOCK", repr(qdaemon.socket)).replace("HOLD", f"({HOLD!r})").replace(
+        "async def go", "async def until_started(sb, n):\n"
+        "    for _ in range(600):\n"
+        "        if all([await sb.exists(f'/workspace/.started-{i}') for i in range(n)]):\n"
+        "            return\n"
+        "        await asyncio.sleep(0.05)\n"
+        "    raise AssertionError(f'fewer than {n} held runs started')\n"
+        "async def go", 1), timeout=90)
     assert out == {"fourth": ["QUOTA_EXCEEDED", 3, "uid"], "codes": [0, 0, 0],
                    "after": "after\n"}, out
 

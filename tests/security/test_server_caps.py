@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pwd
+import select
 import shutil
 import socket
 import subprocess
@@ -200,7 +201,11 @@ def test_connection_with_a_request_in_flight_is_not_idle(cdaemon: Any) -> None:
         sb = c.sandbox("idle-run")
         r = sb.exec(f"sleep {IDLE_S * 2}; echo done")
         assert r.stdout == "done\n"
-        time.sleep(IDLE_S * 1.5)  # now idle long enough to be closed ...
+        # Now idle: wait until the daemon has closed the connection (EOF readable on the
+        # client's socket; before, a 1.5 x IDLE_S pause did not show it ever did) ...
+        sock = c._sock
+        assert sock is not None
+        assert select.select([sock], [], [], IDLE_S * 30)[0], "the idle connection stayed open"
         assert sb.exec("echo again").stdout == "again\n"  # ... and the client reconnects
         sb.destroy()
 

@@ -26,7 +26,18 @@ rooms = h.rooms
 
 pytestmark = [pytest.mark.security, pytest.mark.integration]
 
-HOLD_S = 4.0
+# The hog says it holds everything it got (a directory: mkdir needs no fd, and a hog may have
+# none left) and holds until the test releases it (45 s at most): the neighbour's try can never
+# come before the hog is full or after it let go, however loaded the machine is.
+HOLD = """
+import os, time
+def hold():
+    os.mkdir("/workspace/.holding")
+    for _ in range(450):  # (under the hog's exec timeout: the mqueue hog unlinks after)
+        if os.path.exists("/workspace/.release"):
+            return
+        time.sleep(0.1)
+"""
 
 # Each hog takes resources until the kernel says no, prints how many it got, and holds them.
 HOGS = {
@@ -39,7 +50,7 @@ while n < 100000:
         break
     n += 1
 print(json.dumps({"n": n, "errno": ctypes.get_errno()}), flush=True)
-time.sleep(HOLD)
+hold()
 """,
     "signals": """
 import os, signal, json, time, threading
@@ -54,7 +65,7 @@ while n < 200000:
         break
     n += 1
 print(json.dumps({"n": n, "errno": err}), flush=True)
-time.sleep(HOLD)
+hold()
 """,
     "mqueue": """
 import ctypes, json, time
@@ -66,7 +77,7 @@ while n < 1000:
         break
     n += 1
 print(json.dumps({"n": n, "errno": ctypes.get_errno()}), flush=True)
-time.sleep(HOLD)
+hold()
 for i in range(n):  # named queues outlive their creator: let go of them
     rt.mq_unlink(f"/q{i}".encode())
 """,
@@ -81,7 +92,7 @@ while len(fds) < 5000:
         err = e.errno
         break
 print(json.dumps({"n": len(fds), "errno": err}), flush=True)
-time.sleep(HOLD)
+hold()
 """,
 }
 
@@ -118,19 +129,32 @@ def _ceiling(kind: str) -> int:
 
 
 @pytest.mark.parametrize("kind", sorted(HOGS))
-def test_one_room_cannot_drain_a_shared_kernel_pool(rooms: Any, kind: str) -> None:
+def test_one_room_cannot_drain_a_shared_kernel_pool(sec_daemon: Any, rooms: Any,
+                                                    kind: str) -> None:
     hog_room, neighbour = rooms(2)
     neighbour.exec("true")
+    hog_room.exec("rm -rf /workspace/.holding /workspace/.release")
     got: dict[str, Any] = {}
 
     def hog() -> None:
-        code = f"HOLD = {HOLD_S}\n" + HOGS[kind]
+        code = HOLD + HOGS[kind]
         got["r"] = hog_room.exec("python3", ["-c", code], timeout=60)
 
     t = threading.Thread(target=hog)
     t.start()
-    time.sleep(HOLD_S / 2)  # the hog has taken all it can and holds it
-    r = neighbour.exec("python3", ["-c", ONCE[kind]], timeout=30)
+    with h.client_of(sec_daemon) as side:
+        mine = side.sandbox(hog_room.id)
+        for _ in range(1200):  # until the hog has taken all it can and holds it
+            if mine.exists("/workspace/.holding") or not t.is_alive():
+                break
+            time.sleep(0.05)
+        assert mine.exists("/workspace/.holding"), got
+        try:
+            # Through the second connection: the sync client serializes its calls, so on the
+            # hog's connection this try waited until the hog had let go (the test was vacuous).
+            r = side.sandbox(neighbour.id).exec("python3", ["-c", ONCE[kind]], timeout=30)
+        finally:
+            mine.write_file("/workspace/.release", "")
     t.join()
     report = json.loads(got["r"].stdout)
     assert r.stdout.strip() == "ok", (kind, r, report)

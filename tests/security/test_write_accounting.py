@@ -54,10 +54,17 @@ def test_write_cut_off_by_a_disconnect_leaves_old_or_new(sec_daemon: Any, rooms:
         s.sendall(line)
         time.sleep(delay)
         s.close()  # gone before (or while) the daemon writes
-        time.sleep(0.3)
-        out = sb.exec("sha256sum /workspace/f.bin | cut -d' ' -f1; ls -a /workspace").stdout
-        digest, listing = out.split("\n", 1)
-        assert digest in digests, f"torn file after a disconnect at {delay} s"
+        # Until the cancelled (or finished) write has removed its temporary file — a generous
+        # 30 s, then it is a leftover — instead of a 300 ms pause; the rename is atomic, so
+        # the file is old or new at every moment.
+        deadline = time.monotonic() + 30
+        while True:
+            out = sb.exec("sha256sum /workspace/f.bin | cut -d' ' -f1; ls -a /workspace").stdout
+            digest, listing = out.split("\n", 1)
+            assert digest in digests, f"torn file after a disconnect at {delay} s"
+            if "sbx-write" not in listing or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert "sbx-write" not in listing, listing  # no temporary file left behind
 
 
@@ -129,8 +136,13 @@ def test_append_cut_off_leaves_old_or_old_plus_new(sec_daemon: Any, rooms: Any) 
         s.sendall(line)
         time.sleep(delay)
         s.close()
-        time.sleep(0.3)
-        size = int(sb.exec("stat -c %s /workspace/log").stdout)
+        # An append is in place: while the daemon still pours (or cuts back a cancelled one)
+        # a piece may show. Poll until the size is whole (a generous 30 s): one that stays a
+        # piece is the failure. No fixed pause.
+        deadline = time.monotonic() + 30
+        while (size := int(sb.exec("stat -c %s /workspace/log").stdout)) % len(new) != 5 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert (size - 5) % len(new) == 0, size  # whole appends only
         sizes.add(size)
     assert sb.exec("head -c 5 /workspace/log").stdout == "head\n"
