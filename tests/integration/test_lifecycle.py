@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -146,16 +147,23 @@ def test_crash_then_restart_reconciles_leftovers(fresh_daemon: Any) -> None:
 def test_room_processes_die_with_the_daemon(fresh_daemon: Any) -> None:
     d = fresh_daemon
     d.start()
-    with d.client() as c:
-        c.sandbox("orphan").exec("true")
+    c = d.client()
+    c.sandbox("orphan").exec("true")
     with open(os.path.join(d.state_dir, "rooms", room_key(0, "orphan"), "room.json")) as f:
         pid = json.load(f)["initPid"]
+    # A payload still running when the daemon dies (a finished exec would have killed its own
+    # leftovers, and the test would show only the init dying: issue 24).
+    held, _ = hold_payload(d, c.sandbox("orphan"), "orphan")
+    payload = int(re.match(r"process (\d+)", held).group(1))  # type: ignore[union-attr]
     d.stop(signal.SIGKILL)
-    for _ in range(100):
-        if not os.path.exists(f"/proc/{pid}"):
-            break
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (os.path.exists(f"/proc/{pid}")
+                                           or os.path.exists(f"/proc/{payload}")):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{pid}"), "the room init outlived its daemon"
+    assert not os.path.exists(f"/proc/{payload}"), f"the payload outlived its daemon: {held}"
+    with contextlib.suppress(Exception):
+        c.close()
 
 
 def test_second_daemon_on_the_same_state_dir_is_refused(daemon: Any, tmp_path: Any) -> None:
