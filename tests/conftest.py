@@ -353,7 +353,9 @@ class DaemonProc:
         anonymous devices mounted in it that the host's namespace does not have."""
         try:
             ns = os.readlink(f"/proc/{pid}/ns/mnt")
-            if ns == os.readlink("/proc/self/ns/mnt") or ns in self.room_mnt_ns:
+            # The kernel reuses a dead namespace's inode number (the VM tier's guest did within
+            # one session): a live room's namespace replaces what an earlier room left there.
+            if ns == os.readlink("/proc/self/ns/mnt") or self.room_mnt_ns.get(ns) == room:
                 return
             lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
         except OSError:
