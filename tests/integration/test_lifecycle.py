@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from conftest import hold_payload
 
 from sandboxd import errors
 from sandboxd.rooms import room_key
+
+MS_BIND = 4096
 
 pytestmark = pytest.mark.integration
 
@@ -195,7 +198,14 @@ def test_leftovers_looks_inside_the_rooms_mount_namespaces(client: Any, daemon: 
     assert key in daemon.room_mnt_ns.get(ns, ""), daemon.room_mnt_ns
     assert any(key in v for v in daemon.room_devs.values()), daemon.room_devs
     pin = subprocess.Popen(["nsenter", f"--mount=/proc/{init}/ns/mnt", "--", "sleep", "1000"])
-    pinned = tmp_path / "pinned-ns"
+    # The bind mount sits on a private tmpfs of its own: the kernel refuses (EINVAL) to
+    # bind-mount a mount namespace onto a shared mount, which /tmp is under systemd (the VM
+    # tier's guest).
+    priv = tmp_path / "priv"
+    priv.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "sbxpin", str(priv)], check=True)
+    subprocess.run(["mount", "--make-private", str(priv)], check=True)
+    pinned = priv / "pinned-ns"
     pinned.touch()
     try:
         for _ in range(600):
@@ -203,7 +213,13 @@ def test_leftovers_looks_inside_the_rooms_mount_namespaces(client: Any, daemon: 
                 if os.readlink(f"/proc/{pin.pid}/ns/mnt") == ns:
                     break
             time.sleep(0.05)
-        subprocess.run(["mount", "--bind", f"/proc/{init}/ns/mnt", str(pinned)], check=True)
+        # mount(2) itself: util-linux >= 2.39 (the guest's trixie) goes through open_tree()
+        # and move_mount(), which failed there for a namespace file (mount exited 32).
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(f"/proc/{init}/ns/mnt".encode(), str(pinned).encode(), None,
+                      MS_BIND, None) != 0:
+            num = ctypes.get_errno()
+            raise OSError(num, f"bind mount of the room's namespace: {os.strerror(num)}")
         sb.destroy()
         left = daemon.leftovers(settle=0.5)
         assert any(f"{ns} of room room-{key} held by process {pin.pid}" in x
@@ -213,4 +229,5 @@ def test_leftovers_looks_inside_the_rooms_mount_namespaces(client: Any, daemon: 
         pin.kill()
         pin.wait()
         subprocess.run(["umount", str(pinned)], check=False)
+        subprocess.run(["umount", str(priv)], check=False)
     assert [x for x in daemon.leftovers() if ns in x or key in x] == []
