@@ -738,6 +738,16 @@ class Client:
         return self.request("stats", _build(protocol.StatsParams, sandbox_id=sandbox_id),
                             protocol.StatsResult)
 
+    def list_backups(self, sandbox_id: str | None = None) -> list[protocol.BackupInfo]:
+        """Your backups (of every room, or of ``sandbox_id``), oldest first."""
+        return self.request("listBackups", _build(protocol.ListBackupsParams,
+                                                  sandbox_id=sandbox_id),
+                            protocol.ListBackupsResult).backups
+
+    def delete_backup(self, backup_id: str) -> protocol.DeleteBackupResult:
+        return self.request("deleteBackup", protocol.DeleteBackupParams(backup_id=backup_id),
+                            protocol.DeleteBackupResult)
+
     def sandbox(self, sandbox_id: str) -> Sandbox:
         """A handle; nothing is sent until you use it (``exec`` creates the room on demand)."""
         return Sandbox(self, sandbox_id)
@@ -1002,6 +1012,97 @@ class Sandbox:
         return self.client.request("getExposedPorts", protocol.GetExposedPortsParams(
             sandbox_id=self.id), protocol.GetExposedPortsResult).ports
 
+    # -- persistence (docs/persistence.md)
+
+    def create_backup(self, dir: str | None = None, *, name: str | None = None,
+                      excludes: Sequence[str] | None = None,
+                      ttl_seconds: int | None = None) -> protocol.BackupInfo:
+        """A consistent archive of ``dir`` (default /workspace), kept by the daemon."""
+        return self.client.request("createBackup", _build(
+            protocol.CreateBackupParams, sandbox_id=self.id, dir=dir, name=name,
+            excludes=list(excludes) if excludes is not None else None,
+            ttl_seconds=ttl_seconds), protocol.BackupInfo, timeout=ARCHIVE_TIMEOUT_S)
+
+    def restore_backup(self, backup_id: str, dir: str | None = None
+                       ) -> protocol.RestoreBackupResult:
+        """Replace ``dir`` (default: the backup's own) with the backup's contents."""
+        return self.client.request("restoreBackup", _build(
+            protocol.RestoreBackupParams, sandbox_id=self.id, backup_id=backup_id, dir=dir),
+            protocol.RestoreBackupResult, timeout=ARCHIVE_TIMEOUT_S)
+
+    def fork(self, new_sandbox_id: str) -> Sandbox:
+        """A new room with this one's options and a copy of its writable layer."""
+        self.client.request("forkSandbox", protocol.ForkSandboxParams(
+            sandbox_id=self.id, new_sandbox_id=new_sandbox_id), protocol.ForkSandboxResult,
+            timeout=ARCHIVE_TIMEOUT_S)
+        return Sandbox(self.client, new_sandbox_id)
+
+    def export(self, sink: Any, dir: str | None = None, *,
+               excludes: Sequence[str] | None = None) -> protocol.ExportSandboxResult:
+        """Stream ``dir`` (default /workspace) as a gzip'd tar into ``sink`` (a binary file or
+        a callable taking bytes)."""
+        params = _build(protocol.ExportSandboxParams, sandbox_id=self.id, dir=dir,
+                        excludes=list(excludes) if excludes is not None else None)
+        return _result("exportSandbox", self.client.call(
+            "exportSandbox", protocol.params_to_wire(params), _archive_writer(sink),
+            timeout=ARCHIVE_TIMEOUT_S), protocol.ExportSandboxResult)
+
+    def import_archive(self, data: Any, dir: str | None = None
+                       ) -> protocol.ImportSandboxResult:
+        """Unpack a gzip'd tar (bytes or a binary file) into ``dir`` (default /workspace),
+        replacing its contents; on any failure the directory is unchanged."""
+        out: Any = None
+        for params in _import_pieces(self.id, data, dir):
+            out = self.client.call("importSandbox", params, timeout=ARCHIVE_TIMEOUT_S)
+        return _result("importSandbox", out, protocol.ImportSandboxResult)
+
+
+# --- persistence: params and sinks --------------------------------------------------------------
+
+#: Raw bytes per importSandbox call (base64 on the wire: a third more).
+IMPORT_CHUNK = 4 * 1024 * 1024
+#: exportSandbox / importSandbox / createBackup may take minutes for a large workspace.
+ARCHIVE_TIMEOUT_S = 15 * 60
+
+ArchiveSink = Callable[[bytes], Any]
+
+
+def _archive_writer(sink: Any) -> Callable[[str, dict[str, Any]], None]:
+    """``export.chunk`` notifications (base64) to ``sink``: a callable or a binary file."""
+    import base64
+
+    write = sink.write if hasattr(sink, "write") else sink
+
+    def on(method: str, params: dict[str, Any]) -> None:
+        if method == "export.chunk":
+            write(base64.b64decode(params.get("data", "")))
+
+    return on
+
+
+def _pieces(data: Any) -> Iterable[tuple[bytes, bool]]:
+    """(piece, is_last) of ``data`` (bytes, or a binary file read as it goes)."""
+    if hasattr(data, "read"):
+        nxt = data.read(IMPORT_CHUNK)
+        while True:
+            cur, nxt = nxt, (data.read(IMPORT_CHUNK) if nxt else b"")
+            yield cur, not nxt
+            if not nxt:
+                return
+    buf = bytes(data)
+    for i in range(0, max(len(buf), 1), IMPORT_CHUNK):
+        yield buf[i:i + IMPORT_CHUNK], i + IMPORT_CHUNK >= len(buf)
+
+
+def _import_pieces(sandbox_id: str, data: Any, dir: str | None) -> Iterable[dict[str, Any]]:
+    """importSandbox params, one per piece of ``data`` (bytes, or a binary file)."""
+    import base64
+
+    for n, (piece, last) in enumerate(_pieces(data)):
+        yield protocol.params_to_wire(_build(
+            protocol.ImportSandboxParams, sandbox_id=sandbox_id, dir=dir,
+            data=base64.b64encode(piece).decode(), append=n > 0, final=last))
+
 
 # --- the asyncio client ------------------------------------------------------------------------
 
@@ -1226,6 +1327,16 @@ class AsyncClient:
         return await self.request("stats", _build(protocol.StatsParams, sandbox_id=sandbox_id),
                                   protocol.StatsResult)
 
+    async def list_backups(self, sandbox_id: str | None = None) -> list[protocol.BackupInfo]:
+        return (await self.request("listBackups", _build(protocol.ListBackupsParams,
+                                                         sandbox_id=sandbox_id),
+                                   protocol.ListBackupsResult)).backups
+
+    async def delete_backup(self, backup_id: str) -> protocol.DeleteBackupResult:
+        return await self.request("deleteBackup",
+                                  protocol.DeleteBackupParams(backup_id=backup_id),
+                                  protocol.DeleteBackupResult)
+
     def sandbox(self, sandbox_id: str) -> AsyncSandbox:
         return AsyncSandbox(self, sandbox_id)
 
@@ -1419,6 +1530,43 @@ class AsyncSandbox:
     async def get_exposed_ports(self) -> list[protocol.ExposedPort]:
         return (await self.client.request("getExposedPorts", protocol.GetExposedPortsParams(
             sandbox_id=self.id), protocol.GetExposedPortsResult)).ports
+
+    # -- persistence (docs/persistence.md)
+
+    async def create_backup(self, dir: str | None = None, *, name: str | None = None,
+                            excludes: Sequence[str] | None = None,
+                            ttl_seconds: int | None = None) -> protocol.BackupInfo:
+        return await self.client.request("createBackup", _build(
+            protocol.CreateBackupParams, sandbox_id=self.id, dir=dir, name=name,
+            excludes=list(excludes) if excludes is not None else None,
+            ttl_seconds=ttl_seconds), protocol.BackupInfo, timeout=ARCHIVE_TIMEOUT_S)
+
+    async def restore_backup(self, backup_id: str, dir: str | None = None
+                             ) -> protocol.RestoreBackupResult:
+        return await self.client.request("restoreBackup", _build(
+            protocol.RestoreBackupParams, sandbox_id=self.id, backup_id=backup_id, dir=dir),
+            protocol.RestoreBackupResult, timeout=ARCHIVE_TIMEOUT_S)
+
+    async def fork(self, new_sandbox_id: str) -> AsyncSandbox:
+        await self.client.request("forkSandbox", protocol.ForkSandboxParams(
+            sandbox_id=self.id, new_sandbox_id=new_sandbox_id), protocol.ForkSandboxResult,
+            timeout=ARCHIVE_TIMEOUT_S)
+        return AsyncSandbox(self.client, new_sandbox_id)
+
+    async def export(self, sink: Any, dir: str | None = None, *,
+                     excludes: Sequence[str] | None = None) -> protocol.ExportSandboxResult:
+        params = _build(protocol.ExportSandboxParams, sandbox_id=self.id, dir=dir,
+                        excludes=list(excludes) if excludes is not None else None)
+        return _result("exportSandbox", await self.client.call(
+            "exportSandbox", protocol.params_to_wire(params), _archive_writer(sink),
+            timeout=ARCHIVE_TIMEOUT_S), protocol.ExportSandboxResult)
+
+    async def import_archive(self, data: Any, dir: str | None = None
+                             ) -> protocol.ImportSandboxResult:
+        out: Any = None
+        for params in _import_pieces(self.id, data, dir):
+            out = await self.client.call("importSandbox", params, timeout=ARCHIVE_TIMEOUT_S)
+        return _result("importSandbox", out, protocol.ImportSandboxResult)
 
 
 # --- background processes: params and handles ----------------------------------------------------

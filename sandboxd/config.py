@@ -173,6 +173,12 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # forwarded connections open at once per exposed port (each two sockets and a buffer).
     max_exposed_ports_per_room: Annotated[int, msgspec.Meta(ge=0)] = 16
     max_port_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # Persistence (sandboxd/persistence.py): the compressed size of one backup, export or
+    # import; the bytes of one uid's backups (root and the daemon's uid are exempt); the longest
+    # ttlSeconds a backup may ask for (0: any).
+    max_backup_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB)] = 1024 * MiB
+    max_backup_bytes_per_uid: Annotated[int, msgspec.Meta(ge=0)] = 4096 * MiB
+    max_backup_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

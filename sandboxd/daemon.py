@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from . import __version__, errors, kernel
+from . import __version__, errors, kernel, persistence
 from . import config as configmod
 from .coderun.service import CodeRunService
 from .config import DaemonConfig
@@ -146,6 +146,9 @@ class Daemon:
         cleaned = rooms.reconcile()
         if cleaned:
             log.warning("reconciled leftovers of a previous instance: %s", ", ".join(cleaned))
+        swept = persistence.Store(self.config.state_dir).sweep()
+        if swept:
+            log.warning("removed %d half-written backup file(s) of a previous instance", swept)
         busy = self.ids.quarantine_busy()
         if busy:
             log.warning("id slices %s still own host processes: not used until restart", busy)

@@ -260,6 +260,37 @@ class PortAlreadyExposed(PortError):
     code = "PORT_ALREADY_EXPOSED"
 
 
+# --- persistence ----------------------------------------------------------------------------
+
+
+class BackupError(SandboxError):
+    code = "BACKUP_ERROR"
+
+
+class BackupNotFound(BackupError):
+    """No backup of the caller's has this id (another uid's backups do not exist for it)."""
+
+    code = "BACKUP_NOT_FOUND"
+
+
+class BackupExpired(BackupError):
+    """The backup's ``ttlSeconds`` ran out; its archive is gone."""
+
+    code = "BACKUP_EXPIRED"
+
+
+class InvalidArchive(BackupError):
+    """An imported (or restored) archive that tar refused; the target directory is unchanged."""
+
+    code = "INVALID_ARCHIVE"
+
+
+class SandboxExists(SandboxError):
+    """forkSandbox: the new id names a room that already exists."""
+
+    code = "SANDBOX_EXISTS"
+
+
 # --- failures that are not ours, as wire errors -------------------------------------------------
 
 #: Host-side errnos that mean "the host ran out", not "the sandbox broke" (issue 23 D12).

@@ -791,6 +791,111 @@ class GetExposedPortsResult(Result, frozen=True):
     ports: list[ExposedPort]
 
 
+# --- persistence: backups, fork, export/import ----------------------------------------------------
+
+BackupId = Annotated[str, msgspec.Meta(max_length=80)]
+Glob = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class CreateBackupParams(Params, frozen=True):
+    sandbox_id: str
+    dir: str | None = None  # default /workspace
+    name: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    excludes: Annotated[list[Glob], msgspec.Meta(max_length=256)] | None = None
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class BackupInfo(Result, frozen=True):
+    backup_id: str
+    sandbox_id: str
+    dir: str
+    name: str
+    size_bytes: int
+    created_at: str
+    sha256: str = ""
+    expires_at: str | Unset = UNSET
+
+
+class RestoreBackupParams(Params, frozen=True):
+    sandbox_id: str
+    backup_id: BackupId
+    dir: str | None = None  # default: the directory the backup was made of
+
+
+class RestoreBackupResult(Result, frozen=True):
+    sandbox_id: str
+    dir: str
+    backup_id: str
+
+
+class ListBackupsParams(Params, frozen=True):
+    sandbox_id: str | None = None
+
+
+class ListBackupsResult(Result, frozen=True):
+    backups: list[BackupInfo]
+
+
+class DeleteBackupParams(Params, frozen=True):
+    backup_id: BackupId
+
+
+class DeleteBackupResult(Result, frozen=True):
+    backup_id: str
+    deleted: bool  # false: there was no such backup (idempotent)
+
+
+class ForkSandboxParams(Params, frozen=True):
+    sandbox_id: str
+    new_sandbox_id: str
+
+
+class ForkSandboxResult(Result, frozen=True):
+    sandbox_id: str
+    new_sandbox_id: str
+
+
+class ExportSandboxParams(Params, frozen=True):
+    sandbox_id: str
+    dir: str | None = None  # default /workspace
+    excludes: Annotated[list[Glob], msgspec.Meta(max_length=256)] | None = None
+
+
+class ExportChunk(Notification, frozen=True):
+    """A piece (base64) of the gzip'd tar ``exportSandbox`` streams, ``offset`` bytes in."""
+
+    method: ClassVar[str] = "export.chunk"
+    data: str
+    offset: int
+
+
+class ExportSandboxResult(Result, frozen=True):
+    sandbox_id: str
+    dir: str
+    size_bytes: int
+    sha256: str
+    chunks: int
+
+
+class ImportSandboxParams(Params, frozen=True):
+    """One piece of a gzip'd tar (base64): the first with ``append`` false, the last with
+    ``final`` true (a whole archive in one call: both defaults)."""
+
+    sandbox_id: str
+    data: str
+    dir: str | None = None  # default /workspace
+    append: bool = False
+    final: bool = True
+
+
+class ImportSandboxResult(Result, frozen=True):
+    sandbox_id: str
+    dir: str
+    size_bytes: int  # received so far; the archive's size once final
+    imported: bool  # true once the archive was unpacked (the final piece)
+    sha256: str | Unset = UNSET
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 #: Every wire method: the server decodes params and encodes results from here, the client builds
@@ -844,6 +949,19 @@ METHODS: dict[str, Method] = {
                            summary="stop forwarding a port (idempotent)"),
     "getExposedPorts": Method(GetExposedPortsParams, GetExposedPortsResult,
                               summary="the room's exposed ports"),
+    "createBackup": Method(CreateBackupParams, BackupInfo,
+                           summary="a consistent archive of a directory, kept by the daemon"),
+    "restoreBackup": Method(RestoreBackupParams, RestoreBackupResult,
+                            summary="replace a directory with a backup's contents"),
+    "listBackups": Method(ListBackupsParams, ListBackupsResult, summary="your backups"),
+    "deleteBackup": Method(DeleteBackupParams, DeleteBackupResult,
+                           summary="delete a backup (idempotent)"),
+    "forkSandbox": Method(ForkSandboxParams, ForkSandboxResult,
+                          summary="a new room with a copy of a room's writable layer"),
+    "exportSandbox": Method(ExportSandboxParams, ExportSandboxResult, (ExportChunk,),
+                            summary="stream a directory as a gzip'd tar"),
+    "importSandbox": Method(ImportSandboxParams, ImportSandboxResult,
+                            summary="unpack a gzip'd tar (chunked) into a directory"),
 }
 
 #: Every notification, by its method name.

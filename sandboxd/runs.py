@@ -120,6 +120,11 @@ class RunSpec:
     keep_output: bool = True
     on_data: DataCallback | None = None
     control: RunControl | None = None
+    #: fds of the caller's (an open file: ``persistence`` archives) given to the payload as its
+    #: stdin / stdout instead of pipes: the daemon neither feeds nor reads that stream, and the
+    #: caller keeps (and closes) the fd. ``stdin`` is then ignored; stdout stays empty.
+    stdin_fd: int | None = None
+    stdout_fd: int | None = None
 
 
 @dataclass
@@ -270,6 +275,18 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
             # judge's freopen). Only processes that may ptrace the run reach it that way.
             os.fchmod(r, 0o666)
         in_r, in_w, out_r, out_w, err_r, err_w = fds
+        # The payload's ends: the caller's own fds where it gave them (closing ours at once
+        # leaves the pump and feeder below an empty stream, a closed pipe).
+        p_in = in_r if spec.stdin_fd is None else spec.stdin_fd
+        p_out = out_w if spec.stdout_fd is None else spec.stdout_fd
+        if spec.stdin_fd is not None:
+            os.close(in_w)
+            fds.remove(in_w)
+            in_w = -1
+        if spec.stdout_fd is not None:
+            os.close(out_w)
+            fds.remove(out_w)
+            out_w = -1
         rlimits: dict[str, int] = {"core": 0}
         if spec.file_size_bytes is not None:
             rlimits["fsize"] = spec.file_size_bytes
@@ -280,7 +297,7 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
             # ``pids_limited`` is the init's "do not stand in this run's cgroup" (a pids-limited
             # run would count the init; a nearly full room could OOM-kill it there).
             pid = await room.handle.spawn(
-                run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (in_r, out_w, err_w),
+                run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (p_in, p_out, err_w),
                 cg.join_fds(), pids_limited=spec.pids is not None or not init_may_stand_in(room))
         except JailError as spawn_err:
             # The init answered that nothing was started: no exit to wait for in _finish.
@@ -296,14 +313,15 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
             if not control.spawned.done():
                 control.spawned.set_result(pid)
         for fd in (in_r, out_w, err_w):
-            os.close(fd)
-        fds = []
+            if fd >= 0:
+                os.close(fd)
+        fds = []  # the parent's ends now belong to the pumps and the feeder
         out = _Stream("stdout", out_r, spec.output_bytes, spec.on_output, lambda: kill("output"),
                       spec.keep_output, spec.on_data)
         err = _Stream("stderr", err_r, spec.output_bytes, spec.on_output, lambda: kill("output"),
                       spec.keep_output, spec.on_data)
         pumps = [asyncio.ensure_future(out.pump()), asyncio.ensure_future(err.pump())]
-        feeder = asyncio.ensure_future(_feed(in_w, spec.stdin))
+        feeder = asyncio.ensure_future(_feed(in_w, spec.stdin) if in_w >= 0 else asyncio.sleep(0))
         helpers += [*pumps, feeder]
 
         deadline = started + spec.wall_time_ms / 1000 if spec.wall_time_ms else None

@@ -1,5 +1,5 @@
 """Method handlers, one module per family (rooms, exec, files, git, code, stats, processes,
-ports): thin layers over the room-level calls (``rooms``, ``runs``, ``roomfiles``,
+ports, backups): thin layers over the room-level calls (``rooms``, ``runs``, ``roomfiles``,
 ``processes``, ``ports``, the code-run service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import protocol
 from ..context import Context
-from . import code, exec, files, git, ports, processes, rooms, stats
+from . import backups, code, exec, files, git, ports, processes, rooms, stats
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
 #: so the table can only say Any; tests check each handler's annotations against METHODS.
@@ -53,6 +53,13 @@ HANDLERS: dict[str, Handler] = {
     "exposePort": ports.expose_port,
     "unexposePort": ports.unexpose_port,
     "getExposedPorts": ports.get_exposed_ports,
+    "createBackup": backups.create_backup,
+    "restoreBackup": backups.restore_backup,
+    "listBackups": backups.list_backups,
+    "deleteBackup": backups.delete_backup,
+    "forkSandbox": backups.fork_sandbox,
+    "exportSandbox": backups.export_sandbox,
+    "importSandbox": backups.import_sandbox,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]

@@ -12,6 +12,8 @@ every 20 ms).
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import os
 import select
 import socket
@@ -393,6 +395,51 @@ class FakeDaemon:
     async def m_getExposedPorts(self, p: protocol.GetExposedPortsParams, rid: Any,
                                 send: Any) -> dict[str, Any]:
         return {"ports": list(self.exposed.values())}
+
+    # persistence (docs/persistence.md)
+
+    def _backup(self, sandbox_id: str, d: str | None) -> dict[str, Any]:
+        return {"backupId": "bk-0123456789abcdef", "sandboxId": sandbox_id,
+                "dir": d or "/workspace", "name": "", "sizeBytes": 3, "createdAt": NOW,
+                "sha256": "ab"}
+
+    async def m_createBackup(self, p: protocol.CreateBackupParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        return self._backup(p.sandbox_id, p.dir)
+
+    async def m_restoreBackup(self, p: protocol.RestoreBackupParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        if p.backup_id != "bk-0123456789abcdef":
+            raise errors.BackupNotFound("no such backup", backupId=p.backup_id)
+        return {"sandboxId": p.sandbox_id, "dir": p.dir or "/workspace",
+                "backupId": p.backup_id}
+
+    async def m_listBackups(self, p: protocol.ListBackupsParams, rid: Any,
+                            send: Any) -> dict[str, Any]:
+        return {"backups": [self._backup("alpha", None)]}
+
+    async def m_deleteBackup(self, p: protocol.DeleteBackupParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        return {"backupId": p.backup_id, "deleted": True}
+
+    async def m_forkSandbox(self, p: protocol.ForkSandboxParams, rid: Any,
+                            send: Any) -> dict[str, Any]:
+        return {"sandboxId": p.sandbox_id, "newSandboxId": p.new_sandbox_id}
+
+    async def m_exportSandbox(self, p: protocol.ExportSandboxParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        for i, piece in enumerate((b"gz", b"ip")):
+            await send(protocol.notification("export.chunk", protocol.ExportChunk(
+                request_id=rid, data=base64.b64encode(piece).decode(), offset=2 * i)))
+        return {"sandboxId": p.sandbox_id, "dir": p.dir or "/workspace", "sizeBytes": 4,
+                "sha256": "cd", "chunks": 2}
+
+    async def m_importSandbox(self, p: protocol.ImportSandboxParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        got = self.__dict__.setdefault("imported", [])
+        got.append((base64.b64decode(p.data), p.append, p.final))
+        return {"sandboxId": p.sandbox_id, "dir": p.dir or "/workspace",
+                "sizeBytes": sum(len(d) for d, _, _ in got), "imported": p.final}
 
 
 NOW = "2026-11-26T20:00:00.000Z"
@@ -856,6 +903,17 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert [e.name for e in sb.get_exposed_ports()] == ["web", "8001"]
     assert sb.unexpose_port(8000).unexposed is True
     assert sb.unexpose_port(8000).unexposed is False
+    assert sb.create_backup(excludes=["*.log"]).backup_id == "bk-0123456789abcdef"
+    assert sb.restore_backup("bk-0123456789abcdef", "/srv").dir == "/srv"
+    with pytest.raises(errors.BackupNotFound):
+        sb.restore_backup("bk-ffffffffffffffff")
+    assert [b.sandbox_id for b in client.list_backups()] == ["alpha"]
+    assert client.delete_backup("bk-0123456789abcdef").deleted is True
+    assert sb.fork("beta").id == "beta"
+    out = io.BytesIO()
+    assert sb.export(out).chunks == 2 and out.getvalue() == b"gzip"
+    assert sb.import_archive(b"archive").imported is True
+    assert daemon.__dict__["imported"] == [(b"archive", False, True)]
     assert sb.destroy().destroyed is True
     sent = next(r for r in daemon.requests if r["method"] == "runCode")["params"]
     assert sent["limits"] == {"cpuTimeMs": 100} and sent["compileLimits"] == {"wallTimeMs": 5000}
@@ -907,6 +965,14 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             assert (await (await sb.process("proc-1")).kill(9)).status == "killed"
             assert (await proc.wait()).status == "killed"
             assert await sb.kill_all_processes() == 0
+            assert (await sb.create_backup("/srv", name="n")).dir == "/srv"
+            assert (await sb.restore_backup("bk-0123456789abcdef")).dir == "/workspace"
+            assert len(await c.list_backups("alpha")) == 1
+            assert (await c.delete_backup("bk-0123456789abcdef")).deleted
+            assert (await sb.fork("gamma")).id == "gamma"
+            pieces: list[bytes] = []
+            assert (await sb.export(pieces.append)).size_bytes == 4 and pieces == [b"gz", b"ip"]
+            assert (await sb.import_archive(b"x")).imported
             assert (await sb.destroy()).destroyed
 
     run(main())
@@ -928,3 +994,15 @@ def test_a_result_that_breaks_the_schema_is_a_protocol_error(client: Client,
         _result("destroy", {"sandboxId": 7}, protocol.DestroyResult)
     with pytest.raises(TypeError):
         _result("destroy", {}, protocol.ExecResult)
+
+
+def test_import_archive_sends_a_file_in_pieces(client: Client, daemon: FakeDaemon,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A binary file is read as it goes: first piece append false, last final true."""
+    import sandboxd.client as clientmod
+
+    monkeypatch.setattr(clientmod, "IMPORT_CHUNK", 4)
+    got = client.sandbox("alpha").import_archive(io.BytesIO(b"0123456789"), "/srv")
+    assert (got.imported, got.size_bytes, got.dir) == (True, 10, "/srv")
+    assert daemon.__dict__["imported"] == [(b"0123", False, False), (b"4567", True, False),
+                                           (b"89", True, True)]

@@ -83,6 +83,12 @@ class RunCgroup(abc.ABC):
     def destroy(self) -> None:
         """kill, wait (bounded) until empty, close the fds, remove the directories."""
 
+    def freeze(self, frozen: bool) -> bool:
+        """Freeze (or thaw) every process of the run, waiting (bounded) until the kernel says it
+        is frozen; False when this backend cannot (no hierarchy). ``persistence``: a backup
+        copies a room whose other runs are frozen."""
+        return False
+
 
 class RoomCgroup(abc.ABC):
     """One room: its cgroup, the init's leaf and the runs' parent."""
@@ -115,6 +121,10 @@ class RoomCgroup(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> CgroupStats:
         """The whole room: the init and every run."""
+
+    def live_runs(self) -> list[RunCgroup]:
+        """The run cgroups this room made and has not destroyed yet."""
+        return []
 
     @abc.abstractmethod
     def runs_stats(self) -> CgroupStats:

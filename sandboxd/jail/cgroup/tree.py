@@ -115,6 +115,10 @@ class Ops(abc.ABC):
     @abc.abstractmethod
     def populated(self, node: Node) -> bool: ...
 
+    def freeze(self, node: Node, frozen: bool) -> bool:
+        """Freeze or thaw ``node``'s subtree (bounded wait); False: this backend cannot."""
+        return False
+
     @abc.abstractmethod
     def join_fds(self, node: Node) -> list[int]:
         """Daemon-opened fds a child joins ``node`` by; [] means its directory fds."""
@@ -239,6 +243,9 @@ class Run(RunCgroup):
     def signal(self, sig: int) -> int:
         return self.ops.signal(self.node, sig)
 
+    def freeze(self, frozen: bool) -> bool:
+        return self.ops.freeze(self.node, frozen)
+
     def close(self) -> None:
         for fd in {*self._dir_fds, *self._join_fds}:
             with contextlib.suppress(OSError):
@@ -290,6 +297,9 @@ class Room(RoomCgroup):
 
     def forget(self, run_id: str) -> None:
         self._runs.pop(run_id, None)
+
+    def live_runs(self) -> list[RunCgroup]:
+        return list(self._runs.values())
 
     def stats(self) -> CgroupStats:
         return self.ops.stats(self.node)

@@ -118,6 +118,15 @@ class V1Ops(Ops):
                     return False
         return True
 
+    def freeze(self, node: Node, frozen: bool) -> bool:
+        if not self.fs.isdir(node.paths.get("freezer", "")):
+            return False
+        self.fs.write(self._f(node, "freezer", "freezer.state"), "FROZEN" if frozen else "THAWED")
+        deadline = time.monotonic() + tree.FREEZE_WAIT_S
+        while frozen and not self._frozen(node.paths["freezer"]) and time.monotonic() < deadline:
+            self.fs.sleep(0.0005)
+        return True
+
     def kill(self, node: Node) -> None:
         if not self.fs.isdir(node.paths["freezer"]):
             # Only after a partial rmdir: nothing left to freeze with, so a plain sweep.

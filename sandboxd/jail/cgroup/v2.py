@@ -97,6 +97,16 @@ class V2Ops(Ops):
             return False
         return keyed(events, "populated") != 0
 
+    def freeze(self, node: Node, frozen: bool) -> bool:
+        if not self.fs.isdir(node.paths.get("unified", "")):
+            return False
+        self.fs.write(self._f(node, "cgroup.freeze"), "1" if frozen else "0")
+        deadline = time.monotonic() + tree.FREEZE_WAIT_S
+        while (frozen and keyed(self.fs.read_opt(self._f(node, "cgroup.events")), "frozen") != 1
+               and time.monotonic() < deadline):
+            self.fs.sleep(0.001)
+        return True
+
     def kill(self, node: Node) -> None:
         if not self.fs.isdir(node.paths["unified"]):
             return
