@@ -76,17 +76,25 @@ _ARCHIVE_SH = r"""
 d=$1; shift
 cd -P -- "$d" 2>/dev/null || { echo "sandboxd: no such directory: $d" >&2; exit 66; }
 [ "$(pwd -P)" = "$d" ] || { echo "sandboxd: $d leads out of itself (a symlink)" >&2; exit 67; }
-exec tar --create --file=- --numeric-owner --exclude="./$SANDBOXD_STAGE*" "$@" .
+# /tmp/.sandboxd is the code-run cache (the daemon's, not the room's files)
+[ "$d" = /tmp ] && set -- --exclude=./.sandboxd "$@"
+exec tar --create --format=posix --file=- --numeric-owner --exclude="./$SANDBOXD_STAGE*" "$@" .
 """
 
 # Archive the writable layer (the directories named in "$@", relative to /) to stdout.
 _LAYER_SH = r"""
-cd / && exec tar --create --file=- --numeric-owner --ignore-failed-read -- "$@"
+cd / && exec tar --create --format=posix --file=- --numeric-owner --ignore-failed-read \
+    --exclude=tmp/.sandboxd -- "$@"
 """
 
 # Unpack stdin (gzip'd tar) into the directory $1, replacing its contents only on success.
 _RESTORE_SH = r"""
 d=$1
+# The part of $d that exists must be free of symlinks before mkdir -p could follow one.
+p=$d
+while [ ! -e "$p" ] && [ ! -L "$p" ]; do p=$(dirname -- "$p"); done
+{ cd -P -- "$p" 2>/dev/null && [ "$(pwd -P)" = "$p" ]; } ||
+    { echo "sandboxd: $d leads out of itself (a symlink)" >&2; exit 67; }
 mkdir -p -- "$d" 2>/dev/null
 cd -P -- "$d" 2>/dev/null || { echo "sandboxd: cannot make directory: $d" >&2; exit 66; }
 [ "$(pwd -P)" = "$d" ] || { echo "sandboxd: $d leads out of itself (a symlink)" >&2; exit 67; }
@@ -98,8 +106,10 @@ if ! tar --extract --gzip --file=- --numeric-owner --directory="$st" --no-overwr
     exit 65
 fi
 find "$st" -perm /6000 -exec chmod ug-s -- {} + 2>/dev/null
+[ "$d" = /tmp ] && rm -rf -- "$st/.sandboxd"
 mode=$(stat -c %a -- "$st"); mtime=$(stat -c %Y -- "$st")
-find . -mindepth 1 -maxdepth 1 ! -name "$st" -exec rm -rf -- {} + || exit 69
+keep=$st; [ "$d" = /tmp ] && keep=.sandboxd  # the code-run cache stays
+find . -mindepth 1 -maxdepth 1 ! -name "$st" ! -name "$keep" -exec rm -rf -- {} + || exit 69
 find "$st" -mindepth 1 -maxdepth 1 -exec mv -f -t . -- {} + || exit 69
 rmdir -- "$st"
 chmod "$mode" . 2>/dev/null
@@ -148,10 +158,17 @@ class Archive:
     sha256: str
     frozen: bool
     pause_ms: float
+    #: its temp name in the uid's directory until ``Store.commit`` renames it (or close removes
+    #: it; the start-up sweep removes what a crash left)
+    path: str | None = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.path = None
 
 
 _locks: dict[tuple[str, int], asyncio.Lock] = {}
@@ -216,6 +233,13 @@ class Store:
         """An unlinked file in the uid's directory (nothing is left of it after a crash)."""
         return os.open(self.dir(uid), os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
 
+    def namedtmp(self, uid: int) -> tuple[int, str]:
+        """A new ``.tmp`` file of the uid's: what an archive is written to before it is renamed
+        into place (an O_TMPFILE cannot be linked by an unprivileged daemon: linkat through
+        /proc/self/fd answers EXDEV here, AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH)."""
+        path = os.path.join(self.dir(uid), f".{secrets.token_hex(8)}.tgz.tmp")
+        return os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600), path
+
     def records(self, uid: int, now: float | None = None) -> list[BackupMeta]:
         """The uid's backups, oldest first; expired ones lose their archive here."""
         now = time.time() if now is None else now
@@ -267,12 +291,14 @@ class Store:
             return meta, archive
         raise errors.BackupNotFound(f"backup {backup_id} not found", backupId=backup_id)
 
-    def commit(self, uid: int, meta: BackupMeta, fd: int) -> None:
-        """Link the finished archive ``fd`` under its name, then its record (each fsynced):
-        the record's rename is what makes the backup exist."""
+    def commit(self, uid: int, meta: BackupMeta, arc: Archive) -> None:
+        """Rename the finished archive into place, then write its record (each fsynced): the
+        record's rename is what makes the backup exist."""
         archive, record = self._paths(uid, meta.backup_id)
-        os.fsync(fd)
-        os.link(f"/proc/self/fd/{fd}", archive, follow_symlinks=True)
+        assert arc.path is not None
+        os.fsync(arc.fd)
+        os.rename(arc.path, archive)
+        arc.path = None
         tmp = record + ".tmp"
         try:
             with open(tmp, "wb") as f:
@@ -349,7 +375,8 @@ def _too_big(res: runs.RunResult) -> bool:
 
 def _no_space(res: runs.RunResult) -> bool:
     text = res.stderr.lower()
-    return "no space left" in text or "disk quota" in text
+    # (a short write on a full tmpfs: tar says only "Wrote only 512 of 10240 bytes")
+    return "no space left" in text or "disk quota" in text or "wrote only" in text
 
 
 def _freeze_others(room: Room, frozen: bool,
@@ -377,7 +404,7 @@ async def archive(rooms: RoomManager, uid: int, room: Room, directory: str | Non
     """A consistent gzip'd tar of ``directory`` (None: the writable layer) of ``room``."""
     loop = asyncio.get_running_loop()
     raw = store.tmpfile(uid)
-    out = -1
+    out, out_path = -1, ""
     try:
         frozen = await loop.run_in_executor(None, _freeze_others, room, True)
         started = time.monotonic()
@@ -402,7 +429,7 @@ async def archive(rooms: RoomManager, uid: int, room: Room, directory: str | Non
             raise errors.InternalError(f"tar failed in the room: {res.stderr.strip()[-500:]}",
                                        sandboxId=room.id)
         os.lseek(raw, 0, os.SEEK_SET)
-        out = store.tmpfile(uid)
+        out, out_path = store.namedtmp(uid)
         res = await _room_run(rooms, uid, room, ["gzip", "-1", "-c", "-n"], stdin_fd=raw,
                               stdout_fd=out, file_size=max_bytes)
         if _too_big(res):
@@ -413,13 +440,15 @@ async def archive(rooms: RoomManager, uid: int, room: Room, directory: str | Non
             raise errors.InternalError(f"gzip failed in the room: {res.stderr.strip()[-500:]}",
                                        sandboxId=room.id)
         size, digest = await loop.run_in_executor(None, _digest, out)
-        result = Archive(out, size, digest, bool(frozen), pause_ms)
+        result = Archive(out, size, digest, bool(frozen), pause_ms, out_path)
         out = -1
         return result
     finally:
         os.close(raw)
         if out >= 0:
             os.close(out)
+            with contextlib.suppress(OSError):
+                os.unlink(out_path)
 
 
 def _digest(fd: int) -> tuple[int, str]:
@@ -455,9 +484,10 @@ async def unpack(rooms: RoomManager, uid: int, room: Room, directory: str | None
     if res.exit_code in (66, 67, 68):
         raise errors.ValidationError(detail.removeprefix("sandboxd: ") or "bad target dir",
                                      field="dir", dir=where)
+    said = [ln for ln in detail.splitlines() if "Exiting with failure status" not in ln]
     raise errors.InvalidArchive(f"the archive was refused ({where} is unchanged): "
-                                f"{detail.splitlines()[-1] if detail else 'tar failed'}",
-                                path=where, stderr=detail)
+                                f"{said[0] if said else 'tar failed'}", path=where,
+                                stderr=detail)
 
 
 # --- the operations --------------------------------------------------------------------------
@@ -497,8 +527,7 @@ async def create_backup(rooms: RoomManager, uid: int, sandbox_id: str, directory
                               name=name or "", size_bytes=arc.size, created_at=now,
                               expires_at=now + ttl_seconds if ttl_seconds else None,
                               sha256=arc.sha256, frozen=arc.frozen, excludes=ex)
-            await asyncio.get_running_loop().run_in_executor(None, store.commit, uid, meta,
-                                                             arc.fd)
+            await asyncio.get_running_loop().run_in_executor(None, store.commit, uid, meta, arc)
         finally:
             arc.close()
     log.info("backup %s of %s:%s: %d bytes, pause %.1f ms", meta.backup_id, sandbox_id, d,
