@@ -865,5 +865,10 @@ from . import cli_ports  # noqa: E402 - port, unport
 for _command in (cli_ports.port, cli_ports.unport):
     main.add_command(_command)
 
+from . import cli_backups  # noqa: E402 - backup, restore, backups, unbackup, fork, export, import
+
+for _command in cli_backups.COMMANDS:
+    main.add_command(_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

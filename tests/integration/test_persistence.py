@@ -9,13 +9,21 @@ import io
 import json
 import os
 import signal
+import subprocess
 import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProc, _ensure_user, _setup_user, make_daemon, skip_unless_ci
+from conftest import (
+    SANDBOXCTL,
+    DaemonProc,
+    _ensure_user,
+    _setup_user,
+    make_daemon,
+    skip_unless_ci,
+)
 from test_tenants import GROUP, call, tenants  # noqa: F401 - the two-tenant daemon fixture
 
 from sandboxd import errors
@@ -335,3 +343,36 @@ def test_a_backup_belongs_to_the_uid_that_made_it(tenants: Any) -> None:  # noqa
     assert call(a, d, "deleteBackup", {"backupId": bid})["deleted"] is True
     for user, room in ((a, "mine"), (b, "theirs")):
         call(user, d, "destroy", {"sandboxId": room})
+
+
+def test_the_cli_backs_up_restores_forks_exports_and_imports(daemon: DaemonProc, client: Any,
+                                                             room_id: str,
+                                                             tmp_path: Path) -> None:
+    def ctl(*args: str, stdin: Any = None, stdout: Any = None) -> Any:
+        res = subprocess.run([SANDBOXCTL, "--socket", daemon.socket, *args], stdin=stdin,
+                             stdout=stdout if stdout is not None else subprocess.PIPE,
+                             stderr=subprocess.PIPE, timeout=120, check=False)
+        assert res.returncode == 0, res.stderr
+        return res
+
+    sb = client.sandbox(room_id)
+    sb.write_file("/workspace/cli.txt", "via the cli\n")
+    bid = ctl("backup", room_id, "--name", "cli").stdout.decode().strip()
+    assert bid.startswith("bk-")
+    assert bid in ctl("backups", room_id).stdout.decode()
+    sb.delete_file("/workspace/cli.txt")
+    ctl("restore", room_id, bid)
+    assert sb.read_file("/workspace/cli.txt").text == "via the cli\n"
+    ctl("fork", room_id, room_id + "-f")
+    assert client.sandbox(room_id + "-f").read_file("/workspace/cli.txt").text == "via the cli\n"
+    archive = tmp_path / "ws.tgz"
+    with open(archive, "wb") as out:
+        ctl("export", room_id, stdout=out)
+    with tarfile.open(archive) as tf:
+        assert "./cli.txt" in tf.getnames()
+    with open(archive, "rb") as inp:
+        ctl("import", room_id + "-i", stdin=inp)
+    assert client.sandbox(room_id + "-i").read_file("/workspace/cli.txt").text == "via the cli\n"
+    assert "deleted" in ctl("unbackup", bid).stdout.decode()
+    for r in (room_id, room_id + "-f", room_id + "-i"):
+        client.sandbox(r).destroy()
