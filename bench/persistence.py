@@ -75,8 +75,8 @@ def host_anchor(sb: object, rounds: int) -> tuple[float, float, int]:
             dst = os.path.join(base, "dst")
             shutil.rmtree(dst, ignore_errors=True)
             os.makedirs(dst)
-            back.append(timed(lambda: subprocess.run(
-                f"gzip -dc {arc} | tar -xf - -C {dst}", shell=True, check=True)))
+            back.append(timed(lambda d=dst: subprocess.run(  # type: ignore[misc]
+                f"gzip -dc {arc} | tar -xf - -C {d}", shell=True, check=True)))
         return statistics.median(make), statistics.median(back), os.path.getsize(arc)
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -10,7 +10,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -111,6 +111,11 @@ class RoomOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
                   forbid_unknown_fields=True):
     limits: RoomLimits = RoomLimits()
     env: dict[str, str] = {}
+    # Idle handling (docs/persistence.md): seconds without activity (default the daemon's
+    # idle_timeout_s), and then what happens: destroyed, saved and stopped (woken by the next
+    # call on its id), or kept running.
+    sleep_after: Annotated[float, msgspec.Meta(gt=0, le=365 * 86400)] | None = None
+    on_idle: Literal["destroy", "snapshot", "keep"] = "destroy"
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -133,6 +133,7 @@ class Daemon:
         await self.zygote.start()
         self.zygote.on_death = self._zygote_died
         rooms = RoomManager(self.config, backend, self.zygote, self.ids, self._build_seccomp())
+        rooms.sleeper = persistence.Sleeper(rooms)
         self.rooms = rooms
         features = kernel.probe()
         for f in features:

@@ -512,7 +512,7 @@ async def create_backup(rooms: RoomManager, uid: int, sandbox_id: str, directory
     store = Store(cfg.state_dir)
     room = await rooms.get_or_create(uid, sandbox_id)
     async with _uid_lock(cfg.state_dir, uid):
-        used = store.usage(uid)
+        used = store.usage(uid) + stopped_usage(cfg.state_dir, uid)
         quota = cfg.max_backup_bytes_per_uid
         if not rooms.is_admin(uid) and used >= quota:
             raise errors.QuotaExceeded("backup storage quota reached", limit=quota,
@@ -663,3 +663,144 @@ async def import_sandbox(rooms: RoomManager, uid: int, sandbox_id: str, director
     finally:
         os.close(fd)
     return d, total, digest
+
+
+# --- sleep: onIdle "snapshot" ----------------------------------------------------------------
+
+
+class StoppedRoom(msgspec.Struct, rename="camel", kw_only=True):
+    """A room put to sleep: its options and its saved writable layer (``.tgz`` beside it)."""
+
+    sandbox_id: str
+    options: dict[str, object]
+    size_bytes: int
+    created_at: float
+    stopped_at: float
+    incarnation: int = 1
+
+
+def stopped_usage(state_dir: str, uid: int) -> int:
+    return sum(r.size_bytes for r in Sleeper.records_of(state_dir, uid))
+
+
+class Sleeper:
+    """Saves idle rooms with ``onIdle: "snapshot"`` under ``<state_dir>/stopped/<uid>/`` and
+    wakes them on the next call on their id (``rooms.RoomManager.sleeper``). Records are written
+    like backups (archive renamed into place, then the record), so a crash loses nothing saved;
+    they survive daemon restarts. A stopped room counts against its owner's storage quota."""
+
+    def __init__(self, rooms: RoomManager) -> None:
+        self.rooms = rooms
+        self.root = os.path.join(rooms.config.state_dir, "stopped")
+        self._locks: dict[tuple[int, str], asyncio.Lock] = {}
+
+    @staticmethod
+    def records_of(state_dir: str, uid: int) -> list[StoppedRoom]:
+        d = os.path.join(state_dir, "stopped", str(uid))
+        out: list[StoppedRoom] = []
+        with contextlib.suppress(FileNotFoundError):
+            for name in sorted(os.listdir(d)):
+                if name.endswith(".json"):
+                    with contextlib.suppress(OSError, msgspec.DecodeError,
+                                             msgspec.ValidationError), \
+                            open(os.path.join(d, name), "rb") as f:
+                        out.append(msgspec.json.decode(f.read(), type=StoppedRoom))
+        return out
+
+    def _base(self, uid: int, room_id: str) -> str:
+        name = hashlib.sha256(room_id.encode()).hexdigest()[:32]
+        return os.path.join(self.root, str(uid), name)
+
+    def record(self, uid: int, room_id: str) -> StoppedRoom | None:
+        try:
+            with open(self._base(uid, room_id) + ".json", "rb") as f:
+                return msgspec.json.decode(f.read(), type=StoppedRoom)
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+    def stopped(self, uid: int, room_id: str) -> bool:
+        return os.path.exists(self._base(uid, room_id) + ".json")
+
+    def waking(self, uid: int, room_id: str) -> bool:
+        lock = self._locks.get((uid, room_id))
+        return lock is not None and lock.locked()
+
+    def list(self, uid: int) -> list[StoppedRoom]:
+        return self.records_of(self.rooms.config.state_dir, uid)
+
+    def forget(self, uid: int, room_id: str) -> bool:
+        base = self._base(uid, room_id)
+        found = os.path.exists(base + ".json")
+        for suffix in (".json", ".tgz"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(base + suffix)
+        return found
+
+    async def sleep(self, room: Room) -> bool:
+        cfg = self.rooms.config
+        uid = room.owner
+        store = Store(cfg.state_dir)
+        arc = await archive(self.rooms, uid, room, None, [], cfg.max_backup_bytes, store)
+        try:
+            used = store.usage(uid) + stopped_usage(cfg.state_dir, uid)
+            if not self.rooms.is_admin(uid) and used + arc.size > cfg.max_backup_bytes_per_uid:
+                log.warning("room %s: not put to sleep, its owner's storage quota is full "
+                            "(%d + %d bytes); it keeps running", room.key, used, arc.size)
+                return False
+            rec = StoppedRoom(sandbox_id=room.id, options=room.options_wire(),
+                              size_bytes=arc.size, created_at=room.created_at,
+                              stopped_at=time.time(), incarnation=room.incarnation)
+            await asyncio.get_running_loop().run_in_executor(None, self._commit, uid, rec, arc)
+        finally:
+            arc.close()
+        log.info("room %s saved (%d bytes) and stopped", room.key, rec.size_bytes)
+        return True
+
+    def _commit(self, uid: int, rec: StoppedRoom, arc: Archive) -> None:
+        base = self._base(uid, rec.sandbox_id)
+        os.makedirs(os.path.dirname(base), mode=0o700, exist_ok=True)
+        assert arc.path is not None
+        os.fsync(arc.fd)
+        os.rename(arc.path, base + ".tgz")  # same filesystem: the state dir
+        arc.path = None
+        with open(base + ".json.tmp", "wb") as f:
+            f.write(msgspec.json.encode(rec))
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(base + ".json.tmp", base + ".json")
+        dfd = os.open(os.path.dirname(base), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    async def wake(self, uid: int, room_id: str) -> None:
+        lock = self._locks.setdefault((uid, room_id), asyncio.Lock())
+        try:
+            async with lock:
+                rec = self.record(uid, room_id)
+                if rec is None:
+                    return
+                base = self._base(uid, room_id)
+                fd = os.open(base + ".tgz", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    room = await self.rooms.get_or_create(uid, room_id, rec.options,
+                                                          explicit=True, waking=True)
+                    try:
+                        await unpack(self.rooms, uid, room, None, fd)
+                    except BaseException:
+                        # The saved layer stays: the next call tries again.
+                        with contextlib.suppress(Exception):
+                            await self.rooms.destroy_live(uid, room_id)
+                        raise
+                finally:
+                    os.close(fd)
+                room.created_at = rec.created_at
+                room.incarnation = rec.incarnation
+                for suffix in (".json", ".tgz"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(base + suffix)
+                log.info("room %s woken from its saved layer", room.key)
+        finally:
+            if not lock.locked() and self._locks.get((uid, room_id)) is lock:
+                del self._locks[(uid, room_id)]

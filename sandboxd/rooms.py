@@ -44,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import msgspec
 import psutil
@@ -112,6 +112,25 @@ def resolve_options(raw: dict[str, Any] | None, defaults: RoomLimits,
     return opts, set(given)
 
 
+class Sleeper(Protocol):
+    """Rooms put to sleep (``onIdle: "snapshot"``): ``persistence.Sleeper``, installed by the
+    daemon (rooms cannot import persistence, which builds on rooms)."""
+
+    def stopped(self, uid: int, room_id: str) -> bool: ...
+
+    def waking(self, uid: int, room_id: str) -> bool: ...
+
+    async def sleep(self, room: Room) -> bool:
+        """Save the room's writable layer; False when it could not (the room then stays)."""
+
+    async def wake(self, uid: int, room_id: str) -> None: ...
+
+    def forget(self, uid: int, room_id: str) -> bool: ...
+
+    def list(self, uid: int) -> list[Any]:
+        """The uid's stopped rooms (``persistence.StoppedRoom``)."""
+
+
 @dataclass
 class Tombstone:
     """What is left of a room whose init died, until its owner destroys or re-gets it."""
@@ -154,6 +173,7 @@ class Room:
         self.creating: asyncio.Future[Room] | None = None
         self.stopping: asyncio.Future[None] | None = None
         self.doomed = False  # destroyed while being created
+        self.sleeping: asyncio.Future[None] | None = None  # being saved and stopped
         self.zygote_generation = 0  # which zygote forked its init (it dies with that one)
 
     def touch(self) -> None:
@@ -235,6 +255,7 @@ class RoomManager:
         self.dead: dict[tuple[int, str], Tombstone] = {}
         self._daemon_uid = os.getuid()
         self.closing = False
+        self.sleeper: Sleeper | None = None
         os.makedirs(os.path.join(config.state_dir, "rooms"), mode=0o700, exist_ok=True)
 
     # --- lookup -------------------------------------------------------------------------------
@@ -279,17 +300,28 @@ class RoomManager:
         return [r for (owner, _), r in self.rooms.items() if owner == uid]
 
     async def get_or_create(self, uid: int, room_id: str, options: dict[str, Any] | None = None,
-                            *, explicit: bool = False) -> Room:
+                            *, explicit: bool = False, waking: bool = False) -> Room:
         """The caller's room ``room_id``, made if it does not exist. ``explicit`` (getSandbox)
-        also replaces a room that died; every other method gets SANDBOX_UNAVAILABLE for it."""
+        also replaces a room that died; every other method gets SANDBOX_UNAVAILABLE for it.
+        A room that was put to sleep is woken first, whatever the method (``waking``: this is
+        the wake-up itself)."""
         check_sandbox_id(room_id)
         key = (uid, room_id)
         while True:
             if self.closing:
                 raise errors.ShuttingDown("sandboxd is shutting down")
             room = self.rooms.get(key)
+            sleeper = self.sleeper
+            if sleeper is not None and not waking and (
+                    sleeper.waking(uid, room_id)
+                    or (room is None and sleeper.stopped(uid, room_id))):
+                await sleeper.wake(uid, room_id)
+                continue
             if room is None:
                 break
+            if room.sleeping is not None:
+                await asyncio.wait([room.sleeping])
+                continue
             if room.status == "creating" and room.creating is not None:
                 room = await asyncio.shield(room.creating)
                 room.use()
@@ -450,6 +482,8 @@ class RoomManager:
         check_sandbox_id(room_id)
         key = (uid, room_id)
         had_tomb = self.dead.pop(key, None) is not None
+        if self.sleeper is not None and self.sleeper.forget(uid, room_id):
+            had_tomb = True  # a stopped room: its saved layer is what is destroyed
         room = self.rooms.get(key)
         if room is None:
             return had_tomb
@@ -462,6 +496,12 @@ class RoomManager:
         await self._teardown(room)
         self.dead.pop(key, None)  # its init may have died while we waited
         return True
+
+    async def destroy_live(self, uid: int, room_id: str) -> None:
+        """Tear down the live room only (a stopped room's saved layer is kept)."""
+        room = self.rooms.get((uid, room_id))
+        if room is not None:
+            await self._teardown(room)
 
     async def _teardown(self, room: Room) -> None:
         """Destroy ``room``; every caller waits for the same teardown, which runs as a task of
@@ -556,23 +596,55 @@ class RoomManager:
                 with contextlib.suppress(Exception):
                     room.handle.kill()
 
+    def idle_timeout(self, room: Room) -> float:
+        """Seconds of no activity after which ``room``'s ``onIdle`` applies (0: never)."""
+        if room.options.on_idle == "keep":
+            return 0.0
+        return room.options.sleep_after or self.config.idle_timeout_s
+
     async def reap_idle(self) -> None:
         timeout = self.config.idle_timeout_s
         if timeout <= 0:
-            return
+            return  # the admin turned idle handling off (sleepAfter included)
         while not self.closing:
-            await asyncio.sleep(min(30.0, timeout / 4))
+            timeouts = [t for t in (timeout, *map(self.idle_timeout, self.rooms.values()))
+                        if t > 0]
+            await asyncio.sleep(min(30.0, max(0.25, min(timeouts) / 4)) if timeouts else 5.0)
             now = time.monotonic()
             for room in list(self.rooms.values()):
-                if room.status == "ready" and not room.busy \
-                        and now - room.last_activity > timeout:
-                    log.info("room %s idle for %.0f s: destroying", room.key,
-                             now - room.last_activity)
+                limit = self.idle_timeout(room)
+                if limit <= 0 or room.status != "ready" or room.busy \
+                        or now - room.last_activity <= limit or room.sleeping is not None:
+                    continue
+                idle = now - room.last_activity
+                if room.options.on_idle == "snapshot" and self.sleeper is not None:
+                    log.info("room %s idle for %.0f s: saving and stopping it", room.key, idle)
+                    await self._sleep(room)
+                else:
+                    log.info("room %s idle for %.0f s: destroying", room.key, idle)
                     await self._teardown(room)
             wall = time.time()
             for key, tomb in list(self.dead.items()):
-                if wall - tomb.died_at > timeout:
+                if timeout > 0 and wall - tomb.died_at > timeout:
                     del self.dead[key]
+
+    async def _sleep(self, room: Room) -> None:
+        """Save ``room`` (its calls wait meanwhile), then tear it down; if it cannot be saved
+        it keeps running: its files are never dropped for want of a snapshot."""
+        assert self.sleeper is not None
+        room.sleeping = asyncio.get_running_loop().create_future()
+        try:
+            saved = await self.sleeper.sleep(room)
+            if saved:
+                await self._teardown(room)
+            else:
+                room.touch()  # try again after another idle period
+        except Exception:
+            log.exception("room %s: putting it to sleep failed; it keeps running", room.key)
+            room.touch()
+        finally:
+            room.sleeping.set_result(None)
+            room.sleeping = None
 
     # --- start-up -----------------------------------------------------------------------------
 

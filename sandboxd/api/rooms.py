@@ -52,6 +52,14 @@ async def list_sandboxes(ctx: Context,
     out += [protocol.SandboxInfo(sandbox_id=rid, status="dead", reason=t.reason,
                                  incarnation=t.incarnation, died_at=iso(t.died_at))
             for (owner, rid), t in rooms.dead.items() if owner == ctx.uid]
+    # Rooms put to sleep (onIdle "snapshot"): the next call on one wakes it.
+    if rooms.sleeper is not None:
+        live = {r.sandbox_id for r in out}
+        out += [protocol.SandboxInfo(sandbox_id=s.sandbox_id, status="stopped",
+                                     created_at=iso(s.created_at),
+                                     last_activity_at=iso(s.stopped_at),
+                                     incarnation=s.incarnation)
+                for s in rooms.sleeper.list(ctx.uid) if s.sandbox_id not in live]
     return protocol.ListSandboxesResult(sandboxes=out)
 
 

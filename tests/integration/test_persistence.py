@@ -376,3 +376,56 @@ def test_the_cli_backs_up_restores_forks_exports_and_imports(daemon: DaemonProc,
     assert "deleted" in ctl("unbackup", bid).stdout.decode()
     for r in (room_id, room_id + "-f", room_id + "-i"):
         client.sandbox(r).destroy()
+
+
+def wait_status(c: Any, room: str, status: str | None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = {s.sandbox_id: s.status for s in c.list_sandboxes()}.get(room)
+        if got == status:
+            return
+        assert time.monotonic() < deadline, (room, got, status)
+        time.sleep(0.2)
+
+
+def test_sleep_with_snapshot_then_any_call_wakes_the_room_with_its_files(
+        fresh_daemon: DaemonProc) -> None:
+    d = fresh_daemon
+    cfg = os.path.join(os.path.dirname(d.state_dir), "sandboxd.toml")
+    Path(cfg).write_text("idle_timeout_s = 2.0\n")
+    os.chmod(cfg, 0o644)
+    d.extra_args += ["--config", cfg]
+    d.start()
+    with d.client() as c:  # type: ignore[attr-defined]
+        sleepy = c.sandbox("sleepy")
+        sleepy.get({"sleepAfter": 1, "onIdle": "snapshot", "env": {"KEPT": "yes"},
+                    "limits": {"memoryBytes": 200 * 1024 * 1024}})
+        assert sleepy.exec("mkdir -p /home/sandbox; echo ws > /workspace/a; "
+                           "echo home > /home/sandbox/h; ln -s a /workspace/l").exit_code == 0
+        c.sandbox("kept").get({"onIdle": "keep"})
+        c.sandbox("gone").exec("true")  # default: destroyed after idle_timeout_s
+        wait_status(c, "sleepy", "stopped")
+        wait_status(c, "gone", None)
+        # Any method wakes it: here a file read, then the rest is there as well.
+        assert sleepy.read_file("/workspace/a").text == "ws\n"
+        info = sleepy.get()
+        assert info.options["env"] == {"KEPT": "yes"} and info.options["onIdle"] == "snapshot"
+        assert info.options["limits"]["memoryBytes"] == 200 * 1024 * 1024
+        assert sleepy.exec("cat /home/sandbox/h; readlink /workspace/l; echo $KEPT"
+                           ).stdout.split() == ["home", "a", "yes"]
+        assert {s.sandbox_id: s.status for s in c.list_sandboxes()}["kept"] == "ready"
+        # Asleep again, then the daemon is killed: the stopped room survives the restart.
+        wait_status(c, "sleepy", "stopped")
+    d.stop(signal.SIGKILL)
+    d.start()
+    with d.client() as c:  # type: ignore[attr-defined]
+        assert {s.sandbox_id: s.status for s in c.list_sandboxes()}.get("sleepy") == "stopped"
+        assert c.sandbox("sleepy").exec("cat /workspace/a").stdout == "ws\n"
+        # destroy of a stopped room drops its saved layer: the next call gets an empty room.
+        wait_status(c, "sleepy", "stopped")
+        assert c.sandbox("sleepy").destroy().destroyed is True
+        assert c.sandbox("sleepy").exists("/workspace/a") is False
+        c.sandbox("sleepy").destroy()
+        c.sandbox("kept").destroy()
+    assert d.stop() == 0
+    assert not d.leftovers()

@@ -130,6 +130,7 @@ class FakeRooms:
         self.rooms: dict[tuple[int, str], FakeRoom] = {}
         self.dead: dict[tuple[int, str], Any] = {}
         self.ids = IdPlan("single", os.getuid(), os.getgid(), reason="test")
+        self.sleeper = None
 
     def is_admin(self, uid: int) -> bool:
         return False
