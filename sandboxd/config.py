@@ -173,6 +173,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # forwarded connections open at once per exposed port (each two sockets and a buffer).
     max_exposed_ports_per_room: Annotated[int, msgspec.Meta(ge=0)] = 16
     max_port_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    # Terminals (openTerminal; docs/interactive.md): open ones per room (each a pty of the
+    # room's devpts, a run, a 256 KiB replay ring in the daemon), and how long one whose
+    # connection went away waits for an attachTerminal before it is closed.
+    max_terminals_per_room: Annotated[int, msgspec.Meta(ge=0)] = 8
+    terminal_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

@@ -1,5 +1,5 @@
 """Method handlers, one module per family (rooms, exec, files, git, code, stats, processes,
-ports): thin layers over the room-level calls (``rooms``, ``runs``, ``roomfiles``,
+ports, terminals): thin layers over the room-level calls (``rooms``, ``runs``, ``roomfiles``,
 ``processes``, ``ports``, the code-run service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import protocol
 from ..context import Context
-from . import code, exec, files, git, ports, processes, rooms, stats
+from . import code, exec, files, git, ports, processes, rooms, stats, terminals
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
 #: so the table can only say Any; tests check each handler's annotations against METHODS.
@@ -53,6 +53,12 @@ HANDLERS: dict[str, Handler] = {
     "exposePort": ports.expose_port,
     "unexposePort": ports.unexpose_port,
     "getExposedPorts": ports.get_exposed_ports,
+    "openTerminal": terminals.open_terminal,
+    "writeTerminal": terminals.write_terminal,
+    "resizeTerminal": terminals.resize_terminal,
+    "closeTerminal": terminals.close_terminal,
+    "attachTerminal": terminals.attach_terminal,
+    "listTerminals": terminals.list_terminals,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]
