@@ -228,3 +228,50 @@ def test_unknown_terminal_and_the_per_room_ceiling(wire: Wire, room_id: str) -> 
     with pytest.raises(RuntimeError, match="QUOTA_EXCEEDED"):
         wire.call("openTerminal", sandboxId=room_id, command="sleep 100")
     wire.call("destroy", sandboxId=room_id)
+
+
+def test_a_terminal_of_the_sandbox_user_owns_its_pty(wire: Wire, room_id: str) -> None:
+    tid = wire.call("openTerminal", sandboxId=room_id, command="sh", user="sandbox")["terminalId"]
+    wire.write(tid, b"echo uid=$(id -u) owner=$(stat -c %u $(tty)); echo END\n")
+    out = wire.wait_output(tid, rb"\nEND\r\n")
+    uid = re.search(rb"uid=(\d+) owner=(\d+)", out)
+    assert uid is not None and uid.group(1) == uid.group(2) != b"0", out
+    wire.call("destroy", sandboxId=room_id)
+
+
+def test_a_client_that_does_not_read_blocks_the_program(daemon: DaemonProc,
+                                                        room_id: str) -> None:
+    """Flow control: the daemon stops reading the master while the client's backlog is over
+    max_pending_bytes, so the program blocks on its pty instead of the daemon buffering."""
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(daemon.socket)
+    req = {"jsonrpc": "2.0", "id": 1, "method": "openTerminal", "params": {
+        "sandboxId": room_id, "command":
+        "i=0; while :; do i=$((i+1)); echo $i > /workspace/n; printf '%01000d\\n' 0; done"}}
+    slow.sendall(json.dumps(req).encode() + b"\n")
+    other = Wire(daemon.socket)
+    try:
+        def count() -> int:
+            got = other.call("exec", sandboxId=room_id, command="cat /workspace/n")["stdout"]
+            return int(got or 0)
+        deadline = time.monotonic() + 25  # (under stream_stall_timeout_s: not dropped yet)
+        last, stuck = -1, 0
+        while stuck < 3:
+            assert time.monotonic() < deadline, "the program never blocked"
+            time.sleep(0.3)
+            now = count()
+            stuck = stuck + 1 if now == last else 0
+            last = now
+        # Far less than the program would write in that time unblocked, and it moves again
+        # as soon as the client reads.
+        for _ in range(200):
+            slow.recv(1 << 16)
+        deadline = time.monotonic() + 20
+        while count() == last:
+            assert time.monotonic() < deadline, "the program stayed blocked after reads"
+            slow.recv(1 << 16)
+        other.call("destroy", sandboxId=room_id)
+    finally:
+        other.close()
+        slow.close()
