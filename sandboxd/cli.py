@@ -867,3 +867,7 @@ for _command in (cli_ports.port, cli_ports.unport):
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from . import cli_shell  # noqa: E402 - shell
+
+main.add_command(cli_shell.shell)
