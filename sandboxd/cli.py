@@ -872,3 +872,7 @@ for _command in cli_backups.COMMANDS:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+from . import cli_shell  # noqa: E402 - shell
+
+main.add_command(cli_shell.shell)

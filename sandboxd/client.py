@@ -26,6 +26,7 @@ This module imports nothing of the daemon (no server, rooms or jail), so ``sandb
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import itertools
 import math
@@ -1056,6 +1057,39 @@ class Sandbox:
             out = self.client.call("importSandbox", params, timeout=ARCHIVE_TIMEOUT_S)
         return _result("importSandbox", out, protocol.ImportSandboxResult)
 
+    # --- terminals (issue 15; docs/interactive.md) ---------------------------------------------
+    # terminal.output / terminal.exit arrive after openTerminal's and attachTerminal's answers:
+    # this client does not deliver them yet (drive the wire directly for the output).
+
+    def open_terminal(self, command: str | None = None, args: list[str] | None = None, *,
+                      cols: int = 80, rows: int = 24, cwd: str | None = None,
+                      env: dict[str, str | None] | None = None,
+                      user: str = "root") -> protocol.OpenTerminalResult:
+        return self.client.request("openTerminal", _build(
+            protocol.OpenTerminalParams, sandbox_id=self.id, command=command, args=args,
+            cols=cols, rows=rows, cwd=cwd, env=env, user=user), protocol.OpenTerminalResult)
+
+    def write_terminal(self, terminal_id: str, data: bytes) -> int:
+        return self.client.request("writeTerminal", protocol.WriteTerminalParams(
+            terminal_id=terminal_id, data=base64.b64encode(data).decode()),
+            protocol.WriteTerminalResult).written
+
+    def resize_terminal(self, terminal_id: str, cols: int, rows: int) -> protocol.TerminalInfo:
+        return self.client.request("resizeTerminal", protocol.ResizeTerminalParams(
+            terminal_id=terminal_id, cols=cols, rows=rows), protocol.TerminalInfo)
+
+    def close_terminal(self, terminal_id: str) -> protocol.TerminalInfo:
+        return self.client.request("closeTerminal", protocol.TerminalParams(
+            terminal_id=terminal_id), protocol.TerminalInfo)
+
+    def attach_terminal(self, terminal_id: str) -> protocol.TerminalInfo:
+        return self.client.request("attachTerminal", protocol.TerminalParams(
+            terminal_id=terminal_id), protocol.TerminalInfo)
+
+    def list_terminals(self) -> list[protocol.TerminalInfo]:
+        return self.client.request("listTerminals", protocol.ListTerminalsParams(
+            sandbox_id=self.id), protocol.ListTerminalsResult).terminals
+
 
 # --- persistence: params and sinks --------------------------------------------------------------
 
@@ -1567,6 +1601,40 @@ class AsyncSandbox:
         for params in _import_pieces(self.id, data, dir):
             out = await self.client.call("importSandbox", params, timeout=ARCHIVE_TIMEOUT_S)
         return _result("importSandbox", out, protocol.ImportSandboxResult)
+
+    # --- terminals (issue 15; docs/interactive.md) ---------------------------------------------
+    # terminal.output / terminal.exit arrive after openTerminal's and attachTerminal's answers:
+    # this client does not deliver them yet (drive the wire directly for the output).
+
+    async def open_terminal(self, command: str | None = None, args: list[str] | None = None, *,
+                      cols: int = 80, rows: int = 24, cwd: str | None = None,
+                      env: dict[str, str | None] | None = None,
+                      user: str = "root") -> protocol.OpenTerminalResult:
+        return await self.client.request("openTerminal", _build(
+            protocol.OpenTerminalParams, sandbox_id=self.id, command=command, args=args,
+            cols=cols, rows=rows, cwd=cwd, env=env, user=user), protocol.OpenTerminalResult)
+
+    async def write_terminal(self, terminal_id: str, data: bytes) -> int:
+        return (await self.client.request("writeTerminal", protocol.WriteTerminalParams(
+            terminal_id=terminal_id, data=base64.b64encode(data).decode()),
+            protocol.WriteTerminalResult)).written
+
+    async def resize_terminal(self, terminal_id: str, cols: int,
+                              rows: int) -> protocol.TerminalInfo:
+        return await self.client.request("resizeTerminal", protocol.ResizeTerminalParams(
+            terminal_id=terminal_id, cols=cols, rows=rows), protocol.TerminalInfo)
+
+    async def close_terminal(self, terminal_id: str) -> protocol.TerminalInfo:
+        return await self.client.request("closeTerminal", protocol.TerminalParams(
+            terminal_id=terminal_id), protocol.TerminalInfo)
+
+    async def attach_terminal(self, terminal_id: str) -> protocol.TerminalInfo:
+        return await self.client.request("attachTerminal", protocol.TerminalParams(
+            terminal_id=terminal_id), protocol.TerminalInfo)
+
+    async def list_terminals(self) -> list[protocol.TerminalInfo]:
+        return (await self.client.request("listTerminals", protocol.ListTerminalsParams(
+            sandbox_id=self.id), protocol.ListTerminalsResult)).terminals
 
 
 # --- background processes: params and handles ----------------------------------------------------

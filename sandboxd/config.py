@@ -184,6 +184,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_backup_bytes: Annotated[int, msgspec.Meta(ge=1 * MiB)] = 1024 * MiB
     max_backup_bytes_per_uid: Annotated[int, msgspec.Meta(ge=0)] = 4096 * MiB
     max_backup_ttl_s: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Terminals (openTerminal; docs/interactive.md): open ones per room (each a pty of the
+    # room's devpts, a run, a 256 KiB replay ring in the daemon), and how long one whose
+    # connection went away waits for an attachTerminal before it is closed.
+    max_terminals_per_room: Annotated[int, msgspec.Meta(ge=0)] = 8
+    terminal_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 
 #: Sends one notification to the caller (waits while the client's backlog is over the cap).
 Notify = Callable[["Notification"], Awaitable[None]]
+#: Registers a callback run once when the caller's connection ends (terminals: the grace
+#: period starts; watches end); it returns a function that unregisters it.
+OnClose = Callable[[Callable[[], None]], Callable[[], None]]
+
+
+def _never_closes(_callback: Callable[[], None]) -> Callable[[], None]:
+    return lambda: None
 
 
 @dataclass(frozen=True)
@@ -32,10 +39,11 @@ class Services:
     facts: HostFacts
     coderun: CodeRunService
 
-    def context(self, uid: int, pid: int, request_id: RequestId, notify: Notify) -> Context:
+    def context(self, uid: int, pid: int, request_id: RequestId, notify: Notify,
+                on_close: OnClose = _never_closes) -> Context:
         return Context(rooms=self.rooms, config=self.config, facts=self.facts,
                        coderun=self.coderun, uid=uid, pid=pid, request_id=request_id,
-                       notify=notify)
+                       notify=notify, on_close=on_close)
 
 
 @dataclass(frozen=True)
@@ -50,3 +58,5 @@ class Context:
     pid: int
     request_id: RequestId
     notify: Notify
+    #: the connection's close hook (things that outlive the call but not the connection)
+    on_close: OnClose = _never_closes

@@ -23,6 +23,7 @@
     ├── ProcessError            (background processes; PROCESS_* codes)
     ├── PortError               (ports; PORT_* codes)
     │   └── PortAlreadyExposed  PORT_ALREADY_EXPOSED
+    ├── TerminalNotFound        TERMINAL_NOT_FOUND (terminals: an id the caller has not)
     ├── DaemonUnreachable       DAEMON_UNREACHABLE (client side only: no socket / refused)
     └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
 
@@ -247,6 +248,15 @@ class ProcessReadyTimeout(ProcessError):
     """waitForLog / waitForPort: not ready within ``timeout`` ms."""
 
     code = "PROCESS_READY_TIMEOUT"
+
+
+# --- terminals --------------------------------------------------------------------------------
+
+
+class TerminalNotFound(SandboxError):
+    """No terminal of the caller's rooms has this terminalId (or it was closed)."""
+
+    code = "TERMINAL_NOT_FOUND"
 
 
 # --- ports ------------------------------------------------------------------------------------

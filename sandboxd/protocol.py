@@ -894,6 +894,95 @@ class ImportSandboxResult(Result, frozen=True):
     size_bytes: int  # received so far; the archive's size once final
     imported: bool  # true once the archive was unpacked (the final piece)
     sha256: str | Unset = UNSET
+# --- terminals (issue 15, docs/interactive.md) -------------------------------------------------
+
+#: a terminal's width or height in cells
+TermSize = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+#: "term-" and 12 hex digits, made by openTerminal
+TerminalId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+#: one writeTerminal: at most this many bytes (before base64)
+MAX_TERMINAL_WRITE = 1 << 20
+
+
+class OpenTerminalParams(Params, frozen=True):
+    sandbox_id: str
+    cols: TermSize = 80
+    rows: TermSize = 24
+    #: default: the room's login shell (bash -l if the tree has bash, else sh -l)
+    command: Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)] | None = None
+    args: list[str] | None = None
+    cwd: Path | None = None
+    env: dict[str, str | None] | None = None  # as exec's: null unsets
+    user: User = "root"
+    session_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+
+
+class OpenTerminalResult(Result, frozen=True):
+    terminal_id: str
+    pid: int | Unset = UNSET
+    tty: str | Unset = UNSET  # the slave's path in the room, /dev/pts/N
+
+
+class TerminalOutput(Notification, frozen=True):
+    """Bytes the program wrote to its terminal (``data``: base64), to the connection that
+    opened or last attached it; ``requestId`` is that openTerminal's or attachTerminal's."""
+
+    method: ClassVar[str] = "terminal.output"
+    terminal_id: str
+    data: str
+
+
+class TerminalExit(Notification, frozen=True):
+    """The terminal's program ended (after its last output)."""
+
+    method: ClassVar[str] = "terminal.exit"
+    terminal_id: str
+    exit_code: int
+    signal: str | None = None
+
+
+class TerminalParams(Params, frozen=True):
+    terminal_id: TerminalId
+
+
+class WriteTerminalParams(Params, frozen=True):
+    terminal_id: TerminalId
+    data: Annotated[str, msgspec.Meta(max_length=(MAX_TERMINAL_WRITE * 4) // 3 + 4)]
+
+
+class WriteTerminalResult(Result, frozen=True):
+    written: int
+
+
+class ResizeTerminalParams(Params, frozen=True):
+    terminal_id: TerminalId
+    cols: TermSize
+    rows: TermSize
+
+
+class TerminalInfo(Result, frozen=True):
+    """A terminal: ``status`` running or exited (then ``exitCode``, ``signal``)."""
+
+    terminal_id: str
+    sandbox_id: str
+    pid: int
+    tty: str
+    command: str
+    cols: int
+    rows: int
+    status: str
+    attached: bool
+    created_at: str
+    exit_code: int | Unset = UNSET
+    signal: str | Unset | None = UNSET
+
+
+class ListTerminalsParams(Params, frozen=True):
+    sandbox_id: str
+
+
+class ListTerminalsResult(Result, frozen=True):
+    terminals: list[TerminalInfo]
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -962,6 +1051,19 @@ METHODS: dict[str, Method] = {
                             summary="stream a directory as a gzip'd tar"),
     "importSandbox": Method(ImportSandboxParams, ImportSandboxResult,
                             summary="unpack a gzip'd tar (chunked) into a directory"),
+    "openTerminal": Method(OpenTerminalParams, OpenTerminalResult,
+                           (TerminalOutput, TerminalExit),
+                           summary="a pty in the room running a shell or a program"),
+    "writeTerminal": Method(WriteTerminalParams, WriteTerminalResult,
+                            summary="input (base64) to a terminal's program"),
+    "resizeTerminal": Method(ResizeTerminalParams, TerminalInfo,
+                             summary="a terminal's window size (the program gets SIGWINCH)"),
+    "closeTerminal": Method(TerminalParams, TerminalInfo,
+                            summary="hang up a terminal: its whole tree is killed"),
+    "attachTerminal": Method(TerminalParams, TerminalInfo, (TerminalOutput, TerminalExit),
+                             summary="take over a terminal's output (the last 256 KiB first)"),
+    "listTerminals": Method(ListTerminalsParams, ListTerminalsResult,
+                            summary="the room's terminals"),
 }
 
 #: Every notification, by its method name.

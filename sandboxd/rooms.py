@@ -67,6 +67,7 @@ from .jail.messages import RoomSpec
 
 if TYPE_CHECKING:
     from .processes import ProcessTable
+    from .terminals import Terminal
 
 log = logging.getLogger("sandboxd.rooms")
 
@@ -165,6 +166,8 @@ class Room:
         # Its background processes (processes.table makes it on first use); each live one is
         # also one of ``active_runs``.
         self.processes: ProcessTable | None = None
+        # Its open terminals by id (``terminals``); each live one is also one of ``active_runs``.
+        self.terminals: dict[str, Terminal] = {}
         self._pending: set[asyncio.Future[Any]] = set()
         # Request tasks using the room (any method: a streamed readFile, a long file operation,
         # an exec): the idle reaper leaves a room alone while one is running.

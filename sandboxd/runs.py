@@ -125,6 +125,9 @@ class RunSpec:
     #: caller keeps (and closes) the fd. ``stdin`` is then ignored; stdout stays empty.
     stdin_fd: int | None = None
     stdout_fd: int | None = None
+    #: a pty slave (``terminals``): the program's stdin, stdout and stderr and its controlling
+    #: terminal; no pipes then (the caller reads the master), and the fd stays the caller's
+    tty: int | None = None
 
 
 @dataclass
@@ -267,26 +270,30 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
     fds: list[int] = []
     try:
         # One pipe at a time into ``fds``: an EMFILE on the second must not leak the first.
-        for _ in range(3):
+        for _ in range(3 if spec.tty is None else 0):
             r, w = os.pipe2(os.O_CLOEXEC)
             fds += [r, w]
             # The pipe belongs to the daemon's uid, which the room does not map: at 0600 a run
             # could not reopen its own stdio by path (cat /dev/stdin, echo > /dev/stderr, a
             # judge's freopen). Only processes that may ptrace the run reach it that way.
             os.fchmod(r, 0o666)
-        in_r, in_w, out_r, out_w, err_r, err_w = fds
+        if spec.tty is None:
+            in_r, in_w, out_r, out_w, err_r, err_w = fds
+        else:
+            in_r = in_w = out_r = out_w = err_r = err_w = -1
         # The payload's ends: the caller's own fds where it gave them (closing ours at once
         # leaves the pump and feeder below an empty stream, a closed pipe).
         p_in = in_r if spec.stdin_fd is None else spec.stdin_fd
         p_out = out_w if spec.stdout_fd is None else spec.stdout_fd
-        if spec.stdin_fd is not None:
+        if spec.stdin_fd is not None and in_w >= 0:
             os.close(in_w)
             fds.remove(in_w)
             in_w = -1
-        if spec.stdout_fd is not None:
+        if spec.stdout_fd is not None and out_w >= 0:
             os.close(out_w)
             fds.remove(out_w)
             out_w = -1
+        stdio = (p_in, p_out, err_w) if spec.tty is None else (spec.tty,) * 3
         rlimits: dict[str, int] = {"core": 0}
         if spec.file_size_bytes is not None:
             rlimits["fsize"] = spec.file_size_bytes
@@ -297,8 +304,9 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
             # ``pids_limited`` is the init's "do not stand in this run's cgroup" (a pids-limited
             # run would count the init; a nearly full room could OOM-kill it there).
             pid = await room.handle.spawn(
-                run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, (p_in, p_out, err_w),
-                cg.join_fds(), pids_limited=spec.pids is not None or not init_may_stand_in(room))
+                run_id, spec.argv, spec.env, spec.cwd, spec.user, rlimits, stdio,
+                cg.join_fds(), pids_limited=spec.pids is not None or not init_may_stand_in(room),
+                tty=spec.tty is not None)
         except JailError as spawn_err:
             # The init answered that nothing was started: no exit to wait for in _finish.
             room.handle.forget(run_id)
@@ -312,16 +320,22 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
                 kill(control.kill_reason)
             if not control.spawned.done():
                 control.spawned.set_result(pid)
-        for fd in (in_r, out_w, err_w):
-            if fd >= 0:
-                os.close(fd)
+        if spec.tty is None:
+            for fd in (in_r, out_w, err_w):
+                if fd >= 0:
+                    os.close(fd)
         fds = []  # the parent's ends now belong to the pumps and the feeder
         out = _Stream("stdout", out_r, spec.output_bytes, spec.on_output, lambda: kill("output"),
                       spec.keep_output, spec.on_data)
         err = _Stream("stderr", err_r, spec.output_bytes, spec.on_output, lambda: kill("output"),
                       spec.keep_output, spec.on_data)
-        pumps = [asyncio.ensure_future(out.pump()), asyncio.ensure_future(err.pump())]
-        feeder = asyncio.ensure_future(_feed(in_w, spec.stdin) if in_w >= 0 else asyncio.sleep(0))
+        if spec.tty is None:
+            pumps = [asyncio.ensure_future(out.pump()), asyncio.ensure_future(err.pump())]
+            feeder = asyncio.ensure_future(_feed(in_w, spec.stdin) if in_w >= 0
+                                           else asyncio.sleep(0))
+        else:  # the terminal reads and writes the master itself
+            pumps = []
+            feeder = asyncio.ensure_future(asyncio.sleep(0))
         helpers += [*pumps, feeder]
 
         deadline = started + spec.wall_time_ms / 1000 if spec.wall_time_ms else None
@@ -358,7 +372,9 @@ async def run(room: Room, spec: RunSpec) -> RunResult:
         # the cgroup already counts no process).
         if cg.stats().pids_current != 0:
             await _kill_run(room, cg, run_id)
-        _, pending = await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_S)
+        pending: set[asyncio.Future[None]] = set()
+        if pumps:
+            _, pending = await asyncio.wait(pumps, timeout=DRAIN_AFTER_EXIT_S)
         for p in pending:
             p.cancel()
         feeder.cancel()

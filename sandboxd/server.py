@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import config, errors, protocol
@@ -84,6 +86,9 @@ class Connection:
         self.charged = 0  # bytes of buf charged to Server.buffered
         self.skipping: errors.RequestTooLarge | None = None  # skipping a line, to answer this
         self.dropped = False
+        # Run once when the connection ends (Context.on_close: terminals, watches).
+        self.closers: dict[int, Callable[[], None]] = {}
+        self._closer_ids = itertools.count()
         sock = writer.get_extra_info("socket")
         self.pid, self.uid, self.gid = peer_credentials(sock)
 
@@ -135,6 +140,22 @@ class Connection:
             self.writer.transport.abort()
             raise ConnectionResetError("client dropped: it stopped reading")
 
+    def on_close(self, callback: Callable[[], None]) -> Callable[[], None]:
+        key = next(self._closer_ids)
+        self.closers[key] = callback
+
+        def forget() -> None:
+            self.closers.pop(key, None)
+        return forget
+
+    def _run_closers(self) -> None:
+        closers, self.closers = list(self.closers.values()), {}
+        for cb in closers:
+            try:
+                cb()
+            except Exception:
+                log.exception("a connection close hook failed")
+
     async def notify(self, message: protocol.Notification) -> None:
         await self.send(protocol.notification(message.method, message))
 
@@ -160,6 +181,7 @@ class Connection:
                 task.cancel()  # the client is gone: its runs are killed (runs.run cleans up)
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            self._run_closers()
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
@@ -304,7 +326,7 @@ class Connection:
             services = self.server.services
             if services is None:
                 raise errors.ShuttingDown("the daemon is not serving")
-            ctx = services.context(self.uid, self.pid, req.id, self.notify)
+            ctx = services.context(self.uid, self.pid, req.id, self.notify, self.on_close)
             result = await HANDLERS[req.method](ctx, params)
             if not isinstance(result, spec.result):
                 raise TypeError(f"{req.method} returned {type(result).__name__}, "

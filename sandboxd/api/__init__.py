@@ -1,6 +1,6 @@
 """Method handlers, one module per family (rooms, exec, files, git, code, stats, processes,
-ports, backups): thin layers over the room-level calls (``rooms``, ``runs``, ``roomfiles``,
-``processes``, ``ports``, the code-run service).
+ports, backups, terminals): thin layers over the room-level calls (``rooms``, ``runs``,
+``roomfiles``, ``processes``, ``ports``, ``persistence``, ``terminals``, the code-run service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
 ``protocol.METHODS`` (a unit test holds them equal), which says each one's params, result and
@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import protocol
 from ..context import Context
-from . import backups, code, exec, files, git, ports, processes, rooms, stats
+from . import backups, code, exec, files, git, ports, processes, rooms, stats, terminals
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
 #: so the table can only say Any; tests check each handler's annotations against METHODS.
@@ -60,6 +60,12 @@ HANDLERS: dict[str, Handler] = {
     "forkSandbox": backups.fork_sandbox,
     "exportSandbox": backups.export_sandbox,
     "importSandbox": backups.import_sandbox,
+    "openTerminal": terminals.open_terminal,
+    "writeTerminal": terminals.write_terminal,
+    "resizeTerminal": terminals.resize_terminal,
+    "closeTerminal": terminals.close_terminal,
+    "attachTerminal": terminals.attach_terminal,
+    "listTerminals": terminals.list_terminals,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]

@@ -382,14 +382,14 @@ class RoomHandle:
 
     async def spawn(self, run: str, argv: list[str], env: dict[str, str], cwd: str, user: str,
                     rlimits: dict[str, int], stdio: tuple[int, int, int],
-                    cgroup_fds: list[int], pids_limited: bool = False) -> int:
+                    cgroup_fds: list[int], pids_limited: bool = False, tty: bool = False) -> int:
         """Start a payload (after :meth:`expect_exit`); return its pid in the room."""
         if user not in ("root", "sandbox"):
             raise JailError(errno.EINVAL, f"no such room user {user!r}")
         reply, _ = await self.request(
             messages.Spawn(run=run, argv=argv, env=env, cwd=cwd,
                            user="sandbox" if user == "sandbox" else "root", rlimits=rlimits,
-                           ncg=len(cgroup_fds), pids_limited=pids_limited),
+                           ncg=len(cgroup_fds), pids_limited=pids_limited, tty=tty),
             [*stdio, *cgroup_fds])
         if isinstance(reply, ErrorReply):
             raise JailError(f"spawn failed in room {self.room_id}: {reply.message}")

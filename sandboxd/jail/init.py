@@ -20,6 +20,8 @@ dispatched by :meth:`Init.dispatch` with one ``match``:
   Kill     {run, sig}        signal the run's process group -> KillReply {found}
   KillAll                    SIGKILL every process of the room but the init
   Ping                       -> Pong {runs}
+  OpenPty  {cols, rows} -> PtyOpened {name} + [master, slave] of the room's devpts
+           (``ptyops.py``); a Spawn with ``tty`` makes the slave the payload's controlling tty
   Connect  {port, timeout_ms} -> Connected {address} + [a connected TCP socket]: a job of the
            loop (``portops.py``), never blocking the other requests; ECONNREFUSED, ETIMEDOUT
   the file operations        ``fileops.py`` (Write is a Job: answered from the event loop)
@@ -47,7 +49,7 @@ from typing import Protocol, assert_never
 import msgspec
 
 from . import _syscalls as sc
-from . import caps, cgroup, channel, fileops, messages, mnt, net, portops
+from . import caps, cgroup, channel, fileops, messages, mnt, net, portops, ptyops
 from .messages import ErrorReply, Reply
 
 
@@ -203,6 +205,13 @@ class Init:
                     self.reply(msg, fileops.code_dir(msg))
                 case messages.Connect():
                     self._connect(msg)
+                case messages.OpenPty():
+                    pty, pair = ptyops.open_pty(msg)
+                    try:
+                        self.reply(msg, pty, pair)
+                    finally:
+                        for fd in pair:
+                            os.close(fd)
                 case _:  # mypy: every ToInit op has its case above
                     assert_never(msg)
         except Exception as err:  # noqa: BLE001 - a bad request must never take the room down
@@ -316,7 +325,7 @@ class Init:
     def _fast_path_ok(self, msg: messages.Spawn) -> bool:
         # posix_spawn cannot change the uid or set rlimits in the child, and a pids-limited run
         # cgroup would count the init itself while it stands in it.
-        return (msg.user == "root" and set(msg.rlimits) <= {"core"}
+        return (msg.user == "root" and set(msg.rlimits) <= {"core"} and not msg.tty
                 and not msg.pids_limited and bool(self.home_fds or not msg.ncg))
 
     def _spawn_fast(self, msg: messages.Spawn, fds: list[int]) -> int:
@@ -488,6 +497,9 @@ def _payload(msg: messages.Spawn, fds: list[int], err_w: int) -> None:
         stage = "stdio"
         for i in range(3):
             os.dup2(fds[i], i)
+        if msg.tty:
+            stage = "tty"
+            ptyops.take_controlling_tty(SANDBOX_UID if msg.user == "sandbox" else None)
         stage = "signals"
         signal.set_wakeup_fd(-1)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -7,7 +7,8 @@ msgpack datagram per message, fds by SCM_RIGHTS):
            <─FromZygote─                   RoomSpawned {pid} + [init channel, pidfd], Pong,
                                            ErrorReply; event Exited {pid, status}
     daemon ──ToInit────> room init         Spawn, Kill, KillAll, Ping, the file operations and
-                                           Connect (a socket inside the room's netns)
+                                           Connect (a socket inside the room's netns),
+                                           OpenPty (a pty pair of the room's devpts)
            <─FromInit───                   one reply type per request, or ErrorReply;
                                            events Ready, Failed, Exit
 
@@ -144,6 +145,9 @@ class Spawn(Request[SpawnReply], tag="spawn", kw_only=True):
     rlimits: dict[str, int] = {}  # init.RLIMIT_NAMES -> value (soft = hard)
     ncg: int = 0
     pids_limited: bool = False
+    #: stdin/stdout/stderr are one pty slave: the payload makes it its controlling terminal
+    #: (after its setsid) and owns it as its user (issue 15, terminals)
+    tty: bool = False
 
 
 class Kill(Request[KillReply], tag="kill", kw_only=True):
@@ -306,14 +310,33 @@ class Connect(Request[Connected], tag="p_connect", kw_only=True):
     timeout_ms: int = 5000
 
 
+# --- daemon <-> room init: terminals (jail/ptyops.py) -------------------------------------------
+
+
+class PtyOpened(Reply, tag="t_opened", kw_only=True):
+    """fds: [the master, the slave] of a pty of the room's own devpts, ``name`` the slave's
+    path in the room (/dev/pts/N)."""
+
+    nfds: ClassVar[int] = 2
+    name: str
+
+
+class OpenPty(Request[PtyOpened], tag="t_open", kw_only=True):
+    """Open a pty pair in the room's devpts, sized ``cols`` x ``rows``."""
+
+    cols: int = 80
+    rows: int = 24
+
+
 # --- the unions each side decodes ----------------------------------------------------------------
 
 ToZygote = SpawnRoom | Ping
 FromZygote = RoomSpawned | Pong | ErrorReply | Exited
 ToInit = Spawn | Kill | KillAll | Ping | OpenRead | Write | Exists | Delete | Rename | Mkdir \
-    | ListDir | Code | Connect
+    | ListDir | Code | Connect | OpenPty
 FromInit = SpawnReply | KillReply | KillAllReply | Pong | Opened | Written | Existence \
-    | PathReply | Renamed | Listing | CodeState | Connected | ErrorReply | Exit | Ready | Failed
+    | PathReply | Renamed | Listing | CodeState | Connected | PtyOpened | ErrorReply | Exit \
+    | Ready | Failed
 
 to_zygote: msgspec.msgpack.Decoder[ToZygote] = msgspec.msgpack.Decoder(ToZygote)
 from_zygote: msgspec.msgpack.Decoder[FromZygote] = msgspec.msgpack.Decoder(FromZygote)

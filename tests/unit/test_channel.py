@@ -66,6 +66,8 @@ SAMPLES: list[messages.Message] = [
     messages.Failed(error="OSError: mount"),
     messages.Connect(id=15, port=8000, timeout_ms=250),
     messages.Connected(re=15, address="::1"),
+    messages.OpenPty(id=16, cols=100, rows=30),
+    messages.PtyOpened(re=16, name="/dev/pts/0"),
 ]
 
 UNIONS = {

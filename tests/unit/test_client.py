@@ -440,6 +440,34 @@ class FakeDaemon:
         got.append((base64.b64decode(p.data), p.append, p.final))
         return {"sandboxId": p.sandbox_id, "dir": p.dir or "/workspace",
                 "sizeBytes": sum(len(d) for d, _, _ in got), "imported": p.final}
+    def _term(self, tid: str, **kw: Any) -> dict[str, Any]:
+        return {"terminalId": tid, "sandboxId": "alpha", "pid": 9, "tty": "/dev/pts/0",
+                "command": "sh", "cols": 80, "rows": 24, "status": "running",
+                "attached": True, "createdAt": NOW, **kw}
+
+    async def m_openTerminal(self, p: protocol.OpenTerminalParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        return {"terminalId": "term-1", "pid": 9, "tty": "/dev/pts/0"}
+
+    async def m_writeTerminal(self, p: protocol.WriteTerminalParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return {"written": len(base64.b64decode(p.data))}
+
+    async def m_resizeTerminal(self, p: protocol.ResizeTerminalParams, rid: Any,
+                               send: Any) -> dict[str, Any]:
+        return self._term(p.terminal_id, cols=p.cols, rows=p.rows)
+
+    async def m_closeTerminal(self, p: protocol.TerminalParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return self._term(p.terminal_id, status="exited", exitCode=129, signal="SIGHUP")
+
+    async def m_attachTerminal(self, p: protocol.TerminalParams, rid: Any,
+                               send: Any) -> dict[str, Any]:
+        return self._term(p.terminal_id)
+
+    async def m_listTerminals(self, p: protocol.ListTerminalsParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return {"terminals": [self._term("term-1")]}
 
 
 NOW = "2026-11-26T20:00:00.000Z"
@@ -914,6 +942,13 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert sb.export(out).chunks == 2 and out.getvalue() == b"gzip"
     assert sb.import_archive(b"archive").imported is True
     assert daemon.__dict__["imported"] == [(b"archive", False, True)]
+    term = sb.open_terminal(cols=100, rows=30)
+    assert (term.terminal_id, term.tty) == ("term-1", "/dev/pts/0")
+    assert sb.write_terminal("term-1", b"ls\n") == 3
+    assert sb.resize_terminal("term-1", 120, 40).cols == 120
+    assert sb.attach_terminal("term-1").attached is True
+    assert [t.terminal_id for t in sb.list_terminals()] == ["term-1"]
+    assert sb.close_terminal("term-1").exit_code == 129
     assert sb.destroy().destroyed is True
     sent = next(r for r in daemon.requests if r["method"] == "runCode")["params"]
     assert sent["limits"] == {"cpuTimeMs": 100} and sent["compileLimits"] == {"wallTimeMs": 5000}
@@ -939,6 +974,12 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             assert (await sb.expose_port(80)).url == "http://127.0.0.1:40080"
             assert [e.port for e in await sb.get_exposed_ports()] == [80]
             assert (await sb.unexpose_port(80)).unexposed is True
+            assert (await sb.open_terminal("sh", [])).terminal_id == "term-1"
+            assert await sb.write_terminal("term-1", b"x") == 1
+            assert (await sb.resize_terminal("term-1", 10, 5)).rows == 5
+            assert (await sb.attach_terminal("term-1")).status == "running"
+            assert len(await sb.list_terminals()) == 1
+            assert (await sb.close_terminal("term-1")).status == "exited"
             assert await sb.exists("x")
             assert [f.name for f in await sb.list_files()] == ["x"]
             await sb.rename_file("x", "y")

@@ -51,8 +51,11 @@ def test_schema_structs_are_camel_case_and_strict() -> None:
 
 def test_notifications_are_declared_by_the_methods_that_send_them() -> None:
     assert set(protocol.NOTIFICATIONS) == {"exec.output", "export.chunk", "file.chunk",
-                                           "process.output"}
+                                           "process.output", "terminal.output",
+                                           "terminal.exit"}
     assert protocol.METHODS["exportSandbox"].notifications == (protocol.ExportChunk,)
+    assert protocol.METHODS["attachTerminal"].notifications == (protocol.TerminalOutput,
+                                                                protocol.TerminalExit)
     assert protocol.METHODS["streamProcessLogs"].notifications == (protocol.ProcessOutput,)
     wire = msgspec.to_builtins(protocol.ProcessOutput(request_id=4, process_id="web",
                                                       stream="stdout", data="hi"))
