@@ -295,27 +295,7 @@ class Store:
         """Rename the finished archive into place, then write its record (each fsynced): the
         record's rename is what makes the backup exist."""
         archive, record = self._paths(uid, meta.backup_id)
-        assert arc.path is not None
-        os.fsync(arc.fd)
-        os.rename(arc.path, archive)
-        arc.path = None
-        tmp = record + ".tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(msgspec.json.encode(meta))
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, record)
-            dfd = os.open(self.dir(uid), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except BaseException:
-            for p in (tmp, archive):
-                with contextlib.suppress(OSError):
-                    os.unlink(p)
-            raise
+        publish(arc, archive, record, msgspec.json.encode(meta))
 
     def delete(self, uid: int, backup_id: str) -> bool:
         check_backup_id(backup_id)
@@ -343,6 +323,33 @@ class Store:
                                 os.unlink(os.path.join(d, name))
                                 removed += 1
         return removed
+
+
+def publish(arc: Archive, archive: str, record: str, data: bytes) -> None:
+    """Rename the finished archive to ``archive``, then write its ``record`` (each fsynced,
+    then the directory): the record's rename is what makes it exist; a failure removes both.
+    Backups and stopped rooms alike (both live in the state dir: renames, never copies)."""
+    assert arc.path is not None
+    os.fsync(arc.fd)
+    os.rename(arc.path, archive)
+    arc.path = None
+    tmp = record + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, record)
+        dfd = os.open(os.path.dirname(record), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        for p in (tmp, archive):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        raise
 
 
 # --- runs in the room ------------------------------------------------------------------------
@@ -759,20 +766,7 @@ class Sleeper:
     def _commit(self, uid: int, rec: StoppedRoom, arc: Archive) -> None:
         base = self._base(uid, rec.sandbox_id)
         os.makedirs(os.path.dirname(base), mode=0o700, exist_ok=True)
-        assert arc.path is not None
-        os.fsync(arc.fd)
-        os.rename(arc.path, base + ".tgz")  # same filesystem: the state dir
-        arc.path = None
-        with open(base + ".json.tmp", "wb") as f:
-            f.write(msgspec.json.encode(rec))
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(base + ".json.tmp", base + ".json")
-        dfd = os.open(os.path.dirname(base), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        publish(arc, base + ".tgz", base + ".json", msgspec.json.encode(rec))
 
     async def wake(self, uid: int, room_id: str) -> None:
         lock = self._locks.setdefault((uid, room_id), asyncio.Lock())
