@@ -10,6 +10,9 @@
 # With --tests (what .ci/run asks for), also what only the test tiers need:
 #   qemu-system-x86 e2fsprogs                          the VM tier (tests/vm: a TCG guest on
 #                                                      Debian 12's kernel, pure cgroup v2)
+#   scripts/node.sh                                    node >= 20 and npm from the npm registry
+#                                                      (pinned, sha512-checked) for the
+#                                                      TypeScript client's tests
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc libcap-dev libseccomp2 uidmap util-linux procps
       iproute2 git ca-certificates mmdebstrap arch-test systemd-container tmux)
@@ -27,4 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+if [ "${1:-}" = --tests ]; then
+    "$(dirname "${BASH_SOURCE[0]}")/node.sh"
 fi
