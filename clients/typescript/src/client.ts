@@ -11,7 +11,8 @@
  * `DaemonUnreachable` saying the connection was lost and that the call may or may not have run;
  * the next call opens a new connection (`generation` counts them).
  */
-import { existsSync } from "node:fs";
+import { existsSync, realpathSync, statSync } from "node:fs";
+import { dirname } from "node:path";
 import * as net from "node:net";
 import { DaemonUnreachable, ParseError, ProtocolError, SandboxError, fromWire, type WireError }
   from "./errors.js";
@@ -60,6 +61,55 @@ export function defaultSocket(): string {
   const runtime = process.env.XDG_RUNTIME_DIR || `/tmp/sandboxd-${uid}`;
   const path = `${runtime}/sandboxd/sandboxd.sock`;
   return !existsSync(path) && existsSync(system) ? system : path;
+}
+
+/** Why directory `path` could be another user's, or null when a socket in it can be trusted
+ *  (config.untrusted_dir): every component owned by root or us and writable by no one else
+ *  unless sticky; the directory itself ours and private. */
+export function untrustedDir(path: string, uid: number): string | null {
+  let real: string;
+  try {
+    real = realpathSync(path);
+  } catch {
+    return null; // not made yet: whoever makes it decides
+  }
+  const parts = real.split("/");
+  for (let i = 1; i <= parts.length; i++) {
+    const comp = parts.slice(0, i).join("/") || "/";
+    let st;
+    try {
+      st = statSync(comp);
+    } catch (err) {
+      return `${comp}: ${(err as Error).message}`;
+    }
+    const last = comp === real;
+    if ((st.uid !== 0 && st.uid !== uid) || (last && st.uid !== uid)) {
+      return `${comp} is owned by uid ${st.uid}`;
+    }
+    if (st.mode & 0o022 && (last || !(st.mode & 0o1000))) {
+      return `${comp} is writable by other users (mode ${(st.mode & 0o7777).toString(8)})`;
+    }
+  }
+  return null;
+}
+
+/** Before connecting (H9, as the Python client): a socket under the /tmp fallback directory is
+ *  used only if that directory and everything above it can be nobody else's. */
+export function checkSocketPath(path: string): void {
+  const uid = typeof process.geteuid === "function" ? process.geteuid() : 0;
+  const fallback = `/tmp/sandboxd-${uid}`;
+  let real = path;
+  try {
+    real = realpathSync(path);
+  } catch {
+    /* not there: connect will say so */
+  }
+  if (!path.startsWith(fallback + "/") && !real.startsWith(fallback + "/")) return;
+  const reason = untrustedDir(dirname(path), uid);
+  if (reason !== null) {
+    throw unreachable(path, `refusing the socket: ${reason} (another user may have made it; `
+      + "set XDG_RUNTIME_DIR or SANDBOXD_SOCKET)");
+  }
 }
 
 function unreachable(path: string, what: string, cause?: unknown): DaemonUnreachable {
@@ -155,6 +205,11 @@ export class SandboxdClient {
     this.sock = null;
     if (this.connecting !== null) return this.connecting;
     this.closed = false;
+    try {
+      checkSocketPath(this.socketPath);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     this.connecting = new Promise<net.Socket>((resolve, reject) => {
       const sock = net.connect({ path: this.socketPath });
       let timer: NodeJS.Timeout | undefined;

@@ -2,13 +2,14 @@
  * client can provoke on a real daemon. Through a fake peer on a Unix socket: every class of
  * the generated tree (src/errors.ts BY_CODE), a line that is not JSON, an unattributable error. */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import * as E from "../src/errors.js";
 import { SandboxdClient, getSandbox } from "../src/index.js";
+import { untrustedDir } from "../src/client.js";
 import { roomId, socketPath } from "./helpers.js";
 
 const client = new SandboxdClient(socketPath(), { timeoutMs: 120000 });
@@ -87,6 +88,40 @@ describe("errors from a real daemon", () => {
     const err = await rejects(c.call("ping", {}), E.DaemonUnreachable, "DAEMON_UNREACHABLE");
     assert.match(err.message, /\/nonexistent\/sandboxd\.sock: no such socket/);
     assert.equal(err.data.socket, "/nonexistent/sandboxd.sock");
+  });
+});
+
+describe("a socket another user could have planted (H9)", () => {
+  it("a world-writable directory is untrusted; a private one of ours is fine", () => {
+    const uid = process.geteuid!();
+    const d = mkdtempSync(join(tmpdir(), "sbx-h9-"));
+    try {
+      assert.equal(untrustedDir(d, uid), null);
+      chmodSync(d, 0o777);
+      assert.match(untrustedDir(d, uid) ?? "", /writable by other users \(mode 777\)/);
+      assert.match(untrustedDir(d, uid + 1) ?? "", /is owned by uid/);
+    } finally {
+      rmSync(d, { recursive: true, force: true });
+    }
+  });
+
+  it("the /tmp fallback socket is refused when its directory is world-writable", async (t) => {
+    const fallback = `/tmp/sandboxd-${process.geteuid!()}`;
+    if (existsSync(fallback)) {
+      // someone's real fallback directory: leave it alone, the unit check above covers it
+      t.diagnostic(`${fallback} exists; checked untrustedDir only`);
+      return;
+    }
+    mkdirSync(fallback, { mode: 0o777 });
+    chmodSync(fallback, 0o777);
+    try {
+      const c = new SandboxdClient(`${fallback}/sandboxd/sandboxd.sock`);
+      mkdirSync(`${fallback}/sandboxd`, { mode: 0o700 });
+      const err = await rejects(c.call("ping", {}), E.DaemonUnreachable, "DAEMON_UNREACHABLE");
+      assert.match(err.message, /refusing the socket: .* is writable by other users/);
+    } finally {
+      rmSync(fallback, { recursive: true, force: true });
+    }
   });
 });
 
