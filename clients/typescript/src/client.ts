@@ -166,6 +166,15 @@ export class SandboxdClient {
   /** Stop routing the notifications of a `keep` call. */
   release(id: number): void {
     this.kept.delete(id);
+    this.refresh();
+  }
+
+  /** An idle connection does not keep the process alive (a script ends when its work does);
+   *  one with calls in flight or terminals being followed does. */
+  private refresh(): void {
+    if (this.sock === null) return;
+    if (this.pending.size > 0 || this.kept.size > 0) this.sock.ref();
+    else this.sock.unref();
   }
 
   /** A typed call: `params` and the result are the method's wire structs (src/protocol.ts). */
@@ -179,7 +188,16 @@ export class SandboxdClient {
     const sock = await this.socket();
     const id = this.nextId++;
     const line = JSON.stringify({ jsonrpc: "2.0", id, method, params: params ?? {} }) + "\n";
-    return await new Promise<unknown>((resolve, reject) => {
+    try {
+      return await this.send(sock, id, method, line, options);
+    } finally {
+      this.refresh();
+    }
+  }
+
+  private send(sock: net.Socket, id: number, method: string, line: string,
+               options: CallOptions): Promise<unknown> {
+    return new Promise<unknown>((resolve, reject) => {
       const p: Pending = { method, resolve, reject, onNotification: options.onNotification,
                            keep: options.keep ?? false };
       const timeout = options.timeoutMs ?? this.timeoutMs;
@@ -190,6 +208,7 @@ export class SandboxdClient {
         }, timeout);
       }
       this.pending.set(id, p);
+      this.refresh();
       options.onId?.(id);
       sock.write(line, (err) => {
         if (err && this.pending.delete(id)) {

@@ -1,5 +1,6 @@
 /** Many calls in flight on one connection: answers matched by id whatever order they come in. */
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { after, describe, it } from "node:test";
 import { SandboxdClient, getSandbox } from "../src/index.js";
 import { roomId, socketPath } from "./helpers.js";
@@ -48,5 +49,19 @@ describe("concurrency on one connection", () => {
     const r0 = out[0] as PromiseRejectedResult;
     assert.match(String(r0.reason.message), /missing-1/);
     assert.match(String((out[2] as PromiseRejectedResult).reason.message), /missing-2/);
+  });
+
+  it("an idle connection does not keep a script alive; one with a call in flight does", () => {
+    const index = new URL("../src/index.js", import.meta.url).href;
+    const script = `import { getSandbox } from ${JSON.stringify(index)};
+      const sb = getSandbox(${JSON.stringify(socketPath())}, ${JSON.stringify(rooms[0]!.id)});
+      const r = await sb.exec("sleep 0.5; echo done");
+      console.log(r.stdout.trim());`;  // no close(): the process must still end
+    const t = Date.now();
+    const out = spawnSync(process.execPath, ["--input-type=module", "-e", script],
+                          { encoding: "utf8", timeout: 30000 });
+    assert.equal(out.status, 0, out.stderr);
+    assert.equal(out.stdout, "done\n");
+    assert.ok(Date.now() - t < 20000, "the script hung on its idle connection");
   });
 });
