@@ -16,12 +16,12 @@ describe("concurrency on one connection", () => {
   it("24 execs across two rooms, answered out of order, each with its own result", async () => {
     await Promise.all(rooms.map((sb) => sb.exec("true")));
     const gen = client.generation;
-    const started = Date.now();
+    let answered = 0;
     const calls = Array.from({ length: 24 }, (_, i) => {
       const sb = rooms[i % 2]!;
       // later calls sleep less: their answers overtake the earlier ones
       const delay = ((24 - i) * 0.02).toFixed(2);
-      return sb.exec(`sleep ${delay}; echo ${i}`).then((r) => ({ i, r, at: Date.now() }));
+      return sb.exec(`sleep ${delay}; echo ${i}`).then((r) => ({ i, r, at: answered++ }));
     });
     const done = await Promise.all(calls);
     for (const { i, r } of done) {
@@ -31,7 +31,6 @@ describe("concurrency on one connection", () => {
     const order = [...done].sort((a, b) => a.at - b.at).map((d) => d.i);
     assert.notDeepEqual(order, done.map((d) => d.i), "answers all came in request order");
     assert.equal(client.generation, gen, "the calls did not share one connection");
-    assert.ok(Date.now() - started < 24 * 0.48 * 1000 * 0.8, "the calls ran one after another");
   });
 
   it("errors and results interleave without crossing", async () => {
@@ -57,11 +56,10 @@ describe("concurrency on one connection", () => {
       const sb = getSandbox(${JSON.stringify(socketPath())}, ${JSON.stringify(rooms[0]!.id)});
       const r = await sb.exec("sleep 0.5; echo done");
       console.log(r.stdout.trim());`;  // no close(): the process must still end
-    const t = Date.now();
+    // spawnSync's timeout kills a script that hangs on its idle connection (status null)
     const out = spawnSync(process.execPath, ["--input-type=module", "-e", script],
                           { encoding: "utf8", timeout: 30000 });
     assert.equal(out.status, 0, out.stderr);
     assert.equal(out.stdout, "done\n");
-    assert.ok(Date.now() - t < 20000, "the script hung on its idle connection");
   });
 });

@@ -110,11 +110,11 @@ describe("code", () => {
   it("listLanguages, runCode, runExampleCode", async () => {
     const sb = room("code");
     const langs = await client.call("listLanguages", {});
-    assert.equal(langs.languages.length, 13);
+    assert.ok(langs.languages.length >= 13);
     const py = langs.languages.find((l) => l.id === "python");
     assert.ok(py);
     const examples = await sb.runExampleCode();
-    assert.equal(examples.length, 13);
+    assert.equal(examples.length, langs.languages.length);
     if (py.available) {
       const r = await sb.runCode("python", "print(input().upper())", { stdin: "abc\n" });
       assert.deepEqual([r.stdout, r.exitCode, r.status, r.success], ["ABC\n", 0, "OK", true]);
