@@ -307,9 +307,19 @@ export class SandboxdClient {
     if (typeof msg.method === "string" && !("id" in msg)) {
       const params = (msg.params ?? {}) as Record<string, unknown>;
       const rid = Number(params.requestId);
-      const handler = this.pending.get(rid)?.onNotification ?? this.kept.get(rid)
-        ?? this.onNotification;
-      handler?.({ method: msg.method, params } as unknown as AnyNotification);
+      const pending = this.pending.get(rid);
+      const handler = pending?.onNotification ?? this.kept.get(rid) ?? this.onNotification;
+      try {
+        handler?.({ method: msg.method, params } as unknown as AnyNotification);
+      } catch (err) {
+        // A callback that throws fails its own call (its late answer is then ignored), never
+        // the reader: the other calls on the connection go on.
+        if (pending !== undefined) {
+          this.pending.delete(rid);
+          clearTimeout(pending.timer);
+          pending.reject(err);
+        }
+      }
       return;
     }
     if (!("result" in msg) && !("error" in msg)) return;

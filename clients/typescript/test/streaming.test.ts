@@ -70,6 +70,15 @@ describe("streaming", () => {
     assert.equal(arch.data.length, arch.sizeBytes);
   });
 
+  it("an onOutput that throws fails its own call only", async () => {
+    const boom = new Error("callback broke");
+    const other = sb.exec("sleep 0.3; echo fine");
+    await assert.rejects(sb.exec("echo x; sleep 0.2", undefined,
+                                 { onOutput: () => { throw boom; } }), (e) => e === boom);
+    assert.equal((await other).stdout, "fine\n");
+    assert.equal((await sb.exec("echo", ["after"])).stdout, "after\n");
+  });
+
   it("no notification went astray", () => {
     assert.deepEqual(stray, []);
   });
