@@ -146,7 +146,7 @@ def lang_daemon(test_user: Any) -> Iterator[Any]:
 @pytest.mark.timeout(1200)
 def test_seed_flow_all_languages(built: Path, lang_daemon: Any) -> None:
     """examples/seed-flow.ts (the seed's snippets verbatim) in all 13 languages."""
-    _node_test(built, "seed_flow", timeout=1100, min_tests=17,
+    _node_test(built, "seed_flow", timeout=1100, min_tests=18,
                SANDBOXD_TEST_SOCKET=lang_daemon.socket, SANDBOXD_SOCKET=lang_daemon.socket)
 
 

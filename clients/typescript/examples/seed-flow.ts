@@ -11,10 +11,13 @@
  * compile, so for those `getExecutionCommand` names a small runner script that compiles, then
  * runs, and `installRunners(roomId)` puts the scripts into the room first.
  */
-import { CodeRunService, defaultSocket, getSandbox } from '@sandboxd/client';
+import { CodeRunService, SandboxdClient, defaultSocket, getSandbox } from '@sandboxd/client';
 
-/** The seed's binding: sandboxd's socket ($SANDBOXD_SOCKET, else the default one). */
-export const env = { SANDBOX: process.env.SANDBOXD_SOCKET ?? defaultSocket() };
+/** The seed's binding: a client of sandboxd's socket ($SANDBOXD_SOCKET, else the default one),
+ *  with the SDK's "automatic timeout protection": an exec that gives no timeout gets 30 s. */
+export const env = {
+	SANDBOX: new SandboxdClient(process.env.SANDBOXD_SOCKET ?? defaultSocket(), { execTimeoutMs: 30000 }),
+};
 /** The seed's context: CodeRunService takes one whose env has SANDBOX. */
 export const ctx = { env };
 

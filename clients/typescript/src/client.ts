@@ -30,6 +30,9 @@ export interface ClientOptions {
   timeoutMs?: number;
   /** notifications that name no call of ours */
   onNotification?: NotificationHandler;
+  /** ms: the `timeout` of a `Sandbox.exec` that gives none (the Cloudflare SDK's automatic
+   *  timeout protection); unset: only the daemon's limits apply */
+  execTimeoutMs?: number;
 }
 
 export interface CallOptions {
@@ -130,6 +133,7 @@ export class SandboxdClient {
   readonly socketPath: string;
   timeoutMs: number | undefined;
   onNotification: NotificationHandler | undefined;
+  execTimeoutMs: number | undefined;
   /** how many connections this client has opened (a new one after the daemon went away) */
   generation = 0;
   private sock: net.Socket | null = null;
@@ -144,6 +148,7 @@ export class SandboxdClient {
     this.socketPath = socketPath;
     this.timeoutMs = options.timeoutMs;
     this.onNotification = options.onNotification;
+    this.execTimeoutMs = options.execTimeoutMs;
   }
 
   /** Connect now (calls connect lazily anyway). */

@@ -140,19 +140,32 @@ export class Sandbox {
 
   // --- exec and code ---------------------------------------------------------------------------
 
-  /** `command` with `args` (argv), or without args a shell line. A non-zero exit is a result. */
-  exec(command: string, args?: string[], options: ExecOptions = {}): Promise<P.ExecResult> {
+  /**
+   * `command` with `args` (argv), or without args a shell line. A non-zero exit is a result.
+   * A run that timed out is reported as the Cloudflare SDK reports it (the seed checks
+   * `exitCode === -1 && stderr.includes('timed out')`): `exitCode` -1 and "Execution timed out
+   * after N ms..." added to `stderr`, beside sandboxd's verdict (`status` TO, `timedOut`).
+   */
+  async exec(command: string, args?: string[], options: ExecOptions = {}): Promise<P.ExecResult> {
     const { onOutput, stream, ...rest } = options;
     const params: P.ExecParams = { sandboxId: this.id, command, ...rest };
     if (args !== undefined) params.args = args;
+    const timeout = rest.timeout ?? this.client.execTimeoutMs;
+    if (timeout !== undefined) params.timeout = timeout;
     const streamed = stream === true || onOutput !== undefined;
     if (streamed) params.stream = true;
-    const timeoutMs = this.client.timeoutMs !== undefined && rest.timeout !== undefined
-      ? this.client.timeoutMs + rest.timeout : undefined;
+    const timeoutMs = this.client.timeoutMs !== undefined && timeout !== undefined
+      ? this.client.timeoutMs + timeout : undefined;
     // Streamed without a callback: the output is in the result; the chunks go nowhere.
     const onNotification = onOutput !== undefined ? outputRouter(onOutput)
       : streamed ? () => undefined : undefined;
-    return this.call("exec", params, { onNotification, timeoutMs });
+    const r = await this.call("exec", params, { onNotification, timeoutMs });
+    if (!r.timedOut) return r;
+    const ms = timeout ?? r.wallTimeMs ?? r.duration;
+    const note = `Execution timed out after ${ms}ms. This may be due to an infinite loop or `
+      + "long-running code.";
+    const sep = r.stderr === "" || r.stderr.endsWith("\n") ? "" : "\n";
+    return { ...r, exitCode: -1, success: false, stderr: `${r.stderr}${sep}${note}` };
   }
 
   runCode(language: string, code: string,

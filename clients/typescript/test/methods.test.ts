@@ -58,6 +58,18 @@ describe("exec", () => {
     const slow = await sb.exec("sleep", ["5"], { timeout: 300 });
     assert.equal(slow.timedOut, true);
     assert.equal(slow.status, "TO");
+    // as the Cloudflare SDK (and the seed's check) has it
+    assert.deepEqual([slow.exitCode, slow.success], [-1, false]);
+    assert.match(slow.stderr, /^Execution timed out after 300ms\. /);
+    client.execTimeoutMs = 300; // the SDK's automatic timeout protection: a default timeout
+    try {
+      const loop = await sb.exec("while :; do :; done");
+      assert.deepEqual([loop.timedOut, loop.exitCode], [true, -1]);
+      assert.ok(loop.stderr.includes("timed out"));
+      assert.equal((await sb.exec("echo", ["quick"])).exitCode, 0);
+    } finally {
+      client.execTimeoutMs = undefined;
+    }
   });
 });
 

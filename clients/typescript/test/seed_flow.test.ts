@@ -35,6 +35,7 @@ after(async () => {
     await getSandbox(env.SANDBOX, id).destroy().catch(() => undefined);
   }
   closeAll();
+  env.SANDBOX.close();
 });
 
 describe("the seed's Complete Code Execution Flow, in 13 languages", () => {
@@ -52,6 +53,18 @@ describe("the seed's Complete Code Execution Flow, in 13 languages", () => {
       assert.equal(left.stdout, "");
     });
   }
+  it("an infinite loop takes the seed's timeout branch", async () => {
+    env.SANDBOX.execTimeoutMs = 1000;
+    try {
+      const out = await executeCode("while True: pass", "python", room);
+      assert.deepEqual(out, { success: false, output: "",
+                              error: "Code execution timed out - possible infinite loop detected",
+                              exitCode: -1 });
+    } finally {
+      env.SANDBOX.execTimeoutMs = 30000;
+    }
+  });
+
   it("a program that fails is reported with its exit code and stderr", async () => {
     const out = await executeCode("import sys; sys.stderr.write('bad\\n'); sys.exit(4)", "python", room);
     assert.deepEqual([out.success, out.exitCode, out.error], [true, 4, "bad\n"]);
