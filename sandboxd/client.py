@@ -391,12 +391,13 @@ def _stdin_text(stdin: str | bytes | None) -> str | None:
 
 def _exec_params(sandbox_id: str, command: str, args: Sequence[str] | None, cwd: str | None,
                  env: Mapping[str, str | None] | None, stdin: str | bytes | None,
-                 timeout: float | None, stream: bool, limits: Limits, user: str | None
-                 ) -> protocol.ExecParams:
+                 timeout: float | None, stream: bool, limits: Limits, user: str | None,
+                 session_id: str | None = None) -> protocol.ExecParams:
     return _build(protocol.ExecParams, sandbox_id=sandbox_id, command=command,
                   args=list(args) if args is not None else None, cwd=cwd,
                   env=dict(env) if env is not None else None, stdin=_stdin_text(stdin),
-                  timeout=_timeout_ms(timeout), stream=stream, limits=limits, user=user)
+                  timeout=_timeout_ms(timeout), stream=stream, limits=limits, user=user,
+                  session_id=session_id)
 
 
 def _code_params(sandbox_id: str, language: str, code: str, stdin: str | None,
@@ -796,14 +797,16 @@ class Sandbox:
     def exec(self, command: str, args: Sequence[str] | None = None, *, cwd: str | None = None,
              env: Mapping[str, str | None] | None = None, stdin: str | bytes | None = None,
              timeout: float | None = None, on_output: OutputCallback | None = None,
-             limits: Limits = None, user: str | None = None) -> ExecResult:
+             limits: Limits = None, user: str | None = None,
+             session_id: str | None = None) -> ExecResult:
         """Run ``command`` with ``args`` (argv form) or, with ``args`` None, as a shell line.
 
         ``timeout`` is in seconds (sent as ms). With ``on_output``, output is streamed to it as
-        it is produced (``on_output("stdout", "text")``) before this returns.
+        it is produced (``on_output("stdout", "text")``) before this returns. With
+        ``session_id`` the line runs in that session's shell (:meth:`create_session`).
         """
         params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
-                              on_output is not None, limits, user)
+                              on_output is not None, limits, user, session_id)
         return self.client.request(
             "exec", params, ExecResult,
             _output_router(on_output) if on_output is not None else None,
@@ -928,12 +931,13 @@ class Sandbox:
     def start_process(self, command: str, args: Sequence[str] | None = None, *,
                       process_id: str | None = None, cwd: str | None = None,
                       env: Mapping[str, str | None] | None = None, limits: Limits = None,
-                      user: str | None = None) -> Process:
+                      user: str | None = None, session_id: str | None = None) -> Process:
         """Start ``command`` (argv form with ``args``, else a shell line) in the background;
         the returned handle reads its logs, follows it, waits for it and kills it. It keeps
         running after this client goes, until it exits, is killed or the room goes."""
         rec = self.client.request("startProcess", _start_params(
-            self.id, command, args, process_id, cwd, env, limits, user), protocol.ProcessInfo)
+            self.id, command, args, process_id, cwd, env, limits, user, session_id),
+            protocol.ProcessInfo)
         return Process(self, rec)
 
     def process(self, process_id: str) -> Process:
@@ -1063,11 +1067,12 @@ class Sandbox:
 
     def open_terminal(self, command: str | None = None, args: list[str] | None = None, *,
                       cols: int = 80, rows: int = 24, cwd: str | None = None,
-                      env: dict[str, str | None] | None = None,
-                      user: str = "root") -> protocol.OpenTerminalResult:
+                      env: dict[str, str | None] | None = None, user: str = "root",
+                      session_id: str | None = None) -> protocol.OpenTerminalResult:
         return self.client.request("openTerminal", _build(
             protocol.OpenTerminalParams, sandbox_id=self.id, command=command, args=args,
-            cols=cols, rows=rows, cwd=cwd, env=env, user=user), protocol.OpenTerminalResult)
+            cols=cols, rows=rows, cwd=cwd, env=env, user=user, session_id=session_id),
+            protocol.OpenTerminalResult)
 
     def write_terminal(self, terminal_id: str, data: bytes) -> int:
         return self.client.request("writeTerminal", protocol.WriteTerminalParams(
@@ -1089,6 +1094,24 @@ class Sandbox:
     def list_terminals(self) -> list[protocol.TerminalInfo]:
         return self.client.request("listTerminals", protocol.ListTerminalsParams(
             sandbox_id=self.id), protocol.ListTerminalsResult).terminals
+
+    # --- sessions (issue 15; docs/interactive.md) ----------------------------------------------
+
+    def create_session(self, session_id: str | None = None, *, cwd: str | None = None,
+                       env: Mapping[str, str | None] | None = None) -> protocol.SessionInfo:
+        """A persistent shell: ``exec(line, session_id=...)`` keeps cwd, variables, functions
+        and aliases from one call to the next."""
+        return self.client.request("createSession", _build(
+            protocol.CreateSessionParams, sandbox_id=self.id, session_id=session_id, cwd=cwd,
+            env=dict(env) if env is not None else None), protocol.SessionInfo)
+
+    def delete_session(self, session_id: str) -> protocol.SessionInfo:
+        return self.client.request("deleteSession", protocol.SessionParams(
+            sandbox_id=self.id, session_id=session_id), protocol.SessionInfo)
+
+    def list_sessions(self) -> list[protocol.SessionInfo]:
+        return self.client.request("listSessions", protocol.ListSessionsParams(
+            sandbox_id=self.id), protocol.ListSessionsResult).sessions
 
 
 # --- persistence: params and sinks --------------------------------------------------------------
@@ -1421,9 +1444,9 @@ class AsyncSandbox:
                    cwd: str | None = None, env: Mapping[str, str | None] | None = None,
                    stdin: str | bytes | None = None, timeout: float | None = None,
                    on_output: OutputCallback | None = None, limits: Limits = None,
-                   user: str | None = None) -> ExecResult:
+                   user: str | None = None, session_id: str | None = None) -> ExecResult:
         params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
-                              on_output is not None, limits, user)
+                              on_output is not None, limits, user, session_id)
         return await self.client.request(
             "exec", params, ExecResult,
             _output_router(on_output) if on_output is not None else None,
@@ -1492,9 +1515,11 @@ class AsyncSandbox:
     async def start_process(self, command: str, args: Sequence[str] | None = None, *,
                             process_id: str | None = None, cwd: str | None = None,
                             env: Mapping[str, str | None] | None = None, limits: Limits = None,
-                            user: str | None = None) -> AsyncProcess:
+                            user: str | None = None,
+                            session_id: str | None = None) -> AsyncProcess:
         rec = await self.client.request("startProcess", _start_params(
-            self.id, command, args, process_id, cwd, env, limits, user), protocol.ProcessInfo)
+            self.id, command, args, process_id, cwd, env, limits, user, session_id),
+            protocol.ProcessInfo)
         return AsyncProcess(self, rec)
 
     async def process(self, process_id: str) -> AsyncProcess:
@@ -1608,11 +1633,12 @@ class AsyncSandbox:
 
     async def open_terminal(self, command: str | None = None, args: list[str] | None = None, *,
                       cols: int = 80, rows: int = 24, cwd: str | None = None,
-                      env: dict[str, str | None] | None = None,
-                      user: str = "root") -> protocol.OpenTerminalResult:
+                      env: dict[str, str | None] | None = None, user: str = "root",
+                      session_id: str | None = None) -> protocol.OpenTerminalResult:
         return await self.client.request("openTerminal", _build(
             protocol.OpenTerminalParams, sandbox_id=self.id, command=command, args=args,
-            cols=cols, rows=rows, cwd=cwd, env=env, user=user), protocol.OpenTerminalResult)
+            cols=cols, rows=rows, cwd=cwd, env=env, user=user, session_id=session_id),
+            protocol.OpenTerminalResult)
 
     async def write_terminal(self, terminal_id: str, data: bytes) -> int:
         return (await self.client.request("writeTerminal", protocol.WriteTerminalParams(
@@ -1636,6 +1662,21 @@ class AsyncSandbox:
         return (await self.client.request("listTerminals", protocol.ListTerminalsParams(
             sandbox_id=self.id), protocol.ListTerminalsResult)).terminals
 
+    async def create_session(self, session_id: str | None = None, *, cwd: str | None = None,
+                             env: Mapping[str, str | None] | None = None
+                             ) -> protocol.SessionInfo:
+        return await self.client.request("createSession", _build(
+            protocol.CreateSessionParams, sandbox_id=self.id, session_id=session_id, cwd=cwd,
+            env=dict(env) if env is not None else None), protocol.SessionInfo)
+
+    async def delete_session(self, session_id: str) -> protocol.SessionInfo:
+        return await self.client.request("deleteSession", protocol.SessionParams(
+            sandbox_id=self.id, session_id=session_id), protocol.SessionInfo)
+
+    async def list_sessions(self) -> list[protocol.SessionInfo]:
+        return (await self.client.request("listSessions", protocol.ListSessionsParams(
+            sandbox_id=self.id), protocol.ListSessionsResult)).sessions
+
 
 # --- background processes: params and handles ----------------------------------------------------
 
@@ -1648,10 +1689,12 @@ _WAIT_POLL_S = (0.02, 0.25)
 def _start_params(sandbox_id: str, command: str, args: Sequence[str] | None,
                   process_id: str | None, cwd: str | None,
                   env: Mapping[str, str | None] | None, limits: Limits,
-                  user: str | None) -> protocol.StartProcessParams:
+                  user: str | None, session_id: str | None = None
+                  ) -> protocol.StartProcessParams:
     return _build(protocol.StartProcessParams, sandbox_id=sandbox_id, command=command,
                   args=list(args) if args is not None else None, process_id=process_id,
-                  cwd=cwd, env=dict(env) if env is not None else None, limits=limits, user=user)
+                  cwd=cwd, env=dict(env) if env is not None else None, limits=limits, user=user,
+                  session_id=session_id)
 
 
 def _process_output_router(on_output: OutputCallback) -> NotificationCallback:

@@ -189,6 +189,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # connection went away waits for an attachTerminal before it is closed.
     max_terminals_per_room: Annotated[int, msgspec.Meta(ge=0)] = 8
     terminal_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    # Sessions (createSession; docs/interactive.md): persistent shells per room (each a state
+    # file under the room's /tmp/.sandboxd and a lock in the daemon).
+    max_sessions_per_room: Annotated[int, msgspec.Meta(ge=0)] = 32
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

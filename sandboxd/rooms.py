@@ -67,6 +67,7 @@ from .jail.messages import RoomSpec
 
 if TYPE_CHECKING:
     from .processes import ProcessTable
+    from .sessions import Session
     from .terminals import Terminal
 
 log = logging.getLogger("sandboxd.rooms")
@@ -168,6 +169,9 @@ class Room:
         self.processes: ProcessTable | None = None
         # Its open terminals by id (``terminals``); each live one is also one of ``active_runs``.
         self.terminals: dict[str, Terminal] = {}
+        # Its shell sessions by id (``sessions``): their state lives in the room, under
+        # /tmp/.sandboxd/session-<id>; this holds each one's lock (one call at a time).
+        self.sessions: dict[str, Session] = {}
         self._pending: set[asyncio.Future[Any]] = set()
         # Request tasks using the room (any method: a streamed readFile, a long file operation,
         # an exec): the idle reaper leaves a room alone while one is running.

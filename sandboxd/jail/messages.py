@@ -286,7 +286,7 @@ class ListDir(Request[Listing], tag="f_list", kw_only=True):
 class Code(Request[CodeState], tag="f_code", kw_only=True):
     """A step on the code-run cache directory ``name`` (fileops, "the code-run cache")."""
 
-    action: Literal["state", "prepare", "seal"]
+    action: Literal["state", "prepare", "seal", "remove"]
     name: str
     shared: bool = False  # prepare: writable by the sandbox user too
 

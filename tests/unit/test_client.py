@@ -469,6 +469,21 @@ class FakeDaemon:
                               send: Any) -> dict[str, Any]:
         return {"terminals": [self._term("term-1")]}
 
+    def _session(self, sid: str) -> dict[str, Any]:
+        return {"sessionId": sid, "sandboxId": "alpha", "createdAt": NOW}
+
+    async def m_createSession(self, p: protocol.CreateSessionParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return self._session(p.session_id or "s-1")
+
+    async def m_deleteSession(self, p: protocol.SessionParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return self._session(p.session_id)
+
+    async def m_listSessions(self, p: protocol.ListSessionsParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        return {"sessions": [self._session("s-1")]}
+
 
 NOW = "2026-11-26T20:00:00.000Z"
 REPORT: dict[str, Any] = {
@@ -949,6 +964,11 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert sb.attach_terminal("term-1").attached is True
     assert [t.terminal_id for t in sb.list_terminals()] == ["term-1"]
     assert sb.close_terminal("term-1").exit_code == 129
+    assert sb.create_session(cwd="/srv", env={"A": "1"}).session_id == "s-1"
+    assert [s.session_id for s in sb.list_sessions()] == ["s-1"]
+    assert sb.delete_session("s-2").session_id == "s-2"
+    sb.exec("cd /", session_id="s-1")
+    assert exec_params(daemon)[-1]["sessionId"] == "s-1"
     assert sb.destroy().destroyed is True
     sent = next(r for r in daemon.requests if r["method"] == "runCode")["params"]
     assert sent["limits"] == {"cpuTimeMs": 100} and sent["compileLimits"] == {"wallTimeMs": 5000}
@@ -980,6 +1000,9 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             assert (await sb.attach_terminal("term-1")).status == "running"
             assert len(await sb.list_terminals()) == 1
             assert (await sb.close_terminal("term-1")).status == "exited"
+            assert (await sb.create_session("s-9")).session_id == "s-9"
+            assert len(await sb.list_sessions()) == 1
+            assert (await sb.delete_session("s-9")).session_id == "s-9"
             assert await sb.exists("x")
             assert [f.name for f in await sb.list_files()] == ["x"]
             await sb.rename_file("x", "y")
