@@ -30,9 +30,11 @@ import base64
 import contextlib
 import itertools
 import math
+import select
 import socket as _socket
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,6 +62,7 @@ __all__ = [
     "RunCodeResult",
     "Sandbox",
     "SandboxInfo",
+    "Watcher",
 ]
 
 #: ``on_output(stream, data)``: stream is "stdout" or "stderr", data a decoded chunk of text.
@@ -615,6 +618,13 @@ class Client:
             self._drop()
             raise _unreachable(self.socket_path, "send failed", err) from err
 
+    def _wait_readable(self, timeout: float) -> bool:
+        """Whether a message (or its start) is here or arrives within ``timeout`` seconds."""
+        if self._buf:
+            return True
+        ready, _, _ = select.select([self._connection()], [], [], timeout)
+        return bool(ready)
+
     def _read_message(self, deadline: float | None) -> Any:
         """One decoded message (skipping blank lines). Any transport failure drops the
         connection: after a timeout a late answer would otherwise be taken for the next call's."""
@@ -1113,6 +1123,22 @@ class Sandbox:
         return self.client.request("listSessions", protocol.ListSessionsParams(
             sandbox_id=self.id), protocol.ListSessionsResult).sessions
 
+    # --- file watch (issue 15; docs/interactive.md) --------------------------------------------
+
+    def watch(self, path: str = "/workspace", *, recursive: bool = True,
+              include: list[str] | None = None,
+              exclude: list[str] | None = None) -> Watcher:
+        """Watch ``path`` in the room; iterate the returned :class:`Watcher` (or call its
+        ``events``) for the changes. It has a connection of its own (the events come on it),
+        and the watch ends when it is closed."""
+        return Watcher(Client(self.client.socket_path, self.client.timeout), _build(
+            protocol.WatchParams, sandbox_id=self.id, path=path, recursive=recursive,
+            include=include, exclude=exclude))
+
+    def unwatch(self, watch_id: str) -> protocol.UnwatchResult:
+        return self.client.request("unwatch", protocol.UnwatchParams(
+            sandbox_id=self.id, watch_id=watch_id), protocol.UnwatchResult)
+
 
 # --- persistence: params and sinks --------------------------------------------------------------
 
@@ -1161,15 +1187,86 @@ def _import_pieces(sandbox_id: str, data: Any, dir: str | None) -> Iterable[dict
             data=base64.b64encode(piece).decode(), append=n > 0, final=last))
 
 
+# --- file watch: the sync client's watcher ------------------------------------------------------
+
+class Watcher:
+    """A watch on a connection of its own (the sync client reads only while a call waits):
+    ``result`` is the watch's answer; iterating yields :class:`protocol.WatchEvent` as they
+    come; :meth:`events` gathers them for a while; :meth:`close` ends the watch."""
+
+    def __init__(self, client: Client, params: protocol.WatchParams) -> None:
+        self.client = client
+        self._early: list[protocol.WatchEvent] = []
+
+        def early(method: str, p: dict[str, Any]) -> None:
+            if method == "watch.event":
+                self._early.append(msgspec.convert(p, protocol.WatchEvent))
+        try:
+            self.result = client.request("watch", params, protocol.WatchResult, early)
+        except BaseException:
+            client.close()
+            raise
+        self.id = self.result.watch_id
+
+    def next(self, timeout: float | None = None) -> protocol.WatchEvent | None:
+        """The next event, or None when ``timeout`` (seconds) passes without one."""
+        if self._early:
+            return self._early.pop(0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if left is not None and not self.client._wait_readable(left):
+                return None
+            msg = self.client._read_message(None)
+            for item in msg if isinstance(msg, list) else [msg]:
+                if _is_notification(item) and item.get("method") == "watch.event":
+                    self._early.append(msgspec.convert(item.get("params") or {},
+                                                       protocol.WatchEvent))
+            if self._early:
+                return self._early.pop(0)
+
+    def events(self, duration: float) -> list[protocol.WatchEvent]:
+        """Every event of the next ``duration`` seconds."""
+        out: list[protocol.WatchEvent] = []
+        deadline = time.monotonic() + duration
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.next(left)
+            if ev is None:
+                break
+            out.append(ev)
+        return out
+
+    def __iter__(self) -> Iterator[protocol.WatchEvent]:
+        while True:
+            ev = self.next()
+            if ev is None:
+                return
+            yield ev
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
 # --- the asyncio client ------------------------------------------------------------------------
 
 class _Pending:
-    __slots__ = ("future", "on_notification")
+    __slots__ = ("future", "on_notification", "subscribe")
 
     def __init__(self, future: asyncio.Future[Any],
-                 on_notification: NotificationCallback | None) -> None:
+                 on_notification: NotificationCallback | None, subscribe: bool = False) -> None:
         self.future = future
         self.on_notification = on_notification
+        #: the call's notifications go on after its answer (watch): keep the callback
+        self.subscribe = subscribe
 
 
 class AsyncClient:
@@ -1186,6 +1283,9 @@ class AsyncClient:
         self.on_notification = on_notification
         self._ids = itertools.count(1)
         self._pending: dict[Any, _Pending] = {}
+        #: callbacks of calls whose notifications outlive their answer, by request id
+        self._subscriptions: dict[Any, NotificationCallback] = {}
+        self._watches: dict[str, Any] = {}  # watch id -> its request id
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -1239,6 +1339,7 @@ class AsyncClient:
         self._fail_all(_unreachable(self.socket_path, "client closed"))
 
     def _fail_all(self, exc: BaseException) -> None:
+        self._subscriptions.clear()  # (their watches ended with the connection)
         pending, self._pending = self._pending, {}
         for p in pending.values():
             if not p.future.done():
@@ -1278,9 +1379,10 @@ class AsyncClient:
     async def _dispatch(self, item: Any) -> None:
         if _is_notification(item):
             params = item.get("params") or {}
-            pending = self._pending.get(_id_key(params.get("requestId"))) \
-                if isinstance(params, dict) else None
-            callback = pending.on_notification if pending is not None else self.on_notification
+            key = _id_key(params.get("requestId")) if isinstance(params, dict) else None
+            pending = self._pending.get(key)
+            callback = pending.on_notification if pending is not None \
+                else self._subscriptions.get(key, self.on_notification)
             if callback is None:
                 return
             try:
@@ -1302,6 +1404,9 @@ class AsyncClient:
         if p is None or p.future.done():
             return  # a call that was cancelled or timed out
         out = _outcome(item)
+        if p.subscribe and p.on_notification is not None and "result" in item:
+            # (here, on the reader, before the next message: none of them can slip past)
+            self._subscriptions[rid] = p.on_notification
         if isinstance(out, errors.SandboxError):
             p.future.set_exception(out)
         else:
@@ -1309,7 +1414,7 @@ class AsyncClient:
 
     async def _roundtrip(self, message: Any, ids: list[Any],
                          on_notification: NotificationCallback | None,
-                         timeout: float | None) -> list[Any]:
+                         timeout: float | None, subscribe: bool = False) -> list[Any]:
         import asyncio
 
         await self.connect()
@@ -1317,7 +1422,7 @@ class AsyncClient:
         futures = []
         for rid in ids:
             fut: asyncio.Future[Any] = loop.create_future()
-            self._pending[rid] = _Pending(fut, on_notification)
+            self._pending[rid] = _Pending(fut, on_notification, subscribe)
             futures.append(fut)
         try:
             writer = self._writer
@@ -1360,6 +1465,21 @@ class AsyncClient:
             if isinstance(item, errors.DaemonUnreachable):
                 raise item  # the transport failed: no call of the batch has an answer
         return out
+
+    async def subscribe(self, method: str, params: protocol.Params, shape: type[R],
+                        on_notification: NotificationCallback) -> tuple[R, Any]:
+        """A call whose notifications go on after its answer (``watch``): they keep going to
+        ``on_notification`` until :meth:`unsubscribe` with the returned request id."""
+        rid = next(self._ids)
+        [out] = await self._roundtrip(
+            protocol.request(rid, method, protocol.params_to_wire(params)), [rid],
+            on_notification, self.timeout, subscribe=True)
+        if isinstance(out, BaseException):
+            raise out
+        return _result(method, out, shape), rid
+
+    def unsubscribe(self, request_id: Any) -> None:
+        self._subscriptions.pop(request_id, None)
 
     async def request(self, method: str, params: protocol.Params, shape: type[R],
                       on_notification: NotificationCallback | None = None, *,
@@ -1676,6 +1796,29 @@ class AsyncSandbox:
     async def list_sessions(self) -> list[protocol.SessionInfo]:
         return (await self.client.request("listSessions", protocol.ListSessionsParams(
             sandbox_id=self.id), protocol.ListSessionsResult)).sessions
+
+    async def watch(self, path: str = "/workspace", *,
+                    on_event: Callable[[protocol.WatchEvent], Any],
+                    recursive: bool = True, include: list[str] | None = None,
+                    exclude: list[str] | None = None) -> protocol.WatchResult:
+        """Watch ``path``; each change goes to ``on_event`` (a function or a coroutine
+        function, on the client's reader) until :meth:`unwatch` or the connection ends."""
+        def route(method: str, params: dict[str, Any]) -> Any:
+            if method == "watch.event":
+                return on_event(msgspec.convert(params, protocol.WatchEvent))
+            return None
+        res, rid = await self.client.subscribe("watch", _build(
+            protocol.WatchParams, sandbox_id=self.id, path=path, recursive=recursive,
+            include=include, exclude=exclude), protocol.WatchResult, route)
+        self.client._watches[res.watch_id] = rid
+        return res
+
+    async def unwatch(self, watch_id: str) -> protocol.UnwatchResult:
+        try:
+            return await self.client.request("unwatch", protocol.UnwatchParams(
+                sandbox_id=self.id, watch_id=watch_id), protocol.UnwatchResult)
+        finally:
+            self.client.unsubscribe(self.client._watches.pop(watch_id, None))
 
 
 # --- background processes: params and handles ----------------------------------------------------

@@ -1029,6 +1029,55 @@ class ListSessionsResult(Result, frozen=True):
     sessions: list[SessionInfo]
 
 
+# --- file watch (docs/interactive.md) -----------------------------------------------------------
+
+WatchGlob = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+WatchId = Annotated[str, msgspec.Meta(pattern=r"^w-[0-9a-f]{1,32}$")]
+
+
+class WatchParams(Params, frozen=True):
+    sandbox_id: str
+    path: Path
+    recursive: bool = True
+    #: globs on the path relative to ``path`` (``*.py``, ``src/**``) or on the file's name;
+    #: none: every file
+    include: Annotated[list[WatchGlob], msgspec.Meta(max_length=64)] | None = None
+    #: globs on any component of the path below ``path``; default ``.git``, ``node_modules``
+    exclude: Annotated[list[WatchGlob], msgspec.Meta(max_length=64)] | None = None
+
+
+class WatchResult(Result, frozen=True):
+    watch_id: str
+    path: str
+    directories: int  # watched now (more as they are made, when recursive)
+    truncated: bool = False  # max_watch_dirs or the room's inotify ceiling was reached
+
+
+class WatchEvent(Notification, frozen=True):
+    """A change under a watch, to the connection that made it (``requestId``: the watch's).
+    ``eventType``: create, modify, delete, move_from, move_to, attrib, or overflow (``dropped``
+    events were not sent: the client read too slowly, or the kernel's queue overflowed)."""
+
+    method: ClassVar[str] = "watch.event"
+    watch_id: str
+    event_type: str
+    path: str
+    is_directory: bool = False
+    dropped: int | Unset = UNSET
+
+
+class UnwatchParams(Params, frozen=True):
+    sandbox_id: str
+    watch_id: WatchId
+
+
+class UnwatchResult(Result, frozen=True):
+    watch_id: str
+    unwatched: bool
+    events: int = 0  # sent in all
+    dropped: int = 0
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 #: Every wire method: the server decodes params and encodes results from here, the client builds
@@ -1113,6 +1162,9 @@ METHODS: dict[str, Method] = {
     "deleteSession": Method(SessionParams, SessionInfo, summary="end a session"),
     "listSessions": Method(ListSessionsParams, ListSessionsResult,
                            summary="the room's sessions"),
+    "watch": Method(WatchParams, WatchResult, (WatchEvent,),
+                    summary="inotify in the room: watch.event notifications"),
+    "unwatch": Method(UnwatchParams, UnwatchResult, summary="stop a watch"),
 }
 
 #: Every notification, by its method name.

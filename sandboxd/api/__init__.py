@@ -1,6 +1,7 @@
 """Method handlers, one module per family (rooms, exec, files, git, code, stats, processes,
-ports, backups, terminals, sessions): thin layers over the room-level calls (``rooms``, ``runs``,
-``roomfiles``, ``processes``, ``ports``, ``persistence``, ``terminals``, the code-run service).
+ports, backups, terminals, sessions, watches): thin layers over the room-level calls
+(``rooms``, ``runs``, ``roomfiles``, ``processes``, ``ports``, ``persistence``, ``terminals``,
+``sessions``, ``watches``, the code-run service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
 ``protocol.METHODS`` (a unit test holds them equal), which says each one's params, result and
@@ -28,6 +29,7 @@ from . import (
     sessions,
     stats,
     terminals,
+    watches,
 )
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
@@ -81,6 +83,8 @@ HANDLERS: dict[str, Handler] = {
     "createSession": sessions.create_session,
     "deleteSession": sessions.delete_session,
     "listSessions": sessions.list_sessions,
+    "watch": watches.watch,
+    "unwatch": watches.unwatch,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]
