@@ -583,7 +583,9 @@ async def serve_http(socket_path: str | None, clip_bytes: int, host: str, port: 
     bound = sock.getsockname()[1]
     async with AsyncClient(socket_path) as client:
         server = build_server(Tools(client, clip_bytes))
-        app = server.streamable_http_app(host=host, streamable_http_path="/mcp")
+        # The SDK turns on its DNS-rebinding protection (Host and Origin checked) for these
+        # three spellings of loopback only.
+        app = server.streamable_http_app(host=host.strip("[]"), streamable_http_path="/mcp")
         config = uvicorn.Config(BearerAuth(app, token), log_level="warning", lifespan="on")
         shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
         print(f"sandboxctl mcp: serving MCP (Streamable HTTP) at http://{shown}:{bound}/mcp",

@@ -326,7 +326,16 @@ def _start_http(d: DaemonProc, *args: str) -> tuple[subprocess.Popen[bytes], str
             if m := re.search(rb"at (http://\S+/mcp)\n", seen):
                 return proc, m.group(1).decode(), seen.decode()
     proc.kill()
+    proc.wait(30)
+    proc.stderr.close()
     raise AssertionError(f"sandboxctl mcp --http did not start: {seen.decode()}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(30)
+    assert proc.stderr is not None
+    proc.stderr.close()
 
 
 def test_http_transport_with_a_bearer_token(daemon: DaemonProc, tmp_path: Path) -> None:
@@ -358,8 +367,7 @@ def test_http_transport_with_a_bearer_token(daemon: DaemonProc, tmp_path: Path) 
     try:
         run(go())
     finally:
-        proc.terminate()
-        proc.wait(30)
+        _stop(proc)
 
 
 def test_http_generated_token_and_non_loopback_refused(daemon: DaemonProc) -> None:
@@ -383,10 +391,10 @@ def test_http_generated_token_and_non_loopback_refused(daemon: DaemonProc) -> No
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=10)
         assert err.value.code == 401
+        err.value.close()
         req = urllib.request.Request(url, data=init, method="POST",
                                      headers={**headers, "Authorization": f"Bearer {m[1]}"})
         with urllib.request.urlopen(req, timeout=30) as resp:
             assert resp.status == 200 and b'"serverInfo"' in resp.read()
     finally:
-        proc.terminate()
-        proc.wait(30)
+        _stop(proc)

@@ -137,3 +137,19 @@ def test_daemon_errors_become_tool_errors_with_their_code() -> None:
     res = asyncio.run(tools.call("exec", {"room": "other", "command": "ls"}))
     assert res.is_error and res.content[0].text.startswith("SANDBOX_NOT_FOUND: room 'other'")
     assert "your rooms: r" in res.content[0].text
+
+
+def test_docs_tool_table_is_the_tool_list() -> None:
+    """docs/mcp.md's table names every tool, in order, with exactly its arguments (``?`` for
+    the optional ones)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "mcp.md").read_text()
+    rows = re.findall(r"^\| `([a-z_]+)` \|([^|]*)\|", text, re.M)
+    assert [name for name, _ in rows] == list(mcp_server.TOOL_NAMES)
+    for name, cell in rows:
+        schema = mcp_server.SCHEMAS[name][1]
+        want = [p if p in schema["required"] else p + "?" for p in schema["properties"]]
+        got = [a.strip() for a in cell.strip().strip("`").split(",") if a.strip()]
+        assert sorted(got) == sorted(want), name
