@@ -372,7 +372,7 @@ class Tools:
     async def _exec(self, room: str, params: Args, timeout: float | None) -> Any:
         raw = await self._rpc("exec", {
             "sandboxId": room, **params,
-            "timeout": round(timeout * 1000) if timeout is not None else None},
+            "timeout": max(1, round(timeout * 1000)) if timeout is not None else None},
             # the daemon's own time limit ends the run; this is only a deadline for its answer
             timeout=(timeout + 60) if timeout is not None else None)
         out, _ = await self._run_result(room, raw)
@@ -395,24 +395,36 @@ class Tools:
         return {"path": raw.get("path"), "bytesWritten": raw.get("bytesWritten")}
 
     async def t_read_file(self, a: Args) -> Any:
-        raw = await self._rpc("readFile", {"sandboxId": a["room"], "path": a["path"]})
-        content = raw.get("content", "")
-        binary = raw.get("encoding") == "base64"
-        data = base64.b64decode(content) if binary else content.encode("utf-8", "surrogatepass")
+        room, path = a["room"], a["path"]
         offset = a.get("offset", 0)
         limit = a.get("limit", self.clip_bytes)
-        piece = data[offset:offset + limit]
+        try:
+            raw = await self._rpc("readFile", {"sandboxId": room, "path": path})
+            binary = raw.get("encoding") == "base64"
+            content = raw.get("content", "")
+            whole = base64.b64decode(content) if binary else content.encode("utf-8",
+                                                                            "surrogatepass")
+            size, piece = len(whole), whole[offset:offset + limit]
+        except errors.SandboxError as err:
+            if err.code != "FILE_TOO_LARGE":
+                raise
+            # Over readFile's cap (a spilled 64 MiB output is): stream it, keep only the part
+            # asked for.
+            window = _Window(offset, limit)
+            got = await self.client.sandbox(room).read_file(path, stream=window)
+            raw, binary, size, piece = got.raw, bool(got.is_binary), window.seen, window.buf
         if binary:
-            shown, end = base64.b64encode(piece).decode(), offset + len(piece)
+            shown, nshown = base64.b64encode(bytes(piece)).decode(), len(piece)
         else:
             # Cut at a character boundary: the next offset is where the text shown ends.
-            shown = piece.decode("utf-8", "ignore")
-            end = offset + len(shown.encode("utf-8", "surrogatepass"))
-        out: dict[str, Any] = {"path": raw.get("path"), "size": len(data), "offset": offset,
-                               "bytesShown": end - offset,
+            shown = bytes(piece).decode("utf-8", "ignore")
+            nshown = len(shown.encode("utf-8", "surrogatepass"))
+        end = offset + nshown
+        out: dict[str, Any] = {"path": raw.get("path"), "size": size, "offset": offset,
+                               "bytesShown": nshown,
                                "encoding": "base64" if binary else "utf-8", "content": shown}
-        if end < len(data):
-            out["more"] = (f"{len(data) - end} more bytes: read_file with offset {end} "
+        if end < size:
+            out["more"] = (f"{size - end} more bytes: read_file with offset {end} "
                            "for the next part")
         return out
 
@@ -490,6 +502,22 @@ class Tools:
     async def t_restore_room(self, a: Args) -> Any:
         return await self._rpc("restoreBackup", {"sandboxId": a["room"],
                                                  "backupId": a["backupId"], "dir": a.get("dir")})
+
+
+class _Window:
+    """A read_file ``stream`` sink keeping bytes [offset, offset + limit) of the stream."""
+
+    def __init__(self, offset: int, limit: int) -> None:
+        self.offset, self.limit = offset, limit
+        self.seen = 0
+        self.buf = bytearray()
+
+    def __call__(self, chunk: bytes) -> None:
+        lo = max(self.offset - self.seen, 0)
+        hi = min(self.offset + self.limit - self.seen, len(chunk))
+        if lo < hi:
+            self.buf += chunk[lo:hi]
+        self.seen += len(chunk)
 
 
 def _error(code: str, message: str, context: dict[str, Any] | None = None) -> types.CallToolResult:

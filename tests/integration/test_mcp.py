@@ -36,9 +36,10 @@ CLIP = 1024
 
 
 @asynccontextmanager
-async def stdio_session(d: DaemonProc, *extra: str) -> AsyncIterator[Any]:
+async def stdio_session(d: DaemonProc | str, *extra: str) -> AsyncIterator[Any]:
+    sock = d if isinstance(d, str) else d.socket
     params = mcp.StdioServerParameters(command=SANDBOXCTL,
-                                       args=["mcp", "--socket", d.socket, "--clip", str(CLIP),
+                                       args=["mcp", "--socket", sock, "--clip", str(CLIP),
                                              *extra])
     async with mcp.stdio_client(params) as (read, write), \
             mcp.ClientSession(read, write) as session:
@@ -225,6 +226,28 @@ def test_clipped_outputs_say_how_to_read_the_rest(daemon: DaemonProc, room_id: s
     run(go())
 
 
+def test_read_file_over_read_files_cap_is_read_by_parts(daemon: DaemonProc,
+                                                       room_id: str) -> None:
+    """A 40 MiB file: over readFile's 32 MiB cap, so read_file streams it and keeps only the
+    part asked for (a spilled output can be that big with run_code's limits.outputBytes)."""
+    total = 40 << 20
+
+    async def go() -> None:
+        async with stdio_session(daemon) as s:
+            await call(s, "create_room", room=room_id)
+            await call(s, "shell", room=room_id,
+                       command=f"head -c {total} /dev/zero | tr '\\0' a > big; printf END >> big")
+            end = await call(s, "read_file", room=room_id, path="big", offset=total - 2,
+                             limit=100)
+            assert (end["content"], end["size"], "more" in end) == ("aaEND", total + 3, False)
+            mid = await call(s, "read_file", room=room_id, path="big", offset=1 << 20,
+                             limit=10)
+            assert mid["content"] == "a" * 10 and f"offset {(1 << 20) + 10}" in mid["more"]
+            await call(s, "destroy_room", room=room_id)
+
+    run(go())
+
+
 def test_processes_ports_and_backups(daemon: DaemonProc, room_id: str) -> None:
     async def go() -> None:
         async with stdio_session(daemon) as s:
@@ -302,6 +325,16 @@ def test_errors_missing_room_and_bad_arguments(daemon: DaemonProc, room_id: str)
             assert lang.startswith("UNSUPPORTED_LANGUAGE: ")
             net = await fails(s, "create_room", room=room_id, network={"allow": ["pypi.org"]})
             assert net.startswith("INVALID_PARAMS: ") and "network" in net
+
+    run(go())
+
+
+def test_an_unreachable_daemon_is_a_tool_error(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with stdio_session(str(tmp_path / "no.sock")) as s:
+            assert len((await s.list_tools()).tools) == len(TOOLS)
+            text = await fails(s, "run_code", language="python", code="print(1)")
+            assert text.startswith("DAEMON_UNREACHABLE: ") and "no.sock" in text
 
     run(go())
 

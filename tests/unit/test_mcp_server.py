@@ -153,3 +153,19 @@ def test_docs_tool_table_is_the_tool_list() -> None:
         want = [p if p in schema["required"] else p + "?" for p in schema["properties"]]
         got = [a.strip() for a in cell.strip().strip("`").split(",") if a.strip()]
         assert sorted(got) == sorted(want), name
+
+
+def test_process_output_offsets_when_the_ring_dropped_bytes() -> None:
+    """The daemon's offset is where the text it sent ends; when the ring had dropped bytes the
+    text starts later than asked, and the next offset must count from where it really starts."""
+    rec = {"processId": "p", "status": "running"}
+    logs = {"stdout": "abcdefghijkl", "stderr": "", "stdoutOffset": 100, "stderrOffset": 0,
+            "truncated": True}
+    tools, fake = _tools({"listSandboxes": {"sandboxes": [{"sandboxId": "r"}]},
+                          "getProcess": rec, "getProcessLogs": logs})
+    out = json.loads(asyncio.run(tools.call("process_output", {
+        "room": "r", "processId": "p", "offset": 10})).content[0].text)
+    assert out["nextOffset"] == 100 - 12 + 8 and "with offset 96 for the rest" in out["stdout"]
+    assert out["stdout"].startswith("abcdefgh\n[sandboxd: stdout clipped: 8 of 12 bytes")
+    assert out["nextStderrOffset"] == 0 and out["truncated"] is True
+    assert fake.calls[-1][1]["stdoutOffset"] == 10
