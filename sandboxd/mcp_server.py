@@ -304,7 +304,7 @@ class Tools:
     async def _spill(self, room: str, tag: str, fields: dict[str, Any],
                      streams: tuple[str, ...], prefix: str = "") -> bool:
         """Clip ``fields``' streams in place; the whole of each clipped one goes to a file in
-        ``room``. True when anything was clipped."""
+        ``room``. True when a file was left there."""
         clipped = False
         for stream in streams:
             text = fields.get(stream)
@@ -314,7 +314,15 @@ class Tools:
             if nshown == total:
                 continue
             path = f"{OUTPUT_DIR}/{tag}.{prefix}{stream}"
-            await self._write_all(room, path, text)
+            try:
+                await self._write_all(room, path, text)
+            except errors.SandboxError as err:
+                # The run's result still comes back (it happened); only the rest is lost.
+                fields[stream] = shown + _marker(
+                    prefix + stream, nshown, total,
+                    f"the rest could not be kept in the room: {err.code}: {err.message}")
+                fields[stream + "Clipped"] = {"shownBytes": nshown, "totalBytes": total}
+                continue
             fields[stream] = shown + _marker(
                 prefix + stream, nshown, total,
                 f"all of it is in room {room!r} at {path}: read_file with room {room!r}, path "

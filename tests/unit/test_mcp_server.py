@@ -169,3 +169,20 @@ def test_process_output_offsets_when_the_ring_dropped_bytes() -> None:
     assert out["stdout"].startswith("abcdefgh\n[sandboxd: stdout clipped: 8 of 12 bytes")
     assert out["nextStderrOffset"] == 0 and out["truncated"] is True
     assert fake.calls[-1][1]["stdoutOffset"] == 10
+
+
+def test_a_spill_that_fails_still_returns_the_run() -> None:
+    """The room's disk is full (say): the verdict and the clipped output still come back, the
+    marker says why the rest is lost, and a fresh room is not kept for a file that is not
+    there."""
+    run = {"status": "OK", "exitCode": 0, "stdout": "0123456789abc", "stderr": "",
+           "compile": None}
+    tools, fake = _tools({"runCode": run, "destroy": {},
+                          "writeFile": errors.QuotaExceeded("room disk full")})
+    res = asyncio.run(tools.call("run_code", {"language": "py", "code": ""}))
+    out = json.loads(res.content[0].text)
+    assert not res.is_error and out["status"] == "OK" and out["room"] is None
+    assert out["stdout"] == ("01234567\n[sandboxd: stdout clipped: 8 of 13 bytes shown, 5 cut; "
+                             "the rest could not be kept in the room: QUOTA_EXCEEDED: room disk "
+                             "full]")
+    assert [m for m, _ in fake.calls] == ["runCode", "writeFile", "destroy"]
