@@ -876,3 +876,7 @@ if __name__ == "__main__":  # pragma: no cover
 from . import cli_shell  # noqa: E402 - shell
 
 main.add_command(cli_shell.shell)
+
+from . import cli_mcp  # noqa: E402 - mcp (its server is imported only when it runs)
+
+main.add_command(cli_mcp.mcp)

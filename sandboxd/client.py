@@ -30,9 +30,11 @@ import base64
 import contextlib
 import itertools
 import math
+import select
 import socket as _socket
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,6 +62,7 @@ __all__ = [
     "RunCodeResult",
     "Sandbox",
     "SandboxInfo",
+    "Watcher",
 ]
 
 #: ``on_output(stream, data)``: stream is "stdout" or "stderr", data a decoded chunk of text.
@@ -391,12 +394,13 @@ def _stdin_text(stdin: str | bytes | None) -> str | None:
 
 def _exec_params(sandbox_id: str, command: str, args: Sequence[str] | None, cwd: str | None,
                  env: Mapping[str, str | None] | None, stdin: str | bytes | None,
-                 timeout: float | None, stream: bool, limits: Limits, user: str | None
-                 ) -> protocol.ExecParams:
+                 timeout: float | None, stream: bool, limits: Limits, user: str | None,
+                 session_id: str | None = None) -> protocol.ExecParams:
     return _build(protocol.ExecParams, sandbox_id=sandbox_id, command=command,
                   args=list(args) if args is not None else None, cwd=cwd,
                   env=dict(env) if env is not None else None, stdin=_stdin_text(stdin),
-                  timeout=_timeout_ms(timeout), stream=stream, limits=limits, user=user)
+                  timeout=_timeout_ms(timeout), stream=stream, limits=limits, user=user,
+                  session_id=session_id)
 
 
 def _code_params(sandbox_id: str, language: str, code: str, stdin: str | None,
@@ -614,6 +618,13 @@ class Client:
             self._drop()
             raise _unreachable(self.socket_path, "send failed", err) from err
 
+    def _wait_readable(self, timeout: float) -> bool:
+        """Whether a message (or its start) is here or arrives within ``timeout`` seconds."""
+        if self._buf:
+            return True
+        ready, _, _ = select.select([self._connection()], [], [], timeout)
+        return bool(ready)
+
     def _read_message(self, deadline: float | None) -> Any:
         """One decoded message (skipping blank lines). Any transport failure drops the
         connection: after a timeout a late answer would otherwise be taken for the next call's."""
@@ -796,14 +807,16 @@ class Sandbox:
     def exec(self, command: str, args: Sequence[str] | None = None, *, cwd: str | None = None,
              env: Mapping[str, str | None] | None = None, stdin: str | bytes | None = None,
              timeout: float | None = None, on_output: OutputCallback | None = None,
-             limits: Limits = None, user: str | None = None) -> ExecResult:
+             limits: Limits = None, user: str | None = None,
+             session_id: str | None = None) -> ExecResult:
         """Run ``command`` with ``args`` (argv form) or, with ``args`` None, as a shell line.
 
         ``timeout`` is in seconds (sent as ms). With ``on_output``, output is streamed to it as
-        it is produced (``on_output("stdout", "text")``) before this returns.
+        it is produced (``on_output("stdout", "text")``) before this returns. With
+        ``session_id`` the line runs in that session's shell (:meth:`create_session`).
         """
         params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
-                              on_output is not None, limits, user)
+                              on_output is not None, limits, user, session_id)
         return self.client.request(
             "exec", params, ExecResult,
             _output_router(on_output) if on_output is not None else None,
@@ -928,12 +941,13 @@ class Sandbox:
     def start_process(self, command: str, args: Sequence[str] | None = None, *,
                       process_id: str | None = None, cwd: str | None = None,
                       env: Mapping[str, str | None] | None = None, limits: Limits = None,
-                      user: str | None = None) -> Process:
+                      user: str | None = None, session_id: str | None = None) -> Process:
         """Start ``command`` (argv form with ``args``, else a shell line) in the background;
         the returned handle reads its logs, follows it, waits for it and kills it. It keeps
         running after this client goes, until it exits, is killed or the room goes."""
         rec = self.client.request("startProcess", _start_params(
-            self.id, command, args, process_id, cwd, env, limits, user), protocol.ProcessInfo)
+            self.id, command, args, process_id, cwd, env, limits, user, session_id),
+            protocol.ProcessInfo)
         return Process(self, rec)
 
     def process(self, process_id: str) -> Process:
@@ -1063,11 +1077,12 @@ class Sandbox:
 
     def open_terminal(self, command: str | None = None, args: list[str] | None = None, *,
                       cols: int = 80, rows: int = 24, cwd: str | None = None,
-                      env: dict[str, str | None] | None = None,
-                      user: str = "root") -> protocol.OpenTerminalResult:
+                      env: dict[str, str | None] | None = None, user: str = "root",
+                      session_id: str | None = None) -> protocol.OpenTerminalResult:
         return self.client.request("openTerminal", _build(
             protocol.OpenTerminalParams, sandbox_id=self.id, command=command, args=args,
-            cols=cols, rows=rows, cwd=cwd, env=env, user=user), protocol.OpenTerminalResult)
+            cols=cols, rows=rows, cwd=cwd, env=env, user=user, session_id=session_id),
+            protocol.OpenTerminalResult)
 
     def write_terminal(self, terminal_id: str, data: bytes) -> int:
         return self.client.request("writeTerminal", protocol.WriteTerminalParams(
@@ -1089,6 +1104,40 @@ class Sandbox:
     def list_terminals(self) -> list[protocol.TerminalInfo]:
         return self.client.request("listTerminals", protocol.ListTerminalsParams(
             sandbox_id=self.id), protocol.ListTerminalsResult).terminals
+
+    # --- sessions (issue 15; docs/interactive.md) ----------------------------------------------
+
+    def create_session(self, session_id: str | None = None, *, cwd: str | None = None,
+                       env: Mapping[str, str | None] | None = None) -> protocol.SessionInfo:
+        """A persistent shell: ``exec(line, session_id=...)`` keeps cwd, variables, functions
+        and aliases from one call to the next."""
+        return self.client.request("createSession", _build(
+            protocol.CreateSessionParams, sandbox_id=self.id, session_id=session_id, cwd=cwd,
+            env=dict(env) if env is not None else None), protocol.SessionInfo)
+
+    def delete_session(self, session_id: str) -> protocol.SessionInfo:
+        return self.client.request("deleteSession", protocol.SessionParams(
+            sandbox_id=self.id, session_id=session_id), protocol.SessionInfo)
+
+    def list_sessions(self) -> list[protocol.SessionInfo]:
+        return self.client.request("listSessions", protocol.ListSessionsParams(
+            sandbox_id=self.id), protocol.ListSessionsResult).sessions
+
+    # --- file watch (issue 15; docs/interactive.md) --------------------------------------------
+
+    def watch(self, path: str = "/workspace", *, recursive: bool = True,
+              include: list[str] | None = None,
+              exclude: list[str] | None = None) -> Watcher:
+        """Watch ``path`` in the room; iterate the returned :class:`Watcher` (or call its
+        ``events``) for the changes. It has a connection of its own (the events come on it),
+        and the watch ends when it is closed."""
+        return Watcher(Client(self.client.socket_path, self.client.timeout), _build(
+            protocol.WatchParams, sandbox_id=self.id, path=path, recursive=recursive,
+            include=include, exclude=exclude))
+
+    def unwatch(self, watch_id: str) -> protocol.UnwatchResult:
+        return self.client.request("unwatch", protocol.UnwatchParams(
+            sandbox_id=self.id, watch_id=watch_id), protocol.UnwatchResult)
 
 
 # --- persistence: params and sinks --------------------------------------------------------------
@@ -1138,15 +1187,86 @@ def _import_pieces(sandbox_id: str, data: Any, dir: str | None) -> Iterable[dict
             data=base64.b64encode(piece).decode(), append=n > 0, final=last))
 
 
+# --- file watch: the sync client's watcher ------------------------------------------------------
+
+class Watcher:
+    """A watch on a connection of its own (the sync client reads only while a call waits):
+    ``result`` is the watch's answer; iterating yields :class:`protocol.WatchEvent` as they
+    come; :meth:`events` gathers them for a while; :meth:`close` ends the watch."""
+
+    def __init__(self, client: Client, params: protocol.WatchParams) -> None:
+        self.client = client
+        self._early: list[protocol.WatchEvent] = []
+
+        def early(method: str, p: dict[str, Any]) -> None:
+            if method == "watch.event":
+                self._early.append(msgspec.convert(p, protocol.WatchEvent))
+        try:
+            self.result = client.request("watch", params, protocol.WatchResult, early)
+        except BaseException:
+            client.close()
+            raise
+        self.id = self.result.watch_id
+
+    def next(self, timeout: float | None = None) -> protocol.WatchEvent | None:
+        """The next event, or None when ``timeout`` (seconds) passes without one."""
+        if self._early:
+            return self._early.pop(0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            if left is not None and not self.client._wait_readable(left):
+                return None
+            msg = self.client._read_message(None)
+            for item in msg if isinstance(msg, list) else [msg]:
+                if _is_notification(item) and item.get("method") == "watch.event":
+                    self._early.append(msgspec.convert(item.get("params") or {},
+                                                       protocol.WatchEvent))
+            if self._early:
+                return self._early.pop(0)
+
+    def events(self, duration: float) -> list[protocol.WatchEvent]:
+        """Every event of the next ``duration`` seconds."""
+        out: list[protocol.WatchEvent] = []
+        deadline = time.monotonic() + duration
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.next(left)
+            if ev is None:
+                break
+            out.append(ev)
+        return out
+
+    def __iter__(self) -> Iterator[protocol.WatchEvent]:
+        while True:
+            ev = self.next()
+            if ev is None:
+                return
+            yield ev
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
 # --- the asyncio client ------------------------------------------------------------------------
 
 class _Pending:
-    __slots__ = ("future", "on_notification")
+    __slots__ = ("future", "on_notification", "subscribe")
 
     def __init__(self, future: asyncio.Future[Any],
-                 on_notification: NotificationCallback | None) -> None:
+                 on_notification: NotificationCallback | None, subscribe: bool = False) -> None:
         self.future = future
         self.on_notification = on_notification
+        #: the call's notifications go on after its answer (watch): keep the callback
+        self.subscribe = subscribe
 
 
 class AsyncClient:
@@ -1163,6 +1283,9 @@ class AsyncClient:
         self.on_notification = on_notification
         self._ids = itertools.count(1)
         self._pending: dict[Any, _Pending] = {}
+        #: callbacks of calls whose notifications outlive their answer, by request id
+        self._subscriptions: dict[Any, NotificationCallback] = {}
+        self._watches: dict[str, Any] = {}  # watch id -> its request id
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._connect_lock: asyncio.Lock | None = None
@@ -1216,6 +1339,7 @@ class AsyncClient:
         self._fail_all(_unreachable(self.socket_path, "client closed"))
 
     def _fail_all(self, exc: BaseException) -> None:
+        self._subscriptions.clear()  # (their watches ended with the connection)
         pending, self._pending = self._pending, {}
         for p in pending.values():
             if not p.future.done():
@@ -1255,9 +1379,10 @@ class AsyncClient:
     async def _dispatch(self, item: Any) -> None:
         if _is_notification(item):
             params = item.get("params") or {}
-            pending = self._pending.get(_id_key(params.get("requestId"))) \
-                if isinstance(params, dict) else None
-            callback = pending.on_notification if pending is not None else self.on_notification
+            key = _id_key(params.get("requestId")) if isinstance(params, dict) else None
+            pending = self._pending.get(key)
+            callback = pending.on_notification if pending is not None \
+                else self._subscriptions.get(key, self.on_notification)
             if callback is None:
                 return
             try:
@@ -1279,6 +1404,9 @@ class AsyncClient:
         if p is None or p.future.done():
             return  # a call that was cancelled or timed out
         out = _outcome(item)
+        if p.subscribe and p.on_notification is not None and "result" in item:
+            # (here, on the reader, before the next message: none of them can slip past)
+            self._subscriptions[rid] = p.on_notification
         if isinstance(out, errors.SandboxError):
             p.future.set_exception(out)
         else:
@@ -1286,7 +1414,7 @@ class AsyncClient:
 
     async def _roundtrip(self, message: Any, ids: list[Any],
                          on_notification: NotificationCallback | None,
-                         timeout: float | None) -> list[Any]:
+                         timeout: float | None, subscribe: bool = False) -> list[Any]:
         import asyncio
 
         await self.connect()
@@ -1294,7 +1422,7 @@ class AsyncClient:
         futures = []
         for rid in ids:
             fut: asyncio.Future[Any] = loop.create_future()
-            self._pending[rid] = _Pending(fut, on_notification)
+            self._pending[rid] = _Pending(fut, on_notification, subscribe)
             futures.append(fut)
         try:
             writer = self._writer
@@ -1337,6 +1465,21 @@ class AsyncClient:
             if isinstance(item, errors.DaemonUnreachable):
                 raise item  # the transport failed: no call of the batch has an answer
         return out
+
+    async def subscribe(self, method: str, params: protocol.Params, shape: type[R],
+                        on_notification: NotificationCallback) -> tuple[R, Any]:
+        """A call whose notifications go on after its answer (``watch``): they keep going to
+        ``on_notification`` until :meth:`unsubscribe` with the returned request id."""
+        rid = next(self._ids)
+        [out] = await self._roundtrip(
+            protocol.request(rid, method, protocol.params_to_wire(params)), [rid],
+            on_notification, self.timeout, subscribe=True)
+        if isinstance(out, BaseException):
+            raise out
+        return _result(method, out, shape), rid
+
+    def unsubscribe(self, request_id: Any) -> None:
+        self._subscriptions.pop(request_id, None)
 
     async def request(self, method: str, params: protocol.Params, shape: type[R],
                       on_notification: NotificationCallback | None = None, *,
@@ -1421,9 +1564,9 @@ class AsyncSandbox:
                    cwd: str | None = None, env: Mapping[str, str | None] | None = None,
                    stdin: str | bytes | None = None, timeout: float | None = None,
                    on_output: OutputCallback | None = None, limits: Limits = None,
-                   user: str | None = None) -> ExecResult:
+                   user: str | None = None, session_id: str | None = None) -> ExecResult:
         params = _exec_params(self.id, command, args, cwd, env, stdin, timeout,
-                              on_output is not None, limits, user)
+                              on_output is not None, limits, user, session_id)
         return await self.client.request(
             "exec", params, ExecResult,
             _output_router(on_output) if on_output is not None else None,
@@ -1492,9 +1635,11 @@ class AsyncSandbox:
     async def start_process(self, command: str, args: Sequence[str] | None = None, *,
                             process_id: str | None = None, cwd: str | None = None,
                             env: Mapping[str, str | None] | None = None, limits: Limits = None,
-                            user: str | None = None) -> AsyncProcess:
+                            user: str | None = None,
+                            session_id: str | None = None) -> AsyncProcess:
         rec = await self.client.request("startProcess", _start_params(
-            self.id, command, args, process_id, cwd, env, limits, user), protocol.ProcessInfo)
+            self.id, command, args, process_id, cwd, env, limits, user, session_id),
+            protocol.ProcessInfo)
         return AsyncProcess(self, rec)
 
     async def process(self, process_id: str) -> AsyncProcess:
@@ -1608,11 +1753,12 @@ class AsyncSandbox:
 
     async def open_terminal(self, command: str | None = None, args: list[str] | None = None, *,
                       cols: int = 80, rows: int = 24, cwd: str | None = None,
-                      env: dict[str, str | None] | None = None,
-                      user: str = "root") -> protocol.OpenTerminalResult:
+                      env: dict[str, str | None] | None = None, user: str = "root",
+                      session_id: str | None = None) -> protocol.OpenTerminalResult:
         return await self.client.request("openTerminal", _build(
             protocol.OpenTerminalParams, sandbox_id=self.id, command=command, args=args,
-            cols=cols, rows=rows, cwd=cwd, env=env, user=user), protocol.OpenTerminalResult)
+            cols=cols, rows=rows, cwd=cwd, env=env, user=user, session_id=session_id),
+            protocol.OpenTerminalResult)
 
     async def write_terminal(self, terminal_id: str, data: bytes) -> int:
         return (await self.client.request("writeTerminal", protocol.WriteTerminalParams(
@@ -1636,6 +1782,44 @@ class AsyncSandbox:
         return (await self.client.request("listTerminals", protocol.ListTerminalsParams(
             sandbox_id=self.id), protocol.ListTerminalsResult)).terminals
 
+    async def create_session(self, session_id: str | None = None, *, cwd: str | None = None,
+                             env: Mapping[str, str | None] | None = None
+                             ) -> protocol.SessionInfo:
+        return await self.client.request("createSession", _build(
+            protocol.CreateSessionParams, sandbox_id=self.id, session_id=session_id, cwd=cwd,
+            env=dict(env) if env is not None else None), protocol.SessionInfo)
+
+    async def delete_session(self, session_id: str) -> protocol.SessionInfo:
+        return await self.client.request("deleteSession", protocol.SessionParams(
+            sandbox_id=self.id, session_id=session_id), protocol.SessionInfo)
+
+    async def list_sessions(self) -> list[protocol.SessionInfo]:
+        return (await self.client.request("listSessions", protocol.ListSessionsParams(
+            sandbox_id=self.id), protocol.ListSessionsResult)).sessions
+
+    async def watch(self, path: str = "/workspace", *,
+                    on_event: Callable[[protocol.WatchEvent], Any],
+                    recursive: bool = True, include: list[str] | None = None,
+                    exclude: list[str] | None = None) -> protocol.WatchResult:
+        """Watch ``path``; each change goes to ``on_event`` (a function or a coroutine
+        function, on the client's reader) until :meth:`unwatch` or the connection ends."""
+        def route(method: str, params: dict[str, Any]) -> Any:
+            if method == "watch.event":
+                return on_event(msgspec.convert(params, protocol.WatchEvent))
+            return None
+        res, rid = await self.client.subscribe("watch", _build(
+            protocol.WatchParams, sandbox_id=self.id, path=path, recursive=recursive,
+            include=include, exclude=exclude), protocol.WatchResult, route)
+        self.client._watches[res.watch_id] = rid
+        return res
+
+    async def unwatch(self, watch_id: str) -> protocol.UnwatchResult:
+        try:
+            return await self.client.request("unwatch", protocol.UnwatchParams(
+                sandbox_id=self.id, watch_id=watch_id), protocol.UnwatchResult)
+        finally:
+            self.client.unsubscribe(self.client._watches.pop(watch_id, None))
+
 
 # --- background processes: params and handles ----------------------------------------------------
 
@@ -1648,10 +1832,12 @@ _WAIT_POLL_S = (0.02, 0.25)
 def _start_params(sandbox_id: str, command: str, args: Sequence[str] | None,
                   process_id: str | None, cwd: str | None,
                   env: Mapping[str, str | None] | None, limits: Limits,
-                  user: str | None) -> protocol.StartProcessParams:
+                  user: str | None, session_id: str | None = None
+                  ) -> protocol.StartProcessParams:
     return _build(protocol.StartProcessParams, sandbox_id=sandbox_id, command=command,
                   args=list(args) if args is not None else None, process_id=process_id,
-                  cwd=cwd, env=dict(env) if env is not None else None, limits=limits, user=user)
+                  cwd=cwd, env=dict(env) if env is not None else None, limits=limits, user=user,
+                  session_id=session_id)
 
 
 def _process_output_router(on_output: OutputCallback) -> NotificationCallback:

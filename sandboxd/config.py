@@ -189,6 +189,15 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # connection went away waits for an attachTerminal before it is closed.
     max_terminals_per_room: Annotated[int, msgspec.Meta(ge=0)] = 8
     terminal_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    # Sessions (createSession; docs/interactive.md): persistent shells per room (each a state
+    # file under the room's /tmp/.sandboxd and a lock in the daemon).
+    max_sessions_per_room: Annotated[int, msgspec.Meta(ge=0)] = 32
+    # File watch (watch; docs/interactive.md): watches per room (each an inotify instance of the
+    # room's, also under the room's inotify ceilings), directories per watch, and the events a
+    # watch holds for a client that reads slowly before it drops (and counts) the rest.
+    max_watches_per_room: Annotated[int, msgspec.Meta(ge=0)] = 8
+    max_watch_dirs: Annotated[int, msgspec.Meta(ge=1)] = 8192
+    watch_queue_events: Annotated[int, msgspec.Meta(ge=16)] = 4096
 
 
 def _resolve_ceilings(cfg: DaemonConfig) -> DaemonConfig:

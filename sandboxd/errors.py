@@ -24,6 +24,8 @@
     ├── PortError               (ports; PORT_* codes)
     │   └── PortAlreadyExposed  PORT_ALREADY_EXPOSED
     ├── TerminalNotFound        TERMINAL_NOT_FOUND (terminals: an id the caller has not)
+    ├── SessionError            (sessions: SESSION_NOT_FOUND, SESSION_EXISTS)
+    ├── WatchNotFound           WATCH_NOT_FOUND (file watch: an id this room has not)
     ├── DaemonUnreachable       DAEMON_UNREACHABLE (client side only: no socket / refused)
     └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
 
@@ -257,6 +259,28 @@ class TerminalNotFound(SandboxError):
     """No terminal of the caller's rooms has this terminalId (or it was closed)."""
 
     code = "TERMINAL_NOT_FOUND"
+
+
+class SessionError(SandboxError):
+    code = "SESSION_ERROR"
+
+
+class SessionNotFound(SessionError):
+    """No session of this id in the room (never made, deleted, or its shell exited)."""
+
+    code = "SESSION_NOT_FOUND"
+
+
+class SessionExists(SessionError):
+    """createSession named a session id the room already has."""
+
+    code = "SESSION_EXISTS"
+
+
+class WatchNotFound(SandboxError):
+    """No watch of this id in the room (never made, unwatched, or its connection went)."""
+
+    code = "WATCH_NOT_FOUND"
 
 
 # --- ports ------------------------------------------------------------------------------------

@@ -281,6 +281,10 @@ class RunLimits(Params, frozen=True):
     file_size_bytes: ByteCount | None = None
 
 
+#: 1-63 characters of [A-Za-z0-9_.-] (a generated one when createSession names none)
+SessionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
+
+
 class ExecParams(Params, frozen=True):
     sandbox_id: str
     command: Annotated[str, msgspec.Meta(min_length=1, max_length=1 << 20)]
@@ -293,6 +297,9 @@ class ExecParams(Params, frozen=True):
     stream: bool = False
     limits: RunLimits | None = None
     user: User = "root"
+    #: run the line (shell form only) in this session's shell (createSession): its cwd,
+    #: variables, functions and aliases, and what the line changes of them kept for the next
+    session_id: SessionId | None = None
 
 
 class ExecOutput(Notification, frozen=True):
@@ -330,6 +337,9 @@ class ExecResult(RunReport, frozen=True):
     command: str = ""
     duration: float = 0
     timestamp: str = ""
+    #: with sessionId: true when the line exited the session's shell (``exit 3``); the session
+    #: is gone (the next call gets SESSION_NOT_FOUND)
+    session_ended: bool | Unset = UNSET
 
 
 # --- background processes (docs/processes.md) ----------------------------------------------------
@@ -347,8 +357,8 @@ class StartProcessParams(Params, frozen=True):
     env: dict[str, str | None] | None = None  # as exec's: null unsets
     user: User = "root"
     limits: RunLimits | None = None
-    #: accepted for the Cloudflare SDK's sake; a room is one session
-    session_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    #: start from this session's cwd, variables, functions and aliases (createSession)
+    session_id: SessionId | None = None
 
 
 class ProcessInfo(Result, frozen=True):
@@ -914,7 +924,8 @@ class OpenTerminalParams(Params, frozen=True):
     cwd: Path | None = None
     env: dict[str, str | None] | None = None  # as exec's: null unsets
     user: User = "root"
-    session_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    #: the shell starts from this session's cwd, variables, functions and aliases
+    session_id: SessionId | None = None
 
 
 class OpenTerminalResult(Result, frozen=True):
@@ -983,6 +994,88 @@ class ListTerminalsParams(Params, frozen=True):
 
 class ListTerminalsResult(Result, frozen=True):
     terminals: list[TerminalInfo]
+
+
+# --- sessions (docs/interactive.md) -------------------------------------------------------------
+
+
+class CreateSessionParams(Params, frozen=True):
+    sandbox_id: str
+    session_id: SessionId | None = None
+    cwd: Path | None = None  # default /workspace
+    env: dict[str, str | None] | None = None  # over the room's; null unsets
+
+
+class SessionInfo(Result, frozen=True):
+    """A session: ``busy`` while a call runs in it."""
+
+    session_id: str
+    sandbox_id: str
+    created_at: str
+    busy: bool = False
+    calls: int = 0
+
+
+class SessionParams(Params, frozen=True):
+    sandbox_id: str
+    session_id: SessionId
+
+
+class ListSessionsParams(Params, frozen=True):
+    sandbox_id: str
+
+
+class ListSessionsResult(Result, frozen=True):
+    sessions: list[SessionInfo]
+
+
+# --- file watch (docs/interactive.md) -----------------------------------------------------------
+
+WatchGlob = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+WatchId = Annotated[str, msgspec.Meta(pattern=r"^w-[0-9a-f]{1,32}$")]
+
+
+class WatchParams(Params, frozen=True):
+    sandbox_id: str
+    path: Path
+    recursive: bool = True
+    #: globs on the path relative to ``path`` (``*.py``, ``src/**``) or on the file's name;
+    #: none: every file
+    include: Annotated[list[WatchGlob], msgspec.Meta(max_length=64)] | None = None
+    #: globs on any component of the path below ``path``; default ``.git``, ``node_modules``
+    exclude: Annotated[list[WatchGlob], msgspec.Meta(max_length=64)] | None = None
+
+
+class WatchResult(Result, frozen=True):
+    watch_id: str
+    path: str
+    directories: int  # watched now (more as they are made, when recursive)
+    truncated: bool = False  # max_watch_dirs or the room's inotify ceiling was reached
+
+
+class WatchEvent(Notification, frozen=True):
+    """A change under a watch, to the connection that made it (``requestId``: the watch's).
+    ``eventType``: create, modify, delete, move_from, move_to, attrib, or overflow (``dropped``
+    events were not sent: the client read too slowly, or the kernel's queue overflowed)."""
+
+    method: ClassVar[str] = "watch.event"
+    watch_id: str
+    event_type: str
+    path: str
+    is_directory: bool = False
+    dropped: int | Unset = UNSET
+
+
+class UnwatchParams(Params, frozen=True):
+    sandbox_id: str
+    watch_id: WatchId
+
+
+class UnwatchResult(Result, frozen=True):
+    watch_id: str
+    unwatched: bool
+    events: int = 0  # sent in all
+    dropped: int = 0
 
 
 # --- the table -----------------------------------------------------------------------------------
@@ -1064,6 +1157,14 @@ METHODS: dict[str, Method] = {
                              summary="take over a terminal's output (the last 256 KiB first)"),
     "listTerminals": Method(ListTerminalsParams, ListTerminalsResult,
                             summary="the room's terminals"),
+    "createSession": Method(CreateSessionParams, SessionInfo,
+                            summary="a persistent shell: cwd, variables, functions kept"),
+    "deleteSession": Method(SessionParams, SessionInfo, summary="end a session"),
+    "listSessions": Method(ListSessionsParams, ListSessionsResult,
+                           summary="the room's sessions"),
+    "watch": Method(WatchParams, WatchResult, (WatchEvent,),
+                    summary="inotify in the room: watch.event notifications"),
+    "unwatch": Method(UnwatchParams, UnwatchResult, summary="stop a watch"),
 }
 
 #: Every notification, by its method name.

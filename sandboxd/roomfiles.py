@@ -226,7 +226,7 @@ def _check_headroom(room: Room, size: int, path: str) -> None:
                          path, memoryBytes=room.options.limits.memory_bytes)
 
 
-async def code_op(room: Room, action: Literal["state", "prepare", "seal"], name: str, *,
+async def code_op(room: Room, action: Literal["state", "prepare", "seal", "remove"], name: str, *,
                   shared: bool = False) -> jm.CodeState:
     """One step on the code-run cache directory ``name`` (jail/fileops.py, "the code-run
     cache"): state, prepare, seal."""

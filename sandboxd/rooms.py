@@ -67,7 +67,9 @@ from .jail.messages import RoomSpec
 
 if TYPE_CHECKING:
     from .processes import ProcessTable
+    from .sessions import Session
     from .terminals import Terminal
+    from .watches import Watch
 
 log = logging.getLogger("sandboxd.rooms")
 
@@ -168,6 +170,11 @@ class Room:
         self.processes: ProcessTable | None = None
         # Its open terminals by id (``terminals``); each live one is also one of ``active_runs``.
         self.terminals: dict[str, Terminal] = {}
+        # Its shell sessions by id (``sessions``): their state lives in the room, under
+        # /tmp/.sandboxd/session-<id>; this holds each one's lock (one call at a time).
+        self.sessions: dict[str, Session] = {}
+        # Its file watches by id (``watches``): each holds an inotify fd, closed at teardown.
+        self.watches: dict[str, Watch] = {}
         self._pending: set[asyncio.Future[Any]] = set()
         # Request tasks using the room (any method: a streamed readFile, a long file operation,
         # an exec): the idle reaper leaves a room alone while one is running.
@@ -516,6 +523,10 @@ class RoomManager:
     async def _teardown_steps(self, room: Room) -> None:
         room.status = "stopping"
         me = asyncio.current_task()
+        for watch in list(room.watches.values()):
+            # (their inotify marks pin the room's filesystems: closed before anything else)
+            with contextlib.suppress(Exception):
+                watch.close()
         try:
             if room.watcher is not None and room.watcher is not me and not room.watcher.done():
                 room.watcher.cancel()

@@ -20,7 +20,7 @@ fi
 # to read this checkout (CI clones under /root).
 build=$(mktemp -d); trap 'rm -rf "$build"' EXIT
 cp -r pyproject.toml README.md sandboxd "$build"/
-"$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation "$build[dev]"
+"$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation "$build[dev,mcp]"
 chmod -R a+rX "$venv"
 rootfs=${SANDBOXD_TEST_LANG_ROOTFS:-/var/lib/sandboxd/rootfs/default}
 if [ -d "$rootfs/usr" ]; then export SANDBOXD_TEST_LANG_ROOTFS=$rootfs; fi

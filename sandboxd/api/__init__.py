@@ -1,6 +1,7 @@
 """Method handlers, one module per family (rooms, exec, files, git, code, stats, processes,
-ports, backups, terminals): thin layers over the room-level calls (``rooms``, ``runs``,
-``roomfiles``, ``processes``, ``ports``, ``persistence``, ``terminals``, the code-run service).
+ports, backups, terminals, sessions, watches): thin layers over the room-level calls
+(``rooms``, ``runs``, ``roomfiles``, ``processes``, ``ports``, ``persistence``, ``terminals``,
+``sessions``, ``watches``, the code-run service).
 
 :data:`HANDLERS` is the one table of them, by wire name; it has exactly the methods of
 ``protocol.METHODS`` (a unit test holds them equal), which says each one's params, result and
@@ -16,7 +17,20 @@ from typing import Any
 
 from .. import protocol
 from ..context import Context
-from . import backups, code, exec, files, git, ports, processes, rooms, stats, terminals
+from . import (
+    backups,
+    code,
+    exec,
+    files,
+    git,
+    ports,
+    processes,
+    rooms,
+    sessions,
+    stats,
+    terminals,
+    watches,
+)
 
 #: A handler: (context, params struct) -> result struct. The params type differs per method,
 #: so the table can only say Any; tests check each handler's annotations against METHODS.
@@ -66,6 +80,11 @@ HANDLERS: dict[str, Handler] = {
     "closeTerminal": terminals.close_terminal,
     "attachTerminal": terminals.attach_terminal,
     "listTerminals": terminals.list_terminals,
+    "createSession": sessions.create_session,
+    "deleteSession": sessions.delete_session,
+    "listSessions": sessions.list_sessions,
+    "watch": watches.watch,
+    "unwatch": watches.unwatch,
 }
 
 __all__ = ["HANDLERS", "Context", "Handler"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from .. import protocol, runs
+from .. import protocol, runs, sessions
 from ..context import Context
 
 
@@ -31,15 +31,26 @@ def report(res: runs.RunResult) -> protocol.RunReport:
 async def exec_(ctx: Context, p: protocol.ExecParams) -> protocol.ExecResult:
     started = time.time()
     argv = [p.command, *p.args] if p.args is not None else ["/bin/sh", "-c", p.command]
-    res = await runs.run_in_room(
-        ctx.rooms, ctx.uid, p.sandbox_id, argv, check_limits=ctx.facts.check_run_limits,
-        env=p.env, cwd=p.cwd, stdin=(p.stdin or "").encode(), user=p.user, limits=p.limits,
-        timeout_ms=p.timeout, on_output=output_sender(ctx) if p.stream else None)
+    on_output = output_sender(ctx) if p.stream else None
+    ended: bool | protocol.Unset = protocol.UNSET
+    if p.session_id is not None:
+        sessions.check_user(p.user)
+        res, ended = await sessions.run_line(
+            ctx.rooms, ctx.uid, p.sandbox_id, p.session_id,
+            None if p.args is None else [p.command, *p.args], p.command,
+            check_limits=ctx.facts.check_run_limits, env=p.env, cwd=p.cwd,
+            stdin=(p.stdin or "").encode(), limits=p.limits, timeout_ms=p.timeout,
+            on_output=on_output)
+    else:
+        res = await runs.run_in_room(
+            ctx.rooms, ctx.uid, p.sandbox_id, argv, check_limits=ctx.facts.check_run_limits,
+            env=p.env, cwd=p.cwd, stdin=(p.stdin or "").encode(), user=p.user, limits=p.limits,
+            timeout_ms=p.timeout, on_output=on_output)
     rep = report(res)
     return protocol.ExecResult(
         success=res.status == "OK", stdout=res.stdout, stderr=res.stderr,
         command=p.command if p.args is None else " ".join([p.command, *p.args]),
         duration=res.wall_time_ms,
         timestamp=datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z"),
+        .replace("+00:00", "Z"), session_ended=ended,
         **{f: getattr(rep, f) for f in protocol.RunReport.__struct_fields__})

@@ -9,7 +9,7 @@ of these processes (PROCESS_NOT_FOUND): nothing to see, read or kill.
 
 from __future__ import annotations
 
-from .. import processes, protocol
+from .. import processes, protocol, sessions
 from ..context import Context
 from ..rooms import Room
 
@@ -24,10 +24,18 @@ def _offsets(p: protocol.ProcessLogsParams) -> dict[str, int]:
 
 async def start_process(ctx: Context, p: protocol.StartProcessParams) -> protocol.ProcessInfo:
     argv = [p.command, *p.args] if p.args is not None else ["/bin/sh", "-c", p.command]
+    env, cwd = p.env, p.cwd
+    if p.session_id is not None:
+        sessions.check_user(p.user)
+        argv = await sessions.start_argv(
+            ctx.rooms, ctx.uid, p.sandbox_id, p.session_id,
+            None if p.args is None else [p.command, *p.args],
+            p.command if p.args is None else None, env=env, cwd=cwd)
+        env, cwd = None, None
     rec = await processes.start(
         ctx.rooms, ctx.uid, p.sandbox_id, argv,
         p.command if p.args is None else " ".join([p.command, *p.args]),
-        check_limits=ctx.facts.check_run_limits, env=p.env, cwd=p.cwd, user=p.user,
+        check_limits=ctx.facts.check_run_limits, env=env, cwd=cwd, user=p.user,
         limits=p.limits, process_id=p.process_id)
     return rec.info()
 

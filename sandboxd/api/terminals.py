@@ -9,7 +9,7 @@ id is TERMINAL_NOT_FOUND.
 
 from __future__ import annotations
 
-from .. import protocol, terminals
+from .. import protocol, sessions, terminals
 from ..context import Context
 
 
@@ -21,9 +21,17 @@ async def open_terminal(ctx: Context,
         argv, command = [p.command, *p.args], " ".join([p.command, *p.args])
     else:
         argv, command = ["/bin/sh", "-c", p.command], p.command
+    env, cwd = p.env, p.cwd
+    if p.session_id is not None:
+        sessions.check_user(p.user)
+        argv = await sessions.start_argv(
+            ctx.rooms, ctx.uid, p.sandbox_id, p.session_id,
+            None if p.command is None or p.args is None else [p.command, *p.args],
+            p.command if p.command is not None and p.args is None else None, env=env, cwd=cwd)
+        env, cwd = None, None
     term = await terminals.open_terminal(
         ctx.rooms, ctx.uid, p.sandbox_id, argv, command, check_limits=ctx.facts.check_run_limits,
-        env=p.env, cwd=p.cwd, user=p.user, cols=p.cols, rows=p.rows, notify=ctx.notify,
+        env=env, cwd=cwd, user=p.user, cols=p.cols, rows=p.rows, notify=ctx.notify,
         request_id=ctx.request_id, on_close=ctx.on_close)
     return protocol.OpenTerminalResult(terminal_id=term.id, pid=term.pid, tty=term.tty)
 

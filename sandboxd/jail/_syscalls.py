@@ -142,3 +142,37 @@ def openat2(dirfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) 
         raise OSError(err, f"openat2({path!r}, {flags:#o}, resolve={resolve:#x}): "
                            f"{os.strerror(err)}", path)
     return int(ret)
+
+
+# --- inotify (file watch: jail/watchops.py makes the instance and adds the watches) -------------
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_EXCL_UNLINK = 0x04000000
+IN_ISDIR = 0x40000000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_libc.inotify_init1.argtypes = (ctypes.c_int,)
+_libc.inotify_add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+
+
+def inotify_init1(flags: int) -> int:
+    return _check(_libc.inotify_init1(flags), f"inotify_init1({flags:#x})")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    ret = _libc.inotify_add_watch(fd, _b(path), mask)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"inotify_add_watch({fd}, {path!r}, {mask:#x}): {os.strerror(err)}",
+                      path)
+    return int(ret)

@@ -584,7 +584,8 @@ def _seal_tree(fd: int) -> None:
 
 def code_dir(msg: m.Code) -> m.CodeState:
     """``Code {action, name}``: ``state`` -> {sealed}; ``prepare`` (a fresh, empty workdir
-    for a compile, replacing whatever was there); ``seal``."""
+    for a compile, replacing whatever was there; also a session's state directory);
+    ``seal``; ``remove``."""
     base, name = _code_dir(msg)
     action = msg.action
     bfd = sc.openat2(-100, base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
@@ -603,6 +604,9 @@ def code_dir(msg: m.Code) -> m.CodeState:
             _remove_tree(bfd, name)
             os.mkdir(name, 0o755, dir_fd=bfd)
             os.chmod(name, 0o777 if msg.shared else 0o755, dir_fd=bfd)
+            return m.CodeState(path=path)
+        if action == "remove":
+            _remove_tree(bfd, name)
             return m.CodeState(path=path)
         if action == "seal":
             if not seal_uid_mapped():

@@ -49,7 +49,7 @@ from typing import Protocol, assert_never
 import msgspec
 
 from . import _syscalls as sc
-from . import caps, cgroup, channel, fileops, messages, mnt, net, portops, ptyops
+from . import caps, cgroup, channel, fileops, messages, mnt, net, portops, ptyops, watchops
 from .messages import ErrorReply, Reply
 
 
@@ -205,6 +205,11 @@ class Init:
                     self.reply(msg, fileops.code_dir(msg))
                 case messages.Connect():
                     self._connect(msg)
+                case messages.NewInotify():
+                    inotify, ifd = watchops.new_inotify()
+                    self._reply_fd(msg, inotify, ifd)
+                case messages.AddWatch():
+                    self.reply(msg, watchops.add_watch(msg, fds))
                 case messages.OpenPty():
                     pty, pair = ptyops.open_pty(msg)
                     try:

@@ -8,7 +8,8 @@ msgpack datagram per message, fds by SCM_RIGHTS):
                                            ErrorReply; event Exited {pid, status}
     daemon ──ToInit────> room init         Spawn, Kill, KillAll, Ping, the file operations and
                                            Connect (a socket inside the room's netns),
-                                           OpenPty (a pty pair of the room's devpts)
+                                           OpenPty (a pty pair of the room's devpts),
+                                           NewInotify, AddWatch (file watch)
            <─FromInit───                   one reply type per request, or ErrorReply;
                                            events Ready, Failed, Exit
 
@@ -286,7 +287,7 @@ class ListDir(Request[Listing], tag="f_list", kw_only=True):
 class Code(Request[CodeState], tag="f_code", kw_only=True):
     """A step on the code-run cache directory ``name`` (fileops, "the code-run cache")."""
 
-    action: Literal["state", "prepare", "seal"]
+    action: Literal["state", "prepare", "seal", "remove"]
     name: str
     shared: bool = False  # prepare: writable by the sandbox user too
 
@@ -328,15 +329,54 @@ class OpenPty(Request[PtyOpened], tag="t_open", kw_only=True):
     rows: int = 24
 
 
+# --- daemon <-> room init: file watch (jail/watchops.py) ----------------------------------------
+
+
+class Inotify(Reply, tag="w_inotify", kw_only=True):
+    """fds: [an inotify instance made by the init: counted in the room's user namespace, under
+    its inotify ceilings (jail/user.py ROOM_UCOUNTS), not the daemon user's]."""
+
+    nfds: ClassVar[int] = 1
+
+
+class NewInotify(Request[Inotify], tag="w_new", kw_only=True):
+    pass
+
+
+class Watched(Reply, tag="w_watched", kw_only=True):
+    """The directories now watched, as [watch descriptor, absolute path]; ``found``: what the
+    directories below ``path`` already held, as [path, is_directory] (a directory made after the
+    watch began may have been filled before its own watch was added); ``truncated``: a limit
+    (``limit`` directories, the room's inotify ceiling) stopped the walk."""
+
+    path: str
+    dirs: list[tuple[int, str]]
+    found: list[tuple[str, bool]] = []
+    truncated: bool = False
+
+
+class AddWatch(Request[Watched], tag="w_add", kw_only=True):
+    """fds: [the inotify instance]. Watch directory ``path`` and, with ``recursive``, every
+    directory below it whose name matches none of ``exclude`` (globs), never through a symlink,
+    at most ``limit`` directories; ``report`` asks for ``found``."""
+
+    nfds: ClassVar[int] = 1
+    path: str
+    recursive: bool = True
+    exclude: list[str] = []
+    limit: int = 4096
+    report: bool = False
+
+
 # --- the unions each side decodes ----------------------------------------------------------------
 
 ToZygote = SpawnRoom | Ping
 FromZygote = RoomSpawned | Pong | ErrorReply | Exited
 ToInit = Spawn | Kill | KillAll | Ping | OpenRead | Write | Exists | Delete | Rename | Mkdir \
-    | ListDir | Code | Connect | OpenPty
+    | ListDir | Code | Connect | OpenPty | NewInotify | AddWatch
 FromInit = SpawnReply | KillReply | KillAllReply | Pong | Opened | Written | Existence \
-    | PathReply | Renamed | Listing | CodeState | Connected | PtyOpened | ErrorReply | Exit \
-    | Ready | Failed
+    | PathReply | Renamed | Listing | CodeState | Connected | PtyOpened | Inotify | Watched \
+    | ErrorReply | Exit | Ready | Failed
 
 to_zygote: msgspec.msgpack.Decoder[ToZygote] = msgspec.msgpack.Decoder(ToZygote)
 from_zygote: msgspec.msgpack.Decoder[FromZygote] = msgspec.msgpack.Decoder(FromZygote)

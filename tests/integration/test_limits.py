@@ -331,14 +331,19 @@ def test_cpu_time_of_a_1s_busy_loop_within_10_percent(client: Any, daemon: Daemo
                                                       room_id: str) -> None:
     sb = client.sandbox(room_id)
     # Burns 1 s of its own CPU clock (whatever else runs on the host), children included: two
-    # processes of 0.5 s each.
-    burn = "python3 -c 'import time\nt=time.process_time()\nwhile time.process_time()-t<0.5: pass'"
+    # processes of 0.5 s each, each printing at exit the CPU time it used in all, interpreter start
+    # included. The start costs ~40 ms here and 0.3-0.7 s, varying from run to run, under the VM
+    # tier's emulation; a second run without the loop did not subtract it reliably (CI stop 29:
+    # 1845 - 684 ms). What the processes measured of themselves does not vary with the run.
+    burn = ("python3 -c 'import time\nt=time.process_time()\n"
+            "while time.process_time()-t<0.5: pass\nprint(int(time.process_time()*1000))'")
     r = sb.exec(f"{burn} & {burn}; wait")
-    assert r.status == "OK"
-    # The same two interpreters without the loop: what starting them costs on this machine
-    # (~40 ms here, ~1.5 s under the VM tier's emulation) is not part of the 1 s burned.
-    idle = sb.exec("python3 -c 'import time' & python3 -c 'import time'; wait")
-    assert 900 <= r.cpu_time_ms - idle.cpu_time_ms <= 1100, (r.raw, idle.raw)
+    assert r.status == "OK", r.raw
+    own = [int(x) for x in r.stdout.split()]
+    assert len(own) == 2 and min(own) >= 500, r.raw
+    # The room's clock counts the same CPU plus the shell and the interpreters' exit: never less,
+    # and not more than 10 % (plus 50 ms for the shell) over.
+    assert sum(own) - 20 <= r.cpu_time_ms <= sum(own) * 1.1 + 50, (own, r.raw)
     host_ok(daemon, sb)
 
 

@@ -68,6 +68,12 @@ SAMPLES: list[messages.Message] = [
     messages.Connected(re=15, address="::1"),
     messages.OpenPty(id=16, cols=100, rows=30),
     messages.PtyOpened(re=16, name="/dev/pts/0"),
+    messages.NewInotify(id=17),
+    messages.Inotify(re=17),
+    messages.AddWatch(id=18, path="/workspace", recursive=True, exclude=[".git"], limit=9,
+                      report=True),
+    messages.Watched(re=18, path="/workspace", dirs=[(1, "/workspace")],
+                     found=[("/workspace/a", False)], truncated=False),
 ]
 
 UNIONS = {

@@ -47,6 +47,7 @@ class FakeDaemon:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
         self._writers: list[asyncio.StreamWriter] = []
+        self.tasks: list[asyncio.Future[None]] = []  # sends after an answer (watch events)
 
     # lifecycle (the peer runs on its own loop in a thread, so sync clients can use it too)
 
@@ -468,6 +469,39 @@ class FakeDaemon:
     async def m_listTerminals(self, p: protocol.ListTerminalsParams, rid: Any,
                               send: Any) -> dict[str, Any]:
         return {"terminals": [self._term("term-1")]}
+
+    def _session(self, sid: str) -> dict[str, Any]:
+        return {"sessionId": sid, "sandboxId": "alpha", "createdAt": NOW}
+
+    async def m_createSession(self, p: protocol.CreateSessionParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return self._session(p.session_id or "s-1")
+
+    async def m_deleteSession(self, p: protocol.SessionParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return self._session(p.session_id)
+
+    async def m_listSessions(self, p: protocol.ListSessionsParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        return {"sessions": [self._session("s-1")]}
+
+    async def m_watch(self, p: protocol.WatchParams, rid: Any, send: Any) -> dict[str, Any]:
+        # one event before the answer and two after it: a watch's events outlive its call
+        def event(path: str) -> dict[str, Any]:
+            return protocol.notification("watch.event", protocol.WatchEvent(
+                request_id=rid, watch_id="w-1", event_type="create", path=path))
+        await send(event(f"{p.path}/early"))
+
+        async def later() -> None:
+            await asyncio.sleep(0.05)
+            await send(event(f"{p.path}/a"))
+            await send(event(f"{p.path}/b"))
+        self.tasks.append(asyncio.ensure_future(later()))
+        return {"watchId": "w-1", "path": p.path, "directories": 1}
+
+    async def m_unwatch(self, p: protocol.UnwatchParams, rid: Any,
+                        send: Any) -> dict[str, Any]:
+        return {"watchId": p.watch_id, "unwatched": True, "events": 3}
 
 
 NOW = "2026-11-26T20:00:00.000Z"
@@ -949,6 +983,16 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert sb.attach_terminal("term-1").attached is True
     assert [t.terminal_id for t in sb.list_terminals()] == ["term-1"]
     assert sb.close_terminal("term-1").exit_code == 129
+    assert sb.create_session(cwd="/srv", env={"A": "1"}).session_id == "s-1"
+    assert [s.session_id for s in sb.list_sessions()] == ["s-1"]
+    assert sb.delete_session("s-2").session_id == "s-2"
+    sb.exec("cd /", session_id="s-1")
+    assert exec_params(daemon)[-1]["sessionId"] == "s-1"
+    with sb.watch("/w") as w:
+        assert w.id == "w-1"
+        assert [e.path for e in w.events(1.0)] == ["/w/early", "/w/a", "/w/b"]
+        assert w.next(0.05) is None
+    assert sb.unwatch("w-1").events == 3
     assert sb.destroy().destroyed is True
     sent = next(r for r in daemon.requests if r["method"] == "runCode")["params"]
     assert sent["limits"] == {"cpuTimeMs": 100} and sent["compileLimits"] == {"wallTimeMs": 5000}
@@ -980,6 +1024,20 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             assert (await sb.attach_terminal("term-1")).status == "running"
             assert len(await sb.list_terminals()) == 1
             assert (await sb.close_terminal("term-1")).status == "exited"
+            assert (await sb.create_session("s-9")).session_id == "s-9"
+            assert len(await sb.list_sessions()) == 1
+            assert (await sb.delete_session("s-9")).session_id == "s-9"
+            seen: list[str] = []
+            got = asyncio.Event()
+
+            def on_event(ev: protocol.WatchEvent) -> None:
+                seen.append(ev.path)
+                if len(seen) == 3:
+                    got.set()
+            assert (await sb.watch("/w", on_event=on_event)).watch_id == "w-1"
+            await asyncio.wait_for(got.wait(), 5)
+            assert seen == ["/w/early", "/w/a", "/w/b"]
+            assert (await sb.unwatch("w-1")).unwatched is True
             assert await sb.exists("x")
             assert [f.name for f in await sb.list_files()] == ["x"]
             await sb.rename_file("x", "y")

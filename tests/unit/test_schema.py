@@ -52,7 +52,7 @@ def test_schema_structs_are_camel_case_and_strict() -> None:
 def test_notifications_are_declared_by_the_methods_that_send_them() -> None:
     assert set(protocol.NOTIFICATIONS) == {"exec.output", "export.chunk", "file.chunk",
                                            "process.output", "terminal.output",
-                                           "terminal.exit"}
+                                           "terminal.exit", "watch.event"}
     assert protocol.METHODS["exportSandbox"].notifications == (protocol.ExportChunk,)
     assert protocol.METHODS["attachTerminal"].notifications == (protocol.TerminalOutput,
                                                                 protocol.TerminalExit)
@@ -106,7 +106,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(client.__all__) == sorted([
         "AsyncClient", "AsyncSandbox", "Client", "CopyFromResult", "CopyToResult", "ExecResult",
         "FileContent", "FileInfo", "OutputCallback", "ProgressCallback", "RunCodeResult",
-        "Sandbox", "SandboxInfo", "Process", "AsyncProcess"])
+        "Sandbox", "SandboxInfo", "Process", "AsyncProcess", "Watcher"])
     assert client.ExecResult is protocol.ExecResult
     assert client.RunCodeResult is protocol.RunCodeResult
     assert issubclass(client.FileContent, protocol.METHODS["readFile"].result)
