@@ -211,6 +211,31 @@ export class TerminalNotFound extends SandboxError {
   static override readonly CODE: string = "TERMINAL_NOT_FOUND";
 }
 
+export class SessionError extends SandboxError {
+  static override readonly CODE: string = "SESSION_ERROR";
+}
+
+/**
+ * No session of this id in the room (never made, deleted, or its shell exited).
+ */
+export class SessionNotFound extends SessionError {
+  static override readonly CODE: string = "SESSION_NOT_FOUND";
+}
+
+/**
+ * createSession named a session id the room already has.
+ */
+export class SessionExists extends SessionError {
+  static override readonly CODE: string = "SESSION_EXISTS";
+}
+
+/**
+ * No watch of this id in the room (never made, unwatched, or its connection went).
+ */
+export class WatchNotFound extends SandboxError {
+  static override readonly CODE: string = "WATCH_NOT_FOUND";
+}
+
 export class PortError extends SandboxError {
   static override readonly CODE: string = "PORT_ERROR";
 }
@@ -292,6 +317,10 @@ export const BY_CODE: Readonly<Record<string, ErrorClass>> = {
   "PROCESS_EXITED_BEFORE_READY": ProcessExitedBeforeReady,
   "PROCESS_READY_TIMEOUT": ProcessReadyTimeout,
   "TERMINAL_NOT_FOUND": TerminalNotFound,
+  "SESSION_ERROR": SessionError,
+  "SESSION_NOT_FOUND": SessionNotFound,
+  "SESSION_EXISTS": SessionExists,
+  "WATCH_NOT_FOUND": WatchNotFound,
   "PORT_ERROR": PortError,
   "PORT_ALREADY_EXPOSED": PortAlreadyExposed,
   "BACKUP_ERROR": BackupError,

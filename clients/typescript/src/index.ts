@@ -7,7 +7,8 @@
  */
 export { SandboxdClient, defaultSocket } from "./client.js";
 export type { AnyNotification, CallOptions, ClientOptions, NotificationHandler } from "./client.js";
-export { Sandbox, Terminal, clientFor, closeAll, getSandbox } from "./sandbox.js";
+export { ExecutionSession, Sandbox, Terminal, Watch, clientFor, closeAll, getSandbox }
+  from "./sandbox.js";
 export type { Encoding, ExecOptions, ExportedArchive, OpenTerminalOptions, OutputCallback,
   ReadFileOptions, SandboxOptions, Target, TerminalHandlers } from "./sandbox.js";
 export { CodeRunService } from "./coderun.js";

@@ -96,6 +96,7 @@ export interface ExecParams {
   stream?: boolean;
   limits?: RunLimits | null;
   user?: "root" | "sandbox";
+  sessionId?: string | null;
 }
 
 /**
@@ -131,6 +132,7 @@ export interface ExecResult {
   command: string;
   duration: number;
   timestamp: string;
+  sessionEnded?: boolean;
 }
 
 export interface StartProcessParams {
@@ -764,6 +766,79 @@ export interface ListTerminalsResult {
   terminals: Array<TerminalInfo>;
 }
 
+export interface CreateSessionParams {
+  sandboxId: string;
+  sessionId?: string | null;
+  cwd?: string | null;
+  env?: Record<string, string | null> | null;
+}
+
+/**
+ * A session: ``busy`` while a call runs in it.
+ */
+export interface SessionInfo {
+  sessionId: string;
+  sandboxId: string;
+  createdAt: string;
+  busy: boolean;
+  calls: number;
+}
+
+export interface SessionParams {
+  sandboxId: string;
+  sessionId: string;
+}
+
+export interface ListSessionsParams {
+  sandboxId: string;
+}
+
+export interface ListSessionsResult {
+  sessions: Array<SessionInfo>;
+}
+
+export interface WatchParams {
+  sandboxId: string;
+  path: string;
+  recursive?: boolean;
+  include?: Array<string> | null;
+  exclude?: Array<string> | null;
+}
+
+export interface WatchResult {
+  watchId: string;
+  path: string;
+  directories: number;
+  truncated: boolean;
+}
+
+/**
+ * A change under a watch, to the connection that made it (``requestId``: the watch's).
+ * ``eventType``: create, modify, delete, move_from, move_to, attrib, or overflow (``dropped``
+ * events were not sent: the client read too slowly, or the kernel's queue overflowed).
+ */
+export interface WatchEvent {
+  /** always "watch.event" */
+  watchId: string;
+  eventType: string;
+  path: string;
+  isDirectory: boolean;
+  dropped?: number;
+  requestId: string | number | null;
+}
+
+export interface UnwatchParams {
+  sandboxId: string;
+  watchId: string;
+}
+
+export interface UnwatchResult {
+  watchId: string;
+  unwatched: boolean;
+  events: number;
+  dropped: number;
+}
+
 /** Every wire method: its params, its result and the notifications it may send. */
 export interface Methods {
   /** version, capabilities; a room's init */
@@ -852,6 +927,16 @@ export interface Methods {
   attachTerminal: { params: TerminalParams; result: TerminalInfo; notifications: TerminalOutput | TerminalExit };
   /** the room's terminals */
   listTerminals: { params: ListTerminalsParams; result: ListTerminalsResult; notifications: never };
+  /** a persistent shell: cwd, variables, functions kept */
+  createSession: { params: CreateSessionParams; result: SessionInfo; notifications: never };
+  /** end a session */
+  deleteSession: { params: SessionParams; result: SessionInfo; notifications: never };
+  /** the room's sessions */
+  listSessions: { params: ListSessionsParams; result: ListSessionsResult; notifications: never };
+  /** inotify in the room: watch.event notifications */
+  watch: { params: WatchParams; result: WatchResult; notifications: WatchEvent };
+  /** stop a watch */
+  unwatch: { params: UnwatchParams; result: UnwatchResult; notifications: never };
 }
 
 export type MethodName = keyof Methods;
@@ -864,6 +949,7 @@ export interface Notifications {
   "export.chunk": ExportChunk;
   "terminal.output": TerminalOutput;
   "terminal.exit": TerminalExit;
+  "watch.event": WatchEvent;
 }
 
 /** The method table as data: each method's notification names. */
@@ -911,6 +997,11 @@ export const METHODS: { readonly [M in MethodName]: readonly (keyof Notification
   closeTerminal: [],
   attachTerminal: ["terminal.output", "terminal.exit"],
   listTerminals: [],
+  createSession: [],
+  deleteSession: [],
+  listSessions: [],
+  watch: ["watch.event"],
+  unwatch: [],
 };
 
 /** Each method's params (wire names), to refuse a misspelt option early. */
@@ -919,7 +1010,7 @@ export const PARAMS: { readonly [M in MethodName]: readonly string[] } = {
   getSandbox: ["sandboxId", "options"],
   listSandboxes: [],
   destroy: ["sandboxId"],
-  exec: ["sandboxId", "command", "args", "cwd", "env", "stdin", "timeout", "stream", "limits", "user"],
+  exec: ["sandboxId", "command", "args", "cwd", "env", "stdin", "timeout", "stream", "limits", "user", "sessionId"],
   writeFile: ["sandboxId", "path", "content", "encoding", "append"],
   readFile: ["sandboxId", "path", "encoding", "stream"],
   deleteFile: ["sandboxId", "path"],
@@ -958,4 +1049,9 @@ export const PARAMS: { readonly [M in MethodName]: readonly string[] } = {
   closeTerminal: ["terminalId"],
   attachTerminal: ["terminalId"],
   listTerminals: ["sandboxId"],
+  createSession: ["sandboxId", "sessionId", "cwd", "env"],
+  deleteSession: ["sandboxId", "sessionId"],
+  listSessions: ["sandboxId"],
+  watch: ["sandboxId", "path", "recursive", "include", "exclude"],
+  unwatch: ["sandboxId", "watchId"],
 };

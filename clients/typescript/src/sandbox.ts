@@ -33,6 +33,8 @@ export interface ExecOptions {
   timeout?: number;
   limits?: P.RunLimits;
   user?: "root" | "sandbox";
+  /** run in this session (createSession): its cwd, variables and functions carry over */
+  sessionId?: string;
 }
 
 export interface FileOptions { stream?: boolean }
@@ -68,6 +70,43 @@ export class Terminal {
   async close(): Promise<P.TerminalInfo> {
     try {
       return await this.sandbox.closeTerminal(this.id);
+    } finally {
+      this.sandbox.client.release(this.requestId);
+    }
+  }
+}
+
+/** A persistent shell of the room (createSession): the Cloudflare SDK's ExecutionSession. */
+export class ExecutionSession {
+  constructor(readonly sandbox: Sandbox, readonly id: string, readonly info: P.SessionInfo) {}
+
+  exec(command: string, args?: string[], options: ExecOptions = {}): Promise<P.ExecResult> {
+    return this.sandbox.exec(command, args, { ...options, sessionId: this.id });
+  }
+
+  startProcess(command: string, args?: string[],
+               options: Omit<P.StartProcessParams, "sandboxId" | "command" | "args"> = {}
+  ): Promise<P.ProcessInfo> {
+    return this.sandbox.startProcess(command, args, { ...options, sessionId: this.id });
+  }
+
+  openTerminal(options: OpenTerminalOptions = {}): Promise<Terminal> {
+    return this.sandbox.openTerminal({ ...options, sessionId: this.id });
+  }
+
+  delete(): Promise<P.SessionInfo> {
+    return this.sandbox.deleteSession(this.id);
+  }
+}
+
+/** A watch made on this connection: its events go to `onEvent` until `unwatch()`. */
+export class Watch {
+  constructor(readonly sandbox: Sandbox, readonly id: string, readonly info: P.WatchResult,
+              private requestId: number) {}
+
+  async unwatch(): Promise<P.UnwatchResult> {
+    try {
+      return await this.sandbox.unwatch(this.id);
     } finally {
       this.sandbox.client.release(this.requestId);
     }
@@ -414,6 +453,44 @@ export class Sandbox {
 
   async listTerminals(): Promise<P.TerminalInfo[]> {
     return (await this.call("listTerminals", { sandboxId: this.id })).terminals;
+  }
+
+  // --- sessions --------------------------------------------------------------------------------
+
+  /** A persistent shell: `exec` in it keeps cwd, variables, functions and aliases. */
+  async createSession(options: { id?: string; cwd?: string; env?: Record<string, string | null> } = {}
+  ): Promise<ExecutionSession> {
+    const params: P.CreateSessionParams = { sandboxId: this.id };
+    if (options.id !== undefined) params.sessionId = options.id;
+    if (options.cwd !== undefined) params.cwd = options.cwd;
+    if (options.env !== undefined) params.env = options.env;
+    const info = await this.call("createSession", params);
+    return new ExecutionSession(this, info.sessionId, info);
+  }
+
+  deleteSession(sessionId: string): Promise<P.SessionInfo> {
+    return this.call("deleteSession", { sandboxId: this.id, sessionId });
+  }
+
+  async listSessions(): Promise<P.SessionInfo[]> {
+    return (await this.call("listSessions", { sandboxId: this.id })).sessions;
+  }
+
+  // --- file watch ------------------------------------------------------------------------------
+
+  /** Watch `path` in the room; each change (`watch.event`) goes to `onEvent` until unwatch. */
+  async watch(path: string, options: Omit<P.WatchParams, "sandboxId" | "path"> & {
+    onEvent: (event: P.WatchEvent) => void } ): Promise<Watch> {
+    const { onEvent, ...rest } = options;
+    let rid = -1;
+    const info = await this.call("watch", { sandboxId: this.id, path, ...rest }, {
+      keep: true, onId: (id) => { rid = id; },
+      onNotification: (n) => { if (n.method === "watch.event") onEvent(n.params); } });
+    return new Watch(this, info.watchId, info, rid);
+  }
+
+  unwatch(watchId: string): Promise<P.UnwatchResult> {
+    return this.call("unwatch", { sandboxId: this.id, watchId });
   }
 }
 

@@ -72,6 +72,11 @@ describe("errors from a real daemon", () => {
                   "GIT_REPOSITORY_NOT_FOUND");
     await rejects(sb.gitCheckout("-oops"), E.InvalidGitUrl, "INVALID_GIT_URL");
     await rejects(sb.importSandbox(Buffer.from("not a tar")), E.InvalidArchive, "INVALID_ARCHIVE");
+    const snf = await rejects(sb.deleteSession("nope"), E.SessionNotFound, "SESSION_NOT_FOUND");
+    assert.ok(snf instanceof E.SessionError);
+    await sb.createSession({ id: "s1" });
+    await rejects(sb.createSession({ id: "s1" }), E.SessionExists, "SESSION_EXISTS");
+    await rejects(sb.unwatch("w-0"), E.WatchNotFound, "WATCH_NOT_FOUND");
   });
 
   it("protocol errors: unknown method, invalid params", async () => {

@@ -235,6 +235,47 @@ describe("terminals", () => {
   });
 });
 
+describe("sessions", () => {
+  it("createSession keeps cwd and variables; exec, startProcess in it; list, delete", async () => {
+    const sb = room("sessions");
+    const session = await sb.createSession({ id: "main", env: { GREETING: "hi" } });
+    assert.equal(session.id, "main");
+    await session.exec("cd /tmp && X=42 && f() { echo fn; }");
+    const r = await session.exec('pwd; echo "$X $GREETING"; f');
+    assert.equal(r.stdout, "/tmp\n42 hi\nfn\n");
+    assert.equal((await sb.exec("pwd")).stdout, "/workspace\n"); // not in the session
+    const p = await session.startProcess("pwd", [], { processId: "in-session" });
+    assert.equal(p.processId, "in-session");
+    const listed = await sb.listSessions();
+    assert.deepEqual(listed.map((x) => x.sessionId), ["main"]);
+    const gone = await session.delete();
+    assert.equal(gone.sessionId, "main");
+    assert.deepEqual(await sb.listSessions(), []);
+  });
+});
+
+describe("file watch", () => {
+  it("watch sees a create and a delete; unwatch ends it", async () => {
+    const sb = room("watch");
+    await sb.mkdir("/workspace/w");
+    const events: Array<[string, string]> = [];
+    const w = await sb.watch("/workspace/w", { onEvent: (e) => events.push([e.eventType, e.path]) });
+    assert.deepEqual([w.info.path, w.info.directories], ["/workspace/w", 1]);
+    // writeFile writes a temporary file and renames it: f.txt appears by a move_to
+    await sb.writeFile("/workspace/w/f.txt", "x");
+    await until(() => events.some(([t, p]) => t === "move_to" && p === "/workspace/w/f.txt"),
+                20000, `f.txt's event (got ${JSON.stringify(events)})`);
+    await sb.exec("echo y > /workspace/w/g.txt");
+    await until(() => events.some(([t, p]) => t === "create" && p === "/workspace/w/g.txt"),
+                20000, `g.txt's create (got ${JSON.stringify(events)})`);
+    await sb.deleteFile("/workspace/w/f.txt");
+    await until(() => events.some(([t]) => t === "delete"), 20000, "a delete event");
+    const end = await w.unwatch();
+    assert.equal(end.unwatched, true);
+    assert.ok(end.events >= 2);
+  });
+});
+
 describe("coverage", () => {
   it("every method of the schema was called", () => {
     const all = Object.keys(METHODS) as MethodName[];
