@@ -4,20 +4,23 @@
 #   libseccomp2                                        the syscall filter (pyseccomp loads it)
 #   uidmap                                             newuidmap/newgidmap for subordinate ids
 #   util-linux procps iproute2 git                     setpriv, ps/pgrep, ip, git in host rooms
+#   nftables                                           nft: a room's egress rules (docs/network.md)
 #   mmdebstrap arch-test                               rootfs/build.sh (and the nspawn test tree)
 #   systemd-container                                  systemd-nspawn, for the service tests
 #   tmux                                               a real terminal for sandboxctl's progress tests
 # With --tests (what .ci/run asks for), also what only the test tiers need:
 #   qemu-system-x86 e2fsprogs                          the VM tier (tests/vm: a TCG guest on
 #                                                      Debian 12's kernel, pure cgroup v2)
+#   curl nodejs openssl                                clients in host rooms and a test
+#                                                      certificate for the egress tests
 #   scripts/node.sh                                    node >= 20 and npm from the npm registry
 #                                                      (pinned, sha512-checked) for the
 #                                                      TypeScript client's tests
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc libcap-dev libseccomp2 uidmap util-linux procps
-      iproute2 git ca-certificates mmdebstrap arch-test systemd-container tmux)
+      iproute2 nftables git ca-certificates mmdebstrap arch-test systemd-container tmux)
 case ${1:-} in
-    --tests) pkgs+=(qemu-system-x86 e2fsprogs) ;;
+    --tests) pkgs+=(qemu-system-x86 e2fsprogs curl nodejs openssl) ;;
     "") ;;
     *) echo "usage: deps.sh [--tests]" >&2; exit 2 ;;
 esac

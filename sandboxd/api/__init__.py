@@ -23,6 +23,7 @@ from . import (
     exec,
     files,
     git,
+    network,
     ports,
     processes,
     rooms,
@@ -83,6 +84,8 @@ HANDLERS: dict[str, Handler] = {
     "createSession": sessions.create_session,
     "deleteSession": sessions.delete_session,
     "listSessions": sessions.list_sessions,
+    "setNetworkPolicy": network.set_network_policy,
+    "getNetworkLog": network.get_network_log,
     "watch": watches.watch,
     "unwatch": watches.unwatch,
 }

@@ -20,6 +20,7 @@ export interface Capabilities {
   seccomp: Record<string, unknown>;
   limits: Array<string>;
   kernel: Record<string, unknown>;
+  egress: Record<string, unknown>;
 }
 
 export interface PingSandbox {
@@ -516,12 +517,24 @@ export interface RoomUsage {
   oomKills?: number | null;
 }
 
+/**
+ * A room's egress counters (docs/network.md): bytes to and from the outside, connections
+ * forwarded, connections and DNS queries refused.
+ */
+export interface NetworkStats {
+  bytesIn: number;
+  bytesOut: number;
+  connections: number;
+  refused: number;
+}
+
 export interface RoomStats {
   sandboxId: string;
   status: string;
   activeRuns: number;
   limits: Record<string, unknown>;
   usage: RoomUsage;
+  network?: NetworkStats;
 }
 
 export interface StatsResult {
@@ -839,6 +852,48 @@ export interface UnwatchResult {
   dropped: number;
 }
 
+/**
+ * A room's egress policy (docs/network.md; parsed and checked by ``netpolicy.parse``):
+ * params of getSandbox's options and of setNetworkPolicy.
+ */
+export interface NetworkOptions {
+  allow?: Array<string>;
+  hosts?: Record<string, string>;
+  bandwidthBytesPerSec?: number | null;
+}
+
+export interface SetNetworkPolicyParams {
+  sandboxId: string;
+  network: NetworkOptions | null;
+}
+
+export interface NetworkPolicyResult {
+  sandboxId: string;
+  network: NetworkOptions | null;
+}
+
+export interface GetNetworkLogParams {
+  sandboxId: string;
+  limit?: number | null;
+}
+
+export interface NetworkLogEntry {
+  time: string;
+  protocol: string;
+  address: string;
+  port: number;
+  allowed: boolean;
+  name: string | null;
+  reason: string | null;
+  bytesIn: number;
+  bytesOut: number;
+}
+
+export interface NetworkLogResult {
+  entries: Array<NetworkLogEntry>;
+  stats: NetworkStats;
+}
+
 /** Every wire method: its params, its result and the notifications it may send. */
 export interface Methods {
   /** version, capabilities; a room's init */
@@ -933,6 +988,10 @@ export interface Methods {
   deleteSession: { params: SessionParams; result: SessionInfo; notifications: never };
   /** the room's sessions */
   listSessions: { params: ListSessionsParams; result: ListSessionsResult; notifications: never };
+  /** change a live room's egress policy */
+  setNetworkPolicy: { params: SetNetworkPolicyParams; result: NetworkPolicyResult; notifications: never };
+  /** the room's recent connections, allowed and refused */
+  getNetworkLog: { params: GetNetworkLogParams; result: NetworkLogResult; notifications: never };
   /** inotify in the room: watch.event notifications */
   watch: { params: WatchParams; result: WatchResult; notifications: WatchEvent };
   /** stop a watch */
@@ -1000,6 +1059,8 @@ export const METHODS: { readonly [M in MethodName]: readonly (keyof Notification
   createSession: [],
   deleteSession: [],
   listSessions: [],
+  setNetworkPolicy: [],
+  getNetworkLog: [],
   watch: ["watch.event"],
   unwatch: [],
 };
@@ -1052,6 +1113,8 @@ export const PARAMS: { readonly [M in MethodName]: readonly string[] } = {
   createSession: ["sandboxId", "sessionId", "cwd", "env"],
   deleteSession: ["sandboxId", "sessionId"],
   listSessions: ["sandboxId"],
+  setNetworkPolicy: ["sandboxId", "network"],
+  getNetworkLog: ["sandboxId", "limit"],
   watch: ["sandboxId", "path", "recursive", "include", "exclude"],
   unwatch: ["sandboxId", "watchId"],
 };

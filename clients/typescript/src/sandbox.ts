@@ -476,6 +476,20 @@ export class Sandbox {
     return (await this.call("listSessions", { sandboxId: this.id })).sessions;
   }
 
+  // --- network egress (docs/network.md) ---------------------------------------------------------
+
+  /** Change the room's egress policy; `null` cuts it off and closes its connections. */
+  setNetworkPolicy(network: P.NetworkOptions | null): Promise<P.NetworkPolicyResult> {
+    return this.call("setNetworkPolicy", { sandboxId: this.id, network });
+  }
+
+  /** The room's recent connections, allowed and refused, and its counters. */
+  getNetworkLog(limit?: number): Promise<P.NetworkLogResult> {
+    const params: P.GetNetworkLogParams = { sandboxId: this.id };
+    if (limit !== undefined) params.limit = limit;
+    return this.call("getNetworkLog", params);
+  }
+
   // --- file watch ------------------------------------------------------------------------------
 
   /** Watch `path` in the room; each change (`watch.event`) goes to `onEvent` until unwatch. */

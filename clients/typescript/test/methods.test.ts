@@ -276,6 +276,20 @@ describe("file watch", () => {
   });
 });
 
+describe("network", () => {
+  it("setNetworkPolicy allows a name, getNetworkLog shows the refused ones; null cuts off", async () => {
+    const sb = room("network");
+    const set = await sb.setNetworkPolicy({ allow: ["allowed.test:9"], hosts: { "allowed.test": "127.0.0.1" } });
+    assert.deepEqual(set.network?.allow, ["allowed.test:9"]);
+    const r = await sb.exec("python3", ["-c", "import socket\ntry: socket.getaddrinfo('nope.test', 80)\nexcept OSError: print('no')"]);
+    assert.equal(r.stdout, "no\n");
+    const log = await sb.getNetworkLog(10);
+    assert.ok(log.entries.some((e) => e.protocol === "dns" && e.name === "nope.test" && !e.allowed));
+    assert.ok(log.stats.refused >= 1);
+    assert.equal((await sb.setNetworkPolicy(null)).network, null);
+  });
+});
+
 describe("coverage", () => {
   it("every method of the schema was called", () => {
     const all = Object.keys(METHODS) as MethodName[];
