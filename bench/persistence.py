@@ -86,6 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rootfs", default="host")
+    ap.add_argument("--big", action="store_true", help="also the pause for a 1 GiB workspace")
     args = ap.parse_args()
     rows = []
     with daemon(args.rootfs) as sock, Client(sock, timeout=900) as c:
@@ -122,9 +123,54 @@ def main() -> None:
             for b_ in c.list_backups(f"bench-{kind}"):
                 c.delete_backup(b_.backup_id)
             sb.destroy()
+            rows[-1].append(f"{wake_ms(c, kind, make):.0f}")
     print(table(rows, ["workspace (100 MiB)", "backup ms", "host tar|gzip ms", "x host",
                  "restore ms", "host gunzip|tar ms", "x host", "fork ms", "backup MiB",
-                 "host MiB", "tick gap idle ms", "tick gap in backup ms"]))
+                 "host MiB", "tick gap idle ms", "tick gap in backup ms", "wake ms"]))
+    if args.big:
+        with daemon(args.rootfs) as sock, Client(sock, timeout=900) as c:
+            gap, took = big_pause(c)
+        print(f"1 GiB workspace (16 x 64 MiB): backup {took:.0f} ms, longest tick gap of a "
+              f"running program during it {gap:.0f} ms (its cgroup frozen for the tar)")
+
+
+def wake_ms(c: Client, kind: str, make: str) -> float:
+    """A room with onIdle snapshot, put to sleep by the idle reaper, woken by one exec: the
+    time of that exec (restore of its layer included), minus a warm exec's."""
+    sb = c.sandbox(f"bench-{kind}-sleep")
+    sb.get({"limits": {"diskBytes": 512 * MiB, "memoryBytes": 1024 * MiB},
+            "sleepAfter": 1, "onIdle": "snapshot"})
+    assert sb.exec(make).exit_code == 0
+    deadline = time.monotonic() + 120
+    while not any(r.sandbox_id == sb.id and r.status == "stopped" for r in c.list_sandboxes()):
+        assert time.monotonic() < deadline, "the room was not put to sleep"
+        time.sleep(0.2)
+    woken = timed(lambda: sb.exec("true"))
+    warm = timed(lambda: sb.exec("true"))
+    assert sb.exec("ls /workspace/w | wc -l").stdout.strip() != "0"
+    sb.destroy()
+    return woken - warm
+
+
+def big_pause(c: Client) -> tuple[float, float]:
+    sb = c.sandbox("bench-big")
+    sb.get({"limits": {"diskBytes": 2048 * MiB, "memoryBytes": 3072 * MiB}})
+    assert sb.exec("mkdir -p /workspace/w && python3 -c \"\n"
+                   "import os\nblock = (os.urandom(4096).hex() + '\\n').encode() * 8192\n"
+                   "for i in range(16):\n"
+                   "    open(f'/workspace/w/big{i}', 'wb').write(block)\"").exit_code == 0
+    sb.write_file("/workspace/ticker.py", TICKER)
+    p = sb.start_process("python3", ["/workspace/ticker.py"], process_id="ticker")
+    time.sleep(1.0)
+    t = time.perf_counter()
+    info = sb.create_backup("/workspace/w")
+    took = (time.perf_counter() - t) * 1000
+    time.sleep(0.2)
+    gap = float(sb.read_file("/tmp/worst").text)
+    p.kill()
+    c.delete_backup(info.backup_id)
+    sb.destroy()
+    return gap, took
 
 
 if __name__ == "__main__":
