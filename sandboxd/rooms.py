@@ -66,6 +66,7 @@ from .jail.handles import RoomHandle, Zygote
 from .jail.messages import RoomSpec
 
 if TYPE_CHECKING:
+    from .contexts import CodeContext
     from .processes import ProcessTable
     from .sessions import Session
     from .terminals import Terminal
@@ -175,6 +176,9 @@ class Room:
         self.sessions: dict[str, Session] = {}
         # Its file watches by id (``watches``): each holds an inotify fd, closed at teardown.
         self.watches: dict[str, Watch] = {}
+        # Its code contexts by id (``contexts``): each a driver run the room tracks (one of
+        # ``active_runs`` while it lives), killed with the room like every run.
+        self.contexts: dict[str, CodeContext] = {}
         self._pending: set[asyncio.Future[Any]] = set()
         # Request tasks using the room (any method: a streamed readFile, a long file operation,
         # an exec): the idle reaper leaves a room alone while one is running.
