@@ -13,6 +13,7 @@
 const fs = require("fs");
 const repl = require("repl");
 const util = require("util");
+const vm = require("vm");
 const { PassThrough, Writable } = require("stream");
 const { Console } = require("console");
 
@@ -58,7 +59,7 @@ let server = null;
 function fresh() {
   server = repl.start({ input: new PassThrough(), output: new PassThrough(), terminal: false,
                         prompt: "", useGlobal: false, ignoreUndefined: false,
-                        breakEvalOnSigint: true });
+                        breakEvalOnSigint: false });
   server.context.console = new Console({ stdout: outS, stderr: errS });
   server.context.require = require;
   // node:repl hands a cell's uncaught error (thrown, or an awaited rejection) to its domain, not
@@ -95,6 +96,9 @@ function transpile(code) {
 }
 
 function errorOf(e) {
+  if (e && e.code === "ERR_SCRIPT_EXECUTION_INTERRUPTED") {
+    return { name: "KeyboardInterrupt", value: "interrupted", traceback: [] };
+  }
   if (e instanceof Error || (e && typeof e === "object" && "stack" in e)) {
     const stack = String(e.stack || `${e.name}: ${e.message}`).split("\n");
     return { name: String(e.name || "Error"), value: String(e.message || ""), traceback: stack };
@@ -137,8 +141,36 @@ function runCell(id, code) {
     finish(e);
     return;
   }
+  // A cell without top-level await runs as a vm script in the REPL's context (what node:repl
+  // does too), with breakOnSigint: a SIGINT breaks even a synchronous loop, in place. Only a cell
+  // that needs await goes through node:repl's eval (its await transform); it yields to the event
+  // loop, where our SIGINT handler ends it.
+  let script = null;
+  const filename = `cell[${n}]`;
+  const wrapped = /^\s*\{/.test(src) && /\}\s*;?\s*$/.test(src) ? `(${src})` : null;
+  for (const text of wrapped ? [wrapped, src] : [src]) {
+    try {
+      script = new vm.Script(text, { filename });
+      break;
+    } catch (e) {
+      if (text === wrapped) continue; // (not an object literal: a block)
+      if (!(e instanceof SyntaxError && /await/.test(e.message))) {
+        finish(e);
+        return;
+      }
+    }
+  }
+  if (script !== null) {
+    try {
+      finish(null, script.runInContext(server.context, { breakOnSigint: true,
+                                                         displayErrors: false }));
+    } catch (e) {
+      finish(e);
+    }
+    return;
+  }
   try {
-    server.eval(src, server.context, `cell[${n}]`, (err, value) => {
+    server.eval(src, server.context, filename, (err, value) => {
       if (err && err.name === "Recoverable") err = err.err || new SyntaxError("Unexpected end of input");
       finish(err, value);
     });
@@ -173,12 +205,12 @@ process.stdin.on("data", (chunk) => {
       send({ ev: "restarted", id: cmd.id, reason: "restart" });
     }
     // "interrupt": a cell blocking the event loop never lets us read it; the daemon sends
-    // SIGINT instead, which the repl turns into an error in the running cell (see below)
+    // SIGINT instead (breakOnSigint, or the handler below)
   }
 });
 process.stdin.on("end", () => process.exit(0));
-// SIGINT while a synchronous cell runs: node:repl's breakEvalOnSigint only works for its own
-// input stream, so a cell is interrupted the hard way: the daemon restarts the process.
+// SIGINT while the event loop is ours (an awaiting cell): the cell ends as interrupted; what it
+// awaited may still settle later, and is then ignored.
 process.on("SIGINT", () => {
   if (busy && current !== null) {
     send({ ev: "done", id: current, count, error: { name: "KeyboardInterrupt",

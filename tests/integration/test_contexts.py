@@ -217,12 +217,31 @@ def test_javascript_context(client: Any, daemon: DaemonProc, room_id: str,
     host_ok(daemon, sb)
 
 
-def test_javascript_timeout_restarts(client: Any, room_id: str, node_ok: None) -> None:
+def test_javascript_timeout_interrupts_and_keeps_state(client: Any, room_id: str,
+                                                       node_ok: None) -> None:
     sb = client.sandbox(room_id)
     cid = sb.create_code_context("javascript").context_id
-    r = sb.run_in_context(cid, "while (true) {}", timeout=0.3)
-    assert r.error.name in ("ContextRestarted", "Error"), r.raw
-    assert plain(sb.run_in_context(cid, "1 + 1")) == ["2"]
+    sb.run_in_context(cid, "let kept = 'yes'")
+    # a synchronous loop (vm breakOnSigint) and an await that never settles (the event loop)
+    for cell in ("while (true) {}", "await new Promise(() => {})"):
+        t0 = time.monotonic()
+        r = sb.run_in_context(cid, cell, timeout=0.3)
+        assert time.monotonic() - t0 < 5
+        assert r.error.name == "KeyboardInterrupt" and "timed out" in r.error.value, r.raw
+        assert plain(sb.run_in_context(cid, "kept")) == ["'yes'"]
+
+
+def test_python_cpu_time_per_cell(client: Any, room_id: str, python_ok: None) -> None:
+    sb = client.sandbox(room_id)
+    cid = sb.create_code_context("python", cpu_time_ms=300).context_id
+    sb.run_in_context(cid, "kept = 2")
+    # sleeping costs no CPU: a cell may outlive its CPU budget in wall time
+    assert "error" not in sb.run_in_context(cid, "import time; time.sleep(0.6)").raw
+    t0 = time.monotonic()
+    r = sb.run_in_context(cid, "while True:\n    pass", timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert r.error.name == "KeyboardInterrupt" and "CPU time" in r.error.value, r.raw
+    assert plain(sb.run_in_context(cid, "kept")) == ["2"]
 
 
 def test_typescript_context(client: Any, room_id: str, ts_ok: None) -> None:

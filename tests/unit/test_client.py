@@ -504,7 +504,7 @@ class FakeDaemon:
         return {"results": [bundle], "logs": {"stdout": ["hi\n"], "stderr": []},
                 "executionCount": 1,
                 **({"error": {"name": "NameError", "value": "y", "traceback": ["tb"]}}
-                   if p.code == "y" else {})}
+                   if p.code.strip() == "y" else {})}
 
     async def m_listCodeContexts(self, p: protocol.ListCodeContextsParams, rid: Any,
                                  send: Any) -> dict[str, Any]:
