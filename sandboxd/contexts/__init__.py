@@ -57,6 +57,8 @@ START_TIMEOUT_S = 60.0
 KILL_WAIT_S = 10.0
 #: a cell's logs kept in its result (beyond: the rest is dropped, the last entry says so)
 MAX_LOG_BYTES = 16 * 1024 * 1024
+#: a cell's results kept (beyond: dropped, and a text/plain bundle says so)
+MAX_RESULT_BYTES = 64 * 1024 * 1024
 _JS_LAUNCH = 'exec node -e "$1" -- "$2" 3>&1 1>&2'
 
 OnOutput = Callable[[str, str], Awaitable[None]]
@@ -412,6 +414,7 @@ class _Cell:
         self.results: list[dict[str, Any]] = []
         self.logs: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.log_bytes = 0
+        self.result_bytes = 0
         self.count: int | None = None
 
     def _result(self, error: protocol.ContextError | None) -> protocol.RunInContextResult:
@@ -520,7 +523,15 @@ class _Cell:
         data = ev.get("data")
         if not isinstance(data, dict):
             return
-        bundle = {str(k): v for k, v in data.items() if isinstance(k, str) and "/" in k}
+        bundle = {k: v for k, v in data.items() if isinstance(k, str) and "/" in k
+                  and len(k) <= 128}
+        if self.result_bytes >= MAX_RESULT_BYTES:
+            return
+        # (the line was at most MAX_LINE: its values' sizes bound the bundle's)
+        self.result_bytes += sum(len(v) if isinstance(v, str) else len(json.dumps(v))
+                                 for v in bundle.values())
+        if self.result_bytes >= MAX_RESULT_BYTES:
+            bundle = {"text/plain": "[sandboxd: further results of this cell dropped]"}
         self.results.append(bundle)
         if self.on_result is not None:
             await self.on_result(bundle)

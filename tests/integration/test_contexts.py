@@ -188,6 +188,28 @@ def test_python_memory_hog_is_restarted_with_the_error(client: Any, daemon: Daem
     assert plain(sb.run_in_context(cid, "1 + 1")) == ["2"]
 
 
+def test_python_cell_cannot_reopen_its_drivers_channel(client: Any, room_id: str,
+                                                       python_ok: None) -> None:
+    """The kernel is a child of the driver, as the same user, but the channel's pipes are the
+    daemon's (mode 0600, an id the room does not map) and not inherited: the cell cannot write
+    forged or garbage events into them through /proc/<ppid>/fd."""
+    sb = client.sandbox(room_id)
+    cid = sb.create_code_context("python").context_id
+    sb.run_in_context(cid, "kept = 1")
+    r = sb.run_in_context(cid, "import os\nppid = os.getppid()\nopened = []\n"
+                          "for fd in os.listdir(f'/proc/{ppid}/fd'):\n"
+                          "    p = f'/proc/{ppid}/fd/{fd}'\n"
+                          "    if int(fd) > 2 and os.readlink(p).startswith('pipe:'):\n"
+                          "        try:\n"
+                          "            open(p, 'wb', buffering=0).write(b'garbage\\n')\n"
+                          "            opened.append(fd)\n"
+                          "        except PermissionError:\n"
+                          "            pass\n"
+                          "opened")
+    assert plain(r) == ["[]"], r.raw
+    assert plain(sb.run_in_context(cid, "kept")) == ["1"]
+
+
 def test_javascript_context(client: Any, daemon: DaemonProc, room_id: str,
                             node_ok: None) -> None:
     sb = client.sandbox(room_id)
