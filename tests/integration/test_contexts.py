@@ -11,9 +11,11 @@ import base64
 import contextlib
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from sandboxd import errors
 
 pytestmark = pytest.mark.integration
 
+SANDBOXCTL = str(Path(sys.executable).parent / "sandboxctl")
 PY_MODULES = ("ipykernel", "jupyter_client", "numpy", "pandas", "matplotlib", "scipy")
 
 
@@ -304,3 +307,28 @@ def test_many_contexts_at_once_die_with_the_room(client: Any, daemon: DaemonProc
     while (left := strays(daemon) + run_cgroups(daemon)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not left, left
+
+
+def test_cwd_env_and_the_context_quota(client: Any, room_id: str, node_ok: None) -> None:
+    sb = client.sandbox(room_id)
+    sb.exec("mkdir -p /workspace/sub")
+    cid = sb.create_code_context("javascript", cwd="sub", env={"GREETING": "hi"}).context_id
+    r = sb.run_in_context(cid, "[process.cwd(), process.env.GREETING]")
+    assert r.results[0]["application/json"] == ["/workspace/sub", "hi"], r.raw
+    more = [sb.create_code_context("javascript").context_id for _ in range(7)]
+    with pytest.raises(errors.QuotaExceeded):
+        sb.create_code_context("javascript")
+    sb.delete_code_context(more[0])
+    sb.create_code_context("javascript")
+    assert len(sb.list_code_contexts()) == 8
+
+
+def test_sandboxctl_repl(daemon: DaemonProc, room_id: str, python_ok: None) -> None:
+    got = subprocess.run([SANDBOXCTL, "--socket", daemon.socket, "repl", room_id],
+                         input="x = 20\ndef f(a):\n    return a * 2\n\nf(x) + 2\n"
+                               "print('out')\n1/0\nexit\n",
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == "42\nout\n", got
+    assert "ZeroDivisionError" in got.stderr
+
