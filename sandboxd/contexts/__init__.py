@@ -492,9 +492,7 @@ class _Cell:
     def _done_error(self, raw: Any, why: str | None,
                     timeout_ms: int) -> protocol.ContextError | None:
         if not isinstance(raw, dict):
-            if why is None:
-                return None
-            raw = {"name": "KeyboardInterrupt", "value": "", "traceback": []}
+            return None  # (it finished before the interrupt reached it: no error then)
         tb = raw.get("traceback")
         lines = [str(t)[:65536] for t in tb[:1000]] if isinstance(tb, list) else []
         name, value = str(raw.get("name", "Error"))[:256], str(raw.get("value", ""))[:65536]
