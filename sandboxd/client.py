@@ -1202,6 +1202,20 @@ class Sandbox:
         return self.client.request("interruptCodeContext", protocol.ContextParams(
             sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo)
 
+    # --- network egress (issue 14; docs/network.md) --------------------------------------------
+
+    def set_network_policy(self, network: Mapping[str, Any] | protocol.NetworkOptions | None
+                           ) -> protocol.NetworkPolicyResult:
+        """Change the room's egress policy (``{"allow": [...], "hosts": {...},
+        "bandwidthBytesPerSec": N}``); None cuts it off and closes its connections."""
+        return self.client.request("setNetworkPolicy", _network_params(self.id, network),
+                                   protocol.NetworkPolicyResult)
+
+    def get_network_log(self, limit: int | None = None) -> protocol.NetworkLogResult:
+        return self.client.request("getNetworkLog", _build(
+            protocol.GetNetworkLogParams, sandbox_id=self.id, limit=limit),
+            protocol.NetworkLogResult)
+
     # --- file watch (issue 15; docs/interactive.md) --------------------------------------------
 
     def watch(self, path: str = "/workspace", *, recursive: bool = True,
@@ -1264,6 +1278,16 @@ def _import_pieces(sandbox_id: str, data: Any, dir: str | None) -> Iterable[dict
         yield protocol.params_to_wire(_build(
             protocol.ImportSandboxParams, sandbox_id=sandbox_id, dir=dir,
             data=base64.b64encode(piece).decode(), append=n > 0, final=last))
+
+
+def _network_params(sandbox_id: str, network: Mapping[str, Any] | protocol.NetworkOptions
+                    | None) -> protocol.SetNetworkPolicyParams:
+    if network is not None and not isinstance(network, protocol.NetworkOptions):
+        try:
+            network = msgspec.convert(dict(network), protocol.NetworkOptions)
+        except msgspec.ValidationError as err:
+            raise errors.InvalidParams(f"invalid network: {err}") from err
+    return protocol.SetNetworkPolicyParams(sandbox_id=sandbox_id, network=network)
 
 
 # --- file watch: the sync client's watcher ------------------------------------------------------
@@ -1911,6 +1935,17 @@ class AsyncSandbox:
     async def interrupt_code_context(self, context_id: str) -> protocol.CodeContextInfo:
         return await self.client.request("interruptCodeContext", protocol.ContextParams(
             sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo)
+
+    async def set_network_policy(self, network: Mapping[str, Any] | protocol.NetworkOptions
+                                 | None) -> protocol.NetworkPolicyResult:
+        return await self.client.request("setNetworkPolicy",
+                                         _network_params(self.id, network),
+                                         protocol.NetworkPolicyResult)
+
+    async def get_network_log(self, limit: int | None = None) -> protocol.NetworkLogResult:
+        return await self.client.request("getNetworkLog", _build(
+            protocol.GetNetworkLogParams, sandbox_id=self.id, limit=limit),
+            protocol.NetworkLogResult)
 
     async def watch(self, path: str = "/workspace", *,
                     on_event: Callable[[protocol.WatchEvent], Any],

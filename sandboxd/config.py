@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from .errors import InvalidSandboxId, ValidationError
+from .protocol import NetworkOptions
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -116,6 +117,8 @@ class RoomOptions(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
     # call on its id), or kept running.
     sleep_after: Annotated[float, msgspec.Meta(gt=0, le=365 * 86400)] | None = None
     on_idle: Literal["destroy", "snapshot", "keep"] = "destroy"
+    # Egress (docs/network.md): absent, no network at all (loopback only).
+    network: NetworkOptions | None = None
 
 
 class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -197,6 +200,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_contexts_per_room: Annotated[int, msgspec.Meta(ge=0)] = 8
     context_cell_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)] = 60_000
     context_grace_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)] = 3_000
+    # Egress (docs/network.md): whether rooms may ask for a network at all; open forwarded
+    # connections per room; entries kept in a room's network log.
+    egress: bool = True
+    max_egress_connections_per_room: Annotated[int, msgspec.Meta(ge=1)] = 256
+    network_log_entries: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
     # File watch (watch; docs/interactive.md): watches per room (each an inotify instance of the
     # room's, also under the room's inotify ceilings), directories per watch, and the events a
     # watch holds for a client that reads slowly before it drops (and counts) the rest.

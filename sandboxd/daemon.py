@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from . import __version__, errors, kernel, persistence
+from . import __version__, egress, errors, kernel, persistence
 from . import config as configmod
 from .coderun.service import CodeRunService
 from .config import DaemonConfig
@@ -134,6 +134,7 @@ class Daemon:
         self.zygote.on_death = self._zygote_died
         rooms = RoomManager(self.config, backend, self.zygote, self.ids, self._build_seccomp())
         rooms.sleeper = persistence.Sleeper(rooms)
+        rooms.network = egress.Network(self.config)
         self.rooms = rooms
         features = kernel.probe()
         for f in features:
@@ -141,7 +142,8 @@ class Daemon:
                 log.log(logging.ERROR if f.required else logging.WARNING,
                         "kernel lacks %s (since %s): %s", f.name, f.since, f.cost)
         self.facts = HostFacts(self.config, backend, self.ids, self.seccomp,
-                               kernel=kernel.summary(features))
+                               kernel=kernel.summary(features),
+                               egress=rooms.network.describe())
         self.server.services = Services(rooms=rooms, config=self.config, facts=self.facts,
                                         coderun=CodeRunService(self.config.rootfs))
         cleaned = rooms.reconcile()

@@ -30,13 +30,15 @@ class HostFacts:
     seccomp: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
     #: what the kernel offers of the interfaces newer than Debian 12's (sandboxd.kernel.summary)
     kernel: dict[str, Any] = field(default_factory=dict)
+    #: egress on this host (egress.Network.describe): {available, mechanism, reason?}
+    egress: dict[str, Any] = field(default_factory=dict)
 
     def capabilities(self) -> protocol.Capabilities:
         return protocol.Capabilities(
             namespaces=NAMESPACES, cgroup=self.backend.describe(), rootfs=self.config.rootfs,
             id_mapping=self.ids.mode,  # "single" | "subordinate"
             id_slices=dict(self.ids.describe()), seccomp=self.seccomp,
-            limits=sorted(self.enforceable_limits()), kernel=self.kernel)
+            limits=sorted(self.enforceable_limits()), kernel=self.kernel, egress=self.egress)
 
     def enforceable_limits(self) -> set[str]:
         """Wire names of the limits this host enforces (rooms and runs), from the limits table."""

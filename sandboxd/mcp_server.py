@@ -165,14 +165,24 @@ SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
     "delete_file": (
         "Delete a file in a room.", _obj(["room", "path"], room=_ROOM, path=_PATH)),
     "create_room": (
-        "Create a room (a sandbox: its own processes, files, and no network) with optional "
-        "limits; a room otherwise is created with the default limits on first use. Returns "
-        "its id.",
+        "Create a room (a sandbox: its own processes, files, and no network unless `network` "
+        "allows some) with optional limits; a room otherwise is created with the default "
+        "limits and no network on first use. Returns its id.",
         _obj([], room={**_ROOM, "description": "The id to give it (default: a new one)."},
              limits=_ROOM_LIMITS,
-             network={"description": "Network egress policy of the room, passed to the "
-                                     "daemon as is (a daemon without egress support refuses "
-                                     "it)."})),
+             network={"type": "object", "additionalProperties": False,
+                      "description": "Outbound network access for the room; without it the "
+                                     "room has none. Only what `allow` lists is reachable.",
+                      "properties": {
+                          "allow": {"type": "array", "maxItems": 256, "items": {
+                              "type": "string",
+                              "description": "NAME[:PORT] (an exact host name, or *.domain "
+                                             "for any name below it), IP[:PORT] or "
+                                             "CIDR[:PORT]; e.g. pypi.org:443, "
+                                             "*.pythonhosted.org:443"}},
+                          "hosts": {"type": "object", "additionalProperties": {"type": "string"},
+                                    "description": "Host names pinned to IP addresses."},
+                          "bandwidthBytesPerSec": {"type": "integer", "minimum": 1024}}})),
     "list_rooms": ("Your rooms and their status.", _obj([])),
     "destroy_room": (
         "Destroy a room: kill its processes and discard its files.", _obj(["room"], room=_ROOM)),

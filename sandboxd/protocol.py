@@ -212,6 +212,8 @@ class Capabilities(Result, frozen=True):
     limits: list[str]
     #: kernel release and which probed interfaces it lacks (sandboxd.kernel); {} if not probed
     kernel: dict[str, Any] = {}
+    #: whether rooms can have a network here and how: {available, mechanism, reason?}
+    egress: dict[str, Any] = {}
 
 
 class PingSandbox(Result, frozen=True):
@@ -732,12 +734,23 @@ class RoomUsage(Result, frozen=True):
     oom_kills: int | Unset | None = UNSET
 
 
+class NetworkStats(Result, frozen=True):
+    """A room's egress counters (docs/network.md): bytes to and from the outside, connections
+    forwarded, connections and DNS queries refused."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    connections: int = 0
+    refused: int = 0
+
+
 class RoomStats(Result, frozen=True):
     sandbox_id: str
     status: str
     active_runs: int
     limits: dict[str, Any]
     usage: RoomUsage
+    network: NetworkStats | Unset = UNSET  # rooms with a network option
 
 
 class StatsResult(Result, frozen=True):
@@ -1170,6 +1183,53 @@ class UnwatchResult(Result, frozen=True):
     dropped: int = 0
 
 
+# --- network egress (docs/network.md) -----------------------------------------------------------
+
+
+class NetworkOptions(Params, frozen=True):
+    """A room's egress policy (docs/network.md; parsed and checked by ``netpolicy.parse``):
+    params of getSandbox's options and of setNetworkPolicy."""
+
+    allow: Annotated[list[Annotated[str, msgspec.Meta(max_length=300)]],
+                     msgspec.Meta(max_length=256)] = []
+    hosts: Annotated[dict[str, str], msgspec.Meta(max_length=256)] = {}
+    bandwidth_bytes_per_sec: Annotated[int, msgspec.Meta(ge=1024)] | None = None
+
+
+
+class SetNetworkPolicyParams(Params, frozen=True):
+    sandbox_id: str
+    #: the room's new ``network`` option; null cuts it off and closes its connections
+    network: NetworkOptions | None
+
+
+class NetworkPolicyResult(Result, frozen=True):
+    sandbox_id: str
+    network: NetworkOptions | None
+
+
+class GetNetworkLogParams(Params, frozen=True):
+    sandbox_id: str
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+
+
+class NetworkLogEntry(Result, frozen=True):
+    time: str
+    protocol: str  # tcp | dns
+    address: str
+    port: int
+    allowed: bool
+    name: str | None = None
+    reason: str | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class NetworkLogResult(Result, frozen=True):
+    entries: list[NetworkLogEntry]
+    stats: NetworkStats
+
+
 # --- the table -----------------------------------------------------------------------------------
 
 #: Every wire method: the server decodes params and encodes results from here, the client builds
@@ -1266,6 +1326,10 @@ METHODS: dict[str, Method] = {
                                  summary="a fresh kernel, same context id"),
     "interruptCodeContext": Method(ContextParams, CodeContextInfo,
                                    summary="interrupt the running cell (KeyboardInterrupt)"),
+    "setNetworkPolicy": Method(SetNetworkPolicyParams, NetworkPolicyResult,
+                               summary="change a live room's egress policy"),
+    "getNetworkLog": Method(GetNetworkLogParams, NetworkLogResult,
+                            summary="the room's recent connections, allowed and refused"),
     "watch": Method(WatchParams, WatchResult, (WatchEvent,),
                     summary="inotify in the room: watch.event notifications"),
     "unwatch": Method(UnwatchParams, UnwatchResult, summary="stop a watch"),

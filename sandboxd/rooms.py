@@ -64,9 +64,11 @@ from .jail.cgroup.disabled import unattached
 from .jail.cgroup.interface import CgroupBackend, RoomCgroup, RunCgroupLimits
 from .jail.handles import RoomHandle, Zygote
 from .jail.messages import RoomSpec
+from .protocol import NetworkOptions
 
 if TYPE_CHECKING:
     from .contexts import CodeContext
+    from .egress import Egress
     from .processes import ProcessTable
     from .sessions import Session
     from .terminals import Terminal
@@ -114,6 +116,18 @@ def resolve_options(raw: dict[str, Any] | None, defaults: RoomLimits,
     if ceilings is not None:
         check_room_limits(opts.limits, ceilings)
     return opts, set(given)
+
+
+class Network(Protocol):
+    """Egress (``egress.Network``, installed by the daemon: egress builds on rooms)."""
+
+    def check(self, options: NetworkOptions | None) -> object: ...
+
+    async def attach(self, room: Room, options: NetworkOptions | None) -> None: ...
+
+    async def set_policy(self, room: Room, options: NetworkOptions | None) -> None: ...
+
+    def detach(self, room: Room) -> None: ...
 
 
 class Sleeper(Protocol):
@@ -179,6 +193,8 @@ class Room:
         # Its code contexts by id (``contexts``): each a driver run the room tracks (one of
         # ``active_runs`` while it lives), killed with the room like every run.
         self.contexts: dict[str, CodeContext] = {}
+        # Its egress forwarder and DNS server (``egress``), when it has a network option.
+        self.egress: Egress | None = None
         self._pending: set[asyncio.Future[Any]] = set()
         # Request tasks using the room (any method: a streamed readFile, a long file operation,
         # an exec): the idle reaper leaves a room alone while one is running.
@@ -270,6 +286,7 @@ class RoomManager:
         self._daemon_uid = os.getuid()
         self.closing = False
         self.sleeper: Sleeper | None = None
+        self.network: Network | None = None  # egress.Network, installed by the daemon
         os.makedirs(os.path.join(config.state_dir, "rooms"), mode=0o700, exist_ok=True)
 
     # --- lookup -------------------------------------------------------------------------------
@@ -366,6 +383,12 @@ class RoomManager:
                                       self.config.room_limits_max)
         # Fail closed on an explicitly asked limit this host cannot enforce (sandboxd.limits).
         self.backend.check_limits(opts.limits, asked)
+        if opts.network is not None:
+            # (a policy that does not parse, or a host without egress: refused before any room)
+            if self.network is None:
+                raise errors.LimitUnavailable("this daemon gives sandboxes no network",
+                                              limit="network")
+            self.network.check(opts.network)
         if not self.is_admin(uid):
             owned = sum(1 for (owner, _) in self.rooms if owner == uid)
             if owned >= self.config.max_rooms_per_uid:
@@ -434,6 +457,12 @@ class RoomManager:
         except BaseException:
             await self._teardown(room)
             raise
+        if options.network is not None and self.network is not None:
+            try:
+                await self.network.attach(room, options.network)
+            except BaseException:
+                await self._teardown(room)
+                raise
         room.status = "ready"
         room.watcher = asyncio.ensure_future(self._watch(room))
         log.info("room %s ready in %.1f ms (incarnation %d)", room.key,
@@ -527,6 +556,9 @@ class RoomManager:
     async def _teardown_steps(self, room: Room) -> None:
         room.status = "stopping"
         me = asyncio.current_task()
+        if self.network is not None:
+            with contextlib.suppress(Exception):
+                self.network.detach(room)
         for watch in list(room.watches.values()):
             # (their inotify marks pin the room's filesystems: closed before anything else)
             with contextlib.suppress(Exception):

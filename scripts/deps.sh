@@ -4,6 +4,7 @@
 #   libseccomp2                                        the syscall filter (pyseccomp loads it)
 #   uidmap                                             newuidmap/newgidmap for subordinate ids
 #   util-linux procps iproute2 git                     setpriv, ps/pgrep, ip, git in host rooms
+#   nftables                                           nft: a room's egress rules (docs/network.md)
 #   mmdebstrap arch-test                               rootfs/build.sh (and the nspawn test tree)
 #   systemd-container                                  systemd-nspawn, for the service tests
 #   tmux                                               a real terminal for sandboxctl's progress tests
@@ -19,13 +20,18 @@
 #                                                      scipy 1.10, typescript 4.8 (a nodejs that
 #                                                      is already installed, e.g. NodeSource's,
 #                                                      is kept)
+#   curl nodejs openssl                                clients in host rooms and a test
+#                                                      certificate for the egress tests
+#   scripts/node.sh                                    node >= 20 and npm from the npm registry
+#                                                      (pinned, sha512-checked) for the
+#                                                      TypeScript client's tests
 set -euo pipefail
 pkgs=(python3 python3-venv python3-dev gcc libcap-dev libseccomp2 uidmap util-linux procps
-      iproute2 git ca-certificates mmdebstrap arch-test systemd-container tmux)
+      iproute2 nftables git ca-certificates mmdebstrap arch-test systemd-container tmux)
 case ${1:-} in
-    --tests) pkgs+=(qemu-system-x86 e2fsprogs python3-ipykernel python3-jupyter-client
-                    python3-numpy python3-pandas python3-matplotlib python3-scipy nodejs
-                    node-typescript) ;;
+    --tests) pkgs+=(qemu-system-x86 e2fsprogs curl nodejs openssl python3-ipykernel
+                    python3-jupyter-client python3-numpy python3-pandas python3-matplotlib
+                    python3-scipy node-typescript) ;;
     "") ;;
     *) echo "usage: deps.sh [--tests]" >&2; exit 2 ;;
 esac
@@ -46,4 +52,5 @@ if [ "${1:-}" = --tests ]; then
         { echo "deps.sh: the host python3 cannot import the code-context packages" >&2; exit 1; }
     node -e 'try { require("typescript") } catch (e) { require("/usr/share/nodejs/typescript") }' ||
         { echo "deps.sh: node cannot load typescript (node-typescript)" >&2; exit 1; }
+    "$(dirname "${BASH_SOURCE[0]}")/node.sh"
 fi

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the test suite: unit, integration (a real sandboxd started as an unprivileged user),
 # security, and — when their prerequisites exist — the rootfs (13 languages), systemd and VM tiers.
+# The TypeScript client's tests (tests/integration/test_ts_client.py) run with the node that
+# scripts/node.sh installs (deps.sh --tests); without it they skip, and under CI=true fail.
 # A full run first measures the unit tier's coverage of sandboxd/ (the `coverage` package) and
 # prints it, total and per module; SANDBOXD_COVERAGE=0 skips that, =1 forces it for any args.
 # Needs root (to create the test users and delegate cgroups to them) and scripts/deps.sh done.

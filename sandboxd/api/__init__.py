@@ -24,6 +24,7 @@ from . import (
     exec,
     files,
     git,
+    network,
     ports,
     processes,
     rooms,
@@ -90,6 +91,8 @@ HANDLERS: dict[str, Handler] = {
     "deleteCodeContext": contexts.delete_code_context,
     "restartCodeContext": contexts.restart_code_context,
     "interruptCodeContext": contexts.interrupt_code_context,
+    "setNetworkPolicy": network.set_network_policy,
+    "getNetworkLog": network.get_network_log,
     "watch": watches.watch,
     "unwatch": watches.unwatch,
 }

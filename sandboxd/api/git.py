@@ -7,8 +7,10 @@ counts against its disk budget. The daemon only validates the request (a URL tha
 for an option, or a transport that runs commands, never reaches git) and turns git's stderr into
 GIT_* codes. A second short run asks git which branch it actually checked out.
 
-Rooms have no network yet: URLs naming repositories inside the room (``/workspace/src``,
-``file:///workspace/src``) work today; remote URLs come with the networking issue.
+Remote URLs (http(s), with branch and depth) work in a room whose network policy allows the host
+(docs/network.md): git runs in the room and reaches it through the room's egress forwarder; URLs
+naming repositories inside the room (``/workspace/src``,
+``file:///workspace/src``) are the room's own files, never the host's.
 """
 
 from __future__ import annotations

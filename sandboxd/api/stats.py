@@ -40,7 +40,9 @@ def _describe(room: Room) -> protocol.RoomStats:
     return protocol.RoomStats(sandbox_id=room.id, status=room.status,
                               active_runs=room.active_runs,
                               limits=msgspec.to_builtins(room.options.limits),
-                              usage=_usage(room))
+                              usage=_usage(room),
+                              network=room.egress.stats() if room.egress is not None
+                              else protocol.UNSET)
 
 
 async def stats(ctx: Context, p: protocol.StatsParams) -> protocol.StatsResult:

@@ -747,6 +747,14 @@ def _daemon_backend(subject: Subject) -> str | None:
     return str(backend) if backend and subject.daemon_uid == subject.uid else None
 
 
+def _check_egress() -> Check:
+    from .. import egress
+    ok, why = egress.available()
+    return Check("egress", ok, egress.MECHANISM if ok else why, scope="host",
+                 cost="" if ok else "rooms asking for a network option are refused "
+                 "(LIMIT_UNAVAILABLE); without one they work as before")
+
+
 def doctor(user: str | None = None, socket: str | None = None, *,
            subuid_path: str | None = None, subgid_path: str | None = None, daemon: bool = True,
            subject: Subject | None = None) -> list[Check]:
@@ -778,7 +786,7 @@ def doctor(user: str | None = None, socket: str | None = None, *,
                                     detail=f"not needed: the daemon uses the {backend} backend")
         checks.append(c)
     checks += [_check_subids(subject.user, subject.uid, subuid_path or SUBUID,
-                             subgid_path or SUBGID), _check_rootfs(rootfs)]
+                             subgid_path or SUBGID), _check_rootfs(rootfs), _check_egress()]
     if daemon:
         checks.append(_check_daemon(subject))
     return checks

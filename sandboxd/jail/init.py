@@ -205,6 +205,17 @@ class Init:
                     self.reply(msg, fileops.code_dir(msg))
                 case messages.Connect():
                     self._connect(msg)
+                case messages.Listen():
+                    listening, lfd = portops.listen(msg)
+                    self._reply_fd(msg, listening, lfd)
+                case messages.Namespaces():
+                    nsfds = [os.open(f"/proc/self/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+                             for ns in ("user", "net")]
+                    try:
+                        self.reply(msg, messages.NamespaceFds(), nsfds)
+                    finally:
+                        for fd in nsfds:
+                            os.close(fd)
                 case messages.NewInotify():
                     inotify, ifd = watchops.new_inotify()
                     self._reply_fd(msg, inotify, ifd)

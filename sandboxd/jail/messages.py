@@ -8,6 +8,7 @@ msgpack datagram per message, fds by SCM_RIGHTS):
                                            ErrorReply; event Exited {pid, status}
     daemon ──ToInit────> room init         Spawn, Kill, KillAll, Ping, the file operations and
                                            Connect (a socket inside the room's netns),
+                                           Listen (one for the daemon's egress forwarder),
                                            OpenPty (a pty pair of the room's devpts),
                                            NewInotify, AddWatch (file watch)
            <─FromInit───                   one reply type per request, or ErrorReply;
@@ -311,6 +312,33 @@ class Connect(Request[Connected], tag="p_connect", kw_only=True):
     timeout_ms: int = 5000
 
 
+class Listening(Reply, tag="p_listening", kw_only=True):
+    """fds: [a socket bound, inside the room's network namespace, to ``address``:``port``
+    (listening, for tcp)]."""
+
+    nfds: ClassVar[int] = 1
+    address: str
+    port: int
+
+
+class Listen(Request[Listening], tag="p_listen", kw_only=True):
+    """A socket of the room's loopback on a free port, for the daemon (egress: the forwarder's
+    TCP listener and the room's DNS server)."""
+
+    kind: Literal["tcp", "udp"]
+    family: Literal[4, 6] = 4
+
+
+class NamespaceFds(Reply, tag="p_ns", kw_only=True):
+    """fds: [the room's user namespace, its network namespace] (the init's /proc/self/ns)."""
+
+    nfds: ClassVar[int] = 2
+
+
+class Namespaces(Request[NamespaceFds], tag="p_ns_get", kw_only=True):
+    """For ``jail/netns_exec.py``: the daemon configures the room's netfilter through them."""
+
+
 # --- daemon <-> room init: terminals (jail/ptyops.py) -------------------------------------------
 
 
@@ -373,10 +401,10 @@ class AddWatch(Request[Watched], tag="w_add", kw_only=True):
 ToZygote = SpawnRoom | Ping
 FromZygote = RoomSpawned | Pong | ErrorReply | Exited
 ToInit = Spawn | Kill | KillAll | Ping | OpenRead | Write | Exists | Delete | Rename | Mkdir \
-    | ListDir | Code | Connect | OpenPty | NewInotify | AddWatch
+    | ListDir | Code | Connect | OpenPty | NewInotify | AddWatch | Listen | Namespaces
 FromInit = SpawnReply | KillReply | KillAllReply | Pong | Opened | Written | Existence \
     | PathReply | Renamed | Listing | CodeState | Connected | PtyOpened | Inotify | Watched \
-    | ErrorReply | Exit | Ready | Failed
+    | Listening | NamespaceFds | ErrorReply | Exit | Ready | Failed
 
 to_zygote: msgspec.msgpack.Decoder[ToZygote] = msgspec.msgpack.Decoder(ToZygote)
 from_zygote: msgspec.msgpack.Decoder[FromZygote] = msgspec.msgpack.Decoder(FromZygote)

@@ -181,8 +181,10 @@ def _host_etc(root: str, hostname: str) -> None:
     _write(f"{etc}/group", GROUP)
     _write(f"{etc}/hostname", hostname + "\n")
     _write(f"{etc}/hosts", f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost\n")
+    # No nameserver line: the resolver asks 127.0.0.1:53, which a room without a network
+    # refuses at once and a room with one redirects to the daemon's DNS (sandboxd/egress.py).
     _write(f"{etc}/resolv.conf", "")
-    _write(f"{etc}/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n")
+    _write(f"{etc}/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n")
     for name in HOST_ETC:
         if os.path.lexists(f"/etc/{name}"):
             _mirror(f"/etc/{name}", f"{etc}/{name}")

@@ -101,3 +101,23 @@ class Connector:
 
     def close(self) -> None:
         self._drop()
+
+
+def listen(msg: messages.Listen) -> tuple[messages.Listening, int]:
+    """A non-blocking socket on the room's loopback, on a port the kernel picks (so no payload
+    can have taken it first): the egress forwarder's listener, or the room's DNS server."""
+    family, address = ((socket.AF_INET, "127.0.0.1") if msg.family == 4
+                       else (socket.AF_INET6, "::1"))
+    kind = socket.SOCK_STREAM if msg.kind == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, 0))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
+        port = sock.getsockname()[1]
+        return messages.Listening(address=address, port=port), sock.detach()
+    except BaseException:
+        sock.close()
+        raise

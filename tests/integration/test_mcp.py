@@ -323,8 +323,11 @@ def test_errors_missing_room_and_bad_arguments(daemon: DaemonProc, room_id: str)
             # the daemon's own refusals come back with its code
             lang = await fails(s, "run_code", language="cobol", code="1")
             assert lang.startswith("UNSUPPORTED_LANGUAGE: ")
-            net = await fails(s, "create_room", room=room_id, network={"allow": ["pypi.org"]})
-            assert net.startswith("INVALID_PARAMS: ") and "network" in net
+            net = await fails(s, "create_room", room=room_id,
+                              network={"allow": ["pypi.org:http"]})
+            assert net.startswith("VALIDATION_FAILED: ") and "pypi.org:http" in net
+            schema = await fails(s, "create_room", room=room_id, network={"allow": "pypi.org"})
+            assert schema.startswith("INVALID_ARGUMENT: ") and "network" in schema
 
     run(go())
 

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from sandboxd import errors, protocol
@@ -521,6 +522,16 @@ class FakeDaemon:
     async def m_interruptCodeContext(self, p: protocol.ContextParams, rid: Any,
                                      send: Any) -> dict[str, Any]:
         return self._ctx(p.context_id, status="busy")
+    async def m_setNetworkPolicy(self, p: protocol.SetNetworkPolicyParams, rid: Any,
+                                 send: Any) -> dict[str, Any]:
+        return {"sandboxId": p.sandbox_id,
+                "network": msgspec.to_builtins(p.network) if p.network else None}
+
+    async def m_getNetworkLog(self, p: protocol.GetNetworkLogParams, rid: Any,
+                              send: Any) -> dict[str, Any]:
+        return {"entries": [{"time": NOW, "protocol": "tcp", "address": "203.0.113.9",
+                             "port": 443, "allowed": False, "reason": "not allowed"}],
+                "stats": {"refused": 1}}
 
     async def m_watch(self, p: protocol.WatchParams, rid: Any, send: Any) -> dict[str, Any]:
         # one event before the answer and two after it: a watch's events outlive its call
@@ -1043,6 +1054,12 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert sb.delete_code_context("ctx-1").status == "stopped"
     sb.exec("cd /", session_id="s-1")
     assert exec_params(daemon)[-1]["sessionId"] == "s-1"
+    assert sb.set_network_policy({"allow": ["a.test:443"]}).network.allow == ["a.test:443"]
+    assert sb.set_network_policy(None).network is None
+    with pytest.raises(errors.InvalidParams, match="network"):
+        sb.set_network_policy({"allow": "x"})
+    log = sb.get_network_log(limit=5)
+    assert (log.entries[0].port, log.stats.refused) == (443, 1)
     with sb.watch("/w") as w:
         assert w.id == "w-1"
         assert [e.path for e in w.events(1.0)] == ["/w/early", "/w/a", "/w/b"]
@@ -1090,6 +1107,8 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             assert (await sb.interrupt_code_context("ctx-1")).status == "busy"
             assert (await sb.restart_code_context("ctx-1")).status == "ready"
             assert (await sb.delete_code_context("ctx-1")).status == "stopped"
+            assert (await sb.set_network_policy({"allow": ["x.test"]})).network is not None
+            assert len((await sb.get_network_log()).entries) == 1
             seen: list[str] = []
             got = asyncio.Event()
 

@@ -115,6 +115,7 @@ class FakeRoom:
         self.handle = FakeHandle(root)
         self.active_runs = 0
         self.ids = None
+        self.egress = None
 
     def touch(self) -> None:
         pass
