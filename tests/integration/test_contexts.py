@@ -332,3 +332,15 @@ def test_sandboxctl_repl(daemon: DaemonProc, room_id: str, python_ok: None) -> N
     assert got.stdout == "42\nout\n", got
     assert "ZeroDivisionError" in got.stderr
 
+
+
+def test_a_tree_without_jupyter_is_limit_unavailable(client: Any, daemon: DaemonProc,
+                                                     room_id: str, python_ok: None) -> None:
+    """A python3 that cannot import jupyter_client (here: shadowed by PYTHONPATH) makes the
+    driver exit before ready: LIMIT_UNAVAILABLE naming the package, and nothing left."""
+    sb = client.sandbox(room_id)
+    sb.write_file("/workspace/fake/jupyter_client.py", "raise ImportError('no jupyter here')\n")
+    with pytest.raises(errors.LimitUnavailable, match="python3-ipykernel"):
+        sb.create_code_context("python", env={"PYTHONPATH": "/workspace/fake"})
+    assert sb.list_code_contexts() == []
+    host_ok(daemon, sb)
