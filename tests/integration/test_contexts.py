@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProc, skip_unless_ci
+from test_languages import ROOTFS
 from test_limits import host_ok, run_cgroups, strays
 
 from sandboxd import errors
@@ -344,3 +346,41 @@ def test_a_tree_without_jupyter_is_limit_unavailable(client: Any, daemon: Daemon
         sb.create_code_context("python", env={"PYTHONPATH": "/workspace/fake"})
     assert sb.list_code_contexts() == []
     host_ok(daemon, sb)
+
+
+@pytest.fixture(scope="module")
+def tree_daemon(test_user: Any) -> Iterator[Any]:
+    """A daemon whose rooms run over the language rootfs (as test_languages.py's)."""
+    if not os.path.isdir(os.path.join(ROOTFS, "usr")):
+        skip_unless_ci(f"the runtime tree is not built at {ROOTFS} "
+                       "(rootfs/build.sh or .ci/rootfs.sh)")
+    if not Path(ROOTFS, "usr/lib/python3/dist-packages/ipykernel").is_dir():
+        skip_unless_ci(f"the runtime tree at {ROOTFS} predates python3-ipykernel in "
+                       "rootfs/packages.txt: rebuild it (.ci/rootfs.sh)")
+    from conftest import make_daemon
+
+    d = make_daemon(test_user, rootfs=ROOTFS)
+    d.start()
+    yield d
+    assert d.stop() == 0, d.log()
+
+
+def test_contexts_over_the_language_tree(tree_daemon: Any) -> None:
+    """The language rootfs (rootfs/packages.txt) has what contexts need: ipykernel and the data
+    stack for Python, node and typescript for JavaScript and TypeScript."""
+    with tree_daemon.client(timeout=600) as c:
+        sb = c.sandbox("ctx-tree")
+        try:
+            cid = sb.create_code_context("python").context_id
+            r = sb.run_in_context(cid, "import numpy as np, pandas as pd, scipy\n"
+                                  "import matplotlib.pyplot as plt\nplt.plot(np.arange(3))\n"
+                                  "plt.show()\npd.DataFrame({'a': [1]})", timeout=120)
+            assert "error" not in r.raw, r.raw
+            assert any("image/png" in b for b in r.results), r.raw
+            assert "<table" in r.results[-1]["text/html"]
+            for lang, cell, want in (("javascript", "await Promise.resolve(6 * 7)", "42"),
+                                     ("typescript", "const n: number = 42; n", "42")):
+                cid = sb.create_code_context(lang).context_id
+                assert plain(sb.run_in_context(cid, cell)) == [want], lang
+        finally:
+            sb.destroy()
