@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from . import errors, protocol
+from . import config, errors, protocol
 from .cli_base import (  # noqa: F401 - re-exported: commands and tests use them as cli.*
     EXEC_EXIT_CODES_HELP,
     EXIT_CODES_HELP,
@@ -359,11 +360,14 @@ def _separate(args: list[str], params: Sequence[click.Parameter]) -> list[str]:
 @click.argument("room")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARG]...")
 @_exec_options
+@click.option("--tty", "use_tty", is_flag=True,
+              help="Run CMD on a terminal of the room (a pty), attached to this one: for "
+                   "programs that want a tty (vi, top, a REPL). Takes --cwd and --env only.")
 @click.pass_context
 def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
           env: tuple[str, ...], timeout: float | None, stdin: bool, user: str | None,
           as_json: bool, cpu_time: float | None, memory: str | None, pids: int | None,
-          output_limit: str | None, report: bool) -> None:
+          output_limit: str | None, report: bool, use_tty: bool) -> None:
     """Run CMD with ARGs in ROOM (argv form, no shell), streaming its output; exit with its code.
 
     The room is created on first use. Options go before CMD: from CMD on, every argument is the
@@ -371,7 +375,23 @@ def exec_(ctx: click.Context, room: str, argv: tuple[str, ...], cwd: str | None,
 
     \b
     Example: sandboxctl exec r1 -- python3 -c 'print(1)'
+             sandboxctl exec --tty r1 -- python3     (an interactive REPL)
     """
+    if use_tty:
+        others = [name for name, given in (("--timeout", timeout is not None), ("--stdin", stdin),
+                                            ("--user", user is not None), ("--json", as_json),
+                                            ("--cpu-time", cpu_time is not None),
+                                            ("--memory", memory is not None),
+                                            ("--pids", pids is not None),
+                                            ("--output-limit", output_limit is not None),
+                                            ("--report", report)) if given]
+        if others:
+            raise click.UsageError(f"--tty takes --cwd and --env only, not {', '.join(others)}")
+        if not os.isatty(sys.stdin.fileno()):
+            raise click.UsageError("--tty needs a terminal on stdin (run it without --tty)")
+        obj: dict[str, Any] = ctx.ensure_object(dict)
+        path = obj.get("socket") or config.default_socket()
+        ctx.exit(cli_shell.run_shell(path, room, list(argv), cwd=cwd, env=_parse_env(env)))
     _exec(ctx, room, argv[0], list(argv[1:]), cwd, env, timeout, stdin, user, as_json,
           _limits(cpu_time, memory, pids, output_limit), report)
 

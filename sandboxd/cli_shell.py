@@ -38,7 +38,8 @@ def _size() -> tuple[int, int]:
     return cols or 80, rows or 24
 
 
-def run_shell(socket_path: str, room: str, argv: list[str]) -> int:
+def run_shell(socket_path: str, room: str, argv: list[str], *, cwd: str | None = None,
+              env: dict[str, str] | None = None) -> int:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(socket_path)
     ids = iter(range(1, 1 << 30))
@@ -54,6 +55,10 @@ def run_shell(socket_path: str, room: str, argv: list[str]) -> int:
     params: dict[str, Any] = {"sandboxId": room, "cols": cols, "rows": rows}
     if argv:
         params.update(command=argv[0], args=argv[1:])
+    if cwd is not None:
+        params["cwd"] = cwd
+    if env:
+        params["env"] = env
     open_id = send("openTerminal", **params)
     tid: str | None = None
     winch_r, winch_w = os.pipe()

@@ -130,3 +130,17 @@ def test_dns_question_and_answer_round_trip() -> None:
     for bad in (b"", q[:11], q[:-2], struct.pack("!HHHHHH", 1, 0x8000, 1, 0, 0, 0),
                 q[:12] + b"\xc0\x0c" + q[-4:], b"\x00" * 600):
         assert sniff.dns_question(bad) is None
+
+
+def test_a_host_without_egress_fails_closed() -> None:
+    from sandboxd import config, egress
+    cfg = config.DaemonConfig(socket="/x", state_dir="/x", rootfs="host", egress=False)
+    net = egress.Network(cfg)
+    assert net.describe()["available"] is False and "egress = false" in net.describe()["reason"]
+    assert net.check(None) is None  # no network asked: nothing to refuse
+    with pytest.raises(errors.LimitUnavailable) as exc:
+        net.check(NetworkOptions(allow=["a.test"]))
+    assert exc.value.context["limit"] == "network"
+    # a policy that does not parse is refused as such, before availability
+    with pytest.raises(errors.ValidationError):
+        net.check(NetworkOptions(allow=["a.test:0"]))
