@@ -897,6 +897,10 @@ from . import cli_shell  # noqa: E402 - shell
 
 main.add_command(cli_shell.shell)
 
+from . import cli_repl  # noqa: E402 - repl
+
+main.add_command(cli_repl.repl)
+
 from . import cli_mcp  # noqa: E402 - mcp (its server is imported only when it runs)
 
 main.add_command(cli_mcp.mcp)

@@ -438,6 +438,44 @@ def _output_router(on_output: OutputCallback) -> NotificationCallback:
     return route
 
 
+#: ``on_result(bundle)`` for runInContext: a MIME bundle as it is displayed.
+ResultCallback = Callable[[dict[str, Any]], Any]
+
+
+def _context_router(on_output: OutputCallback | None,
+                    on_result: ResultCallback | None) -> NotificationCallback:
+    def route(method: str, params: dict[str, Any]) -> Any:
+        if method == "context.output" and on_output is not None:
+            return on_output(str(params.get("stream", "stdout")), str(params.get("text", "")))
+        if method == "context.result" and on_result is not None:
+            result = params.get("result")
+            return on_result(result if isinstance(result, dict) else {})
+        return None
+    return route
+
+
+def _cell_params(sandbox_id: str, context_id: str, code: str, timeout: float | None,
+                 stream: bool) -> protocol.RunInContextParams:
+    return _build(protocol.RunInContextParams, sandbox_id=sandbox_id, context_id=context_id,
+                  code=code, timeout=max(1, int(timeout * 1000)) if timeout is not None else None,
+                  stream=stream)
+
+
+def _context_create_params(sandbox_id: str, language: str, cwd: str | None,
+                           env: Mapping[str, str | None] | None, memory_bytes: int | None,
+                           cpu_time_ms: int | None) -> protocol.CreateCodeContextParams:
+    limits = None
+    if memory_bytes is not None or cpu_time_ms is not None:
+        limits = _build(protocol.ContextLimits, memory_bytes=memory_bytes,
+                        cpu_time_ms=cpu_time_ms)
+    return _build(protocol.CreateCodeContextParams, sandbox_id=sandbox_id, language=language,
+                  cwd=cwd, env=dict(env) if env is not None else None, limits=limits)
+
+
+#: a cell's call may stay silent for its timeout, the grace period and a kernel start
+_CELL_SLACK_S = 75.0
+
+
 def _call_deadline(client_timeout: float | None, exec_timeout: float | None) -> float | None:
     """A call that runs a command may legitimately stay silent for the command's own timeout."""
     if client_timeout is None:
@@ -1122,6 +1160,47 @@ class Sandbox:
     def list_sessions(self) -> list[protocol.SessionInfo]:
         return self.client.request("listSessions", protocol.ListSessionsParams(
             sandbox_id=self.id), protocol.ListSessionsResult).sessions
+
+    # --- code interpreter contexts (issue 16; docs/contexts.md) ---------------------------------
+
+    def create_code_context(self, language: str = "python", *, cwd: str | None = None,
+                            env: Mapping[str, str | None] | None = None,
+                            memory_bytes: int | None = None,
+                            cpu_time_ms: int | None = None) -> protocol.CodeContextInfo:
+        """A persistent kernel (python, javascript, typescript): state kept across
+        :meth:`run_in_context` calls."""
+        return self.client.request("createCodeContext", _context_create_params(
+            self.id, language, cwd, env, memory_bytes, cpu_time_ms), protocol.CodeContextInfo,
+            timeout=_call_deadline(self.client.timeout, _CELL_SLACK_S))
+
+    def run_in_context(self, context_id: str, code: str, *, timeout: float | None = None,
+                       on_output: OutputCallback | None = None,
+                       on_result: ResultCallback | None = None) -> protocol.RunInContextResult:
+        """Run a cell (``timeout`` in seconds; the daemon's default when None). With
+        ``on_output`` / ``on_result`` the cell's logs and results stream as they happen."""
+        streaming = on_output is not None or on_result is not None
+        return self.client.request(
+            "runInContext", _cell_params(self.id, context_id, code, timeout, streaming),
+            protocol.RunInContextResult,
+            _context_router(on_output, on_result) if streaming else None,
+            timeout=_call_deadline(self.client.timeout, (timeout or 0) + _CELL_SLACK_S))
+
+    def list_code_contexts(self) -> list[protocol.CodeContextInfo]:
+        return self.client.request("listCodeContexts", protocol.ListCodeContextsParams(
+            sandbox_id=self.id), protocol.ListCodeContextsResult).contexts
+
+    def delete_code_context(self, context_id: str) -> protocol.CodeContextInfo:
+        return self.client.request("deleteCodeContext", protocol.ContextParams(
+            sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo)
+
+    def restart_code_context(self, context_id: str) -> protocol.CodeContextInfo:
+        return self.client.request("restartCodeContext", protocol.ContextParams(
+            sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo,
+            timeout=_call_deadline(self.client.timeout, _CELL_SLACK_S))
+
+    def interrupt_code_context(self, context_id: str) -> protocol.CodeContextInfo:
+        return self.client.request("interruptCodeContext", protocol.ContextParams(
+            sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo)
 
     # --- network egress (issue 14; docs/network.md) --------------------------------------------
 
@@ -1820,6 +1899,42 @@ class AsyncSandbox:
     async def list_sessions(self) -> list[protocol.SessionInfo]:
         return (await self.client.request("listSessions", protocol.ListSessionsParams(
             sandbox_id=self.id), protocol.ListSessionsResult)).sessions
+
+    async def create_code_context(self, language: str = "python", *, cwd: str | None = None,
+                                  env: Mapping[str, str | None] | None = None,
+                                  memory_bytes: int | None = None,
+                                  cpu_time_ms: int | None = None) -> protocol.CodeContextInfo:
+        return await self.client.request("createCodeContext", _context_create_params(
+            self.id, language, cwd, env, memory_bytes, cpu_time_ms), protocol.CodeContextInfo,
+            timeout=_call_deadline(self.client.timeout, _CELL_SLACK_S))
+
+    async def run_in_context(self, context_id: str, code: str, *, timeout: float | None = None,
+                             on_output: OutputCallback | None = None,
+                             on_result: ResultCallback | None = None
+                             ) -> protocol.RunInContextResult:
+        streaming = on_output is not None or on_result is not None
+        return await self.client.request(
+            "runInContext", _cell_params(self.id, context_id, code, timeout, streaming),
+            protocol.RunInContextResult,
+            _context_router(on_output, on_result) if streaming else None,
+            timeout=_call_deadline(self.client.timeout, (timeout or 0) + _CELL_SLACK_S))
+
+    async def list_code_contexts(self) -> list[protocol.CodeContextInfo]:
+        return (await self.client.request("listCodeContexts", protocol.ListCodeContextsParams(
+            sandbox_id=self.id), protocol.ListCodeContextsResult)).contexts
+
+    async def delete_code_context(self, context_id: str) -> protocol.CodeContextInfo:
+        return await self.client.request("deleteCodeContext", protocol.ContextParams(
+            sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo)
+
+    async def restart_code_context(self, context_id: str) -> protocol.CodeContextInfo:
+        return await self.client.request("restartCodeContext", protocol.ContextParams(
+            sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo,
+            timeout=_call_deadline(self.client.timeout, _CELL_SLACK_S))
+
+    async def interrupt_code_context(self, context_id: str) -> protocol.CodeContextInfo:
+        return await self.client.request("interruptCodeContext", protocol.ContextParams(
+            sandbox_id=self.id, context_id=context_id), protocol.CodeContextInfo)
 
     async def set_network_policy(self, network: Mapping[str, Any] | protocol.NetworkOptions
                                  | None) -> protocol.NetworkPolicyResult:

@@ -195,6 +195,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # Sessions (createSession; docs/interactive.md): persistent shells per room (each a state
     # file under the room's /tmp/.sandboxd and a lock in the daemon).
     max_sessions_per_room: Annotated[int, msgspec.Meta(ge=0)] = 32
+    #: code contexts (createCodeContext): how many per room, a cell's default timeout, and how
+    #: long an interrupted cell may take to stop before its kernel is restarted
+    max_contexts_per_room: Annotated[int, msgspec.Meta(ge=0)] = 8
+    context_cell_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)] = 60_000
+    context_grace_ms: Annotated[int, msgspec.Meta(ge=1, le=MAX_MS)] = 3_000
     # Egress (docs/network.md): whether rooms may ask for a network at all; open forwarded
     # connections per room; entries kept in a room's network log.
     egress: bool = True

@@ -26,6 +26,7 @@
     ├── TerminalNotFound        TERMINAL_NOT_FOUND (terminals: an id the caller has not)
     ├── SessionError            (sessions: SESSION_NOT_FOUND, SESSION_EXISTS)
     ├── WatchNotFound           WATCH_NOT_FOUND (file watch: an id this room has not)
+    ├── ContextNotFound         CONTEXT_NOT_FOUND (code contexts: an id this room has not)
     ├── DaemonUnreachable       DAEMON_UNREACHABLE (client side only: no socket / refused)
     └── InternalError           INTERNAL_ERROR     "the sandbox broke", never "the program failed"
 
@@ -275,6 +276,12 @@ class SessionExists(SessionError):
     """createSession named a session id the room already has."""
 
     code = "SESSION_EXISTS"
+
+
+class ContextNotFound(SandboxError):
+    """No code context of this id in the room (never made, or deleted)."""
+
+    code = "CONTEXT_NOT_FOUND"
 
 
 class WatchNotFound(SandboxError):

@@ -1042,6 +1042,98 @@ class ListSessionsResult(Result, frozen=True):
     sessions: list[SessionInfo]
 
 
+# --- code interpreter contexts (docs/contexts.md) -----------------------------------------------
+
+#: 1-63 characters of [A-Za-z0-9_.-]
+ContextId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
+#: one cell's source: at most 1 MiB
+MAX_CELL_CHARS = 1 << 20
+
+
+class ContextLimits(Params, frozen=True):
+    memory_bytes: ByteCount | None = None  # the kernel process's (default: the room's)
+    cpu_time_ms: Millis | None = None  # per cell: then interrupted, like a timeout
+
+
+class CreateCodeContextParams(Params, frozen=True):
+    sandbox_id: str
+    #: python, javascript or typescript (anything else: UNSUPPORTED_LANGUAGE)
+    language: Annotated[str, msgspec.Meta(max_length=64)] = "python"
+    cwd: Path | None = None  # default /workspace
+    env: dict[str, str | None] | None = None  # over the room's; null unsets
+    limits: ContextLimits | None = None
+
+
+class CodeContextInfo(Result, frozen=True):
+    """A context: ``status`` is ready (a kernel waits), busy (a cell runs) or stopped (its
+    kernel is gone: the next cell starts a fresh one)."""
+
+    context_id: str
+    sandbox_id: str
+    language: str
+    cwd: str
+    created_at: str
+    status: str = "ready"
+    executions: int = 0
+
+
+class ContextParams(Params, frozen=True):
+    sandbox_id: str
+    context_id: ContextId
+
+
+class ListCodeContextsParams(Params, frozen=True):
+    sandbox_id: str
+
+
+class ListCodeContextsResult(Result, frozen=True):
+    contexts: list[CodeContextInfo]
+
+
+class RunInContextParams(Params, frozen=True):
+    sandbox_id: str
+    context_id: ContextId
+    code: Annotated[str, msgspec.Meta(max_length=MAX_CELL_CHARS)]
+    timeout: Millis | None = None  # ms (default: the daemon's context_cell_timeout_ms)
+    stream: bool = False  # context.output / context.result notifications as they happen
+
+
+class ContextLogs(Result, frozen=True):
+    stdout: list[str]
+    stderr: list[str]
+
+
+class ContextError(Result, frozen=True):
+    """The user's code failed (never an RPC error): the exception's class name (or
+    ``ContextRestarted``, ``MemoryLimitExceeded``), its message and the traceback lines."""
+
+    name: str
+    value: str
+    traceback: list[str]
+
+
+class RunInContextResult(Result, frozen=True):
+    #: MIME bundles: {"text/plain": ..., "image/png": base64, ...}, display calls in order and
+    #: the value of the cell's last expression
+    results: list[dict[str, Any]]
+    logs: ContextLogs
+    execution_count: int | None
+    error: ContextError | Unset = UNSET
+
+
+class ContextOutput(Notification, frozen=True):
+    method: ClassVar[str] = "context.output"
+    context_id: str
+    stream: str  # stdout | stderr
+    text: str
+
+
+class ContextResult(Notification, frozen=True):
+    method: ClassVar[str] = "context.result"
+    context_id: str
+    result: dict[str, Any]
+
+
 # --- file watch (docs/interactive.md) -----------------------------------------------------------
 
 WatchGlob = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
@@ -1222,6 +1314,18 @@ METHODS: dict[str, Method] = {
     "deleteSession": Method(SessionParams, SessionInfo, summary="end a session"),
     "listSessions": Method(ListSessionsParams, ListSessionsResult,
                            summary="the room's sessions"),
+    "createCodeContext": Method(CreateCodeContextParams, CodeContextInfo,
+                                summary="a persistent Python/JavaScript/TypeScript kernel"),
+    "runInContext": Method(RunInContextParams, RunInContextResult, (ContextOutput, ContextResult),
+                           summary="run a cell in a context: rich results, logs, error"),
+    "listCodeContexts": Method(ListCodeContextsParams, ListCodeContextsResult,
+                               summary="the room's code contexts"),
+    "deleteCodeContext": Method(ContextParams, CodeContextInfo,
+                                summary="end a context (its kernel is killed)"),
+    "restartCodeContext": Method(ContextParams, CodeContextInfo,
+                                 summary="a fresh kernel, same context id"),
+    "interruptCodeContext": Method(ContextParams, CodeContextInfo,
+                                   summary="interrupt the running cell (KeyboardInterrupt)"),
     "setNetworkPolicy": Method(SetNetworkPolicyParams, NetworkPolicyResult,
                                summary="change a live room's egress policy"),
     "getNetworkLog": Method(GetNetworkLogParams, NetworkLogResult,

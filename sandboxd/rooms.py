@@ -67,6 +67,7 @@ from .jail.messages import RoomSpec
 from .protocol import NetworkOptions
 
 if TYPE_CHECKING:
+    from .contexts import CodeContext
     from .egress import Egress
     from .processes import ProcessTable
     from .sessions import Session
@@ -189,6 +190,9 @@ class Room:
         self.sessions: dict[str, Session] = {}
         # Its file watches by id (``watches``): each holds an inotify fd, closed at teardown.
         self.watches: dict[str, Watch] = {}
+        # Its code contexts by id (``contexts``): each a driver run the room tracks (one of
+        # ``active_runs`` while it lives), killed with the room like every run.
+        self.contexts: dict[str, CodeContext] = {}
         # Its egress forwarder and DNS server (``egress``), when it has a network option.
         self.egress: Egress | None = None
         self._pending: set[asyncio.Future[Any]] = set()

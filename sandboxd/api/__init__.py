@@ -1,5 +1,5 @@
 """Method handlers, one module per family (rooms, exec, files, git, code, stats, processes,
-ports, backups, terminals, sessions, watches): thin layers over the room-level calls
+ports, backups, terminals, sessions, watches, contexts): thin layers over the room-level calls
 (``rooms``, ``runs``, ``roomfiles``, ``processes``, ``ports``, ``persistence``, ``terminals``,
 ``sessions``, ``watches``, the code-run service).
 
@@ -20,6 +20,7 @@ from ..context import Context
 from . import (
     backups,
     code,
+    contexts,
     exec,
     files,
     git,
@@ -84,6 +85,12 @@ HANDLERS: dict[str, Handler] = {
     "createSession": sessions.create_session,
     "deleteSession": sessions.delete_session,
     "listSessions": sessions.list_sessions,
+    "createCodeContext": contexts.create_code_context,
+    "runInContext": contexts.run_in_context,
+    "listCodeContexts": contexts.list_code_contexts,
+    "deleteCodeContext": contexts.delete_code_context,
+    "restartCodeContext": contexts.restart_code_context,
+    "interruptCodeContext": contexts.interrupt_code_context,
     "setNetworkPolicy": network.set_network_policy,
     "getNetworkLog": network.get_network_log,
     "watch": watches.watch,

@@ -103,6 +103,25 @@ def test_sh_sends_a_shell_line(daemon: FakeDaemon) -> None:
     assert sent["command"] == "echo hi | wc -c" and "args" not in sent
 
 
+def test_repl_runs_cells_in_one_context_and_deletes_it(daemon: FakeDaemon) -> None:
+    r = sbx(daemon, "repl", "r1", "--lang", "javascript", input="41 + 1\ny\nexit\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "hi\n42\nhi\n42\n"
+    assert "NameError" not in r.stdout and "tb" in r.stderr
+    methods = [q["method"] for q in daemon.requests if "CodeContext" in q["method"]
+               or q["method"] == "runInContext"]
+    assert methods == ["createCodeContext", "runInContext", "runInContext", "deleteCodeContext"]
+    cells = [q["params"]["code"] for q in daemon.requests if q["method"] == "runInContext"]
+    assert cells == ["41 + 1\n", "y\n"]
+
+
+def test_repl_waits_for_a_whole_python_block(daemon: FakeDaemon) -> None:
+    r = sbx(daemon, "repl", "r1", input="def f():\n    return 1\n\nf()\n")
+    assert r.exit_code == 0, r.output
+    cells = [q["params"]["code"] for q in daemon.requests if q["method"] == "runInContext"]
+    assert cells == ["def f():\n    return 1\n\n", "f()\n"]
+
+
 def test_rpc_error_is_one_line_and_exit_1(daemon: FakeDaemon) -> None:
     r = sbx(daemon, "destroy", "ghost")
     assert r.exit_code == cli.EXIT_ERROR == 1

@@ -486,6 +486,42 @@ class FakeDaemon:
                              send: Any) -> dict[str, Any]:
         return {"sessions": [self._session("s-1")]}
 
+    def _ctx(self, cid: str, **kw: Any) -> dict[str, Any]:
+        return {"contextId": cid, "sandboxId": "alpha", "language": "python",
+                "cwd": "/workspace", "createdAt": NOW, **kw}
+
+    async def m_createCodeContext(self, p: protocol.CreateCodeContextParams, rid: Any,
+                                  send: Any) -> dict[str, Any]:
+        return self._ctx("ctx-1", language=p.language)
+
+    async def m_runInContext(self, p: protocol.RunInContextParams, rid: Any,
+                             send: Any) -> dict[str, Any]:
+        bundle = {"text/plain": "42"}
+        if p.stream:
+            await send(protocol.notification("context.output", protocol.ContextOutput(
+                request_id=rid, context_id=p.context_id, stream="stdout", text="hi\n")))
+            await send(protocol.notification("context.result", protocol.ContextResult(
+                request_id=rid, context_id=p.context_id, result=bundle)))
+        return {"results": [bundle], "logs": {"stdout": ["hi\n"], "stderr": []},
+                "executionCount": 1,
+                **({"error": {"name": "NameError", "value": "y", "traceback": ["tb"]}}
+                   if p.code.strip() == "y" else {})}
+
+    async def m_listCodeContexts(self, p: protocol.ListCodeContextsParams, rid: Any,
+                                 send: Any) -> dict[str, Any]:
+        return {"contexts": [self._ctx("ctx-1")]}
+
+    async def m_deleteCodeContext(self, p: protocol.ContextParams, rid: Any,
+                                  send: Any) -> dict[str, Any]:
+        return self._ctx(p.context_id, status="stopped")
+
+    async def m_restartCodeContext(self, p: protocol.ContextParams, rid: Any,
+                                   send: Any) -> dict[str, Any]:
+        return self._ctx(p.context_id)
+
+    async def m_interruptCodeContext(self, p: protocol.ContextParams, rid: Any,
+                                     send: Any) -> dict[str, Any]:
+        return self._ctx(p.context_id, status="busy")
     async def m_setNetworkPolicy(self, p: protocol.SetNetworkPolicyParams, rid: Any,
                                  send: Any) -> dict[str, Any]:
         return {"sandboxId": p.sandbox_id,
@@ -998,6 +1034,24 @@ def test_every_method_round_trips_through_the_schema(client: Client, daemon: Fak
     assert sb.create_session(cwd="/srv", env={"A": "1"}).session_id == "s-1"
     assert [s.session_id for s in sb.list_sessions()] == ["s-1"]
     assert sb.delete_session("s-2").session_id == "s-2"
+    cc = sb.create_code_context("javascript", memory_bytes=1 << 28, cpu_time_ms=500)
+    assert (cc.context_id, cc.language) == ("ctx-1", "javascript")
+    sent_cc = next(r for r in daemon.requests if r["method"] == "createCodeContext")["params"]
+    assert sent_cc["limits"] == {"memoryBytes": 1 << 28, "cpuTimeMs": 500}
+    streamed: list[Any] = []
+    cell = sb.run_in_context("ctx-1", "41 + 1", timeout=2,
+                             on_output=lambda s, t: streamed.append((s, t)),
+                             on_result=streamed.append)
+    assert streamed == [("stdout", "hi\n"), {"text/plain": "42"}]
+    assert cell.results == [{"text/plain": "42"}] and cell.logs.stdout == ["hi\n"]
+    assert "error" not in cell and cell.execution_count == 1
+    assert sb.run_in_context("ctx-1", "y").error.name == "NameError"
+    sent_cell = next(r for r in daemon.requests if r["method"] == "runInContext")["params"]
+    assert (sent_cell["timeout"], sent_cell["stream"]) == (2000, True)
+    assert [c.context_id for c in sb.list_code_contexts()] == ["ctx-1"]
+    assert sb.interrupt_code_context("ctx-1").status == "busy"
+    assert sb.restart_code_context("ctx-1").context_id == "ctx-1"
+    assert sb.delete_code_context("ctx-1").status == "stopped"
     sb.exec("cd /", session_id="s-1")
     assert exec_params(daemon)[-1]["sessionId"] == "s-1"
     assert sb.set_network_policy({"allow": ["a.test:443"]}).network.allow == ["a.test:443"]
@@ -1045,6 +1099,14 @@ def test_async_every_method_round_trips(daemon: FakeDaemon) -> None:
             assert (await sb.create_session("s-9")).session_id == "s-9"
             assert len(await sb.list_sessions()) == 1
             assert (await sb.delete_session("s-9")).session_id == "s-9"
+            assert (await sb.create_code_context()).context_id == "ctx-1"
+            got_out: list[Any] = []
+            r = await sb.run_in_context("ctx-1", "1", on_output=lambda s, t: got_out.append(t))
+            assert r.results[0]["text/plain"] == "42" and got_out == ["hi\n"]
+            assert len(await sb.list_code_contexts()) == 1
+            assert (await sb.interrupt_code_context("ctx-1")).status == "busy"
+            assert (await sb.restart_code_context("ctx-1")).status == "ready"
+            assert (await sb.delete_code_context("ctx-1")).status == "stopped"
             assert (await sb.set_network_policy({"allow": ["x.test"]})).network is not None
             assert len((await sb.get_network_log()).entries) == 1
             seen: list[str] = []

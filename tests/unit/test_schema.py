@@ -52,7 +52,8 @@ def test_schema_structs_are_camel_case_and_strict() -> None:
 def test_notifications_are_declared_by_the_methods_that_send_them() -> None:
     assert set(protocol.NOTIFICATIONS) == {"exec.output", "export.chunk", "file.chunk",
                                            "process.output", "terminal.output",
-                                           "terminal.exit", "watch.event"}
+                                           "terminal.exit", "watch.event", "context.output",
+                                           "context.result"}
     assert protocol.METHODS["exportSandbox"].notifications == (protocol.ExportChunk,)
     assert protocol.METHODS["attachTerminal"].notifications == (protocol.TerminalOutput,
                                                                 protocol.TerminalExit)

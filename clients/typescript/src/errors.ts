@@ -230,6 +230,13 @@ export class SessionExists extends SessionError {
 }
 
 /**
+ * No code context of this id in the room (never made, or deleted).
+ */
+export class ContextNotFound extends SandboxError {
+  static override readonly CODE: string = "CONTEXT_NOT_FOUND";
+}
+
+/**
  * No watch of this id in the room (never made, unwatched, or its connection went).
  */
 export class WatchNotFound extends SandboxError {
@@ -320,6 +327,7 @@ export const BY_CODE: Readonly<Record<string, ErrorClass>> = {
   "SESSION_ERROR": SessionError,
   "SESSION_NOT_FOUND": SessionNotFound,
   "SESSION_EXISTS": SessionExists,
+  "CONTEXT_NOT_FOUND": ContextNotFound,
   "WATCH_NOT_FOUND": WatchNotFound,
   "PORT_ERROR": PortError,
   "PORT_ALREADY_EXPOSED": PortAlreadyExposed,

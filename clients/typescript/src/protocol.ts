@@ -810,6 +810,91 @@ export interface ListSessionsResult {
   sessions: Array<SessionInfo>;
 }
 
+export interface ContextLimits {
+  memoryBytes?: number | null;
+  cpuTimeMs?: number | null;
+}
+
+export interface CreateCodeContextParams {
+  sandboxId: string;
+  language?: string;
+  cwd?: string | null;
+  env?: Record<string, string | null> | null;
+  limits?: ContextLimits | null;
+}
+
+/**
+ * A context: ``status`` is ready (a kernel waits), busy (a cell runs) or stopped (its
+ * kernel is gone: the next cell starts a fresh one).
+ */
+export interface CodeContextInfo {
+  contextId: string;
+  sandboxId: string;
+  language: string;
+  cwd: string;
+  createdAt: string;
+  status: string;
+  executions: number;
+}
+
+export interface ContextParams {
+  sandboxId: string;
+  contextId: string;
+}
+
+export interface ListCodeContextsParams {
+  sandboxId: string;
+}
+
+export interface ListCodeContextsResult {
+  contexts: Array<CodeContextInfo>;
+}
+
+export interface RunInContextParams {
+  sandboxId: string;
+  contextId: string;
+  code: string;
+  timeout?: number | null;
+  stream?: boolean;
+}
+
+export interface ContextLogs {
+  stdout: Array<string>;
+  stderr: Array<string>;
+}
+
+/**
+ * The user's code failed (never an RPC error): the exception's class name (or
+ * ``ContextRestarted``, ``MemoryLimitExceeded``), its message and the traceback lines.
+ */
+export interface ContextError {
+  name: string;
+  value: string;
+  traceback: Array<string>;
+}
+
+export interface RunInContextResult {
+  results: Array<Record<string, unknown>>;
+  logs: ContextLogs;
+  executionCount: number | null;
+  error?: ContextError;
+}
+
+export interface ContextOutput {
+  /** always "context.output" */
+  contextId: string;
+  stream: string;
+  text: string;
+  requestId: string | number | null;
+}
+
+export interface ContextResult {
+  /** always "context.result" */
+  contextId: string;
+  result: Record<string, unknown>;
+  requestId: string | number | null;
+}
+
 export interface WatchParams {
   sandboxId: string;
   path: string;
@@ -988,6 +1073,18 @@ export interface Methods {
   deleteSession: { params: SessionParams; result: SessionInfo; notifications: never };
   /** the room's sessions */
   listSessions: { params: ListSessionsParams; result: ListSessionsResult; notifications: never };
+  /** a persistent Python/JavaScript/TypeScript kernel */
+  createCodeContext: { params: CreateCodeContextParams; result: CodeContextInfo; notifications: never };
+  /** run a cell in a context: rich results, logs, error */
+  runInContext: { params: RunInContextParams; result: RunInContextResult; notifications: ContextOutput | ContextResult };
+  /** the room's code contexts */
+  listCodeContexts: { params: ListCodeContextsParams; result: ListCodeContextsResult; notifications: never };
+  /** end a context (its kernel is killed) */
+  deleteCodeContext: { params: ContextParams; result: CodeContextInfo; notifications: never };
+  /** a fresh kernel, same context id */
+  restartCodeContext: { params: ContextParams; result: CodeContextInfo; notifications: never };
+  /** interrupt the running cell (KeyboardInterrupt) */
+  interruptCodeContext: { params: ContextParams; result: CodeContextInfo; notifications: never };
   /** change a live room's egress policy */
   setNetworkPolicy: { params: SetNetworkPolicyParams; result: NetworkPolicyResult; notifications: never };
   /** the room's recent connections, allowed and refused */
@@ -1008,6 +1105,8 @@ export interface Notifications {
   "export.chunk": ExportChunk;
   "terminal.output": TerminalOutput;
   "terminal.exit": TerminalExit;
+  "context.output": ContextOutput;
+  "context.result": ContextResult;
   "watch.event": WatchEvent;
 }
 
@@ -1059,6 +1158,12 @@ export const METHODS: { readonly [M in MethodName]: readonly (keyof Notification
   createSession: [],
   deleteSession: [],
   listSessions: [],
+  createCodeContext: [],
+  runInContext: ["context.output", "context.result"],
+  listCodeContexts: [],
+  deleteCodeContext: [],
+  restartCodeContext: [],
+  interruptCodeContext: [],
   setNetworkPolicy: [],
   getNetworkLog: [],
   watch: ["watch.event"],
@@ -1113,6 +1218,12 @@ export const PARAMS: { readonly [M in MethodName]: readonly string[] } = {
   createSession: ["sandboxId", "sessionId", "cwd", "env"],
   deleteSession: ["sandboxId", "sessionId"],
   listSessions: ["sandboxId"],
+  createCodeContext: ["sandboxId", "language", "cwd", "env", "limits"],
+  runInContext: ["sandboxId", "contextId", "code", "timeout", "stream"],
+  listCodeContexts: ["sandboxId"],
+  deleteCodeContext: ["sandboxId", "contextId"],
+  restartCodeContext: ["sandboxId", "contextId"],
+  interruptCodeContext: ["sandboxId", "contextId"],
   setNetworkPolicy: ["sandboxId", "network"],
   getNetworkLog: ["sandboxId", "limit"],
   watch: ["sandboxId", "path", "recursive", "include", "exclude"],

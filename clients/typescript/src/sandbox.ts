@@ -476,6 +476,48 @@ export class Sandbox {
     return (await this.call("listSessions", { sandboxId: this.id })).sessions;
   }
 
+  // --- code interpreter contexts (docs/contexts.md) -------------------------------------------
+
+  /** A persistent python / javascript / typescript kernel whose state lasts across cells. */
+  createCodeContext(options: Omit<P.CreateCodeContextParams, "sandboxId"> = {}
+  ): Promise<P.CodeContextInfo> {
+    return this.call("createCodeContext", { sandboxId: this.id, ...options });
+  }
+
+  /** One cell against the context's state; `onOutput` / `onResult` stream it as it runs. */
+  runInContext(contextId: string, code: string, options: {
+    timeoutMs?: number;
+    onOutput?: (stream: string, text: string) => void;
+    onResult?: (result: Record<string, unknown>) => void } = {}
+  ): Promise<P.RunInContextResult> {
+    const { onOutput, onResult } = options;
+    const stream = onOutput !== undefined || onResult !== undefined;
+    const params: P.RunInContextParams = { sandboxId: this.id, contextId, code };
+    if (options.timeoutMs !== undefined) params.timeout = options.timeoutMs;
+    if (stream) params.stream = true;
+    return this.call("runInContext", params, {
+      onNotification: stream ? (n) => {
+        if (n.method === "context.output") onOutput?.(n.params.stream, n.params.text);
+        else if (n.method === "context.result") onResult?.(n.params.result);
+      } : undefined });
+  }
+
+  async listCodeContexts(): Promise<P.CodeContextInfo[]> {
+    return (await this.call("listCodeContexts", { sandboxId: this.id })).contexts;
+  }
+
+  deleteCodeContext(contextId: string): Promise<P.CodeContextInfo> {
+    return this.call("deleteCodeContext", { sandboxId: this.id, contextId });
+  }
+
+  restartCodeContext(contextId: string): Promise<P.CodeContextInfo> {
+    return this.call("restartCodeContext", { sandboxId: this.id, contextId });
+  }
+
+  interruptCodeContext(contextId: string): Promise<P.CodeContextInfo> {
+    return this.call("interruptCodeContext", { sandboxId: this.id, contextId });
+  }
+
   // --- network egress (docs/network.md) ---------------------------------------------------------
 
   /** Change the room's egress policy; `null` cuts it off and closes its connections. */

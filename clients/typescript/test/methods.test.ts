@@ -290,6 +290,31 @@ describe("network", () => {
   });
 });
 
+describe("code contexts", () => {
+  it("a javascript context keeps its state; results, logs, errors; restart, interrupt, delete", async () => {
+    const sb = room("contexts");
+    const ctx = await sb.createCodeContext({ language: "javascript" });
+    assert.deepEqual([ctx.language, ctx.cwd, ctx.status], ["javascript", "/workspace", "ready"]);
+    await sb.runInContext(ctx.contextId, "let n = 41");
+    const seen: string[] = [];
+    const r = await sb.runInContext(ctx.contextId, "console.log('hi'); n + 1",
+                                    { onOutput: (_s, t) => seen.push(t) });
+    assert.deepEqual(r.results, [{ "text/plain": "42" }]);
+    assert.deepEqual([r.logs.stdout, seen], [["hi\n"], ["hi\n"]]);
+    const bad = await sb.runInContext(ctx.contextId, "throw new TypeError('nope')");
+    assert.deepEqual([bad.error?.name, bad.error?.value], ["TypeError", "nope"]);
+    const slow = await sb.runInContext(ctx.contextId, "while (true) {}", { timeoutMs: 300 });
+    assert.equal(slow.error?.name, "KeyboardInterrupt");
+    assert.equal((await sb.interruptCodeContext(ctx.contextId)).contextId, ctx.contextId);
+    assert.deepEqual((await sb.listCodeContexts()).map((c) => c.contextId), [ctx.contextId]);
+    await sb.restartCodeContext(ctx.contextId);
+    const fresh = await sb.runInContext(ctx.contextId, "typeof n");
+    assert.deepEqual(fresh.results, [{ "text/plain": "'undefined'" }]);
+    assert.equal((await sb.deleteCodeContext(ctx.contextId)).contextId, ctx.contextId);
+    assert.deepEqual(await sb.listCodeContexts(), []);
+  });
+});
+
 describe("coverage", () => {
   it("every method of the schema was called", () => {
     const all = Object.keys(METHODS) as MethodName[];
