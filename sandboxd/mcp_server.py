@@ -214,6 +214,25 @@ SCHEMAS: dict[str, tuple[str, dict[str, Any]]] = {
         _obj(["room", "port"], room=_ROOM,
              port={"type": "integer", "minimum": 1, "maximum": 65535},
              name={"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,63}$"})),
+    "create_context": (
+        "Start a persistent interpreter (Python with ipykernel, JavaScript or TypeScript on "
+        "Node) in a room: variables, imports and functions defined by one run_in_context call "
+        "are there for the next, as in a notebook. Returns its contextId.",
+        _obj(["room"], room=_ROOM,
+             language={"type": "string", "enum": ["python", "javascript", "typescript"],
+                       "description": "The interpreter (default python)."},
+             cwd={"type": "string", "description": "Working directory (default /workspace)."})),
+    "run_in_context": (
+        "Run a cell of code in a context made by create_context. Returns its printed output, "
+        "the value of its last expression, rich results (images come back as images; HTML, "
+        "JSON and Markdown as text) and, if the code raised, the error with its traceback "
+        "(a normal result, not a tool error). The context keeps its state afterwards, also "
+        "after a timeout.",
+        _obj(["room", "contextId", "code"], room=_ROOM,
+             contextId={"type": "string", "minLength": 1},
+             code={"type": "string", "maxLength": 1 << 20},
+             timeout={"type": "number", "exclusiveMinimum": 0, "maximum": 3600,
+                      "description": "Seconds before the cell is interrupted (default 60)."})),
     "backup_room": (
         "Save a directory of a room (default /workspace) as a backup; returns its backupId.",
         _obj(["room"], room=_ROOM,
@@ -290,6 +309,8 @@ class Tools:
             return _error(err.code, err.message)
         except errors.SandboxError as err:
             return _error(err.code, err.message, err.context)
+        if isinstance(out, types.CallToolResult):
+            return out  # (mixed content: run_in_context's images)
         text = out if isinstance(out, str) else json.dumps(out, indent=1, ensure_ascii=False)
         return types.CallToolResult(content=[types.TextContent(text=text)])
 
@@ -511,6 +532,41 @@ class Tools:
         return await self._rpc("exposePort", {"sandboxId": a["room"], "port": a["port"],
                                               "name": a.get("name")})
 
+    # -- code contexts
+
+    async def t_create_context(self, a: Args) -> Any:
+        return await self._rpc("createCodeContext", {"sandboxId": a["room"],
+                                                     "language": a.get("language", "python"),
+                                                     "cwd": a.get("cwd")})
+
+    async def t_run_in_context(self, a: Args) -> Any:
+        timeout = a.get("timeout")
+        res = await self._rpc("runInContext", {
+            "sandboxId": a["room"], "contextId": a["contextId"], "code": a["code"],
+            "timeout": max(1, int(timeout * 1000)) if timeout is not None else None},
+            timeout=(timeout or 60) + 60)
+        content: list[types.TextContent | types.ImageContent] = []
+        logs = res.get("logs") or {}
+        for stream in ("stdout", "stderr"):
+            text = "".join(logs.get(stream) or [])
+            if text:
+                shown, nshown, total = clip_text(text, self.clip_bytes)
+                if nshown < total:
+                    shown += _marker(stream, nshown, total, "print less, or write it to a "
+                                     "file and read_file it with an offset")
+                content.append(types.TextContent(text=f"[{stream}]\n{shown}"))
+        for bundle in res.get("results") or []:
+            content += _bundle_content(bundle, self.clip_bytes)
+        err = res.get("error")
+        if err:
+            tb = "\n".join(err.get("traceback") or [])
+            shown, nshown, total = clip_text(tb, self.clip_bytes)
+            content.append(types.TextContent(
+                text=f"[error] {err.get('name')}: {err.get('value')}\n{shown}"))
+        content.append(types.TextContent(text=json.dumps(
+            {"executionCount": res.get("executionCount"), "error": bool(err)})))
+        return types.CallToolResult(content=list(content))
+
     # -- backups
 
     async def t_backup_room(self, a: Args) -> Any:
@@ -520,6 +576,30 @@ class Tools:
     async def t_restore_room(self, a: Args) -> Any:
         return await self._rpc("restoreBackup", {"sandboxId": a["room"],
                                                  "backupId": a["backupId"], "dir": a.get("dir")})
+
+
+#: MIME types of a context's result shown as text, in order of preference
+_TEXT_MIMES = ("text/markdown", "application/json", "text/html", "image/svg+xml", "text/latex",
+               "text/plain")
+
+
+def _bundle_content(bundle: dict[str, Any],
+                    limit: int) -> list[types.TextContent | types.ImageContent]:
+    """A MIME bundle as MCP content: its images as ImageContent; its richest text form, and
+    its plain text when that is another one (a model reads a repr better than HTML)."""
+    out: list[types.TextContent | types.ImageContent] = [
+        types.ImageContent(data=bundle[m], mime_type=m) for m in ("image/png", "image/jpeg")
+        if isinstance(bundle.get(m), str)]
+    present = [m for m in _TEXT_MIMES if bundle.get(m) is not None]
+    for mime in dict.fromkeys(present[:1] + [m for m in present if m == "text/plain"]):
+        value = bundle[mime]
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        shown, nshown, total = clip_text(text, limit)
+        if nshown < total:
+            shown += _marker(mime, nshown, total, "display less of it")
+        out.append(types.TextContent(text=shown if mime == "text/plain"
+                                     else f"[{mime}]\n{shown}"))
+    return out
 
 
 class _Window:

@@ -8,6 +8,7 @@ schema refuses."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.integration
 
 TOOLS = ["run_code", "list_languages", "exec", "shell", "write_file", "read_file", "list_files",
          "delete_file", "create_room", "list_rooms", "destroy_room", "start_process",
-         "process_output", "kill_process", "expose_port", "backup_room", "restore_room"]
+         "process_output", "kill_process", "expose_port", "create_context", "run_in_context",
+         "backup_room", "restore_room"]
 CLIP = 1024
 
 
@@ -291,6 +293,45 @@ def test_processes_ports_and_backups(daemon: DaemonProc, room_id: str) -> None:
             assert back["content"] == "served from the room\n"
             bad = await fails(s, "restore_room", room=room_id, backupId="no-such-backup")
             assert bad.startswith("BACKUP_NOT_FOUND: ")
+            await call(s, "destroy_room", room=room_id)
+
+    run(go())
+
+
+def test_contexts_keep_state_and_return_images_as_images(daemon: DaemonProc,
+                                                         room_id: str) -> None:
+    async def go() -> None:
+        async with stdio_session(daemon) as s:
+            await call(s, "create_room", room=room_id)
+            ctx = await call(s, "create_context", room=room_id, language="python")
+            cid = ctx["contextId"]
+
+            async def cell(code: str) -> Any:
+                res = await s.call_tool("run_in_context",
+                                        {"room": room_id, "contextId": cid, "code": code})
+                assert not res.is_error, res.content[0].text
+                return res.content
+            await cell("import base64\nx = 41")
+            out = await cell("print('side'); x + 1")
+            texts = [c.text for c in out if c.type == "text"]
+            assert texts[0] == "[stdout]\nside\n" and "42" in texts, texts
+            # a PNG display comes back as an MCP image, decodable as a PNG
+            png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGA"
+                   "hKmMIQAAAABJRU5ErkJggg==")
+            out = await cell("from IPython.display import Image, display\n"
+                             f"display(Image(data=base64.b64decode('{png}')))")
+            images = [c for c in out if c.type == "image"]
+            assert len(images) == 1 and images[0].mime_type == "image/png"
+            assert base64.b64decode(images[0].data).startswith(b"\x89PNG")
+            # the user's error is a normal result with its traceback, the state survives it
+            out = await cell("1 / 0")
+            texts = [c.text for c in out if c.type == "text"]
+            assert any(t.startswith("[error] ZeroDivisionError") for t in texts), texts
+            assert any('"error": true' in t for t in texts)
+            assert any("41" in t for t in
+                       [c.text for c in await cell("x") if c.type == "text"])
+            missing = await fails(s, "run_in_context", room=room_id, contextId="nope", code="1")
+            assert missing.startswith("CONTEXT_NOT_FOUND: "), missing
             await call(s, "destroy_room", room=room_id)
 
     run(go())
