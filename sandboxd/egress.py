@@ -228,7 +228,12 @@ class Egress:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, pass_fds=fds, env=env)
-            _, err = await asyncio.wait_for(proc.communicate(rules.encode()), 30)
+            try:
+                _, err = await asyncio.wait_for(proc.communicate(rules.encode()), 30)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+                err = b"ip/nft did not finish within 30 s"
         finally:
             for fd in fds:
                 os.close(fd)
