@@ -62,6 +62,7 @@ __all__ = [
     "RunCodeResult",
     "Sandbox",
     "SandboxInfo",
+    "Terminal",
     "Watcher",
 ]
 
@@ -1110,8 +1111,19 @@ class Sandbox:
         return _result("importSandbox", out, protocol.ImportSandboxResult)
 
     # --- terminals (issue 15; docs/interactive.md) ---------------------------------------------
-    # terminal.output / terminal.exit arrive after openTerminal's and attachTerminal's answers:
-    # this client does not deliver them yet (drive the wire directly for the output).
+    # terminal.output / terminal.exit arrive after openTerminal's answer: :meth:`terminal` gives
+    # a :class:`Terminal` that reads them on a connection of its own; open_terminal and the
+    # calls below are the bare methods (the output then goes to nobody on this connection).
+
+    def terminal(self, command: str | None = None, args: list[str] | None = None, *,
+                 cols: int = 80, rows: int = 24, cwd: str | None = None,
+                 env: dict[str, str | None] | None = None, user: str = "root",
+                 session_id: str | None = None) -> Terminal:
+        """A terminal in the room (its login shell, or ``command``): write keystrokes, read
+        what the program writes, resize, close; on a connection of its own."""
+        return Terminal(Client(self.client.socket_path, self.client.timeout), _build(
+            protocol.OpenTerminalParams, sandbox_id=self.id, command=command, args=args,
+            cols=cols, rows=rows, cwd=cwd, env=env, user=user, session_id=session_id))
 
     def open_terminal(self, command: str | None = None, args: list[str] | None = None, *,
                       cols: int = 80, rows: int = 24, cwd: str | None = None,
@@ -1288,6 +1300,106 @@ def _network_params(sandbox_id: str, network: Mapping[str, Any] | protocol.Netwo
         except msgspec.ValidationError as err:
             raise errors.InvalidParams(f"invalid network: {err}") from err
     return protocol.SetNetworkPolicyParams(sandbox_id=sandbox_id, network=network)
+
+
+# --- terminals: the sync client's terminal ---------------------------------------------------
+
+class Terminal:
+    """A terminal on a connection of its own (the sync client reads only while a call waits):
+    :meth:`write` keystrokes, :meth:`read` / :meth:`read_until` what the program wrote,
+    :meth:`resize`, :meth:`wait` for its exit code, :meth:`close` to hang up."""
+
+    def __init__(self, client: Client, params: protocol.OpenTerminalParams) -> None:
+        self.client = client
+        self._out = bytearray()
+        self.exit: dict[str, Any] | None = None  # terminal.exit's params, once it ended
+        try:
+            res = client.request("openTerminal", params, protocol.OpenTerminalResult,
+                                 self._take)
+        except BaseException:
+            client.close()
+            raise
+        self.id = res.terminal_id
+        self.tty = res.tty
+        self.pid = res.pid
+
+    def _take(self, method: str, p: dict[str, Any]) -> None:
+        # (the connection is this terminal's alone: every terminal.* notification is ours)
+        if method == "terminal.output":
+            self._out += base64.b64decode(str(p.get("data", "")))
+        elif method == "terminal.exit":
+            self.exit = p
+
+    def _pump(self, timeout: float | None) -> bool:
+        """Read one message (waiting up to ``timeout``); False when none came."""
+        if timeout is not None and not self.client._wait_readable(max(timeout, 0)):
+            return False
+        msg = self.client._read_message(None)
+        for item in msg if isinstance(msg, list) else [msg]:
+            if _is_notification(item):
+                self._take(str(item.get("method")), item.get("params") or {})
+        return True
+
+    def write(self, data: bytes | str) -> int:
+        raw = data.encode() if isinstance(data, str) else data
+        return self.client.request("writeTerminal", protocol.WriteTerminalParams(
+            terminal_id=self.id, data=base64.b64encode(raw).decode()),
+            protocol.WriteTerminalResult, self._take).written
+
+    def read(self, timeout: float | None = 0.0) -> bytes:
+        """What the program wrote since the last read (waiting up to ``timeout`` s for some)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._out and self.exit is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._pump(left):
+                break
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def read_until(self, pattern: bytes, timeout: float = 30.0) -> bytes:
+        """Everything up to and including ``pattern`` (TimeoutError if it does not come)."""
+        deadline = time.monotonic() + timeout
+        while pattern not in self._out:
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.exit is not None and not self.client._wait_readable(0)):
+                raise TimeoutError(f"{pattern!r} not seen; got {bytes(self._out)[-200:]!r}")
+            self._pump(left)
+        end = self._out.index(pattern) + len(pattern)
+        out = bytes(self._out[:end])
+        del self._out[:end]
+        return out
+
+    def resize(self, cols: int, rows: int) -> protocol.TerminalInfo:
+        return self.client.request("resizeTerminal", protocol.ResizeTerminalParams(
+            terminal_id=self.id, cols=cols, rows=rows), protocol.TerminalInfo, self._take)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """The program's exit code, once it ended (TimeoutError past ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.exit is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"terminal {self.id} still running")
+            self._pump(left)
+        return int(self.exit.get("exitCode") or 0)
+
+    def close(self) -> None:
+        """Hang up (the whole tree started in it is killed) and drop the connection."""
+        try:
+            if self.exit is None:
+                with contextlib.suppress(errors.SandboxError):
+                    self.client.request("closeTerminal", protocol.TerminalParams(
+                        terminal_id=self.id), protocol.TerminalInfo, self._take)
+        finally:
+            self.client.close()
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
 
 
 # --- file watch: the sync client's watcher ------------------------------------------------------

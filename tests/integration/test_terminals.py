@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import DaemonProc, make_daemon, skip_unless_ci
 
+from sandboxd import errors
+
 pytestmark = pytest.mark.integration
 
 
@@ -275,3 +277,22 @@ def test_a_client_that_does_not_read_blocks_the_program(daemon: DaemonProc,
     finally:
         other.close()
         slow.close()
+
+
+def test_the_python_client_terminal_reads_what_the_program_writes(client: Any, daemon: DaemonProc,
+                                                                  room_id: str) -> None:
+    sb = client.sandbox(room_id)
+    with sb.terminal("/bin/sh", [], cols=100, rows=30) as t:
+        assert re.fullmatch(r"/dev/pts/\d+", t.tty or "")
+        t.write(b"stty size; echo typed-$((6*7))\n")
+        assert re.search(rb"30 100\r\ntyped-42\r\n", t.read_until(b"typed-42\r\n"))
+        t.resize(120, 40)
+        t.write("stty size\n")
+        assert b"40 120\r\n" in t.read_until(b"40 120\r\n")
+        t.write(b"exit 6\n")
+        assert t.wait(30) == 6
+    # closed (hung up) with the block: a terminal left running is killed with its tree
+    with sb.terminal("sh", ["-c", "sleep 100"]) as t:
+        tid = t.id
+    with pytest.raises(errors.TerminalNotFound):
+        sb.write_terminal(tid, b"x")

@@ -107,7 +107,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(client.__all__) == sorted([
         "AsyncClient", "AsyncSandbox", "Client", "CopyFromResult", "CopyToResult", "ExecResult",
         "FileContent", "FileInfo", "OutputCallback", "ProgressCallback", "RunCodeResult",
-        "Sandbox", "SandboxInfo", "Process", "AsyncProcess", "Watcher"])
+        "Sandbox", "SandboxInfo", "Process", "AsyncProcess", "Terminal", "Watcher"])
     assert client.ExecResult is protocol.ExecResult
     assert client.RunCodeResult is protocol.RunCodeResult
     assert issubclass(client.FileContent, protocol.METHODS["readFile"].result)
