@@ -18,32 +18,49 @@ pytestmark = pytest.mark.integration
 SANDBOXCTL = str(Path(sys.executable).parent / "sandboxctl")
 
 
+class Tmux:
+    """A detached tmux server running ``script`` in a window of ``cols`` x ``rows``."""
+
+    def __init__(self, name: str, script: Path, cols: int, rows: int) -> None:
+        if shutil.which("tmux") is None:
+            skip_unless_ci("tmux is not installed")
+        self.name = name
+        subprocess.run(["tmux", "-L", name, "new-session", "-d", "-x", str(cols), "-y",
+                        str(rows), "-s", name, "sh", str(script)], check=True)
+
+    def keys(self, *k: str) -> None:
+        subprocess.run(["tmux", "-L", self.name, "send-keys", "-t", self.name, *k], check=True)
+
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "-L", self.name, "capture-pane", "-p", "-t", self.name],
+                              check=True, capture_output=True, text=True).stdout
+
+    def wait_screen(self, text: str) -> None:
+        deadline = time.monotonic() + 30
+        while text not in self.screen():
+            assert time.monotonic() < deadline, self.screen()
+            time.sleep(0.1)
+
+    def wait_file(self, path: Path) -> None:
+        """Until ``path`` exists and is not empty (the script wrote it)."""
+        deadline = time.monotonic() + 30
+        while not path.exists() or not path.read_text():
+            assert time.monotonic() < deadline, self.screen()
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.name, "kill-server"], check=False)
+
+
 def test_shell_under_tmux(daemon: DaemonProc, room_id: str, tmp_path: Path) -> None:
-    if shutil.which("tmux") is None:
-        skip_unless_ci("tmux is not installed")
-    session = f"sbx-{os.getpid()}"
     after = tmp_path / "after"
     before = tmp_path / "before"
     script = tmp_path / "run.sh"
     script.write_text(f"stty -a > {before}\n{SANDBOXCTL} --socket {daemon.socket} shell "
                       f"{room_id} -- /bin/sh\necho EXIT=$? > {tmp_path}/code\n"
                       f"stty -a > {after}\nsleep 600\n")
-    subprocess.run(["tmux", "-L", session, "new-session", "-d", "-x", "100", "-y", "30",
-                    "-s", session, "sh", str(script)], check=True)
-
-    def keys(*k: str) -> None:
-        subprocess.run(["tmux", "-L", session, "send-keys", "-t", session, *k], check=True)
-
-    def screen() -> str:
-        return subprocess.run(["tmux", "-L", session, "capture-pane", "-p", "-t", session],
-                              check=True, capture_output=True, text=True).stdout
-
-    def wait_screen(text: str) -> None:
-        deadline = time.monotonic() + 30
-        while text not in screen():
-            assert time.monotonic() < deadline, screen()
-            time.sleep(0.1)
-
+    t = Tmux(f"sbx-{os.getpid()}", script, 100, 30)
+    keys, wait_screen = t.keys, t.wait_screen
     try:
         wait_screen("#")  # the room's shell prompt
         keys("echo typed-$((5*5)); stty size", "Enter")
@@ -55,15 +72,12 @@ def test_shell_under_tmux(daemon: DaemonProc, room_id: str, tmp_path: Path) -> N
         keys("echo back-$((2*4))", "Enter")
         wait_screen("back-8")  # (sleep would hold it for 100 s)
         keys("exit 5", "Enter")
-        deadline = time.monotonic() + 30
-        while not after.exists() or not after.read_text():
-            assert time.monotonic() < deadline, screen()
-            time.sleep(0.1)
+        t.wait_file(after)
         assert (tmp_path / "code").read_text().strip() == "EXIT=5"
         time.sleep(0.2)
         assert after.read_text() == before.read_text()  # raw mode undone
     finally:
-        subprocess.run(["tmux", "-L", session, "kill-server"], check=False)
+        t.close()
 
 
 def test_shell_without_a_tty_says_so_and_runs_without_a_pty(daemon: DaemonProc,
@@ -77,42 +91,22 @@ def test_shell_without_a_tty_says_so_and_runs_without_a_pty(daemon: DaemonProc,
 
 def test_exec_tty_runs_one_command_on_a_pty_under_tmux(daemon: DaemonProc, room_id: str,
                                                        tmp_path: Path) -> None:
-    if shutil.which("tmux") is None:
-        skip_unless_ci("tmux is not installed")
-    session = f"sbx-x-{os.getpid()}"
     script = tmp_path / "run.sh"
     # python3 -i is a REPL only on a terminal: its prompt, then the answer to a typed line
     script.write_text(f"{SANDBOXCTL} --socket {daemon.socket} exec --tty --cwd /tmp "
                       f"-e GREETING=hi {room_id} -- python3 -q -i -c 'import os, sys'\n"
                       f"echo EXIT=$? > {tmp_path}/code\nsleep 600\n")
-    subprocess.run(["tmux", "-L", session, "new-session", "-d", "-x", "90", "-y", "25",
-                    "-s", session, "sh", str(script)], check=True)
-
-    def screen() -> str:
-        return subprocess.run(["tmux", "-L", session, "capture-pane", "-p", "-t", session],
-                              check=True, capture_output=True, text=True).stdout
-
-    def wait_screen(text: str) -> None:
-        deadline = time.monotonic() + 30
-        while text not in screen():
-            assert time.monotonic() < deadline, screen()
-            time.sleep(0.1)
-
+    t = Tmux(f"sbx-x-{os.getpid()}", script, 90, 25)
     try:
-        wait_screen(">>>")
-        subprocess.run(["tmux", "-L", session, "send-keys", "-t", session,
-                        "print(sys.stdin.isatty(), os.getcwd(), os.environ['GREETING'], "
-                        "os.get_terminal_size().columns)", "Enter"], check=True)
-        wait_screen("True /tmp hi 90")
-        subprocess.run(["tmux", "-L", session, "send-keys", "-t", session, "raise SystemExit(3)",
-                        "Enter"], check=True)
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "code").exists():
-            assert time.monotonic() < deadline, screen()
-            time.sleep(0.1)
+        t.wait_screen(">>>")
+        t.keys("print(sys.stdin.isatty(), os.getcwd(), os.environ['GREETING'], "
+               "os.get_terminal_size().columns)", "Enter")
+        t.wait_screen("True /tmp hi 90")
+        t.keys("raise SystemExit(3)", "Enter")
+        t.wait_file(tmp_path / "code")
         assert (tmp_path / "code").read_text().strip() == "EXIT=3"
     finally:
-        subprocess.run(["tmux", "-L", session, "kill-server"], check=False)
+        t.close()
     # without a terminal, --tty says what it needs
     got = subprocess.run([SANDBOXCTL, "--socket", daemon.socket, "exec", "--tty", room_id, "--",
                           "true"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
